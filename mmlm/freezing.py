@@ -1,0 +1,47 @@
+"""Freezing and per-module dtype, shared by encoders, connectors and language models."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Map ``"bf16"``/``"float16"``/… (or a ``torch.dtype``) to a ``torch.dtype``; ``None`` stays ``None``."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def freeze_(module: nn.Module) -> nn.Module:
+    """Turn off gradients for every parameter and put the module in eval mode (in place)."""
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module.eval()
+
+
+class Freezable(nn.Module):
+    """Base for parts that may be frozen: a frozen part stays in eval mode through ``fit``.
+
+    Subclasses call ``self.setup_freezing(freeze, dtype)`` at the end of ``__init__``.
+    """
+
+    frozen: bool = False
+
+    def setup_freezing(self, freeze: bool, dtype: str | torch.dtype | None = None) -> None:
+        """Freeze (no grads, eval mode kept) and/or cast to ``dtype``."""
+        self.frozen = freeze
+        torch_dtype = parse_dtype(dtype)
+        if torch_dtype is not None:
+            self.to(torch_dtype)
+        if freeze:
+            freeze_(self)
+
+    def train(self, mode: bool = True) -> Freezable:
+        """Like ``nn.Module.train`` but a frozen part always stays in eval mode."""
+        return super().train(mode and not self.frozen)
