@@ -1,0 +1,494 @@
+"""Generic webdataset shard pipeline: sources, mixing, rank/worker split, epoch length, skip counts.
+
+Data flow inside one DataLoader worker (all stages are plain generators)::
+
+    shard urls ─► rank split ─► worker split ─► tar reader ─► weighted mix of sources
+      ─► shuffle buffer (raw bytes) ─► to_example (decode; bad samples skipped + counted)
+      ─► batches of examples ─► collate ─► CountedBatch(batch, skipped-since-last-batch)
+
+Skip counts cross the process boundary *with the batches*: every worker yields
+:class:`CountedBatch` items, and :class:`SkipCountingLoader` (a ``DataLoader`` subclass running
+in the main process) adds each item's counts to the module's :class:`SkipCounter` and hands only
+``item.batch`` on. Counts of samples skipped after a worker's last batch travel in one final
+item whose ``batch`` is ``None``; the loader swallows it.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import logging
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytorch_lightning as pl
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+#: A worker that skips this many samples in a row raises instead of spinning forever.
+MAX_CONSECUTIVE_SKIPS = 1000
+#: Reason under which tar read errors (truncated archive, duplicate member, unreadable shard) are counted.
+TAR_ERROR = "tar_error"
+
+Sample = dict[str, Any]
+ExampleFn = Callable[[Sample, int], Any]
+CollateFn = Callable[[list[Any]], Any]
+
+
+class ShardSource(Protocol):
+    """What the base pipeline needs from a source: shard urls and a mixing weight."""
+
+    urls: str | list[str]
+    weight: float
+
+
+class SkipSample(Exception):
+    """Raised by an example function to drop one sample; ``reason`` is the key it is counted under."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class SkipCounter:
+    """Counts of skipped samples by reason (``{"bad_image": 3, "missing_caption": 1}``)."""
+
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def add(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` more samples skipped for ``reason``."""
+        self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+    def update(self, counts: dict[str, int]) -> None:
+        """Add a dict of counts (e.g. the delta carried by a :class:`CountedBatch`)."""
+        for reason, n in counts.items():
+            self.add(reason, n)
+
+    def take(self) -> dict[str, int]:
+        """Return the counts and reset them (a worker's delta since its last batch)."""
+        counts, self.skipped = self.skipped, {}
+        return counts
+
+    def total(self) -> int:
+        """Number of skipped samples over all reasons."""
+        return sum(self.skipped.values())
+
+
+@dataclass
+class CountedBatch:
+    """What a worker yields: a collated batch (or ``None`` for a counts-only tail) and skip deltas."""
+
+    batch: Any | None
+    skipped: dict[str, int]
+
+    def pin_memory(self) -> CountedBatch:
+        """Pin the wrapped batch (``DataLoader(pin_memory=True)`` calls this)."""
+        if self.batch is not None and hasattr(self.batch, "pin_memory"):
+            self.batch = self.batch.pin_memory()
+        return self
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Expand shard patterns into a list of shards.
+
+    A pattern is a brace pattern (``"data/{00000..00009}.tar"``; ``::`` joins patterns) or a
+    local glob (``"data/train/vqa-*.tar"``, sorted); a list holds several patterns.
+
+    Raises:
+        FileNotFoundError: a glob matches no file.
+    """
+    patterns = [urls] if isinstance(urls, str) else [str(u) for u in urls]
+    return [u for pattern in patterns for u in _expand_one(pattern)]
+
+
+def _expand_one(pattern: str) -> list[str]:
+    """One brace pattern or local glob → shard list."""
+    if "://" in pattern or pattern.startswith("pipe:") or not any(c in pattern for c in "*?["):
+        return wds.shardlists.expand_urls(pattern)
+    matches = sorted(glob.glob(pattern))
+    if not matches:
+        raise FileNotFoundError(f"no shard matches {pattern!r}")
+    return matches
+
+
+def check_local_shards(urls: list[str]) -> None:
+    """Raise ``FileNotFoundError`` naming local shards (no ``scheme://`` or ``pipe:``) that do not exist."""
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).exists()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist: {shown}")
+
+
+def split(items: list[str], index: int, count: int) -> list[str]:
+    """Every ``count``-th item starting at ``index`` (the rank or worker slice)."""
+    return items[index::count]
+
+
+def batches_per_rank(epoch_samples: int, batch_size: int, world_size: int) -> int:
+    """Full batches each rank yields per epoch: ``epoch_samples // (world_size * batch_size)``, ≥ 1."""
+    return max(1, epoch_samples // (world_size * batch_size))
+
+
+def batches_per_worker(per_rank: int, worker: int, num_workers: int) -> int:
+    """This worker's share of ``per_rank`` batches (the first ``per_rank % num_workers`` get one more)."""
+    return per_rank // num_workers + int(worker < per_rank % num_workers)
+
+
+def weighted_mix(streams: list[Iterator[Sample]], weights: Sequence[float], rng: random.Random) -> Iterator[Sample]:
+    """Draw each next sample from a stream picked with probability ∝ weight; stop when one runs dry."""
+    indices = list(range(len(streams)))
+    while True:
+        (i,) = rng.choices(indices, weights=weights)
+        sample = next(streams[i], None)
+        if sample is None:
+            return
+        yield sample
+
+
+def batched(items: Iterable[Any], size: int, partial: bool) -> Iterator[list[Any]]:
+    """Group ``items`` into lists of ``size``; the last shorter list is kept only when ``partial``."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        if len(chunk) == size or partial:
+            yield chunk
+
+
+class ShardPipeline(IterableDataset):
+    """One stage's stream of :class:`CountedBatch` items for one rank; workers split it further.
+
+    Training (``train=True``): with ``resampled`` every worker draws shards with replacement
+    forever; otherwise each pass reshuffles the shard list with ``(seed, epoch, pass)`` (same
+    order on every rank), gives rank ``r`` every ``world_size``-th shard and worker ``w`` every
+    ``num_workers``-th of those. With ``epoch_samples`` the passes repeat and every rank yields
+    exactly :func:`batches_per_rank` full batches (so DDP ranks stay in step); without it one
+    pass is made. Evaluation (``train=False``): one pass, no shuffling, partial last batch kept,
+    every sample read by exactly one rank and worker.
+
+    Args:
+        sources: shard urls (pattern or list) per source.
+        weights: mixing weight per source (training with several sources).
+        to_example: ``(sample, source_index) -> example``; raises :class:`SkipSample` to drop one.
+        collate: ``list[example] -> batch``.
+        batch_size: examples per batch.
+        train: training semantics (see above) instead of evaluation.
+        resampled: draw shards with replacement (training only; needs ``epoch_samples``).
+        shuffle_buffer: samples held (as raw bytes) by the shuffle buffer; 0 disables it.
+        seed: base seed of shard order, shuffle buffer and mixing.
+        epoch_samples: samples per epoch over all ranks (training), or ``None`` for one pass.
+        rank: this process's global rank.
+        world_size: number of ranks.
+        num_workers: DataLoader workers per rank (used to check there are enough shards).
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[str | list[str]],
+        weights: Sequence[float],
+        to_example: ExampleFn,
+        collate: CollateFn,
+        *,
+        batch_size: int,
+        train: bool,
+        resampled: bool,
+        shuffle_buffer: int,
+        seed: int,
+        epoch_samples: int | None,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+    ) -> None:
+        super().__init__()
+        self.urls = [expand_urls(s) for s in sources]
+        self.weights = list(weights)
+        self.to_example, self.collate = to_example, collate
+        self.batch_size, self.train, self.resampled = batch_size, train, resampled and train
+        self.shuffle_buffer = shuffle_buffer if train else 0
+        self.seed, self.epoch_samples = seed, epoch_samples if train else None
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.epoch = 0
+        self._check(sources)
+
+    def _check(self, sources: Sequence[str | list[str]]) -> None:
+        """Fail early, naming the source, on missing shards or too few shards for ranks × workers."""
+        if self.resampled and self.epoch_samples is None:
+            raise ValueError("resampled=True needs epoch_samples (a resampled stream never ends by itself)")
+        if self.train and self.world_size > 1 and self.epoch_samples is None:
+            raise ValueError(
+                f"training on {self.world_size} ranks needs epoch_samples so every rank yields the same "
+                "number of batches (uneven ranks hang DDP)"
+            )
+        needed = self.world_size * max(1, self.num_workers)
+        for pattern, urls in zip(sources, self.urls):
+            if not urls:
+                raise ValueError(f"source {pattern!r} expands to no shards")
+            check_local_shards(urls)
+            if not self.resampled and len(urls) < needed:
+                raise ValueError(
+                    f"source {pattern!r} has {len(urls)} shard(s) but {self.world_size} rank(s) × "
+                    f"{max(1, self.num_workers)} worker(s) need at least {needed}: write it as ≥ {needed} "
+                    "shards, lower num_workers, or use resampled=True for training"
+                )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch`` (shard order, buffer and mixing seeds depend on it)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch; ``TypeError`` (length unknown) without ``epoch_samples``."""
+        if self.epoch_samples is None:
+            raise TypeError("length unknown: ShardPipeline without epoch_samples makes one pass")
+        return batches_per_rank(self.epoch_samples, self.batch_size, self.world_size)
+
+    def __iter__(self) -> Iterator[CountedBatch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.iter_worker(worker, num_workers)
+
+    def iter_worker(self, worker: int, num_workers: int) -> Iterator[CountedBatch]:
+        """The items worker ``worker`` of ``num_workers`` yields (callable directly to simulate workers)."""
+        counter = SkipCounter()
+        tag = f"{self.seed}-{self.epoch}-{self.rank}-{worker}"
+        streams = [self._source_samples(i, worker, num_workers, counter) for i in range(len(self.urls))]
+        samples = streams[0] if len(streams) == 1 else weighted_mix(streams, self.weights, random.Random(f"mix-{tag}"))
+        if self.shuffle_buffer > 0:
+            rng = random.Random(f"shuffle-{tag}")
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        examples = self._examples(samples, counter)
+        batches = (CountedBatch(self.collate(chunk), counter.take())
+                   for chunk in batched(examples, self.batch_size, partial=not self.train))
+        if self.epoch_samples is not None:
+            limit = batches_per_worker(len(self), worker, num_workers)
+            batches = itertools.islice(batches, limit)
+        yield from batches
+        if counter.skipped:
+            yield CountedBatch(None, counter.take())
+
+    def _source_samples(self, index: int, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[Sample]:
+        """Raw samples (bytes per extension, ``__key__``, ``__url__``, ``__source__``) of one source.
+
+        With ``epoch_samples`` (or ``resampled``) passes repeat forever; a pass that yields no
+        sample at all raises instead of spinning.
+        """
+        handler = counting_handler(counter)
+        for rep in itertools.count():
+            shards = self._pass_shards(index, worker, num_workers, rep)
+            count = 0
+            for sample in wds.tarfile_samples([{"url": url} for url in shards], handler=handler):
+                sample["__source__"] = index
+                count += 1
+                yield sample
+            if self.epoch_samples is None:
+                return
+            if count == 0:
+                raise RuntimeError(f"shards {shards[:3]}… of source {index} yielded no samples (counts {counter.skipped})")
+
+    def _pass_shards(self, index: int, worker: int, num_workers: int, rep: int) -> list[str]:
+        """The shards one pass of this rank and worker reads: drawn with replacement, or this rank's
+        and worker's slice of the shard list (reshuffled per pass when training)."""
+        urls = self.urls[index]
+        if self.resampled:
+            rng = random.Random(f"resample-{self.seed}-{self.epoch}-{self.rank}-{worker}-{index}-{rep}")
+            return [rng.choice(urls) for _ in urls]
+        order = list(urls)
+        if self.train:
+            random.Random(f"shards-{self.seed}-{self.epoch}-{rep}-{index}").shuffle(order)
+        return split(split(order, self.rank, self.world_size), worker, num_workers)
+
+    def _examples(self, samples: Iterable[Sample], counter: SkipCounter) -> Iterator[Any]:
+        """Apply ``to_example``; count and log skipped samples, raise after too many in a row."""
+        in_a_row = 0
+        for sample in samples:
+            try:
+                yield self.to_example(sample, sample["__source__"])
+                in_a_row = 0
+                continue
+            except SkipSample as exn:
+                reason, detail = exn.reason, exn.detail
+            except Exception as exn:  # noqa: BLE001 - a bad sample must not end a run; counted by type
+                reason, detail = f"error:{type(exn).__name__}", repr(exn)
+            log_skip(counter, reason, detail, sample)
+            in_a_row += 1
+            if in_a_row >= MAX_CONSECUTIVE_SKIPS:
+                raise RuntimeError(f"{in_a_row} samples in a row were skipped (counts {counter.skipped}); "
+                                   f"last: key {sample.get('__key__')!r} in {sample.get('__url__')!r}: {reason}")
+
+
+def log_skip(counter: SkipCounter, reason: str, detail: str, sample: Sample) -> None:
+    """Count one skipped sample; the first of each reason is logged at WARNING, later ones at DEBUG."""
+    level = logging.WARNING if reason not in counter.skipped else logging.DEBUG
+    counter.add(reason)
+    log.log(level, "skipped sample %r in %r: %s %s", sample.get("__key__"), sample.get("__url__"), reason, detail)
+
+
+def counting_handler(counter: SkipCounter) -> Callable[[Exception], bool]:
+    """A webdataset error handler that counts tar errors under :data:`TAR_ERROR`, logs them and continues."""
+
+    def handler(exn: Exception) -> bool:
+        counter.add(TAR_ERROR)
+        log.warning("tar read error (counted as %s): %r", TAR_ERROR, exn)
+        return True
+
+    return handler
+
+
+class SkipCountingLoader(DataLoader):
+    """``DataLoader`` over a :class:`ShardPipeline`: unwraps :class:`CountedBatch` and tallies skips.
+
+    Args:
+        dataset: the pipeline (its items are already batches, so ``batch_size=None`` is passed on).
+        counter: main-process counter that receives every item's skip counts.
+        epoch_fn: called at each ``iter()`` for the epoch to reshuffle with (``None``: keep the
+            pipeline's own ``epoch``).
+        **kwargs: further ``DataLoader`` arguments (``num_workers``, ``pin_memory``…).
+    """
+
+    def __init__(self, dataset: ShardPipeline, counter: SkipCounter,
+                 epoch_fn: Callable[[], int] | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("batch_size", None)
+        super().__init__(dataset, **kwargs)
+        self.counter = counter
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.epoch_fn is not None:
+            self.dataset.set_epoch(self.epoch_fn())
+        for item in super().__iter__():
+            self.counter.update(item.skipped)
+            if item.batch is not None:
+                yield item.batch
+
+
+class WebDataModule(pl.LightningDataModule):
+    """Lightning data module over webdataset shards; subclasses say how a sample becomes a batch.
+
+    Subclasses implement :meth:`example_fn` (sample → example, raising :class:`SkipSample`) and
+    :meth:`collate_fn` (examples → batch); both must return picklable callables (they run in
+    worker processes). Rank and world size come from the attached trainer (``global_rank``,
+    ``world_size``) — never from ``torch.distributed`` defaults — or from :meth:`build_pipeline`'s
+    arguments. Defaults live in the subclass signature; this one takes every value explicitly.
+
+    Args:
+        train: training sources, mixed by their ``weight``.
+        val: validation sources (one DataLoader each when there are several).
+        test: test sources (as ``val``).
+        predict: prediction sources (as ``val``).
+        batch_size: examples per batch and rank.
+        num_workers: DataLoader worker processes per rank.
+        epoch_samples: training samples per epoch over all ranks (needed for several ranks and for
+            ``resampled``); ``None`` makes one pass over the training shards.
+        shuffle_buffer: training shuffle buffer in samples (raw bytes, decoded after shuffling).
+        resampled: draw training shards with replacement.
+        seed: base seed for shard order, shuffle buffer and mixing (plus the epoch).
+    """
+
+    def __init__(
+        self,
+        *,
+        train: Sequence[ShardSource] | None,
+        val: Sequence[ShardSource] | None,
+        test: Sequence[ShardSource] | None,
+        predict: Sequence[ShardSource] | None,
+        batch_size: int,
+        num_workers: int,
+        epoch_samples: int | None,
+        shuffle_buffer: int,
+        resampled: bool,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        self.sources = {"fit": list(train or []), "validate": list(val or []),
+                        "test": list(test or []), "predict": list(predict or [])}
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.epoch_samples, self.shuffle_buffer = epoch_samples, shuffle_buffer
+        self.resampled, self.seed = resampled, seed
+        self.skips = SkipCounter()
+        self._epoch = 0
+
+    # -- subclass hooks -------------------------------------------------------------------------
+    def example_fn(self, stage: str, sources: Sequence[ShardSource]) -> ExampleFn:
+        """A picklable ``(sample, index into sources) -> example`` for ``stage``."""
+        raise NotImplementedError
+
+    def collate_fn(self, stage: str) -> CollateFn:
+        """A picklable ``list[example] -> batch`` for ``stage``."""
+        raise NotImplementedError
+
+    # -- skip counts ----------------------------------------------------------------------------
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Skipped samples by reason, over all stages, as counted in this process so far."""
+        return self.skips.skipped
+
+    def skip_counts(self) -> dict[str, int]:
+        """A copy of :attr:`skipped` (for logging)."""
+        return dict(self.skips.skipped)
+
+    # -- epochs and ranks -----------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used for reshuffling when no trainer is attached (the trainer's epoch wins)."""
+        self._epoch = epoch
+
+    def current_epoch(self) -> int:
+        """The attached trainer's ``current_epoch``, else the value given to :meth:`set_epoch`."""
+        return self.trainer.current_epoch if self.trainer is not None else self._epoch
+
+    def rank_and_world(self) -> tuple[int, int]:
+        """``(global_rank, world_size)`` from the attached trainer, ``(0, 1)`` without one."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    # -- pipelines and loaders ------------------------------------------------------------------
+    def build_pipeline(self, stage: str, sources: Sequence[ShardSource], *,
+                       rank: int | None = None, world_size: int | None = None) -> ShardPipeline:
+        """The :class:`ShardPipeline` of ``sources`` for ``stage`` (``"fit"`` trains) on one rank."""
+        if rank is None or world_size is None:
+            rank, world_size = self.rank_and_world()
+        train = stage == "fit"
+        return ShardPipeline(
+            [s.urls for s in sources], [s.weight for s in sources],
+            self.example_fn(stage, sources), self.collate_fn(stage),
+            batch_size=self.batch_size, train=train, resampled=self.resampled,
+            shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch_samples=self.epoch_samples,
+            rank=rank, world_size=world_size, num_workers=self.num_workers,
+        )
+
+    def make_loader(self, pipeline: ShardPipeline) -> SkipCountingLoader:
+        """Wrap a pipeline in a :class:`SkipCountingLoader` feeding this module's counter."""
+        epoch_fn = self.current_epoch if pipeline.train else None
+        return SkipCountingLoader(pipeline, self.skips, epoch_fn, num_workers=self.num_workers,
+                                  pin_memory=torch.cuda.is_available())
+
+    def _eval_loaders(self, stage: str) -> SkipCountingLoader | list[SkipCountingLoader]:
+        """One loader per source of ``stage``; a single loader when there is one source; ``[]`` for
+        validation without sources (Lightning then skips validation)."""
+        sources = self.sources[stage]
+        if not sources and stage == "validate":
+            return []  # fit without validation
+        if not sources:
+            raise ValueError(f"no {stage} sources were given to {type(self).__name__}")
+        loaders = [self.make_loader(self.build_pipeline(stage, [s])) for s in sources]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def train_dataloader(self) -> SkipCountingLoader:
+        if not self.sources["fit"]:
+            raise ValueError(f"no train sources were given to {type(self).__name__}")
+        return self.make_loader(self.build_pipeline("fit", self.sources["fit"]))
+
+    def val_dataloader(self) -> SkipCountingLoader | list[SkipCountingLoader]:
+        return self._eval_loaders("validate")
+
+    def test_dataloader(self) -> SkipCountingLoader | list[SkipCountingLoader]:
+        return self._eval_loaders("test")
+
+    def predict_dataloader(self) -> SkipCountingLoader | list[SkipCountingLoader]:
+        return self._eval_loaders("predict")

@@ -1,0 +1,267 @@
+"""Image + text shards (captions and VQA, img2dataset layout) → :class:`mmlm.batch.Batch`.
+
+A caption sample ``{"jpg", "txt"?, "json"?}`` becomes ``prompt=caption_prompt``, ``target`` =
+the ``txt`` (else ``json["caption"]``), ``references`` = ``json["captions"]`` (else
+``[target]``), ``id`` = ``json["image_id"]`` (else the key). A VQA sample ``{"jpg", "json"}``
+becomes ``prompt=vqa_prompt.format(question)``, ``target`` = the most common of
+``json["answers"]``, ``references`` = the answers, ``id`` = ``json["question_id"]``.
+See ``docs/data-formats.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from datamodules.base import SkipSample, WebDataModule
+from datamodules.collate import Collator, Example
+from datamodules.transforms import ImageTransform
+from mmlm.encoders.base import ImagePreprocess
+from mmlm.tokenizers import load_tokenizer
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+KINDS = ("caption", "vqa")
+
+
+@dataclass
+class Source:
+    """One set of shards.
+
+    Attributes:
+        urls: brace pattern (``"data/{00000..00009}.tar"``) or list of shard paths/urls.
+        kind: ``"caption"`` or ``"vqa"``.
+        weight: relative sampling weight when several training sources are mixed.
+    """
+
+    urls: str | list[str]
+    kind: str = "caption"
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Source kind {self.kind!r} is not one of {KINDS} (urls {self.urls!r})")
+
+
+def text_field(sample: dict[str, Any], ext: str) -> str | None:
+    """The UTF-8 text of ``sample[ext]``, ``None`` when absent; ``SkipSample("bad_text")`` if not UTF-8."""
+    data = sample.get(ext)
+    if data is None:
+        return None
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as exn:
+        raise SkipSample("bad_text", f"{ext}: {exn}") from exn
+
+
+def json_field(sample: dict[str, Any]) -> dict[str, Any]:
+    """The parsed ``json`` member (``{}`` when absent); ``SkipSample("bad_json")`` if it is not a JSON object."""
+    text = text_field(sample, "json")
+    if text is None:
+        return {}
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exn:
+        raise SkipSample("bad_json", str(exn)) from exn
+    if not isinstance(meta, dict):
+        raise SkipSample("bad_json", f"expected an object, got {type(meta).__name__}")
+    return meta
+
+
+def image_bytes(sample: dict[str, Any]) -> bytes:
+    """The first present image member (jpg, jpeg, png, webp); ``SkipSample("missing_image")`` if none."""
+    for ext in IMAGE_EXTENSIONS:
+        if sample.get(ext):
+            return sample[ext]
+    raise SkipSample("missing_image", f"none of {IMAGE_EXTENSIONS} in {sorted(k for k in sample if not k.startswith('__'))}")
+
+
+def as_strings(values: Any) -> list[str]:
+    """A list of non-empty strings from a list of strings or VQA-style ``{"answer": …}`` dicts."""
+    if not isinstance(values, list):
+        return []
+    texts = [v.get("answer") if isinstance(v, dict) else v for v in values]
+    return [t.strip() for t in texts if isinstance(t, str) and t.strip()]
+
+
+def most_common(answers: list[str]) -> str:
+    """The most frequent answer (the first one seen wins ties)."""
+    return Counter(answers).most_common(1)[0][0]
+
+
+@dataclass(frozen=True)
+class ExampleBuilder:
+    """Picklable ``(sample, source_index) -> Example`` for DataLoader workers.
+
+    Attributes:
+        kinds: ``"caption"``/``"vqa"`` per source index.
+        image: the image transform (bytes → ``[3, H, W]``).
+        caption_prompt: prompt of caption examples.
+        vqa_prompt: format string of VQA prompts (``{}`` is the question).
+    """
+
+    kinds: tuple[str, ...]
+    image: ImageTransform
+    caption_prompt: str
+    vqa_prompt: str
+
+    def __call__(self, sample: dict[str, Any], source: int) -> Example:
+        key = sample["__key__"]
+        if self.kinds[source] == "vqa":
+            text = self.vqa_text(sample)
+        else:
+            text = self.caption_text(sample)
+        return Example(image=self.image(image_bytes(sample)), key=key, **text)
+
+    def caption_text(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """Prompt, target, references, id and task of a caption sample."""
+        meta = json_field(sample)
+        json_caption = meta.get("caption")
+        caption = text_field(sample, "txt") or (json_caption.strip() if isinstance(json_caption, str) else "")
+        if not caption:
+            raise SkipSample("missing_caption", "no txt and no json caption")
+        references = as_strings(meta.get("captions")) or [caption]
+        image_id = meta.get("image_id")
+        return dict(prompt=self.caption_prompt, target=caption, references=references, task="caption",
+                    id=str(image_id) if image_id is not None else sample["__key__"])
+
+    def vqa_text(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """Prompt, target, references, id, task and question type of a VQA sample."""
+        meta = json_field(sample)
+        question = meta.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise SkipSample("missing_question", f"json keys {sorted(meta)}")
+        answers = as_strings(meta.get("answers"))
+        if not answers:
+            raise SkipSample("missing_answers", f"json keys {sorted(meta)}")
+        question_id = meta.get("question_id")
+        return dict(prompt=self.vqa_prompt.format(question.strip()), target=most_common(answers),
+                    references=answers, task="vqa", question_type=str(meta.get("question_type") or ""),
+                    id=str(question_id) if question_id is not None else sample["__key__"])
+
+
+class ImageTextDataModule(WebDataModule):
+    """Caption and VQA shards (mixable) for every image → text model.
+
+    Tokenizer and image preprocessing come from the arguments, or — when ``tokenizer`` /
+    ``image_size`` is ``None`` — from the trainer's LightningModule in :meth:`setup`
+    (``module.tokenizer``, a Hugging Face tokenizer, and ``module.image_preprocess``, an
+    :class:`~mmlm.encoders.base.ImagePreprocess`).
+
+    Args:
+        train: training sources, mixed by weight.
+        val: validation sources (one DataLoader per source when several).
+        test: test sources (as ``val``).
+        predict: prediction sources (as ``val``).
+        tokenizer: hub id or directory for :func:`mmlm.tokenizers.load_tokenizer`.
+        image_size: square image side; ImageNet mean/std are used with it.
+        batch_size: examples per batch and rank.
+        num_workers: DataLoader workers per rank.
+        epoch_samples: training samples per epoch over all ranks (``None``: one pass, one rank).
+        shuffle_buffer: training shuffle buffer in samples.
+        resampled: draw training shards with replacement (needs ``epoch_samples``).
+        seed: base seed for shard order, shuffling and mixing.
+        max_text_tokens: cap on prompt + target + eos tokens.
+        caption_prompt: prompt of caption examples.
+        vqa_prompt: VQA prompt format string; ``{}`` is replaced by the question.
+        train_crop_scale: smallest area fraction of the light random crop in training (1: centre crop).
+    """
+
+    def __init__(
+        self,
+        train: list[Source] | None = None,
+        val: list[Source] | None = None,
+        test: list[Source] | None = None,
+        predict: list[Source] | None = None,
+        tokenizer: str | None = None,
+        image_size: int | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        epoch_samples: int | None = None,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        seed: int = 0,
+        max_text_tokens: int = 48,
+        caption_prompt: str = "",
+        vqa_prompt: str = "Question: {} Answer:",
+        train_crop_scale: float = 0.9,
+    ) -> None:
+        super().__init__(train=train, val=val, test=test, predict=predict, batch_size=batch_size,
+                         num_workers=num_workers, epoch_samples=epoch_samples,
+                         shuffle_buffer=shuffle_buffer, resampled=resampled, seed=seed)
+        self.tokenizer_name, self.image_size = tokenizer, image_size
+        self.max_text_tokens, self.train_crop_scale = max_text_tokens, train_crop_scale
+        self.caption_prompt, self.vqa_prompt = caption_prompt, vqa_prompt
+        self.tokenizer: Any = None
+        self.preprocess: ImagePreprocess | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve the tokenizer and image preprocessing (arguments first, else the model's)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if self.tokenizer is None:
+            self.tokenizer = self._resolve("tokenizer", self.tokenizer_name, module, load_tokenizer)
+        if self.preprocess is None:
+            self.preprocess = self._resolve("image_preprocess", self.image_size, module,
+                                            lambda side: ImagePreprocess((side, side)))
+
+    def _resolve(self, attr: str, value: Any, module: Any, build: Any) -> Any:
+        """``build(value)`` when ``value`` is given, else ``module.<attr>``; a clear error otherwise."""
+        if value is not None:
+            return build(value)
+        if module is not None and getattr(module, attr, None) is not None:
+            return getattr(module, attr)
+        arg = "tokenizer" if attr == "tokenizer" else "image_size"
+        raise ValueError(f"{type(self).__name__} needs {arg}=… or a trainer whose LightningModule has .{attr}")
+
+    def example_fn(self, stage: str, sources: Sequence[Source]) -> ExampleBuilder:
+        if self.preprocess is None:
+            self.setup(stage)
+        pre = self.preprocess
+        image = ImageTransform(size=tuple(pre.size), mean=tuple(pre.mean), std=tuple(pre.std),
+                               train=stage == "fit", min_crop_scale=self.train_crop_scale)
+        return ExampleBuilder(kinds=tuple(s.kind for s in sources), image=image,
+                              caption_prompt=self.caption_prompt, vqa_prompt=self.vqa_prompt)
+
+    def collate_fn(self, stage: str) -> Collator:
+        if self.tokenizer is None:
+            self.setup(stage)
+        return Collator(self.tokenizer, self.max_text_tokens)
+
+
+def url_sources(urls: str | None, kind: str) -> list[Source] | None:
+    """``[Source(urls, kind)]``, or ``None`` when ``urls`` is ``None``."""
+    return None if urls is None else [Source(urls, kind=kind)]
+
+
+class CaptionsDataModule(ImageTextDataModule):
+    """:class:`ImageTextDataModule` over one caption shard set per split.
+
+    Args:
+        train_urls: training shards (pattern or ``::``-joined patterns), or ``None``.
+        val_urls: validation shards, or ``None``.
+        test_urls: test shards, or ``None``.
+        **kwargs: any other :class:`ImageTextDataModule` argument.
+    """
+
+    def __init__(self, train_urls: str | None = None, val_urls: str | None = None,
+                 test_urls: str | None = None, **kwargs: Any) -> None:
+        super().__init__(train=url_sources(train_urls, "caption"), val=url_sources(val_urls, "caption"),
+                         test=url_sources(test_urls, "caption"), **kwargs)
+
+
+class VQADataModule(ImageTextDataModule):
+    """:class:`ImageTextDataModule` over one VQA shard set per split.
+
+    Args:
+        train_urls: training shards (pattern or ``::``-joined patterns), or ``None``.
+        val_urls: validation shards, or ``None``.
+        test_urls: test shards, or ``None``.
+        **kwargs: any other :class:`ImageTextDataModule` argument.
+    """
+
+    def __init__(self, train_urls: str | None = None, val_urls: str | None = None,
+                 test_urls: str | None = None, **kwargs: Any) -> None:
+        super().__init__(train=url_sources(train_urls, "vqa"), val=url_sources(val_urls, "vqa"),
+                         test=url_sources(test_urls, "vqa"), **kwargs)

@@ -1,0 +1,27 @@
+"""Generators that write synthetic webdataset shards (for tests, tiny recipes and the quickstart)."""
+
+from datamodules.synthetic.shapes import (
+    Question,
+    Scene,
+    Shape,
+    captions_for,
+    draw_scene,
+    human_answers,
+    image_rng,
+    questions_for,
+    render_scene,
+    write_shapes,
+)
+
+__all__ = [
+    "Question",
+    "Scene",
+    "Shape",
+    "captions_for",
+    "draw_scene",
+    "human_answers",
+    "image_rng",
+    "questions_for",
+    "render_scene",
+    "write_shapes",
+]

@@ -1,0 +1,254 @@
+"""Data tools behind ``mmlm data …``: write img2dataset-style caption shards, inspect shards.
+
+``make_shards`` reads one of three inputs and writes ``{out}/00000.tar, 00001.tar, …`` with
+samples ``{key}.jpg``, ``{key}.txt`` (first caption), ``{key}.json`` (``key``, ``caption``,
+``captions``, ``image_id``, ``file_name``, ``width``, ``height``), keys ``f"{i:09d}"``, plus
+``{out}/summary.json``. Inputs that cannot be used (missing or unreadable image, bad line, image
+without caption) are skipped and counted by reason, never a crash.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from PIL import Image
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from datamodules.base import expand_urls
+from datamodules.transforms import DECODE_ERRORS, to_rgb
+
+FORMATS = ("folder-jsonl", "folder-tsv", "coco")
+TSV_HEADER_FIELDS = {"file", "file_name", "filename", "image", "path"}
+JPEG_QUALITY = 95
+
+
+@dataclass
+class Record:
+    """One image and its captions read from an input (or a reason it cannot be used)."""
+
+    file_name: str
+    captions: list[str]
+    image_id: str
+    skip: str = ""
+
+
+class ShardSink:
+    """Writes samples to ``{out}/00000.tar, …`` with at most ``shard_size`` samples each."""
+
+    def __init__(self, out: Path, shard_size: int) -> None:
+        self.out, self.shard_size = out, shard_size
+        self.count, self.shards = 0, 0
+        self.writer: wds.TarWriter | None = None
+
+    def write(self, sample: dict[str, Any]) -> None:
+        """Write one sample (opening the next shard when the current one is full)."""
+        if self.writer is None or self.count % self.shard_size == 0:
+            self.close()
+            self.writer = wds.TarWriter(str(self.out / f"{self.shards:05d}.tar"))
+            self.shards += 1
+        self.writer.write(sample)
+        self.count += 1
+
+    def close(self) -> None:
+        """Finish the current shard."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def read_jsonl(path: Path) -> Iterator[Record]:
+    """Records of a jsonl file: ``{"image" | "file_name": …, "caption": … | "captions": […]}`` per line."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name = row.get("image") or row.get("file_name")
+            captions = row.get("captions") or [row.get("caption")]
+            captions = [captions] if isinstance(captions, str) else list(captions)
+        except (json.JSONDecodeError, AttributeError, TypeError):
+            yield Record(f"line {n}", [], "", skip="bad_jsonl_line")
+            continue
+        captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+        yield Record(str(name or ""), captions, str(row.get("image_id", n - 1)),
+                     skip="" if name else "missing_file_name")
+
+
+def read_tsv(path: Path) -> Iterator[Record]:
+    """Records of a tsv file with ``file<TAB>caption`` lines (an optional header line is skipped)."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        name, sep, caption = line.partition("\t")
+        if n == 1 and name.strip().lower() in TSV_HEADER_FIELDS:
+            continue
+        skip = "" if sep and name.strip() else "bad_tsv_line"
+        yield Record(name.strip() or f"line {n}", [caption.strip()] if caption.strip() else [], str(n - 1), skip=skip)
+
+
+def read_coco(path: Path) -> Iterator[Record]:
+    """One record per image of a COCO captions JSON (``images`` + ``annotations``), all captions kept."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    captions: dict[Any, list[str]] = {}
+    for ann in data.get("annotations", []):
+        caption = ann.get("caption")
+        if isinstance(caption, str) and caption.strip():
+            captions.setdefault(ann.get("image_id"), []).append(caption.strip())
+    for image in data.get("images", []):
+        found = captions.get(image.get("id"), [])
+        yield Record(str(image.get("file_name", "")), found, str(image.get("id")), skip="" if found else "no_captions")
+
+
+def read_records(path: Path, fmt: str) -> list[Record]:
+    """All records of ``path`` in format ``fmt`` (one of :data:`FORMATS`)."""
+    readers = {"folder-jsonl": read_jsonl, "folder-tsv": read_tsv, "coco": read_coco}
+    if fmt not in readers:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{fmt} input {str(path)!r} is not a file")
+    return list(readers[fmt](path))
+
+
+def jpeg_bytes(path: Path) -> tuple[bytes, int, int]:
+    """``(jpeg bytes, width, height)``: RGB JPEG files verbatim, anything else re-encoded as RGB JPEG.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        OSError, ValueError…: (:data:`~datamodules.transforms.DECODE_ERRORS`) it does not decode.
+    """
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        if image.format == "JPEG" and image.mode == "RGB":
+            return data, image.width, image.height
+        rgb = to_rgb(image)
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue(), rgb.width, rgb.height
+
+
+def to_sample(record: Record, image_root: Path, index: int) -> dict[str, Any]:
+    """The shard sample of ``record``; raises ``FileNotFoundError`` or a decode error for a bad image."""
+    data, width, height = jpeg_bytes(image_root / record.file_name)
+    key = f"{index:09d}"
+    meta = {"key": key, "caption": record.captions[0], "captions": record.captions, "image_id": record.image_id,
+            "file_name": record.file_name, "width": width, "height": height}
+    return {"__key__": key, "jpg": data, "txt": record.captions[0].encode("utf-8"),
+            "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+
+
+def record_problem(record: Record, image_root: Path, index: int) -> tuple[dict[str, Any] | None, str, str]:
+    """``(sample, "", "")`` for a usable record, else ``(None, reason, detail)``."""
+    if record.skip:
+        return None, record.skip, record.file_name
+    if not record.captions:
+        return None, "missing_caption", record.file_name
+    try:
+        return to_sample(record, image_root, index), "", ""
+    except FileNotFoundError:
+        return None, "missing_image", record.file_name
+    except DECODE_ERRORS as exn:
+        return None, "bad_image", f"{record.file_name}: {exn!r}"
+
+
+def make_shards(input: str | Path, out: str | Path, fmt: str, shard_size: int = 1000,
+                progress: bool = True, image_root: str | Path | None = None) -> dict[str, Any]:
+    """Convert captions + images into img2dataset-style shards under ``out`` and write ``summary.json``.
+
+    Args:
+        input: the captions file: jsonl (``folder-jsonl``), tsv (``folder-tsv``) or COCO captions JSON (``coco``).
+        out: output directory (created).
+        fmt: one of ``folder-jsonl``, ``folder-tsv``, ``coco``.
+        shard_size: samples per shard.
+        progress: show a rich progress bar.
+        image_root: directory image file names are relative to (default: the input file's directory).
+
+    Returns:
+        The summary: ``format``, ``input``, ``samples``, ``shards``, ``urls`` (brace pattern),
+        ``skipped`` (reason → count) and ``skipped_examples`` (first 20 ``{item, reason}``).
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be ≥ 1, got {shard_size}")
+    path, out = Path(input), Path(out)
+    root = Path(image_root) if image_root is not None else path.parent
+    records = read_records(path, fmt)
+    out.mkdir(parents=True, exist_ok=True)
+    sink, skipped, examples = ShardSink(out, shard_size), Counter(), []
+    for record in track(records, description=f"writing shards to {out}", disable=not progress):
+        sample, reason, detail = record_problem(record, root, sink.count)
+        if sample is None:
+            skipped[reason] += 1
+            examples += [{"item": detail, "reason": reason}] if len(examples) < 20 else []
+            continue
+        sink.write(sample)
+    sink.close()
+    summary = {"format": fmt, "input": str(path), "samples": sink.count, "shards": sink.shards,
+               "urls": str(out / f"{{00000..{max(sink.shards - 1, 0):05d}}}.tar"),
+               "skipped": dict(skipped), "skipped_examples": examples}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    return summary
+
+
+def small_fields(sample: dict[str, Any], width: int = 120) -> dict[str, Any]:
+    """``txt`` (truncated) and ``json`` (parsed, long strings truncated) of a raw sample, for display."""
+    shown: dict[str, Any] = {"__key__": sample["__key__"], "exts": sorted(k for k in sample if not k.startswith("__"))}
+    if "txt" in sample:
+        shown["txt"] = sample["txt"].decode("utf-8", errors="replace")[:width]
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+            shown["json"] = {k: v[:width] if isinstance(v, str) else v for k, v in meta.items()} if isinstance(meta, dict) else meta
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            shown["json"] = "<bad json>"
+    return shown
+
+
+def inspect(urls: str | list[str], n: int = 3) -> dict[str, Any]:
+    """Read every sample of ``urls`` and summarise: ``shards``, ``samples``, ``extensions``
+    (extension → samples having it), ``errors`` (tar read errors) and the first ``n`` ``examples``."""
+    shards = expand_urls(urls)
+    errors: list[str] = []
+    extensions: Counter[str] = Counter()
+    examples, count = [], 0
+    handler = collect_errors(errors)
+    for sample in wds.tarfile_samples([{"url": u} for u in shards], handler=handler):
+        count += 1
+        extensions.update(k for k in sample if not k.startswith("__"))
+        if len(examples) < n:
+            examples.append(small_fields(sample))
+    return {"shards": len(shards), "samples": count, "extensions": dict(sorted(extensions.items())),
+            "errors": len(errors), "error_messages": errors[:10], "examples": examples}
+
+
+def collect_errors(errors: list[str]) -> Any:
+    """A webdataset handler that records tar errors in ``errors`` and continues."""
+
+    def handler(exn: Exception) -> bool:
+        errors.append(repr(exn)[:300])
+        return True
+
+    return handler
+
+
+def print_inspection(info: dict[str, Any], console: Console | None = None) -> None:
+    """Pretty-print an :func:`inspect` result with rich."""
+    console = console or Console()
+    console.print(f"[bold]{info['samples']}[/] samples in [bold]{info['shards']}[/] shards, {info['errors']} tar errors")
+    table = Table("extension", "samples")
+    for ext, count in info["extensions"].items():
+        table.add_row(ext, str(count))
+    console.print(table)
+    for example in info["examples"]:
+        console.print(example)
+    for message in info.get("error_messages", []):
+        console.print(f"[red]{message}[/]")
+

@@ -1,0 +1,115 @@
+"""Image decoding and preprocessing: bytes → RGB ``PIL.Image`` → normalised ``[3, H, W]`` tensor.
+
+Decoding happens after the shuffle buffer (the buffer holds raw bytes). Any PIL mode is turned
+into RGB: palette/alpha images are composited on white, 16/32-bit grayscale is scaled to 8 bit,
+CMYK/YCbCr/L/1 go through ``convert("RGB")``. JPEGs at least twice the target size are decoded
+at reduced size with ``Image.draft`` (DCT scaling: much faster, same result after resizing).
+No flips: captions say "left" and "right".
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from datamodules.base import SkipSample
+
+#: Errors PIL raises for corrupt or truncated images.
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (alpha composited on white; 16/32-bit gray rescaled)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I") or image.mode == "F":
+        return high_depth_to_rgb(image)
+    return image.convert("RGB")
+
+
+def high_depth_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit (``I;16*``, ``I``) or float (``F``) grayscale → RGB: ints divided by 257, floats clipped."""
+    pixels = np.asarray(image)
+    if image.mode == "F":
+        gray = np.clip(pixels, 0, 255)
+    else:
+        gray = pixels.astype(np.float64) / 257.0
+    gray = np.clip(np.round(gray), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def decode_image(data: bytes, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode image bytes to RGB; JPEGs ≥ 2× ``draft_size`` ``(H, W)`` decode at reduced size.
+
+    Raises:
+        SkipSample: ``bad_image`` when PIL cannot decode the bytes.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        if draft_size is not None and image.format == "JPEG":
+            image.draft("RGB", (draft_size[1], draft_size[0]))
+        image.load()
+        return to_rgb(image)
+    except DECODE_ERRORS as exn:
+        raise SkipSample("bad_image", repr(exn)) from exn
+
+
+def crop_box(width: int, height: int, size: tuple[int, int], scale: float) -> tuple[float, float, float, float]:
+    """Box ``(left, top, right, bottom)`` with the aspect of ``size`` ``(H, W)`` covering ``scale`` of
+    the largest such box; centred when ``scale == 1``, else at a random position."""
+    aspect = size[1] / size[0]
+    box_w, box_h = (height * aspect, height) if width / height > aspect else (width, width / aspect)
+    box_w, box_h = box_w * scale**0.5, box_h * scale**0.5
+    left = (width - box_w) * (random.random() if scale < 1 else 0.5)
+    top = (height - box_h) * (random.random() if scale < 1 else 0.5)
+    return left, top, left + box_w, top + box_h
+
+
+def to_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """RGB image → ``[3, H, W]`` float tensor ``(pixel / 255 - mean) / std``."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (pixels - mean_t) / std_t
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Image bytes → normalised ``[3, H, W]`` tensor.
+
+    Evaluation: resize so the image covers ``size`` and centre-crop. Training: crop a box covering
+    a random ``[min_crop_scale, 1]`` fraction of that area at a random position, then resize
+    (a light random-resized crop; aspect kept, no flips).
+
+    Attributes:
+        size: ``(H, W)`` output size.
+        mean: per-channel mean of ``[0, 1]`` pixels.
+        std: per-channel std.
+        train: random crop instead of centre crop.
+        min_crop_scale: smallest area fraction of the training crop (``1.0``: always centre).
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    train: bool
+    min_crop_scale: float
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        image = decode_image(data, self.size)
+        scale = random.uniform(self.min_crop_scale, 1.0) if self.train and self.min_crop_scale < 1 else 1.0
+        box = crop_box(image.width, image.height, self.size, scale)
+        resized = image.resize((self.size[1], self.size[0]), Image.Resampling.BICUBIC, box=box)
+        return to_tensor(resized, self.mean, self.std)

@@ -1,0 +1,103 @@
+"""The ``mmlm`` command.
+
+``mmlm fit|validate|test|predict --config FILE.yaml [--key value ...]`` is LightningCLI with the
+model and datamodule chosen by ``class_path``; ``mmlm data …`` holds the data tools and
+``mmlm quickstart`` runs the main job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from pytorch_lightning import LightningDataModule
+from pytorch_lightning.cli import LightningCLI
+
+from mmlm.models.base import MultimodalModule
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:
+    """Build (and by default run) the LightningCLI over every ``MultimodalModule`` and datamodule.
+
+    The resolved config is written next to the run's checkpoints and may overwrite an older one,
+    so re-running into the same directory works.
+    """
+    return LightningCLI(
+        MultimodalModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=list(args) if args is not None else None,
+        run=run,
+    )
+
+
+def data_parser() -> argparse.ArgumentParser:
+    """Arguments of ``mmlm data synth-shapes | make-shards | inspect``."""
+    parser = argparse.ArgumentParser(prog="mmlm data", description="Make and inspect WebDataset shards.")
+    sub = parser.add_subparsers(dest="tool", required=True)
+    synth = sub.add_parser("synth-shapes", help="render coloured-shape images with captions and VQA")
+    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--train", type=int, default=4000, help="training images")
+    synth.add_argument("--val", type=int, default=500, help="validation images")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    make = sub.add_parser("make-shards", help="convert an image folder + captions or COCO JSON to shards")
+    make.add_argument("input", help="captions .jsonl/.tsv file or COCO captions .json")
+    make.add_argument("--images", default=None, help="folder the image paths are relative to (default: the input file's folder)")
+    make.add_argument("--out", required=True, help="output directory for {00000..N}.tar")
+    make.add_argument("--format", choices=["folder-jsonl", "folder-tsv", "coco"], required=True)
+    make.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    inspect = sub.add_parser("inspect", help="counts, keys and first samples of a shard set")
+    inspect.add_argument("urls", help="brace pattern, glob or single .tar")
+    inspect.add_argument("-n", type=int, default=3, help="samples to show")
+    return parser
+
+
+def data_main(argv: Sequence[str]) -> int:
+    """Run one ``mmlm data`` tool; prints its JSON summary."""
+    args = data_parser().parse_args(list(argv))
+    if args.tool == "synth-shapes":
+        from datamodules.synthetic.shapes import write_shapes
+
+        summary = write_shapes(args.out, train=args.train, val=args.val, seed=args.seed, shard_size=args.shard_size)
+        print(json.dumps(summary, indent=1))
+    elif args.tool == "make-shards":
+        from datamodules.tools import make_shards
+
+        summary = make_shards(args.input, args.out, fmt=args.format, shard_size=args.shard_size,
+                              image_root=args.images)
+        print(json.dumps(summary, indent=1))
+    else:
+        from datamodules.tools import inspect, print_inspection
+
+        print_inspection(inspect(args.urls, n=args.n))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mmlm`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if argv and argv[0] == "data":
+        return data_main(argv[1:])
+    if argv and argv[0] == "quickstart":
+        from mmlm.quickstart import quickstart_main
+
+        return quickstart_main(argv[1:])
+    if argv and argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
+        print(f"mmlm: unknown command {argv[0]!r}; expected one of "
+              f"{', '.join(LIGHTNING_COMMANDS + ('data', 'quickstart'))}", file=sys.stderr)
+        return 2
+    lightning_cli(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Any transformers vision model (ViT, CLIP/SigLIP vision, DonutSwin, Swin, DINOv2, …) as a token encoder.
+
+Shape legend: B batch, N image tokens, D width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    VisionEncoderDecoderModel,
+)
+from transformers.models.auto.image_processing_auto import (
+    IMAGE_PROCESSOR_MAPPING_NAMES,
+    get_image_processor_class_from_name,
+)
+
+from mmlm.encoders.base import ImagePreprocess, VisionEncoder
+from mmlm.encoders.timm import check_incompatible_keys, grad_context, probe_output_shape
+from mmlm.freezing import parse_dtype
+
+
+def _build_model(
+    name_or_path: str | None, config: dict | None, model_type: str | None, dtype: str | None
+) -> PreTrainedModel:
+    """From a hub id/local dir (``config`` overrides its attributes, weights loaded strictly) or, without
+    one, from scratch with ``AutoConfig.for_model(model_type, **config)``."""
+    if name_or_path is None:
+        if model_type is None:
+            raise ValueError("HFVisionEncoder needs `name_or_path`, or `model_type` (+ `config`) to build from scratch")
+        return AutoModel.from_config(AutoConfig.for_model(model_type, **(config or {})))
+    loaded_config = AutoConfig.from_pretrained(name_or_path, **(config or {}))
+    loader = VisionEncoderDecoderModel if loaded_config.model_type == "vision-encoder-decoder" else AutoModel
+    model, info = loader.from_pretrained(
+        name_or_path, config=loaded_config, dtype=parse_dtype(dtype), output_loading_info=True)
+    missing = [k for k in info["missing_keys"] if not k.startswith("pooler.")]
+    missing += [k for k, *_ in info["mismatched_keys"]]
+    check_incompatible_keys(missing, list(info["unexpected_keys"]), name_or_path)
+    return model
+
+
+def _vision_tower(model: PreTrainedModel) -> nn.Module:
+    """The image encoder inside a composite model (CLIP/SigLIP/BLIP-2 ``vision_model``, a
+    vision-encoder-decoder's ``encoder``, e.g. Donut's DonutSwin); the model itself otherwise."""
+    if model.config.model_type == "vision-encoder-decoder":
+        return model.encoder
+    return getattr(model, "vision_model", model)
+
+
+def _vision_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The vision part of a composite config (``vision_config``/``encoder``), else the config itself."""
+    if config.model_type == "vision-encoder-decoder":
+        return config.encoder
+    return getattr(config, "vision_config", None) or config
+
+
+def _default_mean_std(model_type: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Class defaults of the image processor registered for ``model_type`` (``clip_vision_model`` → ``clip``)."""
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) or IMAGE_PROCESSOR_MAPPING_NAMES.get(
+        model_type.removesuffix("_vision_model"))
+    name = (names or {}).get("torchvision") or (names or {}).get("pil")
+    cls = get_image_processor_class_from_name(name) if name else None
+    if cls is None or getattr(cls, "image_mean", None) is None:
+        return None
+    return tuple(cls.image_mean), tuple(cls.image_std)
+
+
+def _mean_std(name_or_path: str | None, model_type: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Mean/std from the checkpoint's image-processor config, else the processor class defaults."""
+    if name_or_path is not None:
+        try:
+            processor = AutoImageProcessor.from_pretrained(name_or_path)
+            return tuple(processor.image_mean), tuple(processor.image_std)
+        except (OSError, ValueError):  # no preprocessor_config.json (or an unknown processor)
+            pass
+    return _default_mean_std(model_type)
+
+
+def _preprocess(config: PretrainedConfig, name_or_path: str | None) -> ImagePreprocess:
+    """Size from the (vision) config's ``image_size`` (224 if absent); mean/std per :func:`_mean_std`."""
+    vision = _vision_config(config)
+    size = getattr(vision, "image_size", 224)
+    size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    mean_std = _mean_std(name_or_path, vision.model_type)
+    return ImagePreprocess(size=size) if mean_std is None else ImagePreprocess(size, *mean_std)
+
+
+class HFVisionEncoder(VisionEncoder):
+    """A transformers vision model: pixels ``[B, 3, H, W]`` → ``last_hidden_state`` (or a hidden state)
+    ``[B, N, D]``.
+
+    Composite checkpoints are reduced to their image encoder (CLIP/SigLIP ``vision_model``, a Donut
+    ``VisionEncoderDecoderModel``'s DonutSwin ``encoder``); a parameterised pooler is dropped.
+
+    Args:
+        name_or_path: hub id or local ``save_pretrained`` directory. Weights load strictly
+            (missing, unexpected or mismatched keys raise; a missing pooler is allowed).
+        config: without ``name_or_path``, the config of a from-scratch model (with ``model_type``);
+            with it, attribute overrides for ``from_pretrained``.
+        model_type: transformers model type for a from-scratch model (``"vit"``, ``"donut-swin"``,
+            ``"clip_vision_model"``, …).
+        layer: ``-1`` ``last_hidden_state`` (after the final norm where the model has one), otherwise
+            ``hidden_states[layer]`` (``-2`` the penultimate layer's/stage's output).
+        freeze: no grads, eval mode kept, forward under ``no_grad``.
+        grad_checkpointing: enable transformers' gradient checkpointing.
+        dtype: parameter dtype (``"bfloat16"``, ``"fp16"``, …); inputs are cast to it.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str | None = None,
+        config: dict | None = None,
+        model_type: str | None = None,
+        layer: int = -1,
+        freeze: bool = False,
+        grad_checkpointing: bool = False,
+        dtype: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        model = _build_model(name_or_path, config, model_type, dtype)
+        if grad_checkpointing:  # renamed in transformers 5.x; the old name warns
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+        self.preprocess = _preprocess(model.config, name_or_path)
+        self.model = _vision_tower(model)
+        if any(p.requires_grad for p in getattr(self.model, "pooler", nn.Identity()).parameters()):
+            self.model.pooler = None  # unused, would only trip DDP's unused-parameter check
+        self.num_tokens, self.width = probe_output_shape(self, self.preprocess.size)
+        self.setup_freezing(freeze, dtype)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``pixels [B, 3, H, W]`` → ``tokens [B, N, D]``."""
+        with grad_context(self.frozen):
+            out = self.model(pixel_values=pixels.to(self.dtype), output_hidden_states=self.layer != -1)
+            return out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]

@@ -1,0 +1,184 @@
+"""Any timm image model as a token encoder: ViTs (incl. DINO, registers), Swin, CNNs, NF-ResNets.
+
+Shape legend: B batch, N image tokens, D width, C channels, h/w feature-map height/width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import timm
+import torch
+from timm.data import resolve_model_data_config
+from timm.models import get_pretrained_cfg
+from timm.models import load_state_dict as timm_load_state_dict
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from mmlm.encoders.base import ImagePreprocess, VisionEncoder
+
+
+def map_to_tokens(x: torch.Tensor, fmt: str = "NCHW") -> torch.Tensor:
+    """A feature map ``[B, C, h, w]`` (or ``[B, h, w, C]`` when ``fmt="NHWC"``) → ``[B, h*w, C]``.
+
+    Token tensors ``[B, N, D]`` pass through unchanged.
+    """
+    if x.ndim == 3:
+        return x
+    if fmt == "NHWC":
+        return x.flatten(1, 2)
+    return x.flatten(2).transpose(1, 2)
+
+
+def probe_output_shape(encoder: VisionEncoder, size: tuple[int, int]) -> tuple[int, int]:
+    """``(N, D)`` of ``encoder``'s tokens for one ``size`` image (eval mode, no grad).
+
+    The probe runs on fake tensors (shapes only, no compute), so a large encoder at a large input
+    size (DonutSwin at 2560×1920) costs nothing on CPU; a model with an op fake tensors do not
+    support falls back to one real forward.
+    """
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+            shape = encoder(torch.zeros(1, 3, *size)).shape
+    except Exception:  # any fake-tensor gap: measure with a real forward instead
+        with torch.no_grad():
+            shape = encoder(torch.zeros(1, 3, *size)).shape
+    encoder.train(was_training)
+    return shape[1], shape[2]
+
+
+def grad_context(frozen: bool) -> contextlib.AbstractContextManager:
+    """``torch.no_grad()`` for a frozen encoder, a no-op otherwise."""
+    return torch.no_grad() if frozen else contextlib.nullcontext()
+
+
+def check_incompatible_keys(missing: list[str], unexpected: list[str], source: str) -> None:
+    """Raise a ``RuntimeError`` (like torch's strict load) naming every missing and unexpected key from ``source``."""
+    if missing or unexpected:
+        raise RuntimeError(f"loading {source}: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}")
+
+
+def _as_size(size: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    """``224`` → ``(224, 224)``; ``(3, H, W)`` or ``(H, W)`` → ``(H, W)``."""
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[-2]), int(size[-1]))
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Key prefixes of the classifier head(s) named in the model's ``pretrained_cfg``."""
+    names = model.pretrained_cfg.get("classifier") or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return tuple(f"{name}." for name in names)
+
+
+def load_timm_weights(model: nn.Module, path: str) -> None:
+    """Load a local ``.safetensors``/``.pt``/``.pth`` state dict into ``model`` strictly.
+
+    Classifier-head keys in the file are dropped (the encoder has no head); any other missing or
+    unexpected key raises a ``RuntimeError`` that names them.
+    """
+    state = timm_load_state_dict(path, use_ema=False)
+    head = _classifier_prefixes(model)
+    state = {k: v for k, v in state.items() if not (head and k.startswith(head))}
+    result = model.load_state_dict(state, strict=False)
+    check_incompatible_keys(result.missing_keys, result.unexpected_keys, path)
+
+
+class TimmEncoder(VisionEncoder):
+    """A ``timm`` model by name: pixels ``[B, 3, H, W]`` → tokens ``[B, N, D]``.
+
+    ViT-like models give ``N = prefix + (H/p)·(W/p)`` tokens (prefix = cls/register tokens when
+    ``prefix_tokens``); CNNs give the feature map flattened to ``N = h·w`` tokens of ``D = C`` channels.
+
+    Args:
+        name: any ``timm.create_model`` name, with an optional tag (``vit_small_patch16_224.dino``).
+        pretrained: ``True`` for timm's hub weights (needs network), or a local state-dict file
+            (``.safetensors``/``.pt``/``.pth``) loaded strictly, classifier head ignored.
+        img_size: input size; passed to ``create_model`` for fixed-size models (ViTs), otherwise only
+            sets ``preprocess.size``. ``None`` keeps the model's default.
+        layer: which block's output: ``-1`` the final features (after the final norm), ``-2`` the
+            penultimate block/stage (no final norm), … Unused later blocks are pruned.
+        prefix_tokens: keep cls/register tokens in front of the patch tokens (ViT-like models).
+        model_kwargs: extra ``timm.create_model`` keyword arguments (e.g. a tiny ``embed_dim``/``depth``).
+        freeze: no grads, eval mode kept, forward under ``no_grad``.
+        grad_checkpointing: enable timm's activation checkpointing.
+        dtype: parameter dtype (``"bfloat16"``, ``"fp16"``, …); inputs are cast to it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pretrained: bool | str = False,
+        img_size: int | None = None,
+        layer: int = -1,
+        prefix_tokens: bool = True,
+        model_kwargs: dict | None = None,
+        freeze: bool = False,
+        grad_checkpointing: bool = False,
+        dtype: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.prefix_tokens = prefix_tokens
+        kwargs = dict(model_kwargs or {})
+        if img_size is not None and _fixed_input_size(name):
+            kwargs["img_size"] = img_size
+        self.model = timm.create_model(name, pretrained=pretrained is True, num_classes=0, **kwargs)
+        if isinstance(pretrained, str):
+            load_timm_weights(self.model, pretrained)
+        self._take = self._prune(layer)
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.preprocess = self._preprocess(img_size or kwargs.get("img_size"))
+        self.num_tokens, self.width = probe_output_shape(self, self.preprocess.size)
+        self.setup_freezing(freeze, dtype)
+
+    def _prune(self, layer: int) -> list[int] | None:
+        """Drop the head (and blocks after ``layer``); → timm's absolute index of ``layer``."""
+        if not hasattr(self.model, "prune_intermediate_layers"):
+            if layer != -1:
+                raise ValueError(f"timm model {type(self.model).__name__} has no intermediate layers; use layer=-1")
+            return None
+        try:
+            return self.model.prune_intermediate_layers([layer], prune_norm=layer != -1, prune_head=True)
+        except AssertionError as err:  # timm asserts the index range
+            raise ValueError(f"layer={layer} does not exist in timm model {type(self.model).__name__}: {err}") from err
+
+    def _preprocess(self, img_size: int | None) -> ImagePreprocess:
+        """Size/mean/std from timm's resolved data config; an explicit ``img_size`` wins."""
+        cfg = resolve_model_data_config(self.model)
+        size = _as_size(img_size if img_size is not None else cfg["input_size"])
+        return ImagePreprocess(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+
+    def _final_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``forward_features`` → ``[B, N, D]``, without prefix tokens unless ``prefix_tokens``."""
+        x = self.model.forward_features(pixels)
+        if x.ndim == 4:
+            return map_to_tokens(x, getattr(self.model, "output_fmt", "NCHW"))
+        return x if self.prefix_tokens else x[:, getattr(self.model, "num_prefix_tokens", 0):]
+
+    def _intermediate(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The output of block ``layer`` (no final norm) → ``[B, N, D]``."""
+        with_prefix = self.prefix_tokens and getattr(self.model, "num_prefix_tokens", 0) > 0
+        extra = {"return_prefix_tokens": True} if with_prefix else {}
+        (out,) = self.model.forward_intermediates(
+            pixels, indices=self._take, intermediates_only=True, stop_early=True, **extra)
+        if with_prefix:
+            spatial, prefix = out
+            return torch.cat([prefix, map_to_tokens(spatial)], dim=1)
+        return map_to_tokens(out)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``pixels [B, 3, H, W]`` → ``tokens [B, N, D]``."""
+        pixels = pixels.to(self.dtype)
+        with grad_context(self.frozen):
+            return self._final_features(pixels) if self.layer == -1 else self._intermediate(pixels)
+
+
+def _fixed_input_size(name: str) -> bool:
+    """Whether timm builds ``name`` for one input size (ViT-like), i.e. takes an ``img_size`` argument."""
+    cfg = get_pretrained_cfg(name, allow_unregistered=True)
+    return bool(getattr(cfg, "fixed_input_size", False))

@@ -1,0 +1,14 @@
+"""Evaluation metrics as torchmetrics ``Metric`` subclasses (DDP-safe)."""
+
+from mmlm.metrics.captioning import CaptionMetrics, caption_scores, ptb_tokenize
+from mmlm.metrics.vqa import VQAAccuracy, majority_answer_baseline, normalize_answer, vqa_accuracy
+
+__all__ = [
+    "CaptionMetrics",
+    "VQAAccuracy",
+    "caption_scores",
+    "majority_answer_baseline",
+    "normalize_answer",
+    "ptb_tokenize",
+    "vqa_accuracy",
+]

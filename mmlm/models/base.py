@@ -1,0 +1,194 @@
+"""The LightningModule every family builds on: optimisation, logging, evaluation, predictions.
+
+A family implements :meth:`MultimodalModule.training_loss` and :meth:`MultimodalModule.generate_text`
+and sets ``self.tokenizer``; this class does the rest. Shape legend: B batch, T text tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mmlm.batch import Batch
+from mmlm.language.base import GenerationConfig
+from mmlm.metrics import CaptionMetrics, VQAAccuracy
+
+NO_DECAY_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Split trainable parameters into decay / no-decay groups.
+
+    Biases, 1-d parameters (norm scales, learned scalars) and embedding tables get no weight decay.
+    """
+    decay, no_decay, seen = [], [], set()
+    for sub in module.modules():
+        for name, param in sub.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            exempt = isinstance(sub, NO_DECAY_TYPES) or param.ndim < 2 or name.endswith("bias")
+            (no_decay if exempt else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def gather_objects(items: list[Any]) -> list[Any]:
+    """Concatenate a Python list across ranks (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return items
+    out: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+class MultimodalModule(pl.LightningModule):
+    """Shared training and evaluation logic.
+
+    Args:
+        lr: peak learning rate of AdamW.
+        weight_decay: decoupled weight decay (not applied to norms, biases, embeddings).
+        warmup_steps: linear warmup steps.
+        min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
+        betas: AdamW betas.
+        generation: decoding settings used by validation, test and predict.
+        predictions_dir: where evaluation writes predictions (default: the trainer's log dir).
+    """
+
+    tokenizer: Any
+
+    def __init__(self, lr: float = 1e-4, weight_decay: float = 0.05, warmup_steps: int = 100,
+                 min_lr_ratio: float = 0.1, betas: tuple[float, float] = (0.9, 0.98),
+                 generation: GenerationConfig | None = None, predictions_dir: str | None = None) -> None:
+        super().__init__()
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, betas
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.generation = generation or GenerationConfig()
+        self.predictions_dir = predictions_dir
+        self.vqa_metric = VQAAccuracy()
+        self.caption_metric = CaptionMetrics()
+        self._predictions: dict[str, list[dict[str, Any]]] = {"vqa": [], "caption": []}
+        self._step_start = 0.0
+
+    # --- what a family provides -------------------------------------------------------------
+    def training_loss(self, batch: Batch) -> torch.Tensor:
+        """Scalar training loss for ``batch``."""
+        raise NotImplementedError
+
+    def generate_text(self, batch: Batch) -> list[str]:
+        """One generated string per example of ``batch`` (from ``batch.prompt_ids``)."""
+        raise NotImplementedError
+
+    # --- training ------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over decay/no-decay groups with warmup + cosine, stepped every optimizer step."""
+        groups = param_groups(self, self.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        schedule = warmup_cosine(self.warmup_steps, max(total, 1), self.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = self.training_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        seconds = max(time.perf_counter() - self._step_start, 1e-9)
+        self.log("train/samples_per_s", len(batch) / seconds, batch_size=len(batch))
+        self.log("train/tokens_per_s", float(batch.attention_mask.sum()) / seconds, batch_size=len(batch))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=len(batch))
+
+    def on_train_epoch_end(self) -> None:
+        self._log_skipped("train")
+
+    # --- evaluation ----------------------------------------------------------------------------
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_evaluation("test")
+
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Generated text for each example: ``[{"id", "task", "prediction"}]``."""
+        texts = self.generate_text(batch)
+        return [{"id": i, "task": t, "prediction": p} for i, t, p in zip(batch.ids, batch.tasks, texts)]
+
+    def _evaluate(self, batch: Batch, stage: str) -> None:
+        self.log(f"{stage}/loss", self.training_loss(batch), batch_size=len(batch), sync_dist=True)
+        texts = self.generate_text(batch)
+        for kind in ("vqa", "caption"):
+            rows = [i for i, task in enumerate(batch.tasks) if task == kind]
+            if rows:
+                self._update_metric(kind, batch, rows, texts)
+
+    def _update_metric(self, kind: str, batch: Batch, rows: list[int], texts: list[str]) -> None:
+        preds = [texts[i] for i in rows]
+        refs = [batch.references[i] for i in rows]
+        if kind == "vqa":
+            self.vqa_metric.update(preds, refs)
+            self._predictions["vqa"] += [{"question_id": batch.ids[i], "answer": texts[i]} for i in rows]
+        else:
+            self.caption_metric.update(preds, refs)
+            self._predictions["caption"] += [{"image_id": batch.ids[i], "caption": texts[i]} for i in rows]
+
+    def _finish_evaluation(self, stage: str) -> None:
+        if self._predictions["vqa"] or self.vqa_metric.update_called:
+            self.log(f"{stage}/vqa_acc", self.vqa_metric.compute(), prog_bar=True)
+        if self._predictions["caption"] or self.caption_metric.update_called:
+            for name, value in self.caption_metric.compute().items():
+                self.log(f"{stage}/{name}", value)
+        self.vqa_metric.reset()
+        self.caption_metric.reset()
+        self._write_predictions(stage)
+        self._log_skipped(stage)
+
+    def _write_predictions(self, stage: str) -> None:
+        gathered = {kind: gather_objects(rows) for kind, rows in self._predictions.items()}
+        self._predictions = {"vqa": [], "caption": []}
+        out_dir = self.predictions_dir or (self.trainer.log_dir if self._trainer is not None else None)
+        if out_dir is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        for kind, rows in gathered.items():
+            if rows:
+                stem = Path(out_dir) / "predictions" / f"{stage}-{kind}-step{self.global_step}"
+                stem.parent.mkdir(parents=True, exist_ok=True)
+                stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+                settings = {"generation": asdict(self.generation), "count": len(rows)}
+                stem.with_suffix(".generation.json").write_text(json.dumps(settings, indent=1))
+
+    def _log_skipped(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        counts = datamodule.skip_counts() if hasattr(datamodule, "skip_counts") else {}
+        for reason, count in counts.items():
+            self.log(f"data/skipped_{reason}", float(count), rank_zero_only=True)

@@ -1,0 +1,115 @@
+"""Frozen (Tsimpoukelli et al. 2021): a trainable vision encoder steers a frozen language model.
+
+image ─► encoder [B, N, Dv] ─► connector [B, k, D] ─► prefix of the frozen causal LM ─► caption/answer.
+The loss is on target tokens only. Few-shot evaluation interleaves support images and texts
+in one multimodal sentence. Shape legend: B batch, N image tokens, k prefix tokens, T text, D width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmlm.batch import Batch
+from mmlm.connectors import LinearPrefix
+from mmlm.encoders.base import ImagePreprocess, VisionEncoder
+from mmlm.freezing import freeze_
+from mmlm.fusion import prepend_placeholders, splice
+from mmlm.language.base import LanguageModel
+from mmlm.models.base import MultimodalModule
+from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
+
+
+class Frozen(MultimodalModule):
+    """Frozen: vision encoder + connector trained through an always-frozen causal LM.
+
+    Args:
+        encoder: the vision encoder (trainable in the paper: NF-ResNet-50).
+        language_model: a causal LM adapter; Frozen freezes it whatever its own ``freeze`` says.
+        tokenizer: hub id or local directory of the LM's tokenizer (``<image>`` is added).
+        connector: builds the connector from ``(encoder width, LM width)``.
+        eval_shots: support examples per query at evaluation (0 = zero-shot). Support examples
+            are the next ``eval_shots`` examples of the same batch (other images), with their
+            targets, interleaved before the query as ``<image> prompt target <image> prompt``.
+        **kwargs: optimisation and evaluation settings of :class:`MultimodalModule`.
+    """
+
+    def __init__(self, encoder: VisionEncoder, language_model: LanguageModel, tokenizer: str,
+                 connector: Callable[[int, int], nn.Module] = LinearPrefix, eval_shots: int = 0,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters(ignore=["encoder", "language_model", "connector"])
+        self.encoder = encoder
+        self.language_model = language_model
+        self.connector = connector(encoder.width, language_model.width)
+        self.tokenizer = load_tokenizer(tokenizer, [IMAGE_TOKEN])
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if len(self.tokenizer) > language_model.vocab_size:
+            language_model.resize_token_embeddings(len(self.tokenizer))
+        freeze_(language_model)
+        language_model.frozen = True
+        self.eval_shots = eval_shots
+
+    @property
+    def image_preprocess(self) -> ImagePreprocess:
+        """Image size, mean and std the datamodule must produce (the encoder's)."""
+        return self.encoder.preprocess
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``pixels [B, 3, H, W]`` → visual prefix ``[B, k, D]`` in the LM's dtype."""
+        prefix = self.connector(self.encoder(pixels))
+        return prefix.to(next(self.language_model.parameters()).dtype)
+
+    def _embed(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None,
+               prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Prepend the visual prefix to ``ids [B, T]``: → embeds ``[B, k+T, D]``, mask, labels."""
+        ids, mask, labels = prepend_placeholders(ids, mask, self.image_token_id, prefix.shape[1], labels)
+        return splice(self.language_model.embed(ids), ids, self.image_token_id, prefix), mask, labels
+
+    def training_loss(self, batch: Batch) -> torch.Tensor:
+        """Caption/answer cross-entropy with the image prefix; prompt and padding are ignored."""
+        prefix = self.encode_images(batch.pixels)
+        embeds, mask, labels = self._embed(batch.input_ids, batch.attention_mask, batch.labels, prefix)
+        return self.language_model(embeds, mask, labels).loss
+
+    @torch.no_grad()
+    def generate_text(self, batch: Batch) -> list[str]:
+        """Zero-shot (or ``eval_shots``-shot) generation from each example's prompt."""
+        if self.eval_shots > 0 and len(batch) > self.eval_shots:
+            return self.generate_few_shot(batch, self.eval_shots)
+        prefix = self.encode_images(batch.pixels)
+        embeds, mask, _ = self._embed(batch.prompt_ids, batch.prompt_mask, None, prefix)
+        return self._decode(self.language_model.generate(embeds, mask, self.generation))
+
+    @torch.no_grad()
+    def generate_few_shot(self, batch: Batch, shots: int) -> list[str]:
+        """Interleave ``shots`` support examples (image, prompt, target) before each query."""
+        prefix = self.encode_images(batch.pixels)
+        k = prefix.shape[1]
+        texts, order = [], []
+        for i in range(len(batch)):
+            support = [(i + s) % len(batch) for s in range(1, shots + 1)]
+            parts = [self._example_text(j, batch, k, with_target=True) for j in support]
+            texts.append(" ".join(parts + [self._example_text(i, batch, k, with_target=False)]))
+            order.append(support + [i])
+        enc = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt",
+                             padding_side="left").to(self.device)
+        images = prefix[torch.tensor([j for row in order for j in row], device=self.device)]
+        embeds = splice(self.language_model.embed(enc.input_ids), enc.input_ids, self.image_token_id, images)
+        return self._decode(self.language_model.generate(embeds, enc.attention_mask, self.generation))
+
+    def _example_text(self, i: int, batch: Batch, k: int, with_target: bool) -> str:
+        """``<image>×k`` + the example's prompt (+ its training target) as text."""
+        prompt = self.tokenizer.decode(batch.prompt_ids[i][batch.prompt_mask[i].bool()], skip_special_tokens=True)
+        text = IMAGE_TOKEN * k + " " + prompt
+        if not with_target:
+            return text
+        target = self.tokenizer.decode(batch.labels[i][batch.labels[i] != -100], skip_special_tokens=True)
+        return f"{text} {target}"
+
+    def _decode(self, ids: torch.Tensor) -> list[str]:
+        """New token ids ``[B, T_new]`` → strings cut at eos, without special tokens."""
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
