@@ -21,8 +21,7 @@ from typing import Any
 import torch
 
 from mmlm.batch import Batch
-
-IGNORE_INDEX = -100
+from mmlm.losses import IGNORE_INDEX
 
 
 @dataclass

@@ -65,11 +65,16 @@ class ShardSink:
             self.writer = None
 
 
+def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(n, line)`` for every non-blank line of a UTF-8 text file, ``n`` counting all lines from 1."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            yield n, line
+
+
 def read_jsonl(path: Path) -> Iterator[Record]:
     """Records of a jsonl file: ``{"image" | "file_name": …, "caption": … | "captions": […]}`` per line."""
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, line in numbered_lines(path):
         try:
             row = json.loads(line)
             name = row.get("image") or row.get("file_name")
@@ -85,9 +90,7 @@ def read_jsonl(path: Path) -> Iterator[Record]:
 
 def read_tsv(path: Path) -> Iterator[Record]:
     """Records of a tsv file with ``file<TAB>caption`` lines (an optional header line is skipped)."""
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, line in numbered_lines(path):
         name, sep, caption = line.partition("\t")
         if n == 1 and name.strip().lower() in TSV_HEADER_FIELDS:
             continue

@@ -83,6 +83,7 @@ def data_main(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mmlm`` console script."""
+    from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if argv and argv[0] == "data":
@@ -95,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mmlm: unknown command {argv[0]!r}; expected one of "
               f"{', '.join(LIGHTNING_COMMANDS + ('data', 'quickstart'))}", file=sys.stderr)
         return 2
-    lightning_cli(argv)
+    lightning_cli(None if from_shell else argv)
     return 0
 
 

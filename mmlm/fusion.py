@@ -70,3 +70,18 @@ def prepend_placeholders(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         ids, mask = ids.gather(1, order), mask.gather(1, order)
         new_labels = None if new_labels is None else new_labels.gather(1, order)
     return ids, mask, new_labels
+
+
+def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-d id tensors of different lengths, padding on the left (for generation).
+
+    Returns:
+        ``ids [B, T_max]`` and ``attention_mask [B, T_max]`` (1 for real tokens).
+    """
+    width = max(len(r) for r in rows)
+    ids = rows[0].new_full((len(rows), width), pad_id)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    return ids, mask

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 from collections.abc import Sequence
@@ -108,20 +109,14 @@ def print_results(results: dict[str, float], seconds: float) -> None:
 
 
 def quickstart_main(argv: Sequence[str]) -> int:
-    """``mmlm quickstart [--data DIR] [--out DIR] [--train-images N] …``."""
-    parser = argparse.ArgumentParser(prog="mmlm quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="data/shapes", help="synthetic data directory (made if missing)")
-    parser.add_argument("--out", default="runs/quickstart", help="run directory")
-    parser.add_argument("--train-images", type=int, default=6000)
-    parser.add_argument("--val-images", type=int, default=500)
-    parser.add_argument("--lm-steps", type=int, default=600)
-    parser.add_argument("--frozen-steps", type=int, default=2000)
-    parser.add_argument("--val-batches", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    """``mmlm quickstart [--data-dir DIR] [--out-dir DIR] [--train-images N] …`` (see ``--help``)."""
+    parser = argparse.ArgumentParser(prog="mmlm quickstart", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, param in inspect.signature(run_quickstart).parameters.items():
+        kind = int if isinstance(param.default, int) else str
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=param.default)
     args = parser.parse_args(list(argv))
     start = time.time()
-    results = run_quickstart(args.data, args.out, args.train_images, args.val_images, args.lm_steps,
-                             args.frozen_steps, args.val_batches, args.workers, args.seed)
+    results = run_quickstart(**vars(args))
     print_results(results, time.time() - start)
     return 0

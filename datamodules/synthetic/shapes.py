@@ -45,6 +45,7 @@ NUM_HUMANS = 10
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 
 VQA_PROMPT = "Question: {question} Answer:"
+CAPTION_PROMPT = "a picture of"
 QUESTION_TEMPLATES = {
     "colour": "what colour is the {shape}?",
     "shape": "what shape is the {colour} object?",
@@ -385,7 +386,7 @@ def _write_split(out: Path, split: str, count: int, seed: int, shard_size: int, 
 
 def coverage_texts() -> list[str]:
     """Every word the generator can emit (templates, colours, shapes, answers, synonyms)."""
-    templates = [VQA_PROMPT, *QUESTION_TEMPLATES.values(), *CAPTION_TEMPLATES]
+    templates = [VQA_PROMPT, CAPTION_PROMPT, *QUESTION_TEMPLATES.values(), *CAPTION_TEMPLATES]
     words = [*COLOURS, *SHAPES, *(f"{s}s" for s in SHAPES), *NUMBER_WORDS.values(),
              *(a for answers in ANSWERS.values() for a in answers), *SYNONYMS.values(), "a", "and", ","]
     return [re.sub(r"\{\w+\}\w*", " ", t) for t in templates] + [" ".join(words)]
@@ -418,7 +419,7 @@ def write_shapes(out: str | Path, train: int, val: int, seed: int = 0, shard_siz
                "images": {split: block["images"] for split, block in splits.items()},
                "questions": {split: block["questions"] for split, block in splits.items()}, "splits": splits,
                "tokenizer": str(out / "tokenizer"), "vocab_size": len(tokenizer),
-               "prompts": {"vqa": VQA_PROMPT, "caption": ""}}
+               "prompts": {"vqa": VQA_PROMPT, "caption": CAPTION_PROMPT}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -20,8 +20,9 @@ from transformers.models.auto.image_processing_auto import (
     get_image_processor_class_from_name,
 )
 
+from mmlm.convert.keys import check_hf_loading_info
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
-from mmlm.encoders.timm import check_incompatible_keys, grad_context, probe_output_shape
+from mmlm.encoders.common import as_image_size, grad_context, probe_output_shape
 from mmlm.freezing import parse_dtype
 
 
@@ -38,9 +39,7 @@ def _build_model(
     loader = VisionEncoderDecoderModel if loaded_config.model_type == "vision-encoder-decoder" else AutoModel
     model, info = loader.from_pretrained(
         name_or_path, config=loaded_config, dtype=parse_dtype(dtype), output_loading_info=True)
-    missing = [k for k in info["missing_keys"] if not k.startswith("pooler.")]
-    missing += [k for k, *_ in info["mismatched_keys"]]
-    check_incompatible_keys(missing, list(info["unexpected_keys"]), name_or_path)
+    check_hf_loading_info(info, name_or_path, allow_missing=("pooler.*",))
     return model
 
 
@@ -84,8 +83,7 @@ def _mean_std(name_or_path: str | None, model_type: str) -> tuple[tuple[float, .
 def _preprocess(config: PretrainedConfig, name_or_path: str | None) -> ImagePreprocess:
     """Size from the (vision) config's ``image_size`` (224 if absent); mean/std per :func:`_mean_std`."""
     vision = _vision_config(config)
-    size = getattr(vision, "image_size", 224)
-    size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    size = as_image_size(getattr(vision, "image_size", 224))
     mean_std = _mean_std(name_or_path, vision.model_type)
     return ImagePreprocess(size=size) if mean_std is None else ImagePreprocess(size, *mean_std)
 

@@ -15,8 +15,9 @@ from open_clip.timm_model import TimmModel
 from open_clip.utils import feature_take_indices
 from torch import nn
 
+from mmlm.convert.keys import load_state_dict_strict
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
-from mmlm.encoders.timm import check_incompatible_keys, grad_context, map_to_tokens, probe_output_shape
+from mmlm.encoders.common import as_image_size, grad_context, map_to_tokens, probe_output_shape
 
 _VISUAL = "visual."
 
@@ -53,17 +54,14 @@ def load_visual_weights(visual: nn.Module, path: str) -> None:
     state = open_clip_load_state_dict(path)
     if any(k.startswith(_VISUAL) for k in state):
         state = {k[len(_VISUAL):]: v for k, v in state.items() if k.startswith(_VISUAL)}
-    result = visual.load_state_dict(state, strict=False)
-    check_incompatible_keys(result.missing_keys, result.unexpected_keys, path)
+    load_state_dict_strict(visual, state, path)
 
 
 def _preprocess(cfg: dict) -> ImagePreprocess:
     """open_clip's preprocess cfg (``size``/``mean``/``std``) → :class:`ImagePreprocess`."""
-    size = cfg["size"]
-    size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     mean = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
     std = cfg.get("std", open_clip.OPENAI_DATASET_STD)
-    return ImagePreprocess(size=size, mean=tuple(mean), std=tuple(std))
+    return ImagePreprocess(size=as_image_size(cfg["size"]), mean=tuple(mean), std=tuple(std))
 
 
 class OpenClipEncoder(VisionEncoder):

@@ -5,73 +5,23 @@ Shape legend: B batch, N image tokens, D width, C channels, h/w feature-map heig
 
 from __future__ import annotations
 
-import contextlib
-
 import timm
 import torch
 from timm.data import resolve_model_data_config
 from timm.models import get_pretrained_cfg
 from timm.models import load_state_dict as timm_load_state_dict
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 
+from mmlm.convert.keys import load_state_dict_strict
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
+from mmlm.encoders.common import as_image_size, grad_context, map_to_tokens, probe_output_shape
 
 
-def map_to_tokens(x: torch.Tensor, fmt: str = "NCHW") -> torch.Tensor:
-    """A feature map ``[B, C, h, w]`` (or ``[B, h, w, C]`` when ``fmt="NHWC"``) → ``[B, h*w, C]``.
-
-    Token tensors ``[B, N, D]`` pass through unchanged.
-    """
-    if x.ndim == 3:
-        return x
-    if fmt == "NHWC":
-        return x.flatten(1, 2)
-    return x.flatten(2).transpose(1, 2)
-
-
-def probe_output_shape(encoder: VisionEncoder, size: tuple[int, int]) -> tuple[int, int]:
-    """``(N, D)`` of ``encoder``'s tokens for one ``size`` image (eval mode, no grad).
-
-    The probe runs on fake tensors (shapes only, no compute), so a large encoder at a large input
-    size (DonutSwin at 2560×1920) costs nothing on CPU; a model with an op fake tensors do not
-    support falls back to one real forward.
-    """
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-            shape = encoder(torch.zeros(1, 3, *size)).shape
-    except Exception:  # any fake-tensor gap: measure with a real forward instead
-        with torch.no_grad():
-            shape = encoder(torch.zeros(1, 3, *size)).shape
-    encoder.train(was_training)
-    return shape[1], shape[2]
-
-
-def grad_context(frozen: bool) -> contextlib.AbstractContextManager:
-    """``torch.no_grad()`` for a frozen encoder, a no-op otherwise."""
-    return torch.no_grad() if frozen else contextlib.nullcontext()
-
-
-def check_incompatible_keys(missing: list[str], unexpected: list[str], source: str) -> None:
-    """Raise a ``RuntimeError`` (like torch's strict load) naming every missing and unexpected key from ``source``."""
-    if missing or unexpected:
-        raise RuntimeError(f"loading {source}: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}")
-
-
-def _as_size(size: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
-    """``224`` → ``(224, 224)``; ``(3, H, W)`` or ``(H, W)`` → ``(H, W)``."""
-    if isinstance(size, int):
-        return (size, size)
-    return (int(size[-2]), int(size[-1]))
-
-
-def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    """Key prefixes of the classifier head(s) named in the model's ``pretrained_cfg``."""
+def _classifier_patterns(model: nn.Module) -> tuple[str, ...]:
+    """Key patterns of the classifier head(s) named in the model's ``pretrained_cfg``."""
     names = model.pretrained_cfg.get("classifier") or ()
     names = (names,) if isinstance(names, str) else tuple(names)
-    return tuple(f"{name}." for name in names)
+    return tuple(f"{name}.*" for name in names)
 
 
 def load_timm_weights(model: nn.Module, path: str) -> None:
@@ -81,10 +31,7 @@ def load_timm_weights(model: nn.Module, path: str) -> None:
     unexpected key raises a ``RuntimeError`` that names them.
     """
     state = timm_load_state_dict(path, use_ema=False)
-    head = _classifier_prefixes(model)
-    state = {k: v for k, v in state.items() if not (head and k.startswith(head))}
-    result = model.load_state_dict(state, strict=False)
-    check_incompatible_keys(result.missing_keys, result.unexpected_keys, path)
+    load_state_dict_strict(model, state, path, allow_unexpected=_classifier_patterns(model))
 
 
 class TimmEncoder(VisionEncoder):
@@ -150,7 +97,7 @@ class TimmEncoder(VisionEncoder):
     def _preprocess(self, img_size: int | None) -> ImagePreprocess:
         """Size/mean/std from timm's resolved data config; an explicit ``img_size`` wins."""
         cfg = resolve_model_data_config(self.model)
-        size = _as_size(img_size if img_size is not None else cfg["input_size"])
+        size = as_image_size(img_size if img_size is not None else cfg["input_size"])
         return ImagePreprocess(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
 
     def _final_features(self, pixels: torch.Tensor) -> torch.Tensor:

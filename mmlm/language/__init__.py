@@ -1,7 +1,8 @@
 """Language-model adapters: Hugging Face causal and seq2seq LMs behind one interface."""
 
 from mmlm.language.base import GenerationConfig, LanguageModel, LMOutput
-from mmlm.language.hf_causal import HFCausalLM, HFLanguageModel
+from mmlm.language.hf_base import HFLanguageModel
+from mmlm.language.hf_causal import HFCausalLM
 from mmlm.language.hf_seq2seq import HFSeq2SeqLM
 
 __all__ = ["GenerationConfig", "HFCausalLM", "HFLanguageModel", "HFSeq2SeqLM", "LMOutput", "LanguageModel"]

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForSeq2SeqLM
 
 from mmlm.language.base import GenerationConfig, LMOutput
-from mmlm.language.hf_causal import HFLanguageModel, token_cross_entropy
+from mmlm.language.hf_base import HFLanguageModel
+from mmlm.losses import token_cross_entropy
 
 
 def real_tokens_first(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,14 +31,26 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     Biases, 1-d parameters (norm scales, learned scalars) and embedding tables get no weight decay.
     """
     decay, no_decay, seen = [], [], set()
+    named = declared_no_decay(module)
     for sub in module.modules():
         for name, param in sub.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            exempt = isinstance(sub, NO_DECAY_TYPES) or param.ndim < 2 or name.endswith("bias")
+            exempt = (isinstance(sub, NO_DECAY_TYPES) or param.ndim < 2 or name.endswith("bias")
+                      or id(param) in named)
             (no_decay if exempt else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def declared_no_decay(module: nn.Module) -> set[int]:
+    """Ids of parameters that a submodule lists in its ``no_weight_decay()`` (timm: pos_embed, cls_token)."""
+    ids: set[int] = set()
+    for sub in module.modules():
+        names = sub.no_weight_decay() if callable(getattr(sub, "no_weight_decay", None)) else ()
+        params = dict(sub.named_parameters())
+        ids |= {id(params[n]) for n in names if n in params}
+    return ids
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
@@ -104,8 +116,12 @@ class MultimodalModule(pl.LightningModule):
         """AdamW over decay/no-decay groups with warmup + cosine, stepped every optimizer step."""
         groups = param_groups(self, self.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        schedule = warmup_cosine(self.warmup_steps, max(total, 1), self.min_lr_ratio)
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        if not (0 < total < float("inf")):
+            raise ValueError(
+                f"the cosine schedule needs a known number of steps, but the trainer estimates {total}: "
+                "set trainer.max_steps, or data.init_args.epoch_samples with trainer.max_epochs")
+        schedule = warmup_cosine(self.warmup_steps, int(total), self.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -163,9 +179,12 @@ class MultimodalModule(pl.LightningModule):
             self._predictions["caption"] += [{"image_id": batch.ids[i], "caption": texts[i]} for i in rows]
 
     def _finish_evaluation(self, stage: str) -> None:
-        if self._predictions["vqa"] or self.vqa_metric.update_called:
+        used = torch.tensor([self.vqa_metric.update_called, self.caption_metric.update_called],
+                            dtype=torch.float32, device=self.device)
+        used = self.all_gather(used).reshape(-1, 2).amax(0)  # every rank computes the same metrics
+        if used[0]:
             self.log(f"{stage}/vqa_acc", self.vqa_metric.compute(), prog_bar=True)
-        if self._predictions["caption"] or self.caption_metric.update_called:
+        if used[1]:
             for name, value in self.caption_metric.compute().items():
                 self.log(f"{stage}/{name}", value)
         self.vqa_metric.reset()

@@ -17,7 +17,7 @@ from mmlm.batch import Batch
 from mmlm.connectors import LinearPrefix
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
 from mmlm.freezing import freeze_
-from mmlm.fusion import prepend_placeholders, splice
+from mmlm.fusion import left_pad, prepend_placeholders, splice
 from mmlm.language.base import LanguageModel
 from mmlm.models.base import MultimodalModule
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
@@ -86,29 +86,24 @@ class Frozen(MultimodalModule):
 
     @torch.no_grad()
     def generate_few_shot(self, batch: Batch, shots: int) -> list[str]:
-        """Interleave ``shots`` support examples (image, prompt, target) before each query."""
+        """Interleave ``shots`` support examples before each query, in the training token layout.
+
+        Row ``i`` is ``[<image>×k, bos, prompt, target, eos]`` for each support example ``j`` (the
+        next ``shots`` examples of the batch), then ``[<image>×k, bos, prompt]`` for the query.
+        """
         prefix = self.encode_images(batch.pixels)
         k = prefix.shape[1]
-        texts, order = [], []
+        slots = torch.full((k,), self.image_token_id, dtype=batch.input_ids.dtype, device=self.device)
+        rows, order = [], []
         for i in range(len(batch)):
             support = [(i + s) % len(batch) for s in range(1, shots + 1)]
-            parts = [self._example_text(j, batch, k, with_target=True) for j in support]
-            texts.append(" ".join(parts + [self._example_text(i, batch, k, with_target=False)]))
-            order.append(support + [i])
-        enc = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt",
-                             padding_side="left").to(self.device)
-        images = prefix[torch.tensor([j for row in order for j in row], device=self.device)]
-        embeds = splice(self.language_model.embed(enc.input_ids), enc.input_ids, self.image_token_id, images)
-        return self._decode(self.language_model.generate(embeds, enc.attention_mask, self.generation))
-
-    def _example_text(self, i: int, batch: Batch, k: int, with_target: bool) -> str:
-        """``<image>×k`` + the example's prompt (+ its training target) as text."""
-        prompt = self.tokenizer.decode(batch.prompt_ids[i][batch.prompt_mask[i].bool()], skip_special_tokens=True)
-        text = IMAGE_TOKEN * k + " " + prompt
-        if not with_target:
-            return text
-        target = self.tokenizer.decode(batch.labels[i][batch.labels[i] != -100], skip_special_tokens=True)
-        return f"{text} {target}"
+            parts = [torch.cat([slots, batch.input_ids[j][batch.attention_mask[j].bool()]]) for j in support]
+            parts.append(torch.cat([slots, batch.prompt_ids[i][batch.prompt_mask[i].bool()]]))
+            rows.append(torch.cat(parts))
+            order += support + [i]
+        ids, mask = left_pad(rows, self.tokenizer.pad_token_id)
+        embeds = splice(self.language_model.embed(ids), ids, self.image_token_id, prefix[torch.tensor(order)])
+        return self._decode(self.language_model.generate(embeds, mask, self.generation))
 
     def _decode(self, ids: torch.Tensor) -> list[str]:
         """New token ids ``[B, T_new]`` → strings cut at eos, without special tokens."""

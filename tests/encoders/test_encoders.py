@@ -150,12 +150,12 @@ def test_timm_strict_loading_names_bad_keys(tmp_path) -> None:
 
 
 def test_probe_falls_back_to_a_real_forward(monkeypatch) -> None:
-    import mmlm.encoders.timm as timm_module
+    import mmlm.encoders.common as common_module
 
     def unsupported(**_):
         raise NotImplementedError("no fake tensors here")
 
-    monkeypatch.setattr(timm_module, "FakeTensorMode", unsupported)
+    monkeypatch.setattr(common_module, "FakeTensorMode", unsupported)
     encoder = TimmEncoder(**TIMM_VIT)
     assert (encoder.num_tokens, encoder.width) == (17, 32)
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from jsonargparse import ArgumentParser
 
 from mmlm.language import GenerationConfig, HFCausalLM, HFSeq2SeqLM, LanguageModel
-from mmlm.language.hf_causal import causal_lm_loss
+from mmlm.losses import causal_lm_loss
 from mmlm.tokenizers import train_word_tokenizer
 
 V = 50

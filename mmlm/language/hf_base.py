@@ -1,0 +1,159 @@
+"""The shared base of the Hugging Face adapters (causal and seq2seq) and its loading helpers.
+
+``HFLanguageModel`` holds what the adapters share: loading (strict) or building from a config dict,
+the embedding table, generation settings, resizing and saving. Subclasses add the forward pass.
+
+Shape legend: B batch, T text tokens, D width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from mmlm.convert.keys import check_hf_loading_info
+from mmlm.freezing import freeze_, parse_dtype
+from mmlm.language.base import GenerationConfig, LanguageModel
+
+SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def _as_list(ids: int | list[int] | None) -> list[int]:
+    """A special-token id field (``None``, an int or a list of ints) as a list."""
+    if ids is None:
+        return []
+    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
+
+
+def check_special_ids(config: PretrainedConfig) -> None:
+    """Raise when a special-token id of ``config`` falls outside its vocabulary.
+
+    Catches e.g. GPT2Config's default bos/eos 50256 kept with a small ``vocab_size``; such an id
+    would make generation never stop and padding index past the embedding table.
+
+    Raises:
+        ValueError: naming the key, its value and ``vocab_size``.
+    """
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is None:
+        return
+    for key in SPECIAL_ID_KEYS:
+        value = getattr(config, key, None)
+        if any(not 0 <= i < vocab_size for i in _as_list(value)):
+            raise ValueError(
+                f"{config.model_type} config: {key}={value} is outside the vocabulary (vocab_size={vocab_size}); "
+                f"set {key!r} in the config dict (e.g. to your tokenizer's id)")
+
+
+def build_hf_config(config: dict[str, Any]) -> PretrainedConfig:
+    """``{"model_type": "gpt2", "n_layer": 2, …}`` → a transformers config (``AutoConfig.for_model``).
+
+    Raises:
+        ValueError: no ``model_type`` key, or a special-token id outside the vocabulary.
+    """
+    kwargs = dict(config)
+    model_type = kwargs.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"config dict needs a 'model_type' key (e.g. 'gpt2', 't5'); got keys {sorted(config)}")
+    hf_config = AutoConfig.for_model(model_type, **kwargs)
+    check_special_ids(hf_config)
+    return hf_config
+
+
+def load_hf_model(auto_class: Any, name_or_path: str | None, config: dict[str, Any] | None,
+                  dtype: torch.dtype | None) -> PreTrainedModel:
+    """Load ``name_or_path`` (hub id or local dir) strictly, or build a randomly initialised model from ``config``.
+
+    Raises:
+        ValueError: neither or both of ``name_or_path`` and ``config`` are given.
+        RuntimeError: the checkpoint misses weights the model has (or has extra or misshapen ones),
+            naming the keys; transformers' own tied-weight and ignore lists apply first.
+    """
+    if (name_or_path is None) == (config is None):
+        raise ValueError("give exactly one of name_or_path (hub id or local directory) and config "
+                         f"(dict with 'model_type'); got name_or_path={name_or_path!r}, config={config!r}")
+    dtype_kwargs = {} if dtype is None else {"dtype": dtype}
+    if name_or_path is not None:
+        model, info = auto_class.from_pretrained(name_or_path, output_loading_info=True, **dtype_kwargs)
+        check_hf_loading_info(info, name_or_path)
+        return model
+    return auto_class.from_config(build_hf_config(config), **dtype_kwargs)
+
+
+class HFLanguageModel(LanguageModel):
+    """Shared base of the Hugging Face adapters; ``auto_class`` picks causal or seq2seq models.
+
+    Args:
+        name_or_path: hub id or local directory (``from_pretrained``, also what ``save_pretrained`` writes).
+        config: instead of ``name_or_path``, a dict with a ``model_type`` key and config fields for a
+            randomly initialised model, e.g. ``{"model_type": "gpt2", "vocab_size": 50, "n_embd": 32,
+            "n_layer": 2, "n_head": 2, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}``.
+            Special-token ids must lie inside ``vocab_size`` (GPT-2's default 50256 does not, so a small
+            GPT-2 vocabulary must set bos/eos explicitly); otherwise a ValueError names the key.
+        freeze: no gradients and eval mode kept; gradients still flow to ``inputs_embeds``.
+        dtype: ``"bfloat16"``, ``"float16"``, ``"float32"``…; ``None`` keeps transformers' default:
+            float32 for ``config``, the checkpoint's own dtype for ``name_or_path`` (transformers 5
+            loads with ``dtype="auto"``, so e.g. OPT's fp16 weights stay fp16).
+        grad_checkpointing: recompute activations in the backward pass (non-reentrant) while training.
+    """
+
+    auto_class: ClassVar[Any]
+
+    def __init__(self, name_or_path: str | None = None, config: dict | None = None, freeze: bool = False,
+                 dtype: str | None = None, grad_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.model = load_hf_model(self.auto_class, name_or_path, config, parse_dtype(dtype))
+        self.check_model()
+        if grad_checkpointing:
+            self.model.activation_checkpointing_enable({"use_reentrant": False})
+        self.setup_freezing(freeze, dtype)
+
+    def check_model(self) -> None:
+        """Hook for subclasses: raise ``ValueError`` when ``self.model`` cannot serve this adapter."""
+
+    @property
+    def width(self) -> int:
+        """D, the width of ``inputs_embeds`` (the input embedding table's)."""
+        return self.model.get_input_embeddings().embedding_dim
+
+    @property
+    def vocab_size(self) -> int:
+        """V, rows of the input embedding table (= logits width)."""
+        return self.model.get_input_embeddings().num_embeddings
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the LM's parameters; ``inputs_embeds`` are cast to it."""
+        return self.model.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids [B, T]`` → ``embeddings [B, T, D]`` from the LM's input embedding table."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        """Grow or shrink the embedding table and (tied or not) output head to ``vocab_size`` rows.
+
+        A frozen LM stays frozen: the new rows get no gradients either.
+        """
+        self.model.resize_token_embeddings(vocab_size)
+        if self.frozen:
+            freeze_(self)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write weights, config and generation config so ``type(self)(name_or_path=directory)`` reloads them."""
+        self.model.save_pretrained(directory)
+
+    def generation_kwargs(self, config: GenerationConfig) -> dict[str, Any]:
+        """``GenerationConfig`` → keyword arguments for ``transformers`` ``generate`` (no sampling).
+
+        Settings not in ``GenerationConfig`` (e.g. ``forced_eos_token_id``) come from the model's own
+        ``generation_config``. Finished rows are padded with the pad id, or eos where there is none.
+        """
+        eos = _as_list(self.model.generation_config.eos_token_id)
+        pad = self.model.generation_config.pad_token_id
+        return {"max_new_tokens": config.max_new_tokens, "min_new_tokens": config.min_new_tokens,
+                "num_beams": config.num_beams, "length_penalty": config.length_penalty,
+                "repetition_penalty": config.repetition_penalty, "do_sample": False,
+                "num_return_sequences": 1, "pad_token_id": pad if pad is not None else (eos or [0])[0]}

@@ -1,0 +1,153 @@
+"""The ``mmlm`` command: every config parses, bad keys are named, data tools run, and a short fit works."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from mmlm.cli import main
+
+
+@pytest.fixture(autouse=True)
+def plain_argv(monkeypatch):
+    """LightningCLI warns when ``args=`` and ``sys.argv`` (pytest's here) are both present."""
+    monkeypatch.setattr(sys, "argv", ["mmlm"])
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert CONFIGS, "no YAML under configs/"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_config_parses_through_the_cli(path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    declared = yaml.safe_load(path.read_text())
+    for part in ("model", "data"):
+        if part in declared:
+            assert printed[part]["class_path"] == class_path(declared[part]), part
+
+
+def class_path(value: str | dict) -> str:
+    """``class_path`` of a config entry written either way (``model: pkg.Cls`` or ``model: {class_path: …}``)."""
+    return value if isinstance(value, str) else value["class_path"]
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    config = yaml.safe_load((CONFIGS[0]).read_text())
+    config["model"]["init_args"]["no_such_option"] = 3
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert exit_info.value.code not in (0, None)
+    assert "no_such_option" in capsys.readouterr().err
+
+
+def test_unknown_command_line_key_is_named(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS[0]), "--model.init_args.lrr", "0.1", "--print_config"])
+    assert exit_info.value.code not in (0, None)
+    assert "lrr" in capsys.readouterr().err
+
+
+def test_unknown_command_is_refused(capsys):
+    assert main(["fitt"]) == 2
+    assert "fitt" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- data tools
+
+
+def test_data_synth_shapes_prints_its_summary(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert main(["data", "synth-shapes", "--out", str(out), "--train", "4", "--val", "2", "--shard-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{"):])
+    assert summary["images"] == {"train": 4, "val": 2}
+    assert summary["splits"]["train"]["shards"]["captions"] == 2
+    assert sorted(p.name for p in (out / "train").glob("captions-*.tar")) == ["captions-00000.tar", "captions-00001.tar"]
+    assert (out / "tokenizer").is_dir() and (out / "summary.json").is_file()
+
+
+def test_data_make_shards_then_inspect(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for i, colour in enumerate(["red", "green", "blue"]):
+        Image.new("RGB", (20, 16), colour).save(images / f"{i}.png")
+        rows.append({"image": f"{i}.png", "caption": f"a {colour} picture"})
+    rows.append({"image": "missing.png", "caption": "not there"})
+    captions = images / "captions.jsonl"
+    captions.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "shards"
+
+    assert main(["data", "make-shards", str(captions), "--out", str(out), "--format", "folder-jsonl",
+                 "--shard-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{"):])
+    assert summary["samples"] == 3 and summary["shards"] == 2
+    assert sum(summary["skipped"].values()) == 1
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar"]
+
+    assert main(["data", "inspect", summary["urls"], "-n", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 samples in 2 shards" in printed and "a red picture" in printed
+
+
+# ------------------------------------------------------------------------------------------ fit
+
+
+def data_overrides(shapes_data: Path, batch_size: int = 8) -> list[str]:
+    """Point a tiny config's data at the test shards, in small batches, without workers."""
+    def sources(split: str) -> str:
+        return json.dumps([{"urls": str(shapes_data / split / "vqa-*.tar"), "kind": "vqa"},
+                           {"urls": str(shapes_data / split / "captions-*.tar"), "kind": "caption"}])
+
+    return ["--data.init_args.train", sources("train"), "--data.init_args.val", sources("val"),
+            "--data.init_args.batch_size", str(batch_size), "--data.init_args.num_workers", "0",
+            "--data.init_args.shuffle_buffer", "16",
+            "--model.init_args.tokenizer", str(shapes_data / "tokenizer")]
+
+
+def short_run(config: str, root: Path, steps: int = 3) -> list[str]:
+    return ["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny" / config),
+            "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+            "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(root),
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--model.init_args.generation.max_new_tokens", "3"]
+
+
+def test_fit_text_lm_then_frozen_and_rerun_into_the_same_directory(shapes_data, tmp_path, tiny_gpt2, tiny_resnet):
+    export = tmp_path / "text_lm" / "export"
+    assert main([*short_run("text_lm.yaml", tmp_path / "text_lm"), *data_overrides(shapes_data),
+                 "--model.init_args.language_model.init_args.config", json.dumps(tiny_gpt2),
+                 "--model.init_args.export_dir", str(export)]) == 0
+    assert (export / "config.json").is_file() and (export / "tokenizer.json").is_file()
+
+    root = tmp_path / "frozen"
+    frozen = [*short_run("frozen.yaml", root), *data_overrides(shapes_data),
+              "--model.init_args.language_model.init_args.name_or_path", str(export),
+              "--model.init_args.encoder.init_args.img_size", "32",
+              "--model.init_args.encoder.init_args.model_kwargs", json.dumps(tiny_resnet)]
+    assert main(frozen) == 0
+    assert (root / "config.yaml").is_file()
+    assert [p.name for p in (root / "checkpoints").glob("*.ckpt")] == ["epoch=0-step=3.ckpt"]
+    saved = yaml.safe_load((root / "config.yaml").read_text())
+    assert saved["model"]["class_path"] == "mmlm.models.Frozen"
+    assert saved["model"]["init_args"]["language_model"]["init_args"]["name_or_path"] == str(export)
+    assert saved["trainer"]["max_steps"] == 3
+    assert (root / "predictions" / "val-vqa-step3.json").is_file()
+
+    assert main([*frozen, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]) == 0  # same directory
+    assert yaml.safe_load((root / "config.yaml").read_text())["trainer"]["max_steps"] == 2
