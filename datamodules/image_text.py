@@ -34,11 +34,13 @@ class Source:
         urls: brace pattern (``"data/{00000..00009}.tar"``) or list of shard paths/urls.
         kind: ``"caption"`` or ``"vqa"``.
         weight: relative sampling weight when several training sources are mixed.
+        prompt: this source's prompt (``None``: the datamodule's ``caption_prompt``/``vqa_prompt``).
     """
 
     urls: str | list[str]
     kind: str = "caption"
     weight: float = 1.0
+    prompt: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -91,31 +93,42 @@ def most_common(answers: list[str]) -> str:
     return Counter(answers).most_common(1)[0][0]
 
 
+def fill_prompt(template: str, meta: dict[str, Any], question: str = "") -> str:
+    """``template`` with ``{}`` = the question and ``{field}`` = any field of the sample's JSON.
+
+    Raises:
+        SkipSample: ``missing_field`` when the template names a field the sample lacks.
+    """
+    try:
+        return template.format(question, **meta)
+    except KeyError as err:
+        raise SkipSample("missing_field", f"prompt {template!r} needs json field {err}") from None
+
+
 @dataclass(frozen=True)
 class ExampleBuilder:
     """Picklable ``(sample, source_index) -> Example`` for DataLoader workers.
 
     Attributes:
         kinds: ``"caption"``/``"vqa"`` per source index.
+        prompts: prompt per source index (caption prompt, or VQA format string: ``{}`` is the
+            question, ``{field}`` a field of the sample's JSON).
         image: the image transform (bytes → ``[3, H, W]``).
-        caption_prompt: prompt of caption examples.
-        vqa_prompt: format string of VQA prompts (``{}`` is the question).
     """
 
     kinds: tuple[str, ...]
+    prompts: tuple[str, ...]
     image: ImageTransform
-    caption_prompt: str
-    vqa_prompt: str
 
     def __call__(self, sample: dict[str, Any], source: int) -> Example:
         key = sample["__key__"]
         if self.kinds[source] == "vqa":
-            text = self.vqa_text(sample)
+            text = self.vqa_text(sample, self.prompts[source])
         else:
-            text = self.caption_text(sample)
+            text = self.caption_text(sample, self.prompts[source])
         return Example(image=self.image(image_bytes(sample)), key=key, **text)
 
-    def caption_text(self, sample: dict[str, Any]) -> dict[str, Any]:
+    def caption_text(self, sample: dict[str, Any], prompt: str) -> dict[str, Any]:
         """Prompt, target, references, id and task of a caption sample."""
         meta = json_field(sample)
         json_caption = meta.get("caption")
@@ -124,10 +137,10 @@ class ExampleBuilder:
             raise SkipSample("missing_caption", "no txt and no json caption")
         references = as_strings(meta.get("captions")) or [caption]
         image_id = meta.get("image_id")
-        return dict(prompt=self.caption_prompt, target=caption, references=references, task="caption",
+        return dict(prompt=fill_prompt(prompt, meta), target=caption, references=references, task="caption",
                     id=str(image_id) if image_id is not None else sample["__key__"])
 
-    def vqa_text(self, sample: dict[str, Any]) -> dict[str, Any]:
+    def vqa_text(self, sample: dict[str, Any], template: str) -> dict[str, Any]:
         """Prompt, target, references, id, task and question type of a VQA sample."""
         meta = json_field(sample)
         question = meta.get("question")
@@ -137,7 +150,7 @@ class ExampleBuilder:
         if not answers:
             raise SkipSample("missing_answers", f"json keys {sorted(meta)}")
         question_id = meta.get("question_id")
-        return dict(prompt=self.vqa_prompt.format(question.strip()), target=most_common(answers),
+        return dict(prompt=fill_prompt(template, meta, question.strip()), target=most_common(answers),
                     references=answers, task="vqa", question_type=str(meta.get("question_type") or ""),
                     id=str(question_id) if question_id is not None else sample["__key__"])
 
@@ -165,7 +178,8 @@ class ImageTextDataModule(WebDataModule):
         seed: base seed for shard order, shuffling and mixing.
         max_text_tokens: cap on prompt + target + eos tokens.
         caption_prompt: prompt of caption examples.
-        vqa_prompt: VQA prompt format string; ``{}`` is replaced by the question.
+        vqa_prompt: VQA prompt format string; ``{}`` is replaced by the question, ``{field}`` by a
+            field of the sample's JSON (e.g. ``"{caption} Question: {} Answer:"``).
         train_crop_scale: smallest area fraction of the light random crop in training (1: centre crop).
     """
 
@@ -221,8 +235,9 @@ class ImageTextDataModule(WebDataModule):
         pre = self.preprocess
         image = ImageTransform(size=tuple(pre.size), mean=tuple(pre.mean), std=tuple(pre.std),
                                train=stage == "fit", min_crop_scale=self.train_crop_scale)
-        return ExampleBuilder(kinds=tuple(s.kind for s in sources), image=image,
-                              caption_prompt=self.caption_prompt, vqa_prompt=self.vqa_prompt)
+        defaults = {"caption": self.caption_prompt, "vqa": self.vqa_prompt}
+        prompts = tuple(defaults[s.kind] if s.prompt is None else s.prompt for s in sources)
+        return ExampleBuilder(kinds=tuple(s.kind for s in sources), prompts=prompts, image=image)
 
     def collate_fn(self, stage: str) -> Collator:
         if self.tokenizer is None:

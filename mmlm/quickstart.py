@@ -16,7 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_DATA = Path("data/shapes")
 
 
 def ensure_data(data_dir: Path, train: int, val: int, seed: int) -> dict[str, Any]:
@@ -31,23 +34,26 @@ def ensure_data(data_dir: Path, train: int, val: int, seed: int) -> dict[str, An
     return write_shapes(data_dir, train=train, val=val, seed=seed)
 
 
-def sources(data_dir: Path, split: str, kinds: Sequence[str], caption_weight: float = 0.5) -> str:
-    """JSON list of ``Source`` dicts for ``--data.init_args.train/val``."""
-    rows = [{"urls": str(data_dir / split / f"{kind}-*.tar"), "kind": "vqa" if kind == "vqa" else "caption",
-             "weight": 1.0 if kind == "vqa" else caption_weight} for kind in kinds]
+def sources(config: str, split: str, data_dir: Path) -> str:
+    """The config's ``data.init_args.<split>`` sources as JSON, re-rooted from ``data/shapes`` to ``data_dir``."""
+    rows = yaml.safe_load((CONFIGS / "tiny" / config).read_text())["data"]["init_args"][split]
+    for row in rows:
+        row["urls"] = str(data_dir / Path(row["urls"]).relative_to(DEFAULT_DATA))
     return json.dumps(rows)
 
 
-def stage_args(config: str, data_dir: Path, run_dir: Path, steps: int, workers: int) -> list[str]:
-    """Command-line overrides shared by both stages."""
+def stage_args(config: str, data_dir: Path, run_dir: Path, steps: int, val_batches: int, workers: int) -> list[str]:
+    """Command-line overrides of one stage: length, run directory, data location."""
     return [
         "--config", str(CONFIGS / "tiny" / config),
         "--trainer.max_steps", str(steps),
         "--trainer.val_check_interval", str(steps),
+        "--trainer.limit_val_batches", str(val_batches),
         "--trainer.default_root_dir", str(run_dir),
         "--trainer.enable_progress_bar", "false",
         "--model.init_args.tokenizer", str(data_dir / "tokenizer"),
-        "--data.init_args.train", sources(data_dir, "train", ["vqa", "captions"]),
+        "--data.init_args.train", sources(config, "train", data_dir),
+        "--data.init_args.val", sources("frozen.yaml", "val", data_dir),
         "--data.init_args.num_workers", str(workers),
     ]
 
@@ -62,15 +68,13 @@ def run_quickstart(data_dir: str | Path = "data/shapes", out_dir: str | Path = "
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     summary = ensure_data(data_dir, train_images, val_images, seed)
-    val = ["--data.init_args.val", sources(data_dir, "val", ["vqa", "captions"]),
-           "--trainer.limit_val_batches", str(val_batches)]
     lm_export = out_dir / "text_lm" / "export"
-    lm = lightning_cli(["fit", *stage_args("text_lm.yaml", data_dir, out_dir / "text_lm", lm_steps, workers),
-                        *val, "--model.init_args.export_dir", str(lm_export)])
-    blind = lm.trainer.callback_metrics
-    blind = {k: float(v) for k, v in blind.items() if k.startswith("val/")}
-    frozen = lightning_cli(["fit", *stage_args("frozen.yaml", data_dir, out_dir / "frozen", frozen_steps, workers),
-                            *val, "--model.init_args.language_model.init_args.name_or_path", str(lm_export)])
+    lm = lightning_cli(["fit", *stage_args("text_lm.yaml", data_dir, out_dir / "text_lm", lm_steps, val_batches, workers),
+                        "--model.init_args.export_dir", str(lm_export)])
+    blind = {k: float(v) for k, v in lm.trainer.callback_metrics.items() if k.startswith("val/")}
+    frozen = lightning_cli(["fit", *stage_args("frozen.yaml", data_dir, out_dir / "frozen", frozen_steps, val_batches,
+                                               workers),
+                            "--model.init_args.language_model.init_args.name_or_path", str(lm_export)])
     final = {k: float(v) for k, v in frozen.trainer.callback_metrics.items() if k.startswith("val/")}
     majority = majority_answer_baseline(*_answers(data_dir))
     results = {"vqa_acc": final.get("val/vqa_acc", float("nan")), "cider": final.get("val/cider", float("nan")),

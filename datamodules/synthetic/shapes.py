@@ -348,7 +348,7 @@ def _write_image(idx: int, split: str, seed: int, shards: tuple[_Shards, _Shards
         qid = stats.questions
         answers = human_answers(q.answer, q.question_type, rng)
         meta = {"question": q.question, "answers": answers, "question_id": f"{split}-{qid:09d}",
-                "image_id": image_id, "question_type": q.question_type}
+                "image_id": image_id, "question_type": q.question_type, "caption": captions[0]}
         shards[1].write({"__key__": f"{qid:09d}", "jpg": jpg, "json": _json(meta)})
         texts.update(vqa_text(q.question, a) for a in set(answers))
         stats.questions += 1

@@ -111,6 +111,10 @@ class MultimodalModule(pl.LightningModule):
         """One generated string per example of ``batch`` (from ``batch.prompt_ids``)."""
         raise NotImplementedError
 
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """Generated ids ``[B, T_new]`` → stripped strings without special tokens (pad, eos)."""
+        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
     # --- training ------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over decay/no-decay groups with warmup + cosine, stepped every optimizer step."""
@@ -138,9 +142,11 @@ class MultimodalModule(pl.LightningModule):
         self.log("train/samples_per_s", len(batch) / seconds, batch_size=len(batch))
         self.log("train/tokens_per_s", float(batch.attention_mask.sum()) / seconds, batch_size=len(batch))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=len(batch))
+        if (batch_idx + 1) % self.trainer.log_every_n_steps == 0:  # long epochs: do not wait for the end
+            self._log_skipped()
 
     def on_train_epoch_end(self) -> None:
-        self._log_skipped("train")
+        self._log_skipped()
 
     # --- evaluation ----------------------------------------------------------------------------
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -156,27 +162,31 @@ class MultimodalModule(pl.LightningModule):
         self._finish_evaluation("test")
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        """Generated text for each example: ``[{"id", "task", "prediction"}]``."""
+        """Generated text for each example: ``[{"id", "task", "prediction"}]``; also written to
+        ``predictions/predict-{vqa,caption}-step{N}.json`` at the end of the epoch."""
         texts = self.generate_text(batch)
+        self._record(batch, texts)
         return [{"id": i, "task": t, "prediction": p} for i, t, p in zip(batch.ids, batch.tasks, texts)]
+
+    def on_predict_epoch_end(self) -> None:
+        self._write_predictions("predict")
 
     def _evaluate(self, batch: Batch, stage: str) -> None:
         self.log(f"{stage}/loss", self.training_loss(batch), batch_size=len(batch), sync_dist=True)
         texts = self.generate_text(batch)
-        for kind in ("vqa", "caption"):
+        self._record(batch, texts)
+        for kind, metric in (("vqa", self.vqa_metric), ("caption", self.caption_metric)):
             rows = [i for i, task in enumerate(batch.tasks) if task == kind]
             if rows:
-                self._update_metric(kind, batch, rows, texts)
+                metric.update([texts[i] for i in rows], [batch.references[i] for i in rows])
 
-    def _update_metric(self, kind: str, batch: Batch, rows: list[int], texts: list[str]) -> None:
-        preds = [texts[i] for i in rows]
-        refs = [batch.references[i] for i in rows]
-        if kind == "vqa":
-            self.vqa_metric.update(preds, refs)
-            self._predictions["vqa"] += [{"question_id": batch.ids[i], "answer": texts[i]} for i in rows]
-        else:
-            self.caption_metric.update(preds, refs)
-            self._predictions["caption"] += [{"image_id": batch.ids[i], "caption": texts[i]} for i in rows]
+    def _record(self, batch: Batch, texts: list[str]) -> None:
+        """Keep predictions in the official result formats (VQAv2 / COCO captions)."""
+        for i, task in enumerate(batch.tasks):
+            if task == "vqa":
+                self._predictions["vqa"].append({"question_id": batch.ids[i], "answer": texts[i]})
+            else:
+                self._predictions["caption"].append({"image_id": batch.ids[i], "caption": texts[i]})
 
     def _finish_evaluation(self, stage: str) -> None:
         used = torch.tensor([self.vqa_metric.update_called, self.caption_metric.update_called],
@@ -190,7 +200,7 @@ class MultimodalModule(pl.LightningModule):
         self.vqa_metric.reset()
         self.caption_metric.reset()
         self._write_predictions(stage)
-        self._log_skipped(stage)
+        self._log_skipped()
 
     def _write_predictions(self, stage: str) -> None:
         gathered = {kind: gather_objects(rows) for kind, rows in self._predictions.items()}
@@ -206,7 +216,8 @@ class MultimodalModule(pl.LightningModule):
                 settings = {"generation": asdict(self.generation), "count": len(rows)}
                 stem.with_suffix(".generation.json").write_text(json.dumps(settings, indent=1))
 
-    def _log_skipped(self, stage: str) -> None:
+    def _log_skipped(self) -> None:
+        """Log this rank's running count of skipped samples per reason as ``data/skipped_<reason>``."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         counts = datamodule.skip_counts() if hasattr(datamodule, "skip_counts") else {}
         for reason, count in counts.items():

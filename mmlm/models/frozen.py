@@ -82,7 +82,7 @@ class Frozen(MultimodalModule):
             return self.generate_few_shot(batch, self.eval_shots)
         prefix = self.encode_images(batch.pixels)
         embeds, mask, _ = self._embed(batch.prompt_ids, batch.prompt_mask, None, prefix)
-        return self._decode(self.language_model.generate(embeds, mask, self.generation))
+        return self.decode(self.language_model.generate(embeds, mask, self.generation))
 
     @torch.no_grad()
     def generate_few_shot(self, batch: Batch, shots: int) -> list[str]:
@@ -102,9 +102,6 @@ class Frozen(MultimodalModule):
             rows.append(torch.cat(parts))
             order += support + [i]
         ids, mask = left_pad(rows, self.tokenizer.pad_token_id)
-        embeds = splice(self.language_model.embed(ids), ids, self.image_token_id, prefix[torch.tensor(order)])
-        return self._decode(self.language_model.generate(embeds, mask, self.generation))
-
-    def _decode(self, ids: torch.Tensor) -> list[str]:
-        """New token ids ``[B, T_new]`` → strings cut at eos, without special tokens."""
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        images = prefix[torch.tensor(order, device=prefix.device)]
+        embeds = splice(self.language_model.embed(ids), ids, self.image_token_id, images)
+        return self.decode(self.language_model.generate(embeds, mask, self.generation))

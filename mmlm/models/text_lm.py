@@ -52,7 +52,7 @@ class CausalLMPretraining(MultimodalModule):
         """Continue each left-padded prompt ``prompt_ids [B, P]`` without looking at the image."""
         embeds = self.language_model.embed(batch.prompt_ids)
         new = self.language_model.generate(embeds, batch.prompt_mask, self.generation)
-        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return self.decode(new)
 
     def on_fit_end(self) -> None:
         """Export the trained LM and its tokenizer to ``export_dir`` (rank zero only)."""

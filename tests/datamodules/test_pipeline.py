@@ -311,3 +311,27 @@ def test_skips_after_the_last_batch_travel_in_a_counts_only_item(tmp_path, token
     counter = SkipCounter()
     assert [len(b) for b in SkipCountingLoader(pipe, counter)] == [2]
     assert counter.skipped == {"missing_image": 1}
+
+
+def test_a_source_prompt_overrides_the_default_and_fills_json_fields(tmp_path, tokenizer_dir):
+    vqa = write_shards(tmp_path / "vqa", [vqa_sample(f"{i:09d}", ["red"] * 10) for i in range(2)], per_shard=2)
+    caps = caption_shards(tmp_path / "cap", 2, per_shard=2)
+    dm = datamodule(tokenizer_dir, val=[Source(vqa, kind="vqa", prompt="{question_type} question: {} answer:"),
+                                        Source(caps, prompt="{caption} <s> a"), Source(caps)],
+                    caption_prompt="the")
+    vqa_loader, context_loader, plain_loader = dm.val_dataloader()
+    decode = dm.tokenizer.decode
+    vqa_batch = next(iter(vqa_loader))
+    expected = "<s> what <unk> question <unk> what colour is it answer <unk>"  # "color" and ":" are not in WORDS
+    assert decode(vqa_batch.prompt_ids[0][vqa_batch.prompt_mask[0].bool()]) == expected
+    context = next(iter(context_loader))
+    assert decode(context.prompt_ids[0][context.prompt_mask[0].bool()]) == "<s> a red square <s> a"
+    plain = next(iter(plain_loader))
+    assert decode(plain.prompt_ids[0][plain.prompt_mask[0].bool()]) == "<s> the"
+
+
+def test_a_prompt_naming_a_missing_field_skips_and_counts(tmp_path, tokenizer_dir):
+    caps = caption_shards(tmp_path / "cap", 2, per_shard=2)
+    dm = datamodule(tokenizer_dir, val=[Source(caps, prompt="{nope} a")])
+    assert list(dm.val_dataloader()) == []
+    assert dm.skip_counts() == {"missing_field": 2}

@@ -147,12 +147,14 @@ def test_vqa_samples(shapes_dir: Path) -> None:
     allowed = {a for answers in ANSWERS.values() for a in answers} | set(SYNONYMS.values())
     for key, sample in samples.items():
         meta = json.loads(sample["json"])
-        assert set(meta) == {"question", "answers", "question_id", "image_id", "question_type"}
+        assert set(meta) == {"question", "answers", "question_id", "image_id", "question_type", "caption"}
         assert meta["question_id"] == f"val-{key}"
         assert len(meta["answers"]) == 10 and set(meta["answers"]) <= allowed
         top = max(set(meta["answers"]), key=meta["answers"].count)
         assert meta["answers"].count(top) >= 8 and vqa_accuracy(top, meta["answers"]) == 1.0
-        assert sample["jpg"] == captions[meta["image_id"].removeprefix("val-")]["jpg"]
+        image = captions[meta["image_id"].removeprefix("val-")]
+        assert sample["jpg"] == image["jpg"]
+        assert meta["caption"] == image["txt"].decode()  # the image's canonical caption, for context prompts
 
 
 def test_webdataset_reads_shards(shapes_dir: Path) -> None:

@@ -178,6 +178,34 @@ def test_validate_writes_predictions_in_the_official_formats(make_frozen, shapes
                                            "min_new_tokens": 0, "repetition_penalty": 1.0}, "count": 4}
 
 
+def test_predict_returns_and_writes_generated_text(make_frozen, shapes_data, tmp_path):
+    model = make_frozen(generation=GenerationConfig(max_new_tokens=2))
+    dm = ImageTextDataModule(predict=[Source(str(shapes_data / "val" / "vqa-*.tar"), kind="vqa")], batch_size=4)
+    outputs = tiny_trainer(tmp_path, limit_predict_batches=2).predict(model, datamodule=dm)
+    rows = [row for batch in outputs for row in batch]
+    assert len(rows) == 8 and all(row["task"] == "vqa" for row in rows)
+    written = json.loads((tmp_path / "predictions" / "predict-vqa-step0.json").read_text())
+    assert [w["answer"] for w in written] == [r["prediction"] for r in rows]
+    assert [w["question_id"] for w in written] == [r["id"] for r in rows]
+
+
+def test_skipped_samples_are_logged_during_a_long_epoch(make_frozen, shapes_data, tmp_path):
+    import webdataset as wds
+
+    bad = tmp_path / "bad-00000.tar"
+    with wds.TarWriter(str(bad)) as writer:
+        for i in range(3):
+            writer.write({"__key__": f"{i:09d}", "jpg": b"not a jpeg", "txt": b"a red circle"})
+        writer.write({"__key__": "000000009", "json": b"{broken"})
+    dm = ImageTextDataModule(train=[Source(str(shapes_data / "train" / "captions-*.tar")), Source(str(bad))],
+                             batch_size=4, epoch_samples=10_000, resampled=True, shuffle_buffer=4)
+    trainer = tiny_trainer(tmp_path, max_steps=4, log_every_n_steps=2, limit_val_batches=0)
+    trainer.fit(make_frozen(), datamodule=dm)  # the epoch (10,000 samples) never ends: counts must not wait for it
+    logged = {k: v for k, v in trainer.logged_metrics.items() if k.startswith("data/skipped_")}
+    assert logged and set(logged) <= {"data/skipped_bad_image", "data/skipped_bad_json"}
+    assert float(logged.get("data/skipped_bad_image", 0)) > 0
+
+
 # ---------------------------------------------------------------------------------- optimisation
 
 
