@@ -250,33 +250,31 @@ def url_sources(urls: str | None, kind: str) -> list[Source] | None:
     return None if urls is None else [Source(urls, kind=kind)]
 
 
-class CaptionsDataModule(ImageTextDataModule):
-    """:class:`ImageTextDataModule` over one caption shard set per split.
+class SingleKindDataModule(ImageTextDataModule):
+    """:class:`ImageTextDataModule` over one shard set per split, all of the class's ``kind``.
 
     Args:
-        train_urls: training shards (pattern or ``::``-joined patterns), or ``None``.
+        train_urls: training shards (pattern, glob or ``::``-joined patterns), or ``None``.
         val_urls: validation shards, or ``None``.
         test_urls: test shards, or ``None``.
         **kwargs: any other :class:`ImageTextDataModule` argument.
     """
 
-    def __init__(self, train_urls: str | None = None, val_urls: str | None = None,
-                 test_urls: str | None = None, **kwargs: Any) -> None:
-        super().__init__(train=url_sources(train_urls, "caption"), val=url_sources(val_urls, "caption"),
-                         test=url_sources(test_urls, "caption"), **kwargs)
-
-
-class VQADataModule(ImageTextDataModule):
-    """:class:`ImageTextDataModule` over one VQA shard set per split.
-
-    Args:
-        train_urls: training shards (pattern or ``::``-joined patterns), or ``None``.
-        val_urls: validation shards, or ``None``.
-        test_urls: test shards, or ``None``.
-        **kwargs: any other :class:`ImageTextDataModule` argument.
-    """
+    kind = "caption"
 
     def __init__(self, train_urls: str | None = None, val_urls: str | None = None,
                  test_urls: str | None = None, **kwargs: Any) -> None:
-        super().__init__(train=url_sources(train_urls, "vqa"), val=url_sources(val_urls, "vqa"),
-                         test=url_sources(test_urls, "vqa"), **kwargs)
+        super().__init__(train=url_sources(train_urls, self.kind), val=url_sources(val_urls, self.kind),
+                         test=url_sources(test_urls, self.kind), **kwargs)
+
+
+class CaptionsDataModule(SingleKindDataModule):
+    """Caption shards (img2dataset style) per split: ``train_urls``, ``val_urls``, ``test_urls``."""
+
+    kind = "caption"
+
+
+class VQADataModule(SingleKindDataModule):
+    """VQA shards (image + question + 10 answers) per split: ``train_urls``, ``val_urls``, ``test_urls``."""
+
+    kind = "vqa"

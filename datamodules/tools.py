@@ -24,6 +24,7 @@ from rich.progress import track
 from rich.table import Table
 
 from datamodules.base import expand_urls
+from datamodules.shards import ShardWriter
 from datamodules.transforms import DECODE_ERRORS, to_rgb
 
 FORMATS = ("folder-jsonl", "folder-tsv", "coco")
@@ -39,30 +40,6 @@ class Record:
     captions: list[str]
     image_id: str
     skip: str = ""
-
-
-class ShardSink:
-    """Writes samples to ``{out}/00000.tar, …`` with at most ``shard_size`` samples each."""
-
-    def __init__(self, out: Path, shard_size: int) -> None:
-        self.out, self.shard_size = out, shard_size
-        self.count, self.shards = 0, 0
-        self.writer: wds.TarWriter | None = None
-
-    def write(self, sample: dict[str, Any]) -> None:
-        """Write one sample (opening the next shard when the current one is full)."""
-        if self.writer is None or self.count % self.shard_size == 0:
-            self.close()
-            self.writer = wds.TarWriter(str(self.out / f"{self.shards:05d}.tar"))
-            self.shards += 1
-        self.writer.write(sample)
-        self.count += 1
-
-    def close(self) -> None:
-        """Finish the current shard."""
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
 
 
 def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -185,7 +162,7 @@ def make_shards(input: str | Path, out: str | Path, fmt: str, shard_size: int = 
     root = Path(image_root) if image_root is not None else path.parent
     records = read_records(path, fmt)
     out.mkdir(parents=True, exist_ok=True)
-    sink, skipped, examples = ShardSink(out, shard_size), Counter(), []
+    sink, skipped, examples = ShardWriter(out, shard_size), Counter(), []
     for record in track(records, description=f"writing shards to {out}", disable=not progress):
         sample, reason, detail = record_problem(record, root, sink.count)
         if sample is None:
@@ -195,7 +172,7 @@ def make_shards(input: str | Path, out: str | Path, fmt: str, shard_size: int = 
         sink.write(sample)
     sink.close()
     summary = {"format": fmt, "input": str(path), "samples": sink.count, "shards": sink.shards,
-               "urls": str(out / f"{{00000..{max(sink.shards - 1, 0):05d}}}.tar"),
+               "urls": sink.url(),
                "skipped": dict(skipped), "skipped_examples": examples}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     return summary

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image, ImageDraw
 from rich.progress import Progress
 
+from datamodules.shards import ShardWriter
 from mmlm.tokenizers import train_word_tokenizer
 
 IMAGE_SIZE = 64
@@ -266,46 +266,6 @@ def human_answers(answer: str, question_type: str, rng: np.random.Generator) -> 
 # --------------------------------------------------------------------------------------- writing
 
 
-@dataclass
-class _Shards:
-    """Writes samples to ``directory/{prefix}-{i:05d}.tar``, ``size`` samples per shard."""
-
-    directory: Path
-    prefix: str
-    size: int
-    count: int = 0
-    shards: int = 0
-    _writer: wds.TarWriter | None = field(default=None, repr=False)
-
-    def write(self, sample: dict[str, Any]) -> None:
-        """Append one sample (bytes values), opening the next shard when the current one is full."""
-        if self.count % self.size == 0:
-            self.close()
-            path = self.directory / f"{self.prefix}-{self.shards:05d}.tar"
-            self._writer = wds.TarWriter(str(path), encoder=False, mtime=0)
-            self.shards += 1
-        assert self._writer is not None
-        self._writer.write(sample)
-        self.count += 1
-
-    def close(self) -> None:
-        """Finish the open shard, if any."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def url(self) -> str | None:
-        """Brace pattern of every shard written, e.g. ``out/train/vqa-{00000..00003}.tar`` (None if none)."""
-        if self.shards == 0:
-            return None
-        return str(self.directory / f"{self.prefix}-{{00000..{self.shards - 1:05d}}}.tar")
-
-    def remove_stale(self) -> None:
-        """Delete shards of this prefix left by an earlier run (a glob would otherwise pick them up)."""
-        for path in self.directory.glob(f"{self.prefix}-[0-9][0-9][0-9][0-9][0-9].tar"):
-            path.unlink()
-
-
 def _jpeg(image: Image.Image) -> bytes:
     """JPEG bytes, full chroma resolution so colours stay crisp at 64 px."""
     buffer = io.BytesIO()
@@ -334,7 +294,7 @@ class _SplitStats:
     shapes_per_image: Counter = field(default_factory=Counter)
 
 
-def _write_image(idx: int, split: str, seed: int, shards: tuple[_Shards, _Shards], stats: _SplitStats,
+def _write_image(idx: int, split: str, seed: int, shards: tuple[ShardWriter, ShardWriter], stats: _SplitStats,
                  texts: set[str]) -> None:
     """Render image ``idx`` of ``split`` and write its caption sample and its VQA samples."""
     rng = image_rng(seed, split, idx)
@@ -363,7 +323,7 @@ def _write_split(out: Path, split: str, count: int, seed: int, shard_size: int, 
     """Write both shard kinds of one split; returns its ``summary.json`` block."""
     directory = out / split
     directory.mkdir(parents=True, exist_ok=True)
-    shards = (_Shards(directory, "captions", shard_size), _Shards(directory, "vqa", shard_size))
+    shards = (ShardWriter(directory, shard_size, "captions-"), ShardWriter(directory, shard_size, "vqa-"))
     for writer in shards:
         writer.remove_stale()
     stats = _SplitStats()

@@ -335,3 +335,23 @@ def test_a_prompt_naming_a_missing_field_skips_and_counts(tmp_path, tokenizer_di
     dm = datamodule(tokenizer_dir, val=[Source(caps, prompt="{nope} a")])
     assert list(dm.val_dataloader()) == []
     assert dm.skip_counts() == {"missing_field": 2}
+
+
+def test_single_kind_datamodules_take_urls_and_build_from_a_config(tmp_path, tokenizer_dir):
+    from jsonargparse import ArgumentParser
+
+    from datamodules import CaptionsDataModule, VQADataModule
+
+    vqa = write_shards(tmp_path / "vqa", [vqa_sample(f"{i:09d}", ["red"] * 10) for i in range(2)], per_shard=2)
+    caps = caption_shards(tmp_path / "cap", 2, per_shard=2)
+    parser = ArgumentParser()
+    parser.add_argument("--data", type=ImageTextDataModule)
+    config = {"class_path": "datamodules.VQADataModule",
+              "init_args": {"val_urls": vqa, "tokenizer": tokenizer_dir, "image_size": 8, "batch_size": 2}}
+    dm = parser.instantiate(parser.parse_object({"data": config})).data
+    assert isinstance(dm, VQADataModule)
+    dm.setup()
+    assert next(iter(dm.val_dataloader())).tasks == ["vqa", "vqa"]
+    captions = CaptionsDataModule(val_urls=caps, tokenizer=tokenizer_dir, image_size=8, batch_size=2)
+    captions.setup()
+    assert next(iter(captions.val_dataloader())).tasks == ["caption", "caption"]
