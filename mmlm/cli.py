@@ -19,6 +19,14 @@ from pytorch_lightning.cli import LightningCLI
 from mmlm.models.base import MultimodalModule
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+USAGE = """usage: mmlm COMMAND [options]
+
+  fit | validate | test | predict --config FILE.yaml [--key value ...]
+                      LightningCLI over every mmlm model and datamodule (mmlm fit --help)
+  data synth-shapes | make-shards | inspect ...
+                      make and inspect WebDataset shards (mmlm data --help)
+  quickstart          the main job: synthetic data, tiny Frozen on CPU, evaluation (mmlm quickstart --help)
+"""
 
 
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:
@@ -86,13 +94,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if argv and argv[0] == "data":
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if argv[0] == "data":
         return data_main(argv[1:])
-    if argv and argv[0] == "quickstart":
+    if argv[0] == "quickstart":
         from mmlm.quickstart import quickstart_main
 
         return quickstart_main(argv[1:])
-    if argv and argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
+    if argv[0] not in LIGHTNING_COMMANDS:
         print(f"mmlm: unknown command {argv[0]!r}; expected one of "
               f"{', '.join(LIGHTNING_COMMANDS + ('data', 'quickstart'))}", file=sys.stderr)
         return 2

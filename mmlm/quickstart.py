@@ -101,7 +101,8 @@ def print_results(results: dict[str, float], seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"mmlm quickstart: held-out synthetic shapes ({seconds / 60:.1f} min)")
+    took = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    table = Table(title=f"mmlm quickstart: held-out synthetic shapes ({took})")
     for col in ("model", "VQA accuracy", "CIDEr-D", "BLEU-4"):
         table.add_column(col, justify="right" if col != "model" else "left")
     table.add_row("majority answer", f"{100 * results['majority_vqa_acc']:.1f}%", "-", "-")

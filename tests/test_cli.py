@@ -151,3 +151,11 @@ def test_fit_text_lm_then_frozen_and_rerun_into_the_same_directory(shapes_data, 
 
     assert main([*frozen, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]) == 0  # same directory
     assert yaml.safe_load((root / "config.yaml").read_text())["trainer"]["max_steps"] == 2
+
+
+def test_bare_command_lists_every_command(capsys):
+    from mmlm.cli import main
+
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert all(word in out for word in ("fit", "validate", "test", "predict", "data", "quickstart"))
