@@ -114,11 +114,13 @@ class ExampleBuilder:
         prompts: prompt per source index (caption prompt, or VQA format string: ``{}`` is the
             question, ``{field}`` a field of the sample's JSON).
         image: the image transform (bytes → ``[3, H, W]``).
+        need_answers: skip VQA samples without answers (``False`` for prediction on test-dev).
     """
 
     kinds: tuple[str, ...]
     prompts: tuple[str, ...]
     image: ImageTransform
+    need_answers: bool = True
 
     def __call__(self, sample: dict[str, Any], source: int) -> Example:
         key = sample["__key__"]
@@ -147,10 +149,11 @@ class ExampleBuilder:
         if not isinstance(question, str) or not question.strip():
             raise SkipSample("missing_question", f"json keys {sorted(meta)}")
         answers = as_strings(meta.get("answers"))
-        if not answers:
+        if not answers and self.need_answers:
             raise SkipSample("missing_answers", f"json keys {sorted(meta)}")
         question_id = meta.get("question_id")
-        return dict(prompt=fill_prompt(template, meta, question.strip()), target=most_common(answers),
+        target = most_common(answers) if answers else ""
+        return dict(prompt=fill_prompt(template, meta, question.strip()), target=target,
                     references=answers, task="vqa", question_type=str(meta.get("question_type") or ""),
                     id=str(question_id) if question_id is not None else sample["__key__"])
 
@@ -237,7 +240,8 @@ class ImageTextDataModule(WebDataModule):
                                train=stage == "fit", min_crop_scale=self.train_crop_scale)
         defaults = {"caption": self.caption_prompt, "vqa": self.vqa_prompt}
         prompts = tuple(defaults[s.kind] if s.prompt is None else s.prompt for s in sources)
-        return ExampleBuilder(kinds=tuple(s.kind for s in sources), prompts=prompts, image=image)
+        return ExampleBuilder(kinds=tuple(s.kind for s in sources), prompts=prompts, image=image,
+                              need_answers=stage != "predict")
 
     def collate_fn(self, stage: str) -> Collator:
         if self.tokenizer is None:

@@ -47,7 +47,7 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> Lightn
 
 
 def data_parser() -> argparse.ArgumentParser:
-    """Arguments of ``mmlm data synth-shapes | make-shards | inspect``."""
+    """Arguments of ``mmlm data synth-shapes | make-shards | inspect | convert-vqav2 | convert-gqa | convert-karpathy``."""
     parser = argparse.ArgumentParser(prog="mmlm data", description="Make and inspect WebDataset shards.")
     sub = parser.add_subparsers(dest="tool", required=True)
     synth = sub.add_parser("synth-shapes", help="render coloured-shape images with captions and VQA")
@@ -65,7 +65,45 @@ def data_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="counts, keys and first samples of a shard set")
     inspect.add_argument("urls", help="brace pattern, glob or single .tar")
     inspect.add_argument("-n", type=int, default=3, help="samples to show")
+    add_converter_parsers(sub)
     return parser
+
+
+def add_converter_parsers(sub: argparse._SubParsersAction) -> None:
+    """The ``convert-…`` tools: public data sets' official files → shards (``datamodules.converters``)."""
+    vqa = sub.add_parser("convert-vqav2", help="VQAv2 / OK-VQA questions (+ annotations) and COCO images → VQA shards")
+    vqa.add_argument("--questions", required=True, help="[v2_]OpenEnded_mscoco_{split}_questions.json")
+    vqa.add_argument("--annotations", default=None, help="[v2_]mscoco_{split}_annotations.json (omit for test-dev/test)")
+    vqa.add_argument("--images", required=True, help="folder of the split's images, e.g. val2014/")
+    vqa.add_argument("--image-pattern", default="COCO_{split}_{image_id:012d}.jpg",
+                     help="image file name with {split} and {image_id} (COCO 2017: '{image_id:012d}.jpg')")
+    vqa.add_argument("--split", default=None, help="{split} of the pattern (default: the questions' data_subtype)")
+    gqa = sub.add_parser("convert-gqa", help="GQA questions and images → VQA shards (one reference answer)")
+    gqa.add_argument("--questions", required=True, help="e.g. testdev_balanced_questions.json")
+    gqa.add_argument("--images", required=True, help="folder of {imageId}.jpg")
+    karpathy = sub.add_parser("convert-karpathy", help="Karpathy split file (COCO, Flickr30k) → caption shards")
+    karpathy.add_argument("--karpathy-json", required=True, help="dataset_coco.json or dataset_flickr30k.json")
+    karpathy.add_argument("--images", required=True, help="folder that filepath/filename are relative to")
+    karpathy.add_argument("--split", nargs="+", default=["test"],
+                          help="test, val, train (= train + restval) or several names (e.g. train restval)")
+    for tool in (vqa, gqa, karpathy):
+        tool.add_argument("--out", required=True, help="output directory for {00000..N}.tar")
+        tool.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+
+
+def convert_main(args: argparse.Namespace) -> dict:
+    """Run the ``convert-…`` tool named by ``args.tool``; returns its summary."""
+    from datamodules import converters
+
+    if args.tool == "convert-vqav2":
+        return converters.convert_vqav2(args.questions, args.annotations, args.images, args.out,
+                                        shard_size=args.shard_size, image_pattern=args.image_pattern,
+                                        split=args.split)
+    if args.tool == "convert-gqa":
+        return converters.convert_gqa(args.questions, args.images, args.out, shard_size=args.shard_size)
+    split = args.split[0] if len(args.split) == 1 else args.split
+    return converters.convert_karpathy(args.karpathy_json, args.images, args.out, split=split,
+                                       shard_size=args.shard_size)
 
 
 def data_main(argv: Sequence[str]) -> int:
@@ -82,6 +120,8 @@ def data_main(argv: Sequence[str]) -> int:
         summary = make_shards(args.input, args.out, fmt=args.format, shard_size=args.shard_size,
                               image_root=args.images)
         print(json.dumps(summary, indent=1))
+    elif args.tool.startswith("convert-"):
+        print(json.dumps(convert_main(args), indent=1, ensure_ascii=False))
     else:
         from datamodules.tools import inspect, print_inspection
 
