@@ -1,5 +1,6 @@
 """Connectors: encoder tokens ``[B, N, Dv]`` → language-model embeddings ``[B, M, D]``."""
 
 from mmlm.connectors.linear import MLP, LinearPrefix
+from mmlm.connectors.qformer import QFormer, QFormerConnector, QFormerOutput
 
-__all__ = ["LinearPrefix", "MLP"]
+__all__ = ["LinearPrefix", "MLP", "QFormer", "QFormerConnector", "QFormerOutput"]

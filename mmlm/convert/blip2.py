@@ -1,0 +1,141 @@
+"""Strict key maps between :class:`mmlm.connectors.qformer.QFormer` and upstream formats.
+
+* transformers' ``Blip2QFormerModel`` (+ the top-level ``query_tokens`` and, for the ITM/retrieval
+  models, ``embeddings.word_embeddings`` / ``embeddings.position_embeddings``):
+  :func:`qformer_from_hf` / :func:`qformer_to_hf`, one-to-one and exact both ways.
+* ``transformers.BertModel`` (BLIP-2's initialisation): :func:`qformer_from_bert`.
+
+Every key must be covered by a rule or an explicit ignore list, else ``RuntimeError`` names the keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mmlm.convert.keys import check_hf_loading_info, check_keys, load_state_dict_strict
+
+if TYPE_CHECKING:
+    from mmlm.connectors.qformer import QFormer
+
+_HF_ATTENTION = [("attention.query", "q"), ("attention.key", "k"), ("attention.value", "v"),
+                 ("output.dense", "out"), ("output.LayerNorm", "norm")]
+_HF_FFN = [("intermediate{s}.dense", "fc1"), ("output{s}.dense", "fc2"), ("output{s}.LayerNorm", "norm")]
+
+# (transformers module path, our module path); ``{i}`` is the layer index, parameters keep their names.
+HF_QFORMER_MODULES: list[tuple[str, str]] = [
+    ("query_tokens", "query_tokens"),
+    ("layernorm", "embeddings.norm"),
+    ("embeddings.word_embeddings", "embeddings.word"),
+    ("embeddings.position_embeddings", "embeddings.position"),
+    *[(f"encoder.layer.{{i}}.{kind}.{hf}", f"layers.{{i}}.{ours}_attn.{part}")
+      for kind, ours in (("attention", "self"), ("crossattention", "cross")) for hf, part in _HF_ATTENTION],
+    *[(f"encoder.layer.{{i}}.{hf.format(s=s)}", f"layers.{{i}}.{ours}_ffn.{part}")
+      for s, ours in (("", "text"), ("_query", "query")) for hf, part in _HF_FFN],
+]
+
+# BertModel module path → ours; the text FFN is then copied to the query FFN.
+BERT_MODULES: list[tuple[str, str]] = [
+    ("embeddings.word_embeddings", "embeddings.word"),
+    ("embeddings.position_embeddings", "embeddings.position"),
+    ("embeddings.LayerNorm", "embeddings.norm"),
+    *[(f"encoder.layer.{{i}}.attention.self.{hf}", f"layers.{{i}}.self_attn.{part}")
+      for hf, part in (("query", "q"), ("key", "k"), ("value", "v"))],
+    ("encoder.layer.{i}.attention.output.dense", "layers.{i}.self_attn.out"),
+    ("encoder.layer.{i}.attention.output.LayerNorm", "layers.{i}.self_attn.norm"),
+    *[(f"encoder.layer.{{i}}.{hf.format(s='')}", f"layers.{{i}}.text_ffn.{part}") for hf, part in _HF_FFN],
+]
+BERT_IGNORED = ("pooler.*",)
+BERT_TOKEN_TYPE = "embeddings.token_type_embeddings.weight"
+BERT_NEW_KEYS = ("query_tokens", "layers.*.cross_attn.*")
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    """``"encoder.layer.{i}.x"`` → a regex matching that module path plus an optional ``.param`` suffix."""
+    body = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)")
+    return re.compile(body + r"(?P<param>\.[A-Za-z_]+)?")
+
+
+def _rename(key: str, rules: Sequence[tuple[str, str]]) -> str | None:
+    """The key with the first matching rule applied (source → target), or ``None`` when none matches."""
+    for source, target in rules:
+        match = _pattern(source).fullmatch(key)
+        if match:
+            return target.format(i=match.group("i") if "{i}" in source else "") + (match.group("param") or "")
+    return None
+
+
+def rename_strict(state_dict: Mapping[str, torch.Tensor], rules: Sequence[tuple[str, str]], source: str,
+                  ignore: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Rename every key by ``rules``; keys matching no rule and no ``ignore`` pattern raise (named)."""
+    renamed = {key: _rename(key, rules) for key in state_dict}
+    check_keys([], [key for key, new in renamed.items() if new is None], source, allow_unexpected=ignore)
+    return {new: state_dict[key] for key, new in renamed.items() if new is not None}
+
+
+def qformer_from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``Blip2QFormerModel`` keys (+ ``query_tokens``, optional ``embeddings.*``) → our QFormer keys."""
+    return rename_strict(state_dict, HF_QFORMER_MODULES, "Blip2QFormerModel state dict")
+
+
+def qformer_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our QFormer keys → ``Blip2QFormerModel`` keys (+ ``query_tokens``, ``embeddings.*`` with text)."""
+    inverse = [(ours, hf) for hf, ours in HF_QFORMER_MODULES]
+    return rename_strict(state_dict, inverse, "QFormer state dict")
+
+
+def qformer_kwargs_from_hf(config: Any, num_query_tokens: int = 32) -> dict[str, Any]:
+    """:class:`QFormer` arguments equal to a ``Blip2QFormerConfig`` (``with_text`` = ``use_qformer_text_input``)."""
+    if config.hidden_act != "gelu":
+        raise ValueError(f"QFormer uses exact GELU; Blip2QFormerConfig.hidden_act is {config.hidden_act!r}")
+    return dict(encoder_width=config.encoder_hidden_size, num_query_tokens=num_query_tokens,
+                hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+                num_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
+                cross_attention_freq=config.cross_attention_frequency, vocab_size=config.vocab_size,
+                max_position_embeddings=config.max_position_embeddings, layer_norm_eps=config.layer_norm_eps,
+                dropout=config.hidden_dropout_prob, with_text=config.use_qformer_text_input)
+
+
+def qformer_from_bert(state_dict: Mapping[str, torch.Tensor], source: str = "BertModel state dict",
+                      ) -> dict[str, torch.Tensor]:
+    """``BertModel`` keys → our QFormer keys (no query tokens, no cross-attention).
+
+    The pooler is ignored; token-type row 0 is folded into the position embeddings (text-only outputs
+    then equal BERT's with ``token_type_ids = 0``); each query FFN is a copy of its layer's text FFN.
+    """
+    state = dict(state_dict)
+    token_type = state.pop(BERT_TOKEN_TYPE, None)
+    if token_type is None:
+        raise RuntimeError(f"loading {source}: missing keys [{BERT_TOKEN_TYPE!r}]")
+    ours = rename_strict(state, BERT_MODULES, source, ignore=BERT_IGNORED)
+    ours["embeddings.position.weight"] = ours["embeddings.position.weight"] + token_type[0]
+    for key in [k for k in ours if ".text_ffn." in k]:
+        ours[key.replace(".text_ffn.", ".query_ffn.")] = ours[key].clone()
+    return ours
+
+
+def _bert_kwargs(config: Any) -> dict[str, Any]:
+    """:class:`QFormer` size arguments equal to a ``BertConfig``."""
+    if config.hidden_act != "gelu":
+        raise ValueError(f"QFormer uses exact GELU; the BERT checkpoint's hidden_act is {config.hidden_act!r}")
+    return dict(hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+                num_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
+                vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings,
+                layer_norm_eps=config.layer_norm_eps, dropout=config.hidden_dropout_prob)
+
+
+def load_bert_into_qformer(cls: type[QFormer], name_or_path: str, encoder_width: int, num_query_tokens: int,
+                           cross_attention_freq: int) -> QFormer:
+    """Build ``cls`` with BERT's sizes and load BERT strictly (only query tokens and cross-attention new)."""
+    from transformers import BertModel
+
+    bert, info = BertModel.from_pretrained(name_or_path, output_loading_info=True)
+    check_hf_loading_info(info, name_or_path, allow_missing=BERT_IGNORED)
+    model = cls(encoder_width, num_query_tokens=num_query_tokens, cross_attention_freq=cross_attention_freq,
+                **_bert_kwargs(bert.config))
+    state = qformer_from_bert(bert.state_dict(), source=name_or_path)
+    load_state_dict_strict(model, state, name_or_path, allow_missing=BERT_NEW_KEYS)
+    return model
