@@ -1,7 +1,8 @@
 """LightningModules: the shared base and one module per family."""
 
 from mmlm.models.base import MultimodalModule
+from mmlm.models.blip2 import Blip2
 from mmlm.models.frozen import Frozen
 from mmlm.models.text_lm import CausalLMPretraining
 
-__all__ = ["MultimodalModule", "Frozen", "CausalLMPretraining"]
+__all__ = ["MultimodalModule", "Blip2", "Frozen", "CausalLMPretraining"]

@@ -1,0 +1,226 @@
+"""Strict import/export of whole ``transformers.Blip2ForConditionalGeneration`` checkpoints.
+
+A checkpoint's state dict splits by prefix into four parts, each loaded strictly into its own part of
+:class:`mmlm.models.Blip2`:
+
+============================  =============================================================
+``vision_model.*``            ``encoder.model`` (an :class:`HFVisionEncoder` over ``Blip2VisionModel``)
+``query_tokens``, ``qformer.*``  ``qformer`` (key map of :mod:`mmlm.convert.blip2`)
+``language_projection.*``     ``language_projection``
+``language_model.*``          ``language_model.model`` (``HFCausalLM`` or ``HFSeq2SeqLM``)
+============================  =============================================================
+
+A key outside these prefixes, or one a part does not take, raises a ``RuntimeError`` naming it; only
+weights tied to a loaded weight (``lm_head`` ↔ input embeddings) may be absent from the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModel,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
+    Blip2VisionModel,
+    BlipImageProcessor,
+)
+
+from mmlm.convert.blip2 import qformer_from_hf, qformer_kwargs_from_hf, qformer_to_hf
+from mmlm.convert.keys import check_keys
+from mmlm.encoders.base import ImagePreprocess
+from mmlm.encoders.hf import HFVisionEncoder
+from mmlm.language.hf_base import HFLanguageModel
+from mmlm.language.hf_causal import HFCausalLM
+from mmlm.language.hf_seq2seq import HFSeq2SeqLM
+
+if TYPE_CHECKING:
+    from mmlm.connectors.qformer import QFormer
+    from mmlm.models.blip2 import Blip2
+
+# transformers maps no AutoModel to the BLIP-2 vision tower; registering it lets HFVisionEncoder build one
+# from scratch (``model_type: blip_2_vision_model``), in code and in YAML.
+AutoModel.register(Blip2VisionConfig, Blip2VisionModel, exist_ok=True)
+
+PARTS = ("vision_model.", "qformer.", "language_projection.", "language_model.")
+# BLIP-2's image processor defaults (OpenAI CLIP statistics), used when a checkpoint has no processor file.
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def split_state_dict(state: Mapping[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Full checkpoint → ``{"vision_model.": …, "qformer.": …, …}`` with the prefixes stripped.
+
+    ``query_tokens`` goes to the ``qformer.`` part (as our QFormer holds it). Any other key raises.
+    """
+    parts: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in PARTS}
+    stray = []
+    for key, value in state.items():
+        if key == "query_tokens":
+            parts["qformer."][key] = value
+            continue
+        prefix = next((p for p in PARTS if key.startswith(p)), None)
+        if prefix is None:
+            stray.append(key)
+        else:
+            parts[prefix][key.removeprefix(prefix)] = value
+    check_keys([], stray, f"{source} (keys outside {PARTS} and query_tokens)")
+    return parts
+
+
+def tied_aliases(module: nn.Module) -> dict[str, str]:
+    """``{key: first key sharing its storage}`` for every state-dict entry that repeats a tensor (tied heads)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for key, value in module.state_dict(keep_vars=True).items():
+        ptr = id(value)  # tied parameters are one object (data_ptr is 0 for every meta tensor)
+        if ptr in first:
+            aliases[key] = first[ptr]
+        else:
+            first[ptr] = key
+    return aliases
+
+
+def load_part(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, assign: bool = False) -> None:
+    """Load ``state`` strictly into ``module``; a missing key is allowed only when it is tied to a loaded one.
+
+    ``assign=True`` puts the given tensors in place (for a module built on the meta device)."""
+    aliases = tied_aliases(module)
+    state = dict(state)
+    for key, target in aliases.items():  # fill a tied alias from whichever of the pair the file holds
+        if key not in state and target in state:
+            state[key] = state[target]
+        elif target not in state and key in state:
+            state[target] = state[key]
+    result = module.load_state_dict(state, strict=False, assign=assign)
+    check_keys(result.missing_keys, result.unexpected_keys, source)
+
+
+def read_checkpoint(name_or_path: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Local directory (or hub id, downloaded when online) → ``(directory, full state dict)`` from its safetensors."""
+    from safetensors.torch import load_file
+
+    directory = Path(name_or_path)
+    if not directory.is_dir():
+        from huggingface_hub import snapshot_download
+
+        directory = Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                                         "*.txt"]))
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{name_or_path}: no *.safetensors files in {directory}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return directory, state
+
+
+def image_preprocess(directory: Path, size: int) -> ImagePreprocess:
+    """Size from the vision config; mean/std from the checkpoint's image processor, else BLIP-2's defaults."""
+    try:
+        processor = BlipImageProcessor.from_pretrained(str(directory))
+        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+    except (OSError, ValueError):
+        mean, std = CLIP_MEAN, CLIP_STD
+    return ImagePreprocess((size, size), mean, std)
+
+
+def _language_model(text_config: Any, seq2seq: bool, dtype: str | None) -> HFLanguageModel:
+    """A randomly initialised LM adapter of the checkpoint's text config (weights are loaded next)."""
+    config = {k: v for k, v in text_config.to_dict().items() if k not in ("architectures", "transformers_version")}
+    adapter = HFSeq2SeqLM if seq2seq else HFCausalLM
+    return adapter(config=config, freeze=True, dtype=dtype)
+
+
+def blip2_from_hf(cls: type[Blip2], name_or_path: str, tokenizer: str | None = None, vision_dtype: str | None = None,
+                  lm_dtype: str | None = None, **kwargs: Any) -> Blip2:
+    """Build ``cls`` (:class:`mmlm.models.Blip2`) from a ``Blip2ForConditionalGeneration`` checkpoint, strictly.
+
+    Args:
+        name_or_path: ``save_pretrained`` directory or hub id.
+        tokenizer: tokenizer directory/hub id; default the checkpoint's own.
+        vision_dtype, lm_dtype: dtypes of the frozen ViT and LM (default float32); the Q-Former stays fp32.
+        **kwargs: further :class:`Blip2` arguments (optimisation, generation).
+    """
+    directory, state = read_checkpoint(name_or_path)
+    config = Blip2Config.from_pretrained(str(directory))
+    parts = split_state_dict(state, name_or_path)
+    vision = {k: v for k, v in config.vision_config.to_dict().items() if k not in ("model_type", "architectures",
+                                                                                    "transformers_version")}
+    encoder = HFVisionEncoder(config=vision, model_type="blip_2_vision_model", freeze=True, dtype=vision_dtype)
+    load_part(encoder.model, parts["vision_model."], f"{name_or_path} vision_model.*")
+    encoder.preprocess = image_preprocess(directory, config.vision_config.image_size)
+    lm = _language_model(config.text_config, not config.use_decoder_only_language_model, lm_dtype)
+    load_part(lm.model, parts["language_model."], f"{name_or_path} language_model.*")
+    qformer = qformer_kwargs_from_hf(config.qformer_config, config.num_query_tokens)
+    for key in ("encoder_width", "num_query_tokens", "with_text", "vocab_size", "max_position_embeddings"):
+        qformer.pop(key)
+    model = cls(encoder=encoder, language_model=lm, tokenizer=tokenizer or str(directory),
+                num_query_tokens=config.num_query_tokens, qformer=qformer, **kwargs)
+    load_part(model.qformer, qformer_from_hf(parts["qformer."]), f"{name_or_path} qformer.*")
+    load_part(model.language_projection, parts["language_projection."], f"{name_or_path} language_projection.*")
+    return model
+
+
+def qformer_config_to_hf(qformer: QFormer) -> Blip2QFormerConfig:
+    """A ``Blip2QFormerConfig`` describing a queries-only :class:`QFormer` (sizes read off its modules)."""
+    layers = qformer.layers
+    cross = [i for i, layer in enumerate(layers) if layer.cross_attn is not None]
+    freq = cross[1] - cross[0] if len(cross) > 1 else len(layers)
+    if not cross or cross != list(range(0, len(layers), freq)):
+        raise ValueError(f"QFormer cross-attention layers {cross} are not 0, f, 2f, … (transformers' layout)")
+    first = layers[0]
+    return Blip2QFormerConfig(
+        hidden_size=qformer.query_tokens.shape[-1], num_hidden_layers=len(layers),
+        num_attention_heads=first.self_attn.num_heads, intermediate_size=first.query_ffn.fc1.out_features,
+        cross_attention_frequency=freq, encoder_hidden_size=first.cross_attn.k.in_features,
+        layer_norm_eps=qformer.embeddings.norm.eps, hidden_dropout_prob=qformer.embeddings.drop.p,
+        attention_probs_dropout_prob=qformer.embeddings.drop.p, hidden_act="gelu")
+
+
+def _check_exportable(model: Blip2) -> None:
+    """Raise ``TypeError`` when a part has no place in ``Blip2ForConditionalGeneration``."""
+    if not (isinstance(model.encoder, HFVisionEncoder) and model.encoder.model.config.model_type
+            == "blip_2_vision_model" and model.encoder.layer == -1):
+        raise TypeError("to_hf needs encoder = HFVisionEncoder over a Blip2VisionModel (layer -1), got "
+                        f"{type(model.encoder).__name__}")
+    if not isinstance(model.language_model, HFLanguageModel):
+        raise TypeError(f"to_hf needs a Hugging Face LM adapter, got {type(model.language_model).__name__}")
+    if model.qformer.with_text:
+        raise TypeError("to_hf needs a queries-only QFormer (with_text=False)")
+
+
+def blip2_state_to_hf(model: Blip2) -> dict[str, torch.Tensor]:
+    """Our module's weights under ``Blip2ForConditionalGeneration`` keys."""
+    state = {f"vision_model.{k}": v for k, v in model.encoder.model.state_dict().items()}
+    for key, value in qformer_to_hf(model.qformer.state_dict()).items():
+        state[key if key == "query_tokens" else f"qformer.{key}"] = value
+    state |= {f"language_projection.{k}": v for k, v in model.language_projection.state_dict().items()}
+    state |= {f"language_model.{k}": v for k, v in model.language_model.model.state_dict().items()}
+    return state
+
+
+def blip2_to_hf(model: Blip2, directory: str | Path) -> None:
+    """Write ``directory`` so ``Blip2ForConditionalGeneration.from_pretrained`` / ``Blip2Processor`` load it:
+    config, safetensors weights, tokenizer (with ``<image>``) and image processor."""
+    _check_exportable(model)
+    config = Blip2Config(vision_config=model.encoder.model.config.to_dict(),
+                         qformer_config=qformer_config_to_hf(model.qformer).to_dict(),
+                         text_config=model.language_model.model.config.to_dict(),
+                         num_query_tokens=model.qformer.num_query_tokens, image_token_index=model.image_token_id)
+    with torch.device("meta"):
+        hf = Blip2ForConditionalGeneration(config)
+    load_part(hf, {k: v.detach() for k, v in blip2_state_to_hf(model).items()}, "Blip2 export", assign=True)
+    hf.tie_weights()
+    hf.save_pretrained(str(directory))
+    preprocess = model.encoder.preprocess
+    images = BlipImageProcessor(size={"height": preprocess.size[0], "width": preprocess.size[1]},
+                                image_mean=list(preprocess.mean), image_std=list(preprocess.std))
+    Blip2Processor(images, model.tokenizer, num_query_tokens=model.qformer.num_query_tokens).save_pretrained(
+        str(directory))

@@ -1,0 +1,140 @@
+"""BLIP-2 stage 2 (Li et al. 2023): a frozen ViT and a frozen LM bridged by a trained Q-Former.
+
+image ─► frozen encoder [B, N, Dv] ─► Q-Former queries [B, M, H] ─► language_projection [B, M, D] ─► soft prompt
+
+* decoder-only LM (OPT-like): ``[soft prompt; prompt; target]`` through the LM, loss on the target only;
+* encoder-decoder LM (T5-like, prefix LM): the encoder reads ``[soft prompt; prompt]``, the decoder
+  predicts the target.
+
+One class serves both; the kind comes from the LM adapter's type (:func:`is_seq2seq`). Per-part
+precision as in BLIP-2: the Q-Former, queries and projection stay fp32, the encoder and the LM keep their
+own ``dtype``; tensors are cast where they cross. Weight import/export of transformers'
+``Blip2ForConditionalGeneration``: :meth:`Blip2.from_hf`, :meth:`Blip2.to_hf` (:mod:`mmlm.convert.blip2_hf`).
+
+Shape legend: B batch, N image tokens, M queries, H Q-Former width, T text, T' target tokens, D LM width.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmlm.batch import Batch
+from mmlm.connectors.qformer import QFormer
+from mmlm.convert.blip2_hf import blip2_from_hf, blip2_to_hf
+from mmlm.encoders.base import ImagePreprocess, VisionEncoder
+from mmlm.freezing import freeze_
+from mmlm.fusion import prepend_placeholders, splice
+from mmlm.language.base import LanguageModel, LMOutput
+from mmlm.language.hf_seq2seq import HFSeq2SeqLM
+from mmlm.models.base import MultimodalModule
+from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
+
+
+def is_seq2seq(language_model: LanguageModel) -> bool:
+    """Whether the LM is an encoder-decoder (prefix-LM layout) rather than decoder-only."""
+    return isinstance(language_model, HFSeq2SeqLM)
+
+
+def targets_only(labels: torch.Tensor) -> torch.Tensor:
+    """``labels [B, T]`` (``-100`` on prompt and padding) → decoder labels ``[B, T']``: each row's target
+    tokens moved to the front, ``-100`` after, ``T'`` the longest target."""
+    ignored = labels == -100
+    order = torch.argsort(ignored.to(torch.int8), dim=1, stable=True)
+    width = int((~ignored).sum(1).max())
+    return labels.gather(1, order)[:, :width].contiguous()
+
+
+def freeze_part(part: nn.Module) -> nn.Module:
+    """Freeze an encoder/LM adapter for good (no grads, eval mode kept through ``fit``)."""
+    freeze_(part)
+    part.frozen = True
+    return part
+
+
+class Blip2(MultimodalModule):
+    """BLIP-2 stage 2: Q-Former soft prompt for a frozen causal or seq2seq LM.
+
+    Args:
+        encoder: the vision encoder; frozen here whatever its own ``freeze`` says (as in BLIP-2).
+        language_model: an ``HFCausalLM`` (soft prompt before the text) or ``HFSeq2SeqLM`` (prefix LM);
+            frozen here.
+        tokenizer: hub id or local directory of the LM's tokenizer (``<image>`` is added as the
+            placeholder of the soft prompt; the LM's table grows if needed).
+        num_query_tokens: M.
+        qformer: further :class:`~mmlm.connectors.qformer.QFormer` arguments (``hidden_size``,
+            ``num_layers``, ``num_heads``, ``intermediate_size``, ``cross_attention_freq``, ``layer_norm_eps``,
+            ``dropout``); the Q-Former is queries-only (``with_text=False``) and reads ``encoder.width``.
+        **kwargs: optimisation and evaluation settings of :class:`MultimodalModule`.
+    """
+
+    def __init__(self, encoder: VisionEncoder, language_model: LanguageModel, tokenizer: str,
+                 num_query_tokens: int = 32, qformer: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters(ignore=["encoder", "language_model"])
+        self.encoder = freeze_part(encoder)
+        self.qformer = QFormer(encoder.width, num_query_tokens=num_query_tokens, with_text=False, **(qformer or {}))
+        self.language_projection = nn.Linear(self.qformer.query_tokens.shape[-1], language_model.width)
+        self.language_model = language_model
+        self.tokenizer = load_tokenizer(tokenizer, [IMAGE_TOKEN])
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if len(self.tokenizer) > language_model.vocab_size:
+            language_model.resize_token_embeddings(len(self.tokenizer))
+        freeze_part(language_model)
+        self.seq2seq = is_seq2seq(language_model)
+
+    @classmethod
+    def from_hf(cls, name_or_path: str, **kwargs: Any) -> Blip2:
+        """Build from a ``transformers.Blip2ForConditionalGeneration`` directory or hub id, strictly.
+
+        ``kwargs``: ``tokenizer`` (default: the checkpoint's), ``vision_dtype``, ``lm_dtype``, and any
+        :class:`Blip2`/:class:`MultimodalModule` argument. See :func:`mmlm.convert.blip2_hf.blip2_from_hf`.
+        """
+        return blip2_from_hf(cls, name_or_path, **kwargs)
+
+    def to_hf(self, directory: str | Path) -> None:
+        """Write a directory that ``Blip2ForConditionalGeneration.from_pretrained`` (and ``Blip2Processor``) load."""
+        blip2_to_hf(self, directory)
+
+    @property
+    def image_preprocess(self) -> ImagePreprocess:
+        """Image size, mean and std the datamodule must produce (the encoder's)."""
+        return self.encoder.preprocess
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``pixels [B, 3, H, W]`` → soft prompt ``[B, M, D]`` in the LM's dtype (Q-Former and projection in fp32)."""
+        image = self.encoder(pixels)  # [B, N, Dv], encoder dtype; the Q-Former casts it to fp32
+        queries = self.qformer(image).query  # [B, M, H]
+        projected = self.language_projection(queries.to(self.language_projection.weight.dtype))
+        return projected.to(self.language_model.dtype)
+
+    def _embed(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None,
+               soft_prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Put the soft prompt ``[B, M, D]`` before ``ids [B, T]`` → embeds ``[B, M+T, D]``, mask, labels."""
+        ids, mask, labels = prepend_placeholders(ids, mask, self.image_token_id, soft_prompt.shape[1], labels)
+        return splice(self.language_model.embed(ids), ids, self.image_token_id, soft_prompt), mask, labels
+
+    def forward(self, batch: Batch) -> LMOutput:
+        """Teacher-forced pass. Decoder-only: logits ``[B, M+T, V]`` over ``[soft prompt; input_ids]``, loss on
+        ``batch.labels``. Seq2seq: the encoder reads ``[soft prompt; prompt_ids]``, decoder logits ``[B, T', V]``
+        for the target tokens of ``batch.labels``."""
+        soft_prompt = self.encode_images(batch.pixels)
+        if self.seq2seq:
+            embeds, mask, _ = self._embed(batch.prompt_ids, batch.prompt_mask, None, soft_prompt)
+            return self.language_model(embeds, mask, targets_only(batch.labels))
+        embeds, mask, labels = self._embed(batch.input_ids, batch.attention_mask, batch.labels, soft_prompt)
+        return self.language_model(embeds, mask, labels)
+
+    def training_loss(self, batch: Batch) -> torch.Tensor:
+        """Cross-entropy of the target tokens (caption/answer + eos) given the image and the prompt."""
+        return self(batch).loss
+
+    @torch.no_grad()
+    def generate_text(self, batch: Batch) -> list[str]:
+        """Decode from ``[soft prompt; prompt_ids]`` (the causal LM continues it, the seq2seq encoder reads it)."""
+        soft_prompt = self.encode_images(batch.pixels)
+        embeds, mask, _ = self._embed(batch.prompt_ids, batch.prompt_mask, None, soft_prompt)
+        return self.decode(self.language_model.generate(embeds, mask, self.generation))
