@@ -1,0 +1,274 @@
+"""BLIP-2 stage 1 (Li et al. 2023): vision-language representation learning from a frozen image encoder.
+
+image ─► frozen encoder [B, N, Dv] ─► Q-Former (M queries + text side, one BERT-style stack) with three masks:
+
+* ITC (unimodal mask): queries ─► vision_proj ─► ``[B, M, D]``; ``[CLS] text`` ─► text_proj ─► ``[B, D]``;
+  contrastive loss with the maximum over queries, positives by image id, gathered across ranks.
+* ITM (bidirectional mask): ``[queries; [CLS] text]`` for B positives + 2B hard negatives ─► itm_head on
+  the query outputs, averaged over the M queries ─► ``[3B, 2]``.
+* ITG (multimodal-causal mask): ``[queries; [DEC] text]`` ─► LM head tied to the Q-Former word embeddings ─►
+  next-token loss on the caption tokens.
+
+Text is the *target* span of ``batch.labels`` (``!= -100``: caption + eos), so any prompt the datamodule put
+before it is ignored; ``[CLS]`` (the tokenizer's cls, else bos) or ``[DEC]`` (an added special token) goes in
+front. Shape legend: B batch, N image tokens, M queries, H Q-Former width, T text tokens, D embed_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmlm.batch import Batch
+from mmlm.connectors.qformer import QFormer
+from mmlm.distributed import gather_sizes, gather_with_grad
+from mmlm.encoders.base import ImagePreprocess, VisionEncoder
+from mmlm.losses import (
+    IGNORE_INDEX,
+    ContrastiveOutput,
+    Temperature,
+    causal_lm_loss,
+    contrastive_loss,
+    itm_labels,
+    matching_loss,
+    sample_hard_negatives,
+)
+from mmlm.masks import bidirectional_mask, multimodal_causal_mask, unimodal_mask
+from mmlm.metrics.retrieval import RetrievalRecall
+from mmlm.models.base import MultimodalModule
+from mmlm.models.blip2 import freeze_part, targets_only
+from mmlm.tokenizers import load_tokenizer
+
+DEC_TOKEN = "[DEC]"
+#: Q-Former keys of the text side, absent from the queries-only stage-2 Q-Former.
+TEXT_SIDE_KEYS = ("embeddings.word.", "embeddings.position.", ".text_ffn.")
+
+
+@dataclass
+class Stage1Output:
+    """Losses (scalars) and ITC features: ``image_feats [B, M, D]`` and ``text_feats [B, D]``, L2-normalised."""
+
+    itc: torch.Tensor
+    itm: torch.Tensor
+    itg: torch.Tensor
+    image_feats: torch.Tensor
+    text_feats: torch.Tensor
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """ITC + ITM + ITG (equal weights, as in BLIP-2)."""
+        return self.itc + self.itm + self.itg
+
+
+def stable_id(text: str) -> int:
+    """A 63-bit id of ``text``, equal on every rank and run (Python's ``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def stage1_tokenizer(name_or_path: str) -> Any:
+    """The Q-Former's tokenizer with ``[DEC]`` added; a BERT tokenizer gets bos = [CLS], eos = [SEP] (collate needs eos)."""
+    tokenizer = load_tokenizer(name_or_path, [DEC_TOKEN])
+    if tokenizer.bos_token is None and tokenizer.cls_token is not None:
+        tokenizer.bos_token = tokenizer.cls_token
+    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+        tokenizer.eos_token = tokenizer.sep_token
+    return tokenizer
+
+
+def grow_embedding(embedding: nn.Embedding, size: int) -> nn.Embedding:
+    """A copy of ``embedding`` with ``size`` rows (new rows drawn like BERT's, normal(0, 0.02))."""
+    grown = nn.Embedding(size, embedding.embedding_dim).to(embedding.weight)
+    nn.init.normal_(grown.weight, std=0.02)
+    with torch.no_grad():
+        grown.weight[: embedding.num_embeddings] = embedding.weight
+    return grown
+
+
+def gather_padded(x: torch.Tensor, pad: int | float, width: int) -> torch.Tensor:
+    """``x [B, T]`` right-padded to ``width`` and gathered over ranks → ``[B_all, width]`` (identity without DDP)."""
+    return gather_with_grad(F.pad(x, (0, width - x.shape[1]), value=pad))
+
+
+class TiedLMHead(nn.Module):
+    """BERT's LM head: ``gelu(dense(h))`` → LayerNorm → ``· word_embeddings^T + bias``; ``[B, T, H]`` → ``[B, T, V]``."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(F.gelu(self.dense(hidden))), word_embeddings, self.bias)
+
+
+class Blip2Stage1(MultimodalModule):
+    """BLIP-2 stage 1: ITC + ITM + ITG on a Q-Former with a text side, over a frozen vision encoder.
+
+    Args:
+        encoder: the vision encoder; frozen here whatever its own ``freeze`` says.
+        tokenizer: hub id or directory of the Q-Former's (BERT-style) tokenizer; ``[DEC]`` is added.
+        num_query_tokens: M.
+        qformer: further :class:`QFormer` arguments (``hidden_size``, ``num_layers``, …; ``vocab_size`` defaults
+            to the tokenizer's size). With ``bert`` only ``cross_attention_freq`` is allowed.
+        bert: hub id or directory of a BERT to initialise the Q-Former from (:meth:`QFormer.from_bert`).
+        embed_dim: D of the contrastive space.
+        **kwargs: optimisation settings of :class:`MultimodalModule`.
+    """
+
+    def __init__(self, encoder: VisionEncoder, tokenizer: str, num_query_tokens: int = 32,
+                 qformer: dict[str, Any] | None = None, bert: str | None = None, embed_dim: int = 256,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters(ignore=["encoder"])
+        self.encoder = freeze_part(encoder)
+        self.tokenizer = stage1_tokenizer(tokenizer)
+        self.qformer = self._build_qformer(encoder.width, num_query_tokens, dict(qformer or {}), bert)
+        word = self.qformer.embeddings.word
+        if len(self.tokenizer) > word.num_embeddings:
+            self.qformer.embeddings.word = word = grow_embedding(word, len(self.tokenizer))
+        hidden = word.embedding_dim
+        self.vision_proj, self.text_proj = nn.Linear(hidden, embed_dim), nn.Linear(hidden, embed_dim)
+        self.itm_head = nn.Linear(hidden, 2)
+        self.lm_head = TiedLMHead(hidden, word.num_embeddings)
+        self.temperature = Temperature(0.07)
+        self.cls_id = self.tokenizer.cls_token_id if self.tokenizer.cls_token_id is not None else self.tokenizer.bos_token_id
+        self.dec_id = self.tokenizer.convert_tokens_to_ids(DEC_TOKEN)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.retrieval = RetrievalRecall()
+
+    def _build_qformer(self, width: int, num_queries: int, options: dict[str, Any], bert: str | None) -> QFormer:
+        if bert is None:
+            return QFormer(width, num_query_tokens=num_queries, with_text=True,
+                           **{"vocab_size": len(self.tokenizer), **options})
+        if set(options) - {"cross_attention_freq"}:
+            raise ValueError(f"Blip2Stage1(bert={bert!r}) takes its sizes from BERT; qformer may only set "
+                             f"cross_attention_freq, got {sorted(options)}")
+        return QFormer.from_bert(bert, width, num_queries, options.get("cross_attention_freq", 2))
+
+    @property
+    def image_preprocess(self) -> ImagePreprocess:
+        """Image size, mean and std the datamodule must produce (the encoder's)."""
+        return self.encoder.preprocess
+
+    def text_inputs(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``labels [B, T]`` → ``([CLS] target, mask)``, each ``[B, 1 + T']`` (target = caption + eos, right-padded)."""
+        target = targets_only(labels)
+        valid = target != IGNORE_INDEX
+        start = torch.full_like(target[:, :1], self.cls_id)
+        ids = torch.cat([start, target.masked_fill(~valid, self.pad_id)], dim=1)
+        return ids, torch.cat([torch.ones_like(start), valid.long()], dim=1)
+
+    def image_ids(self, batch: Batch) -> torch.Tensor:
+        """``[B]`` ids of the images (``batch.ids``: image ids for captions): equal ids are ITC positives."""
+        return torch.tensor([stable_id(str(i)) for i in batch.ids], dtype=torch.long, device=batch.pixels.device)
+
+    def forward(self, batch: Batch) -> Stage1Output:
+        """The three losses of ``batch`` and the ITC features."""
+        with torch.no_grad():
+            image = self.encoder(batch.pixels)  # [B, N, Dv]
+        ids, mask = self.text_inputs(batch.labels)
+        image_ids = self.image_ids(batch)
+        itc, image_feats, text_feats = self.itc(image, ids, mask, image_ids)
+        itm = self.itm(image, ids, mask, image_ids, itc)
+        return Stage1Output(itc.loss, itm, self.itg(image, ids, mask), image_feats, text_feats)
+
+    def itc(self, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, image_ids: torch.Tensor,
+            ) -> tuple[ContrastiveOutput, torch.Tensor, torch.Tensor]:
+        """Unimodal pass → ``(ContrastiveOutput, image_feats [B, M, D], text_feats [B, D])``."""
+        out = self.qformer(image, input_ids=ids, self_attn_mask=unimodal_mask(mask, self.qformer.num_query_tokens))
+        image_feats = F.normalize(self.vision_proj(out.query), dim=-1)
+        text_feats = F.normalize(self.text_proj(out.text[:, 0]), dim=-1)
+        result = contrastive_loss(image_feats, text_feats, self.temperature(), image_ids=image_ids, gather=True)
+        return result, image_feats, text_feats
+
+    def itm_logits(self, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Bidirectional pass over ``image [P, N, Dv]`` and ``ids, mask [P, T]`` → match logits ``[P, 2]``."""
+        out = self.qformer(image, input_ids=ids, self_attn_mask=bidirectional_mask(mask, self.qformer.num_query_tokens))
+        return self.itm_head(out.query).mean(dim=1)
+
+    def itm(self, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, image_ids: torch.Tensor,
+            itc: ContrastiveOutput) -> torch.Tensor:
+        """ITM on B positives, B (image, hard-negative text) and B (hard-negative image, text) pairs; 0 when
+        every gathered sample shows the same image (no negative exists; then true on every rank alike)."""
+        if bool((itc.targets > 0).all()):
+            return itc.loss * 0.0
+        neg_text, neg_image = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, image_ids, gather=True)
+        width = max(gather_sizes(ids.shape[1], ids.device))
+        ids, mask = F.pad(ids, (0, width - ids.shape[1]), value=self.pad_id), F.pad(mask, (0, width - mask.shape[1]))
+        images_all = gather_with_grad(image.detach())
+        ids_all, mask_all = gather_padded(ids, self.pad_id, width), gather_padded(mask, 0, width)
+        logits = self.itm_logits(torch.cat([image, image, images_all[neg_image]]),
+                                 torch.cat([ids, ids_all[neg_text], ids]), torch.cat([mask, mask_all[neg_text], mask]))
+        return matching_loss(logits, itm_labels(image.shape[0], device=image.device))
+
+    def itg_logits(self, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Multimodal-causal pass over ``[queries; [DEC] text]`` → next-token logits ``[B, T, V]``."""
+        ids = torch.cat([torch.full_like(ids[:, :1], self.dec_id), ids[:, 1:]], dim=1)
+        mask_ = multimodal_causal_mask(mask, self.qformer.num_query_tokens)
+        out = self.qformer(image, input_ids=ids, self_attn_mask=mask_)
+        return self.lm_head(out.text, self.qformer.embeddings.word.weight)
+
+    def itg(self, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Next-token loss on the caption tokens (and eos) after ``[DEC]``."""
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+        labels[:, 0] = IGNORE_INDEX
+        return causal_lm_loss(self.itg_logits(image, ids, mask), labels)
+
+    def training_loss(self, batch: Batch) -> torch.Tensor:
+        """ITC + ITM + ITG; logs each as ``train/itc``, ``train/itm``, ``train/itg``."""
+        out = self(batch)
+        self._log_losses(out, "train", len(batch))
+        return out.loss
+
+    def _log_losses(self, out: Stage1Output, stage: str, size: int) -> None:
+        if self._trainer is None:
+            return
+        for name in ("itc", "itm", "itg"):
+            self.log(f"{stage}/{name}", getattr(out, name), batch_size=size, sync_dist=stage != "train")
+
+    def generate_text(self, batch: Batch) -> list[str]:
+        raise NotImplementedError("Blip2Stage1 learns representations and has no language model to generate with; "
+                                  "load its Q-Former into mmlm.models.Blip2 (load_stage1_qformer) for captions/VQA")
+
+    # --- evaluation: losses + retrieval R@K over caption samples (replaces the base's generation metrics) ---
+    def _evaluate(self, batch: Batch, stage: str) -> None:
+        out = self(batch)
+        self._log_losses(out, stage, len(batch))
+        self.log(f"{stage}/loss", out.loss, batch_size=len(batch), sync_dist=True)
+        rows = [i for i, task in enumerate(batch.tasks) if task == "caption"]
+        if rows:
+            ids = self.image_ids(batch)[rows]
+            self.retrieval.update(out.image_feats[rows], ids, out.text_feats[rows], ids)
+
+    def _finish_evaluation(self, stage: str) -> None:
+        used = torch.tensor([float(self.retrieval.update_called)], device=self.device)
+        if self.all_gather(used).amax() > 0:
+            for name, value in self.retrieval.compute().items():
+                self.log(f"{stage}/{name}", value, prog_bar=name == "r_mean")
+        self.retrieval.reset()
+        self._log_skipped()
+
+
+def qformer_state_for_stage2(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A :class:`Blip2Stage1` state dict (or Lightning checkpoint ``state_dict``) → the queries-only Q-Former's
+    state for ``Blip2.qformer``: ``qformer.*`` keys without the prefix, the text side dropped."""
+    prefix = "qformer."
+    state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not state:
+        raise KeyError(f"no '{prefix}*' keys in the stage-1 state dict (first keys: {list(state_dict)[:5]})")
+    return {k: v for k, v in state.items() if not any(part in k for part in TEXT_SIDE_KEYS)}
+
+
+def load_stage1_qformer(stage2: nn.Module, checkpoint: str | Path | dict[str, torch.Tensor]) -> None:
+    """Load a stage-1 Q-Former (a ``.ckpt`` path or a state dict) into ``stage2.qformer`` strictly
+    (every key must match: same sizes and number of queries)."""
+    if not isinstance(checkpoint, dict):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    stage2.qformer.load_state_dict(qformer_state_for_stage2(checkpoint), strict=True)
