@@ -77,12 +77,21 @@ def crop_box(width: int, height: int, size: tuple[int, int], scale: float) -> tu
     return left, top, left + box_w, top + box_h
 
 
-def to_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """RGB image → ``[3, H, W]`` float tensor ``(pixel / 255 - mean) / std``."""
+def to_tensor(image: Image.Image, mean: Sequence[float] | torch.Tensor,
+              std: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """RGB image → ``[3, H, W]`` float tensor ``(pixel / 255 - mean) / std``.
+
+    ``mean``/``std`` may be given as ``[3, 1, 1]`` tensors to avoid rebuilding them per image.
+    """
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return (pixels - mean_t) / std_t
+    return (pixels - channel_tensor(mean)) / channel_tensor(std)
+
+
+def channel_tensor(values: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Per-channel values as a ``[3, 1, 1]`` float32 tensor (returned as is when it already is one)."""
+    if isinstance(values, torch.Tensor):
+        return values
+    return torch.tensor(values, dtype=torch.float32)[:, None, None]
 
 
 @dataclass(frozen=True)
@@ -107,9 +116,13 @@ class ImageTransform:
     train: bool
     min_crop_scale: float
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_mean", channel_tensor(self.mean))  # built once, not per image
+        object.__setattr__(self, "_std", channel_tensor(self.std))
+
     def __call__(self, data: bytes) -> torch.Tensor:
         image = decode_image(data, self.size)
         scale = random.uniform(self.min_crop_scale, 1.0) if self.train and self.min_crop_scale < 1 else 1.0
         box = crop_box(image.width, image.height, self.size, scale)
         resized = image.resize((self.size[1], self.size[0]), Image.Resampling.BICUBIC, box=box)
-        return to_tensor(resized, self.mean, self.std)
+        return to_tensor(resized, self._mean, self._std)

@@ -138,12 +138,14 @@ class MultimodalModule(pl.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        """Every ``log_every_n_steps``: samples/s and tokens/s of this step, lr, skipped samples."""
+        if (batch_idx + 1) % self.trainer.log_every_n_steps != 0:
+            return
         seconds = max(time.perf_counter() - self._step_start, 1e-9)
         self.log("train/samples_per_s", len(batch) / seconds, batch_size=len(batch))
         self.log("train/tokens_per_s", float(batch.attention_mask.sum()) / seconds, batch_size=len(batch))
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=len(batch))
-        if (batch_idx + 1) % self.trainer.log_every_n_steps == 0:  # long epochs: do not wait for the end
-            self._log_skipped()
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(batch))
+        self._log_skipped()
 
     def on_train_epoch_end(self) -> None:
         self._log_skipped()

@@ -1,0 +1,62 @@
+"""scripts/bench: every benchmark runs at toy size and gives well-formed rows; run.py writes the markdown table.
+
+No timing assertions: this checks the harness, not the machine.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench"
+sys.path.insert(0, str(BENCH))
+
+import run  # noqa: E402
+
+KEYS = {"name", "mmlm", "reference", "unit", "ratio", "target", "met"}
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> tuple[list[dict], Path]:
+    """All benchmarks once at toy size, markdown written to a temporary file."""
+    out = tmp_path_factory.mktemp("bench") / "benchmarks.md"
+    rows = run.main(["--scale", "toy", "--out", str(out), "--note", "toy run from the tests"])
+    return rows, out
+
+
+def test_every_benchmark_gives_well_formed_rows(toy_run):
+    rows, _ = toy_run
+    names = [r["name"] for r in rows]
+    assert len(names) == len(set(names))
+    assert any(n.startswith("loader") for n in names) and any(n.startswith("jpeg") for n in names)
+    assert len(rows) == len(run.BENCHMARKS) + 1  # toy: one loader setting, plus the JPEG row
+    for r in rows:
+        assert set(r) == KEYS
+        for key in ("mmlm", "reference", "ratio"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
+        assert r["ratio"] == pytest.approx(r["mmlm"] / r["reference"])
+        if r["target"] is None:
+            assert r["met"] is None
+        else:
+            op, value = r["target"].split()
+            assert op in (">=", "<=") and float(value) > 0
+            assert r["met"] is (r["ratio"] >= float(value) if op == ">=" else r["ratio"] <= float(value))
+
+
+def test_markdown_has_machine_versions_and_table(toy_run):
+    rows, out = toy_run
+    text = out.read_text()
+    for needle in ("# Benchmarks", "- CPU:", "- cores:", "- RAM:", "torch ", "transformers ", "pytorch-lightning ",
+                   "webdataset ", "timm ", "- date:", "toy run from the tests", "| benchmark | mmlm | reference |"):
+        assert needle in text
+    table = [line for line in text.splitlines() if line.startswith("| ") and "benchmark" not in line]
+    assert len(table) == len(rows)
+    assert all(line.count("|") == len(run.HEADER) + 1 for line in table)
+
+
+def test_only_runs_the_named_benchmark(tmp_path):
+    rows = run.main(["--scale", "toy", "--only", "flops", "--out", str(tmp_path / "b.md")])
+    assert len(rows) == 1 and "FLOP/s" in rows[0]["name"]
