@@ -28,7 +28,7 @@ from mmlm.convert.blip2_hf import blip2_from_hf, blip2_to_hf
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
 from mmlm.freezing import freeze_
 from mmlm.fusion import prepend_placeholders, splice
-from mmlm.language.base import LanguageModel, LMOutput
+from mmlm.language.base import GenerationConfig, LanguageModel, LMOutput
 from mmlm.language.hf_seq2seq import HFSeq2SeqLM
 from mmlm.models.base import MultimodalModule
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
@@ -87,13 +87,22 @@ class Blip2(MultimodalModule):
         self.seq2seq = is_seq2seq(language_model)
 
     @classmethod
-    def from_hf(cls, name_or_path: str, **kwargs: Any) -> Blip2:
+    def from_hf(cls, name_or_path: str, tokenizer: str | None = None, vision_dtype: str | None = None,
+                lm_dtype: str | None = None, generation: GenerationConfig | None = None,
+                predictions_dir: str | None = None, lr: float | None = None, weight_decay: float | None = None,
+                warmup_steps: int | None = None, **kwargs: Any) -> Blip2:
         """Build from a ``transformers.Blip2ForConditionalGeneration`` directory or hub id, strictly.
 
-        ``kwargs``: ``tokenizer`` (default: the checkpoint's), ``vision_dtype``, ``lm_dtype``, and any
-        :class:`Blip2`/:class:`MultimodalModule` argument. See :func:`mmlm.convert.blip2_hf.blip2_from_hf`.
+        ``tokenizer`` (default: the checkpoint's), ``vision_dtype``, ``lm_dtype``: see
+        :func:`mmlm.convert.blip2_hf.blip2_from_hf`. The evaluation/optimisation arguments are named here so that
+        LightningCLI can build it from YAML (``class_path: mmlm.models.Blip2.from_hf``; jsonargparse does not see
+        through ``**kwargs``); ``None`` keeps :class:`MultimodalModule`'s default. ``kwargs``: any other argument.
         """
-        return blip2_from_hf(cls, name_or_path, **kwargs)
+        named = dict(generation=generation, predictions_dir=predictions_dir, lr=lr, weight_decay=weight_decay,
+                     warmup_steps=warmup_steps)
+        kwargs |= {key: value for key, value in named.items() if value is not None}
+        return blip2_from_hf(cls, name_or_path, tokenizer=tokenizer, vision_dtype=vision_dtype, lm_dtype=lm_dtype,
+                             **kwargs)
 
     def to_hf(self, directory: str | Path) -> None:
         """Write a directory that ``Blip2ForConditionalGeneration.from_pretrained`` (and ``Blip2Processor``) load."""

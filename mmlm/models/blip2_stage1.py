@@ -43,6 +43,7 @@ from mmlm.masks import bidirectional_mask, multimodal_causal_mask, unimodal_mask
 from mmlm.metrics.retrieval import RetrievalRecall
 from mmlm.models.base import MultimodalModule
 from mmlm.models.blip2 import freeze_part, targets_only
+from mmlm.models.blip2_retrieval import EvalStore, check_single_process
 from mmlm.tokenizers import load_tokenizer
 
 DEC_TOKEN = "[DEC]"
@@ -119,12 +120,15 @@ class Blip2Stage1(MultimodalModule):
             to the tokenizer's size). With ``bert`` only ``cross_attention_freq`` is allowed.
         bert: hub id or directory of a BERT to initialise the Q-Former from (:meth:`QFormer.from_bert`).
         embed_dim: D of the contrastive space.
+        itm_rerank_k: > 0: at the end of validation/test also re-rank each image's top-k texts (and each text's
+            top-k images) by ITC with the ITM head and log ``{stage}/rerank_i2t_r1`` …; keeps the frozen image
+            tokens and caption ids of the evaluation set on the CPU (:mod:`mmlm.models.blip2_retrieval`).
         **kwargs: optimisation settings of :class:`MultimodalModule`.
     """
 
     def __init__(self, encoder: VisionEncoder, tokenizer: str, num_query_tokens: int = 32,
                  qformer: dict[str, Any] | None = None, bert: str | None = None, embed_dim: int = 256,
-                 **kwargs: Any) -> None:
+                 itm_rerank_k: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["encoder"])
         self.encoder = freeze_part(encoder)
@@ -142,6 +146,7 @@ class Blip2Stage1(MultimodalModule):
         self.dec_id = self.tokenizer.convert_tokens_to_ids(DEC_TOKEN)
         self.pad_id = self.tokenizer.pad_token_id
         self.retrieval = RetrievalRecall()
+        self.itm_rerank_k, self._eval_store = itm_rerank_k, EvalStore()
 
     def _build_qformer(self, width: int, num_queries: int, options: dict[str, Any], bert: str | None) -> QFormer:
         if bert is None:
@@ -246,14 +251,35 @@ class Blip2Stage1(MultimodalModule):
         if rows:
             ids = self.image_ids(batch)[rows]
             self.retrieval.update(out.image_feats[rows], ids, out.text_feats[rows], ids)
+            if self.itm_rerank_k > 0:
+                check_single_process(self.itm_rerank_k)
+                text_ids, mask = self.text_inputs(batch.labels[rows])
+                self._eval_store.add(ids, self.encoder(batch.pixels[rows]), text_ids, mask)
 
     def _finish_evaluation(self, stage: str) -> None:
         used = torch.tensor([float(self.retrieval.update_called)], device=self.device)
         if self.all_gather(used).amax() > 0:
             for name, value in self.retrieval.compute().items():
                 self.log(f"{stage}/{name}", value, prog_bar=name == "r_mean")
+            if len(self._eval_store):
+                for name, value in self.rerank_recall().items():
+                    self.log(f"{stage}/rerank_{name}", value)
         self.retrieval.reset()
+        self._eval_store.clear()
         self._log_skipped()
+
+
+    @torch.no_grad()
+    def rerank_recall(self) -> dict[str, float]:
+        """R@K of the evaluation set so far after ITM re-ranking of the ITC top ``itm_rerank_k``."""
+        sim, txt2img, image_ids = self.retrieval.similarity()
+
+        def itm(image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            width = int(mask.sum(1).max())
+            return self.itm_logits(image.to(self.device), ids[:, :width].to(self.device), mask[:, :width].to(self.device))
+
+        return self._eval_store.rerank_recall(sim, txt2img, image_ids, self.itm_rerank_k, itm, self.pad_id,
+                                              self.retrieval.ks)
 
 
 def qformer_state_for_stage2(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

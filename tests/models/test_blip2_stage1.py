@@ -117,7 +117,7 @@ def trainer(tmp_path: Path, steps: int, callbacks=()) -> pl.Trainer:
 
 def test_overfitting_one_batch_lowers_the_loss_and_raises_retrieval(make_model, captions, tmp_path):
     """8 distinct images with their captions, repeated: loss < 0.5× initial, R@1 well above chance (12.5 %)."""
-    model = make_model(lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0)
+    model = make_model(lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, itm_rerank_k=3)
     loader = DataLoader([captions], batch_size=None, collate_fn=lambda b: b)
     untrained = trainer(tmp_path, 1).validate(model, loader, verbose=False)[0]
     record = RecordLoss()
@@ -131,6 +131,20 @@ def test_overfitting_one_batch_lowers_the_loss_and_raises_retrieval(make_model, 
     assert trained["val/loss"] < untrained["val/loss"]
     assert trained["val/i2t_r1"] >= 37.5 and trained["val/t2i_r1"] >= 37.5, (untrained, trained)  # 3× chance; 62.5 measured
     assert trained["val/r_mean"] > untrained["val/r_mean"]
+    reranked = {k: v for k, v in trained.items() if k.startswith("val/rerank_")}
+    assert set(reranked) == {f"val/rerank_{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)} | {"val/rerank_r_mean"}
+    assert all(0.0 <= v <= 100.0 for v in reranked.values()), reranked
+    assert reranked["val/rerank_i2t_r5"] <= trained["val/i2t_r5"]  # top-3 re-ranked: R@5 can only drop to R@3
+
+
+def test_itm_rerank_is_deterministic_and_k_all_keeps_every_candidate(make_model, captions, tmp_path):
+    """Re-ranking with k ≥ 1 gives valid, repeatable R@K; with k = 1 R@1 equals ITC's R@1 (the top-1 stays on top)."""
+    loader = DataLoader([captions], batch_size=None, collate_fn=lambda b: b)
+    runs = [trainer(tmp_path, 1).validate(make_model(itm_rerank_k=k), loader, verbose=False)[0] for k in (1, 8, 8)]
+    assert runs[0]["val/rerank_i2t_r1"] == runs[0]["val/i2t_r1"] and runs[0]["val/rerank_t2i_r1"] == runs[0]["val/t2i_r1"]
+    assert runs[1] == runs[2]
+    assert runs[1]["val/rerank_i2t_r10"] == 100.0 and runs[1]["val/rerank_t2i_r10"] == 100.0  # all 8 images kept
+    assert "val/rerank_i2t_r1" not in trainer(tmp_path, 1).validate(make_model(), loader, verbose=False)[0]  # k = 0
 
 
 def test_from_bert_uses_minilm_and_its_wordpiece_tokenizer(shapes_data, tiny_resnet):

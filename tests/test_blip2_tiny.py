@@ -1,0 +1,82 @@
+"""``scripts/blip2_tiny.py`` end to end at toy size (the tiny configs' model sizes, 3 steps per stage)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "blip2_tiny.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("blip2_tiny", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_blip2_tiny_runs_both_stages_and_prints_the_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["blip2_tiny"])
+    out = tmp_path / "out"
+    code = load_script().main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(out), "--train-images", "64",
+                               "--val-images", "16", "--lm-steps", "3", "--stage1-steps", "3", "--stage2-steps", "3",
+                               "--val-batches", "1", "--itm-rerank-k", "4", "--workers", "0"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "R@1 image→text (ITC)" in printed and "ITM top-4" in printed and "majority answer" in printed
+
+    results = json.loads((out / "results.json").read_text())
+    for key in ("i2t_r1", "t2i_r1", "rerank_i2t_r1", "rerank_t2i_r1", "chance_r1"):
+        assert math.isfinite(results[key]) and 0.0 <= results[key] <= 100.0, (key, results[key])
+    assert results["chance_r1"] == 100.0 / 16
+    for key in ("vqa_acc", "majority_vqa_acc"):
+        assert 0.0 <= results[key] <= 1.0, (key, results[key])
+    assert math.isfinite(results["cider"]) and results["cider"] >= 0.0
+    assert (out / "vit" / "config.json").is_file() and (out / "text_lm" / "export" / "config.json").is_file()
+    assert list((out / "stage1").rglob("*.ckpt")) and list((out / "stage2").rglob("*.ckpt"))
+
+
+def test_eval_vqav2_zeroshot_config_runs_from_hf_on_a_tiny_checkpoint(shapes_data, tmp_path, monkeypatch):
+    """The real-size zero-shot VQA config (``class_path: mmlm.models.Blip2.from_hf``, beam 5, length penalty -1)
+    validated on CPU with a random tiny ``Blip2ForConditionalGeneration`` directory and the shapes VQA shards."""
+    import torch
+    import yaml
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    from mmlm.cli import main
+    from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
+
+    monkeypatch.setattr(sys, "argv", ["mmlm"])
+    tokenizer = load_tokenizer(shapes_data / "tokenizer", [IMAGE_TOKEN])
+    opt = {"model_type": "opt", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "ffn_dim": 64,
+           "vocab_size": 100, "word_embed_proj_dim": 32, "max_position_embeddings": 64, "pad_token_id": 0,
+           "bos_token_id": 1, "eos_token_id": 2}
+    config = Blip2Config(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        qformer_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                        "encoder_hidden_size": 32, "cross_attention_frequency": 1},
+        text_config=opt, num_query_tokens=4, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "blip2-tiny"
+    Blip2ForConditionalGeneration(config).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    root = tmp_path / "eval"
+    val = json.dumps([{"urls": str(shapes_data / "val" / "vqa-*.tar"), "kind": "vqa"}])
+    assert main(["validate", "--config", str(SCRIPT.parents[1] / "configs" / "blip2" / "eval_vqav2_zeroshot.yaml"),
+                 "--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
+                 "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+                 "--model.init_args.name_or_path", str(checkpoint), "--model.init_args.vision_dtype", "float32",
+                 "--model.init_args.lm_dtype", "float32", "--model.init_args.predictions_dir", str(root),
+                 "--data.init_args.val", val, "--data.init_args.batch_size", "4",
+                 "--data.init_args.num_workers", "0"]) == 0
+    settings = json.loads((root / "predictions" / "val-vqa-step0.generation.json").read_text())
+    assert settings["generation"] == {"max_new_tokens": 10, "num_beams": 5, "length_penalty": -1.0,
+                                      "min_new_tokens": 1, "repetition_penalty": 1.0}
+    rows = json.loads((root / "predictions" / "val-vqa-step0.json").read_text())
+    assert len(rows) == 4 and all(isinstance(row["answer"], str) for row in rows)
+    declared = yaml.safe_load((SCRIPT.parents[1] / "configs" / "blip2" / "eval_vqav2_zeroshot.yaml").read_text())
+    assert declared["data"]["init_args"]["vqa_prompt"] == "Question: {} Short answer:"
