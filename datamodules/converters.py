@@ -310,9 +310,16 @@ def karpathy_item(image: Any, image_root: Path) -> Item:
     return Item(image_root / name, meta, text=captions[0])
 
 
+def per_caption_items(item: Item) -> list[Item]:
+    """One item per reference caption of an image item (same image, same ``image_id``), for retrieval."""
+    if item.skip:
+        return [item]
+    return [Item(item.image, {**item.meta, "caption": c}, text=c) for c in item.meta["captions"]]
+
+
 def convert_karpathy(karpathy_json: str | Path, image_root: str | Path, out: str | Path,
                      split: str | Sequence[str] = "test", shard_size: int = 1000,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, per_caption: bool = False) -> dict[str, Any]:
     """Convert a Karpathy split file (``dataset_coco.json``, ``dataset_flickr30k.json``) into caption shards.
 
     One sample per image of the chosen split(s): ``jpg``, ``txt`` (first raw caption) and ``json``
@@ -328,6 +335,9 @@ def convert_karpathy(karpathy_json: str | Path, image_root: str | Path, out: str
         split: ``"test"``, ``"val"``, ``"train"`` (= train + restval) or a sequence of split names.
         shard_size: samples per shard.
         progress: show a rich progress bar.
+        per_caption: one sample per caption instead of per image (``txt``/``caption`` = that caption,
+            same ``image_id``): the standard retrieval protocol (COCO 5k images × 25k captions);
+            retrieval metrics count each image once by its id.
 
     Returns:
         The summary (see :func:`write_items`) with ``format``, ``input``, ``dataset``, ``image_root``
@@ -340,6 +350,8 @@ def convert_karpathy(karpathy_json: str | Path, image_root: str | Path, out: str
         raise ValueError(f"Karpathy split file {str(karpathy_json)!r} has no 'images' list")
     root = Path(image_root)
     items = [karpathy_item(image, root) for image in images if isinstance(image, dict) and image.get("split") in splits]
+    if per_caption:
+        items = [one for item in items for one in per_caption_items(item)]
     info = {"format": "karpathy", "input": str(karpathy_json), "dataset": data.get("dataset"),
-            "image_root": str(root), "splits": list(splits)}
+            "image_root": str(root), "splits": list(splits), "per_caption": per_caption}
     return write_items(items, out, info, shard_size, progress)

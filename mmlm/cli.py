@@ -86,6 +86,8 @@ def add_converter_parsers(sub: argparse._SubParsersAction) -> None:
     karpathy.add_argument("--images", required=True, help="folder that filepath/filename are relative to")
     karpathy.add_argument("--split", nargs="+", default=["test"],
                           help="test, val, train (= train + restval) or several names (e.g. train restval)")
+    karpathy.add_argument("--per-caption", action="store_true",
+                          help="one sample per caption (retrieval: 5 captions per COCO image) instead of per image")
     for tool in (vqa, gqa, karpathy):
         tool.add_argument("--out", required=True, help="output directory for {00000..N}.tar")
         tool.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
@@ -103,7 +105,7 @@ def convert_main(args: argparse.Namespace) -> dict:
         return converters.convert_gqa(args.questions, args.images, args.out, shard_size=args.shard_size)
     split = args.split[0] if len(args.split) == 1 else args.split
     return converters.convert_karpathy(args.karpathy_json, args.images, args.out, split=split,
-                                       shard_size=args.shard_size)
+                                       shard_size=args.shard_size, per_caption=args.per_caption)
 
 
 def data_main(argv: Sequence[str]) -> int:

@@ -254,6 +254,19 @@ def test_convert_karpathy_coco_test_split(tmp_path, karpathy_coco, tokenizer_dir
     assert batches[0].references == [["A red picture.", "Red again."], ["A green picture."]]
 
 
+def test_convert_karpathy_per_caption_gives_one_sample_per_caption(tmp_path, karpathy_coco, tokenizer_dir):
+    summary = convert_karpathy(karpathy_coco["json"], karpathy_coco["root"], tmp_path / "out", progress=False,
+                               per_caption=True)
+    assert summary["samples"] == 3 and summary["per_caption"] is True  # 2 + 1 captions of the 2 usable images
+    assert summary["skipped"] == {"missing_image": 1, "no_captions": 1}
+    batches, _ = read_batches(summary["urls"], "caption", tokenizer_dir)
+    rows = [(i, r) for b in batches for i, r in zip(b.ids, b.references)]
+    assert [i for i, _ in rows] == ["391895", "391895", "522418"]
+    info = inspect(summary["urls"], n=3)
+    assert [e["txt"] for e in info["examples"]] == ["A red picture.", "Red again.", "A green picture."]
+    assert rows[1][1] == ["A red picture.", "Red again."]  # every caption stays a reference
+
+
 @pytest.mark.parametrize(("split", "cocoids"), [("train", [318556, 116100]), (("train",), [318556]),
                                                 (["val", "restval"], [184613, 116100])])
 def test_convert_karpathy_split_selection(tmp_path, karpathy_coco, split, cocoids):
