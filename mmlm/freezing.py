@@ -19,9 +19,14 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def freeze_(module: nn.Module) -> nn.Module:
-    """Turn off gradients for every parameter and put the module in eval mode (in place)."""
+    """Turn off gradients for every parameter and put the module in eval mode (in place).
+
+    A :class:`Freezable` part is marked frozen, so it also stays in eval mode through ``fit``.
+    """
     for param in module.parameters():
         param.requires_grad_(False)
+    if isinstance(module, Freezable):
+        module.frozen = True
     return module.eval()
 
 

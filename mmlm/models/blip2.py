@@ -48,13 +48,6 @@ def targets_only(labels: torch.Tensor) -> torch.Tensor:
     return labels.gather(1, order)[:, :width].contiguous()
 
 
-def freeze_part(part: nn.Module) -> nn.Module:
-    """Freeze an encoder/LM adapter for good (no grads, eval mode kept through ``fit``)."""
-    freeze_(part)
-    part.frozen = True
-    return part
-
-
 class Blip2(MultimodalModule):
     """BLIP-2 stage 2: Q-Former soft prompt for a frozen causal or seq2seq LM.
 
@@ -75,7 +68,7 @@ class Blip2(MultimodalModule):
                  num_query_tokens: int = 32, qformer: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["encoder", "language_model"])
-        self.encoder = freeze_part(encoder)
+        self.encoder = freeze_(encoder)
         self.qformer = QFormer(encoder.width, num_query_tokens=num_query_tokens, with_text=False, **(qformer or {}))
         self.language_projection = nn.Linear(self.qformer.query_tokens.shape[-1], language_model.width)
         self.language_model = language_model
@@ -83,7 +76,7 @@ class Blip2(MultimodalModule):
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if len(self.tokenizer) > language_model.vocab_size:
             language_model.resize_token_embeddings(len(self.tokenizer))
-        freeze_part(language_model)
+        freeze_(language_model)
         self.seq2seq = is_seq2seq(language_model)
 
     @classmethod

@@ -29,6 +29,7 @@ from mmlm.batch import Batch
 from mmlm.connectors.qformer import QFormer
 from mmlm.distributed import gather_sizes, gather_with_grad
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
+from mmlm.freezing import freeze_
 from mmlm.losses import (
     IGNORE_INDEX,
     ContrastiveOutput,
@@ -42,7 +43,7 @@ from mmlm.losses import (
 from mmlm.masks import bidirectional_mask, multimodal_causal_mask, unimodal_mask
 from mmlm.metrics.retrieval import RetrievalRecall
 from mmlm.models.base import MultimodalModule
-from mmlm.models.blip2 import freeze_part, targets_only
+from mmlm.models.blip2 import targets_only
 from mmlm.models.blip2_retrieval import EvalStore, check_single_process
 from mmlm.tokenizers import load_tokenizer
 
@@ -131,7 +132,7 @@ class Blip2Stage1(MultimodalModule):
                  itm_rerank_k: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["encoder"])
-        self.encoder = freeze_part(encoder)
+        self.encoder = freeze_(encoder)
         self.tokenizer = stage1_tokenizer(tokenizer)
         self.qformer = self._build_qformer(encoder.width, num_query_tokens, dict(qformer or {}), bert)
         word = self.qformer.embeddings.word

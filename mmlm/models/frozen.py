@@ -50,7 +50,6 @@ class Frozen(MultimodalModule):
         if len(self.tokenizer) > language_model.vocab_size:
             language_model.resize_token_embeddings(len(self.tokenizer))
         freeze_(language_model)
-        language_model.frozen = True
         self.eval_shots = eval_shots
 
     @property
