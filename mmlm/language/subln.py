@@ -1,0 +1,385 @@
+"""The built-in Sub-LN (MAGNETO) decoder behind the ``LanguageModel`` interface.
+
+MAGNETO (Wang et al. 2022, "Foundation Transformers", the decoder of KOSMOS-1) adds a second
+LayerNorm inside each sublayer, before its output projection ("Sub-LN"), and scales part of the
+initial weights by ``gamma`` so that deep stacks train stably.
+
+Positions are learned absolute embeddings indexed by the count of real tokens before each one
+(:func:`positions_from_mask`), so a left-padded row gives the same logits and generations as the
+unpadded row. (KOSMOS-1 itself uses xPos relative positions; learned absolute positions keep this
+module small and are exact under left padding, at the price of a fixed ``max_positions``.)
+
+Shape legend: B batch, K beams, T text tokens, S key tokens (cache + new), T_new generated tokens,
+D width, H heads, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmlm.freezing import freeze_
+from mmlm.language.base import GenerationConfig, LanguageModel, LMOutput
+from mmlm.language.hf_causal import positions_from_mask
+from mmlm.losses import causal_lm_loss
+
+#: One layer's cached keys and values, each ``[B, H, S, D / H]``.
+LayerCache = tuple[torch.Tensor, torch.Tensor]
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+#: Names of the weights MAGNETO scales by gamma at initialisation (value, output and FFN projections).
+SCALED_WEIGHTS = ("v_proj", "out_proj", "fc1", "fc2")
+
+
+def magneto_gamma(depth: int) -> float:
+    """MAGNETO's initialisation scale for a decoder-only stack of ``depth`` layers: ``sqrt(log(2 N))``.
+
+    Wang et al. 2022, "Foundation Transformers", §2.2 (Initialization, from the DeepNet-style
+    derivation): an N-layer decoder scales W^V, W^O and both FFN weights by ``gamma = sqrt(log 2N)``
+    after Xavier initialisation (encoder-only: ``sqrt(log 2N)`` too; encoder–decoder use
+    ``sqrt(log(3M) log(2N) / 3)``). As in the paper, a single layer gets ``sqrt(log 2) < 1``.
+    """
+    return math.sqrt(math.log(2 * depth))
+
+
+def attention_bias(attention_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """Boolean SDPA mask ``[B, 1, T, S]`` (True = may attend) for the last ``T`` of ``S`` keys.
+
+    ``attention_mask [B, S]`` marks real keys (cache + new). Each query sees real keys up to itself,
+    and always itself, so a padding query has a finite (unused) output instead of NaN.
+    """
+    num_keys = attention_mask.shape[1]
+    query_pos = torch.arange(num_keys - num_queries, num_keys, device=attention_mask.device)
+    key_pos = torch.arange(num_keys, device=attention_mask.device)
+    causal = key_pos[None, :] <= query_pos[:, None]
+    allowed = causal[None] & attention_mask.bool()[:, None, :]
+    return (allowed | (key_pos[None, :] == query_pos[:, None])[None])[:, None]
+
+
+class SubLNAttention(nn.Module):
+    """Sub-LN self-attention sublayer: LN → q/k/v → SDPA → **LN** → out proj (residual added by the block)."""
+
+    def __init__(self, width: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"SubLNDecoder: width={width} is not divisible by num_heads={num_heads}")
+        self.num_heads, self.dropout = num_heads, dropout
+        self.norm = nn.LayerNorm(width)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(width, width) for _ in range(3))
+        self.inner_norm = nn.LayerNorm(width)
+        self.out_proj = nn.Linear(width, width)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, D]`` → ``[B, H, T, D / H]``."""
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+                past: LayerCache | None = None) -> tuple[torch.Tensor, LayerCache]:
+        """``x [B, T, D]``, ``mask [B, 1, T, S]`` → ``(out [B, T, D], (k, v) [B, H, S, D / H])``."""
+        h = self.norm(x)
+        q, k, v = self._heads(self.q_proj(h)), self._heads(self.k_proj(h)), self._heads(self.v_proj(h))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(self.inner_norm(out.transpose(1, 2).flatten(2))), (k, v)
+
+
+class SubLNFeedForward(nn.Module):
+    """Sub-LN FFN sublayer: LN → fc1 → GELU → **LN** → fc2."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.norm, self.fc1 = nn.LayerNorm(width), nn.Linear(width, hidden)
+        self.inner_norm, self.fc2 = nn.LayerNorm(hidden), nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, D]`` → ``[B, T, D]``."""
+        return self.fc2(self.inner_norm(F.gelu(self.fc1(self.norm(x)))))
+
+
+class SubLNBlock(nn.Module):
+    """One decoder layer: ``x + attn(x)`` then ``x + ffn(x)``, dropout on each sublayer output."""
+
+    def __init__(self, width: int, num_heads: int, ffn_mult: int, dropout: float) -> None:
+        super().__init__()
+        self.attn = SubLNAttention(width, num_heads, dropout)
+        self.ffn = SubLNFeedForward(width, ffn_mult * width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+                past: LayerCache | None = None) -> tuple[torch.Tensor, LayerCache]:
+        """``x [B, T, D]``, ``mask [B, 1, T, S]`` → ``(x [B, T, D], this layer's cache)``."""
+        attn, cache = self.attn(x, mask, past)
+        x = x + self.drop(attn)
+        return x + self.drop(self.ffn(x)), cache
+
+
+class SubLNDecoder(LanguageModel):
+    """A MAGNETO (Sub-LN) decoder-only LM trained from scratch, with its own greedy/beam generation.
+
+    Args:
+        vocab_size: V, rows of the token embedding table.
+        width: D, model width (and of ``inputs_embeds``).
+        depth: N, number of layers (also sets MAGNETO's ``gamma = sqrt(log 2N)``).
+        num_heads: attention heads (must divide ``width``).
+        ffn_mult: FFN hidden width is ``ffn_mult * width``.
+        max_positions: rows of the learned position table (longest prompt + generation).
+        dropout: on attention probabilities and sublayer outputs (training only).
+        pad_token_id: fills generated rows after their eos.
+        bos_token_id: kept in the config for tokenizers/recipes (not used inside).
+        eos_token_id: ends a generated row.
+        tie_embeddings: output head shares the token embedding table.
+        freeze: no gradients and eval mode kept; gradients still flow to ``inputs_embeds``.
+        dtype: ``"bfloat16"``, ``"float16"``, ``"float32"``…; ``None`` keeps float32.
+
+    A trained decoder is reloaded with :meth:`from_pretrained`; there is no ``name_or_path`` argument
+    because the architecture arguments above would then have two sources (signature and config.json).
+    """
+
+    def __init__(self, vocab_size: int, width: int = 512, depth: int = 6, num_heads: int = 8, ffn_mult: int = 4,
+                 max_positions: int = 2048, dropout: float = 0.0, pad_token_id: int = 0, bos_token_id: int = 1,
+                 eos_token_id: int = 2, tie_embeddings: bool = True, freeze: bool = False,
+                 dtype: str | None = None) -> None:
+        super().__init__()
+        self.config: dict[str, Any] = {
+            "vocab_size": vocab_size, "width": width, "depth": depth, "num_heads": num_heads,
+            "ffn_mult": ffn_mult, "max_positions": max_positions, "dropout": dropout,
+            "pad_token_id": pad_token_id, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
+            "tie_embeddings": tie_embeddings}
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if not 0 <= self.config[key] < vocab_size:
+                raise ValueError(f"SubLNDecoder: {key}={self.config[key]} is outside the vocabulary "
+                                 f"(vocab_size={vocab_size})")
+        self.embed_tokens = nn.Embedding(vocab_size, width)
+        self.embed_positions = nn.Embedding(max_positions, width)
+        self.layers = nn.ModuleList(SubLNBlock(width, num_heads, ffn_mult, dropout) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(width)
+        self.lm_head = None if tie_embeddings else nn.Linear(width, vocab_size, bias=False)
+        self.reset_parameters()
+        self.setup_freezing(freeze, dtype)
+
+    def reset_parameters(self) -> None:
+        """Xavier-normal linears, zero biases, ``N(0, D^-1/2)`` embeddings; then MAGNETO's gamma scaling."""
+        std = self.width ** -0.5
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_normal_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.embed_tokens.weight, std=std)
+        nn.init.normal_(self.embed_positions.weight, std=std)
+        gamma = magneto_gamma(self.config["depth"])
+        with torch.no_grad():
+            for name, param in self.layers.named_parameters():
+                if name.endswith("weight") and any(f".{key}." in name for key in SCALED_WEIGHTS):
+                    param.mul_(gamma)
+
+    @property
+    def width(self) -> int:
+        """D, the width of ``inputs_embeds``."""
+        return self.embed_tokens.embedding_dim
+
+    @property
+    def vocab_size(self) -> int:
+        """V, rows of the token embedding table (= logits width)."""
+        return self.embed_tokens.num_embeddings
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter dtype; ``inputs_embeds`` are cast to it."""
+        return self.embed_tokens.weight.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids [B, T]`` → ``embeddings [B, T, D]`` (the token table, no positions)."""
+        return self.embed_tokens(input_ids)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [B, T, D]`` → ``logits [B, T, V]`` through the final LN and (tied) head."""
+        hidden = self.final_norm(hidden)
+        return self.lm_head(hidden) if self.lm_head is not None else hidden @ self.embed_tokens.weight.T
+
+    def _decode(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
+                past: list[LayerCache] | None = None) -> tuple[torch.Tensor, list[LayerCache]]:
+        """Run the stack on new tokens.
+
+        Args:
+            inputs_embeds: ``[B, T, D]`` new tokens.
+            positions: ``[B, T]`` their position ids.
+            key_mask: ``[B, S]`` real keys among cache + new tokens (``S = S_past + T``).
+            past: one cache per layer, or ``None``.
+
+        Returns:
+            ``(logits [B, T, V], new cache per layer)``.
+        """
+        if int(positions.max()) >= self.config["max_positions"]:
+            raise ValueError(f"SubLNDecoder: position {int(positions.max())} >= max_positions="
+                             f"{self.config['max_positions']}")
+        x = inputs_embeds.to(self.dtype) + self.embed_positions(positions)
+        mask = attention_bias(key_mask, x.shape[1])
+        caches = []
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(x, mask, None if past is None else past[i])
+            caches.append(cache)
+        return self._logits(x), caches
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None) -> LMOutput:
+        """Teacher-forced pass over ``inputs_embeds [B, T, D]`` with ``attention_mask [B, T]`` (any padding side).
+
+        ``labels [B, T]`` are aligned with the inputs (position ``t`` predicts ``labels[:, t + 1]``),
+        ``-100`` ignored. Returns ``logits [B, T, V]`` and the mean loss.
+        """
+        logits, _ = self._decode(inputs_embeds, positions_from_mask(attention_mask), attention_mask)
+        return LMOutput(loss=None if labels is None else causal_lm_loss(logits, labels), logits=logits)
+
+    # ------------------------------------------------------------------ generation
+
+    def _prefill(self, inputs_embeds: torch.Tensor,
+                 attention_mask: torch.Tensor) -> tuple[torch.Tensor, list[LayerCache]]:
+        """Encode the prompt: last-position ``logits [B, V]`` and the cache."""
+        logits, past = self._decode(inputs_embeds, positions_from_mask(attention_mask), attention_mask)
+        return logits[:, -1].float(), past
+
+    def _step(self, tokens: torch.Tensor, attention_mask: torch.Tensor,
+              past: list[LayerCache]) -> tuple[torch.Tensor, torch.Tensor, list[LayerCache]]:
+        """Feed ``tokens [B]`` after ``attention_mask [B, S]`` → ``(logits [B, V], mask [B, S + 1], cache)``."""
+        positions = attention_mask.sum(-1, keepdim=True)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(tokens), 1)], dim=1)
+        logits, past = self._decode(self.embed(tokens[:, None]), positions, attention_mask, past)
+        return logits[:, -1].float(), attention_mask, past
+
+    def _process(self, logits: torch.Tensor, generated: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+        """Apply repetition penalty (on ``generated [B, t]``) and ``min_new_tokens`` to ``logits [B, V]``."""
+        if config.repetition_penalty != 1.0 and generated.shape[1]:
+            seen = logits.gather(1, generated)
+            seen = torch.where(seen > 0, seen / config.repetition_penalty, seen * config.repetition_penalty)
+            logits = logits.scatter(1, generated, seen)
+        if generated.shape[1] < config.min_new_tokens:
+            logits = logits.clone()
+            logits[:, self.config["eos_token_id"]] = float("-inf")
+        return logits
+
+    @torch.no_grad()
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                 config: GenerationConfig) -> torch.Tensor:
+        """Greedy (``num_beams == 1``) or beam search with a KV cache after left-padded ``inputs_embeds [B, T, D]``.
+
+        Returns the new token ids ``[B, T_new]`` only, ``T_new <= config.max_new_tokens`` (shorter when
+        every row ended with eos, which is kept); positions after a row's eos hold ``pad_token_id``.
+        Runs in the current mode: call ``.eval()`` first unless dropout is wanted.
+        """
+        if config.num_beams > 1:
+            return self.beam_search(inputs_embeds, attention_mask, config, config.num_beams)
+        return self.greedy_search(inputs_embeds, attention_mask, config)
+
+    @torch.no_grad()
+    def greedy_search(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                      config: GenerationConfig) -> torch.Tensor:
+        """Greedy decoding; arguments and result as :meth:`generate`."""
+        eos, pad = self.config["eos_token_id"], self.config["pad_token_id"]
+        logits, past = self._prefill(inputs_embeds, attention_mask)
+        generated = attention_mask.new_zeros(len(logits), 0, dtype=torch.long)
+        done = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+        for step in range(config.max_new_tokens):
+            tokens = self._process(logits, generated, config).argmax(-1).masked_fill(done, pad)
+            generated = torch.cat([generated, tokens[:, None]], dim=1)
+            done |= tokens == eos
+            if done.all() or step + 1 == config.max_new_tokens:
+                break
+            logits, attention_mask, past = self._step(tokens, attention_mask, past)
+        return generated
+
+    @torch.no_grad()
+    def beam_search(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                    config: GenerationConfig, num_beams: int) -> torch.Tensor:
+        """Beam search keeping ``num_beams`` (K) hypotheses per row; result as :meth:`generate`.
+
+        A beam that emitted eos stays in the beam with its score frozen (it only extends with pad at
+        no cost); the best beam is picked at the end by ``score / length ** length_penalty``. With
+        ``num_beams=1`` this is greedy search.
+        """
+        batch, k = inputs_embeds.shape[0], num_beams
+        logits, past = self._prefill(inputs_embeds.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0))
+        attention_mask = attention_mask.repeat_interleave(k, 0)
+        scores = torch.full((batch, k), float("-inf"), device=logits.device)
+        scores[:, 0] = 0.0  # all beams start identical: expand only the first
+        generated = attention_mask.new_zeros(batch * k, 0, dtype=torch.long)
+        done = torch.zeros(batch * k, dtype=torch.bool, device=logits.device)
+        lengths = torch.zeros(batch * k, device=logits.device)
+        for step in range(config.max_new_tokens):
+            logp = self._beam_log_probs(self._process(logits, generated, config), done)
+            flat = (scores[:, :, None] + logp.view(batch, k, -1)).flatten(1)
+            scores, index = flat.topk(k, dim=1)
+            source = (index // self.vocab_size + torch.arange(batch, device=index.device)[:, None] * k).flatten()
+            tokens = (index % self.vocab_size).flatten()
+            generated = torch.cat([generated[source], tokens[:, None]], dim=1)
+            lengths = lengths[source] + (~done[source]).float()
+            done = done[source] | (tokens == self.config["eos_token_id"])
+            if done.all() or step + 1 == config.max_new_tokens:
+                break
+            past = [(key[source], value[source]) for key, value in past]
+            logits, attention_mask, past = self._step(tokens, attention_mask[source], past)
+        best = (scores / lengths.view(batch, k) ** config.length_penalty).argmax(1)
+        return generated.view(batch, k, -1)[torch.arange(batch), best]
+
+    def _beam_log_probs(self, logits: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities ``[B*K, V]``; a finished beam may only add pad, at log-prob 0."""
+        logp = logits.log_softmax(-1)
+        finished = torch.full_like(logp, float("-inf"))
+        finished[:, self.config["pad_token_id"]] = 0.0
+        return torch.where(done[:, None], finished, logp)
+
+    # ------------------------------------------------------------------ vocabulary and files
+
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        """Grow or shrink the token table (and untied head) to ``vocab_size`` rows, keeping the old rows.
+
+        New rows are drawn like the initial ones; a frozen decoder stays frozen.
+        """
+        old = self.embed_tokens.weight
+        keep = min(vocab_size, self.vocab_size)
+        table = nn.Embedding(vocab_size, self.width, device=old.device, dtype=old.dtype)
+        nn.init.normal_(table.weight, std=self.width ** -0.5)
+        with torch.no_grad():
+            table.weight[:keep] = old[:keep]
+        self.embed_tokens = table
+        if self.lm_head is not None:
+            head = nn.Linear(self.width, vocab_size, bias=False, device=old.device, dtype=old.dtype)
+            with torch.no_grad():
+                head.weight[:keep] = self.lm_head.weight[:keep]
+            self.lm_head = head
+        self.config["vocab_size"] = vocab_size
+        if self.frozen:
+            freeze_(self)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write ``config.json`` (the architecture arguments) and ``model.safetensors`` to ``directory``."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_NAME).write_text(json.dumps(self.config, indent=2, sort_keys=True))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str, freeze: bool = False, dtype: str | None = None) -> SubLNDecoder:
+        """Rebuild a decoder written by :meth:`save_pretrained` (strict: missing or extra weights raise).
+
+        Weights keep their saved dtype unless ``dtype`` is given.
+        """
+        path = Path(directory)
+        if not (path / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"SubLNDecoder.from_pretrained: no {CONFIG_NAME} in {directory}")
+        state = load_file(str(path / WEIGHTS_NAME))
+        saved_dtype = next(iter(state.values())).dtype
+        model = cls(**json.loads((path / CONFIG_NAME).read_text()))
+        model.to(saved_dtype).load_state_dict(state, strict=True)
+        model.setup_freezing(freeze, dtype)
+        return model
