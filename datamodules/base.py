@@ -226,7 +226,8 @@ class ShardPipeline(IterableDataset):
                 f"training on {self.world_size} ranks needs epoch_samples so every rank yields the same "
                 "number of batches (uneven ranks hang DDP)"
             )
-        needed = self.world_size * max(1, self.num_workers)
+        workers = max(1, self.num_workers) if self.train else 1  # evaluation caps its workers instead
+        needed = self.world_size * workers
         for pattern, urls in zip(sources, self.urls):
             if not urls:
                 raise ValueError(f"source {pattern!r} expands to no shards")
@@ -234,7 +235,7 @@ class ShardPipeline(IterableDataset):
             if not self.resampled and len(urls) < needed:
                 raise ValueError(
                     f"source {pattern!r} has {len(urls)} shard(s) but {self.world_size} rank(s) × "
-                    f"{max(1, self.num_workers)} worker(s) need at least {needed}: write it as ≥ {needed} "
+                    f"{workers} worker(s) need at least {needed}: write it as ≥ {needed} "
                     "shards, lower num_workers, or use resampled=True for training"
                 )
 
@@ -465,7 +466,10 @@ class WebDataModule(pl.LightningDataModule):
     def make_loader(self, pipeline: ShardPipeline) -> SkipCountingLoader:
         """Wrap a pipeline in a :class:`SkipCountingLoader` feeding this module's counter."""
         epoch_fn = self.current_epoch if pipeline.train else None
-        return SkipCountingLoader(pipeline, self.skips, epoch_fn, num_workers=self.num_workers,
+        workers = self.num_workers
+        if not pipeline.train:  # no more workers than this rank has shards of its smallest source
+            workers = min(workers, min(len(urls) for urls in pipeline.urls) // pipeline.world_size)
+        return SkipCountingLoader(pipeline, self.skips, epoch_fn, num_workers=workers,
                                   pin_memory=torch.cuda.is_available())
 
     def _eval_loaders(self, stage: str) -> SkipCountingLoader | list[SkipCountingLoader]:

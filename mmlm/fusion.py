@@ -64,7 +64,7 @@ def prepend_placeholders(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     ids = torch.cat([slots, input_ids], dim=1)
     mask = torch.cat([torch.ones_like(slots, dtype=attention_mask.dtype), attention_mask], dim=1)
     new_labels = None if labels is None else torch.cat([torch.full_like(slots, -100), labels], dim=1)
-    left_padded = bool((attention_mask[:, 0] == 0).any())
+    left_padded = attention_mask.shape[1] > 0 and bool((attention_mask[:, 0] == 0).any())
     if left_padded:
         order = torch.argsort(mask, dim=1, stable=True)
         ids, mask = ids.gather(1, order), mask.gather(1, order)

@@ -8,6 +8,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from mmlm.hub import require_local
+
 IMAGE_TOKEN = "<image>"
 SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -20,9 +22,7 @@ def load_tokenizer(name_or_path: str | Path, special_tokens: Iterable[str] = ())
     Raises:
         FileNotFoundError: ``name_or_path`` looks like a local path but does not exist.
     """
-    path = Path(name_or_path)
-    if (path.is_absolute() or str(name_or_path).startswith(".")) and not path.exists():
-        raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
+    require_local(name_or_path, "tokenizer directory")
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -93,3 +93,10 @@ def test_prepend_without_labels_returns_none_and_splice_fills_the_prefix():
     prefix = torch.tensor([[[1.0]], [[2.0]]])  # [B, k=1, D=1]
     out = splice(torch.zeros(2, 3, 1), new_ids, P, prefix)
     assert out[0, 1, 0] == 1.0 and out[1, 0, 0] == 2.0
+
+
+def test_prepend_placeholders_to_an_empty_prompt():
+    """An empty prompt with a tokenizer without bos gives ``[B, 0]`` ids: the result is the slots alone."""
+    ids = torch.zeros(2, 0, dtype=torch.long)
+    out_ids, out_mask, _ = prepend_placeholders(ids, torch.zeros(2, 0, dtype=torch.long), placeholder_id=9, count=3)
+    assert out_ids.tolist() == [[9, 9, 9]] * 2 and out_mask.tolist() == [[1, 1, 1]] * 2

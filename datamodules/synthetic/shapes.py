@@ -46,6 +46,7 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 
 VQA_PROMPT = "Question: {question} Answer:"
 CAPTION_PROMPT = "a picture of"
+VAL_SHARDS = 8
 QUESTION_TEMPLATES = {
     "colour": "what colour is the {shape}?",
     "shape": "what shape is the {colour} object?",
@@ -352,6 +353,12 @@ def coverage_texts() -> list[str]:
     return [re.sub(r"\{\w+\}\w*", " ", t) for t in templates] + [" ".join(words)]
 
 
+def split_shard_size(split: str, images: int, shard_size: int) -> int:
+    """Samples per shard: ``shard_size``, but validation images spread over at least ``VAL_SHARDS`` shards so
+    that up to that many evaluation ranks each get one (evaluation splits shards across ranks)."""
+    return shard_size if split == "train" else max(1, min(shard_size, -(-images // VAL_SHARDS)))
+
+
 def write_shapes(out: str | Path, train: int, val: int, seed: int = 0, shard_size: int = 1000,
                  progress: bool = True) -> dict[str, Any]:
     """Write the shapes data set (shards, tokenizer, summary) under ``out``; returns the summary.
@@ -360,7 +367,8 @@ def write_shapes(out: str | Path, train: int, val: int, seed: int = 0, shard_siz
     ``json`` with ``caption``, ``captions``, ``image_id``), ``out/{train,val}/vqa-{i:05d}.tar``
     (one sample per question: ``jpg``, ``json`` with ``question``, ``answers`` (10),
     ``question_id``, ``image_id``, ``question_type``), ``out/tokenizer/`` (word-level, loads with
-    ``mmlm.tokenizers.load_tokenizer``) and ``out/summary.json``. Byte-identical for a seed.
+    ``mmlm.tokenizers.load_tokenizer``) and ``out/summary.json``. Byte-identical for a seed. Validation
+    images go ``ceil(val / 8)`` to a shard (at most ``shard_size``), so up to 8 evaluation ranks work.
     Shards of these names already in ``out/{train,val}`` are deleted first.
 
     Raises:
@@ -372,7 +380,7 @@ def write_shapes(out: str | Path, train: int, val: int, seed: int = 0, shard_siz
     texts: set[str] = set()
     with Progress(disable=not progress) as bar:
         advance = partial(bar.advance, bar.add_task("writing shapes", total=train + val))
-        splits = {split: _write_split(out, split, n, seed, shard_size, texts, advance)
+        splits = {split: _write_split(out, split, n, seed, split_shard_size(split, n, shard_size), texts, advance)
                   for split, n in zip(SPLITS, (train, val))}
     tokenizer = train_word_tokenizer(sorted(texts) + coverage_texts(), out / "tokenizer")
     summary = {"seed": seed, "image_size": IMAGE_SIZE, "shard_size": shard_size,

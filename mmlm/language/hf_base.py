@@ -15,6 +15,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from mmlm.convert.keys import check_hf_loading_info
 from mmlm.freezing import freeze_, parse_dtype
+from mmlm.hub import require_local
 from mmlm.language.base import GenerationConfig, LanguageModel
 
 SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
@@ -68,6 +69,7 @@ def load_hf_model(auto_class: Any, name_or_path: str | None, config: dict[str, A
 
     Raises:
         ValueError: neither or both of ``name_or_path`` and ``config`` are given.
+        FileNotFoundError: ``name_or_path`` is a local path that does not exist.
         RuntimeError: the checkpoint misses weights the model has (or has extra or misshapen ones),
             naming the keys; transformers' own tied-weight and ignore lists apply first.
     """
@@ -76,6 +78,7 @@ def load_hf_model(auto_class: Any, name_or_path: str | None, config: dict[str, A
                          f"(dict with 'model_type'); got name_or_path={name_or_path!r}, config={config!r}")
     dtype_kwargs = {} if dtype is None else {"dtype": dtype}
     if name_or_path is not None:
+        require_local(name_or_path, "language model directory")
         model, info = auto_class.from_pretrained(name_or_path, output_loading_info=True, **dtype_kwargs)
         check_hf_loading_info(info, name_or_path)
         return model

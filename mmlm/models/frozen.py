@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from mmlm.batch import Batch
@@ -32,7 +33,7 @@ class Frozen(MultimodalModule):
         tokenizer: hub id or local directory of the LM's tokenizer (``<image>`` is added).
         connector: builds the connector from ``(encoder width, LM width)``.
         eval_shots: support examples per query at evaluation (0 = zero-shot). Support examples
-            are the next ``eval_shots`` examples of the same batch (other images), with their
+            are the next ``eval_shots`` examples of the same batch that show another image, with their
             targets, interleaved before the query as ``<image> prompt target <image> prompt``.
         **kwargs: optimisation and evaluation settings of :class:`MultimodalModule`.
     """
@@ -77,7 +78,7 @@ class Frozen(MultimodalModule):
     @torch.no_grad()
     def generate_text(self, batch: Batch) -> list[str]:
         """Zero-shot (or ``eval_shots``-shot) generation from each example's prompt."""
-        if self.eval_shots > 0 and len(batch) > self.eval_shots:
+        if self.eval_shots > 0:
             return self.generate_few_shot(batch, self.eval_shots)
         prefix = self.encode_images(batch.pixels)
         embeds, mask, _ = self._embed(batch.prompt_ids, batch.prompt_mask, None, prefix)
@@ -88,14 +89,21 @@ class Frozen(MultimodalModule):
         """Interleave ``shots`` support examples before each query, in the training token layout.
 
         Row ``i`` is ``[<image>×k, bos, prompt, target, eos]`` for each support example ``j`` (the
-        next ``shots`` examples of the batch), then ``[<image>×k, bos, prompt]`` for the query.
+        next ``shots`` examples of the batch showing another image: questions about the query's own
+        image would give its answers away), then ``[<image>×k, bos, prompt]`` for the query.
+
+        A query whose batch holds fewer than ``shots`` other images (a short last batch) gets fewer
+        support examples, with a warning.
         """
         prefix = self.encode_images(batch.pixels)
         k = prefix.shape[1]
         slots = torch.full((k,), self.image_token_id, dtype=batch.input_ids.dtype, device=self.device)
         rows, order = [], []
         for i in range(len(batch)):
-            support = [(i + s) % len(batch) for s in range(1, shots + 1)]
+            support = support_examples(batch.pixels, i, shots)
+            if len(support) < shots:
+                rank_zero_warn(f"few-shot evaluation: a batch of {len(batch)} gave a query only {len(support)} of "
+                               f"{shots} support examples of other images (raise data.batch_size)")
             parts = [torch.cat([slots, batch.input_ids[j][batch.attention_mask[j].bool()]]) for j in support]
             parts.append(torch.cat([slots, batch.prompt_ids[i][batch.prompt_mask[i].bool()]]))
             rows.append(torch.cat(parts))
@@ -104,3 +112,16 @@ class Frozen(MultimodalModule):
         images = prefix[torch.tensor(order, device=prefix.device)]
         embeds = splice(self.language_model.embed(ids), ids, self.image_token_id, images)
         return self.decode(self.language_model.generate(embeds, mask, self.generation))
+
+
+def support_examples(pixels: torch.Tensor, query: int, shots: int) -> list[int]:
+    """Up to ``shots`` indices after ``query`` (cyclically) whose image differs from the query's.
+
+    Args:
+        pixels: ``[B, 3, H, W]`` batch images.
+        query: index of the query example.
+        shots: support examples wanted.
+    """
+    size = pixels.shape[0]
+    others = [(query + s) % size for s in range(1, size)]
+    return [j for j in others if not torch.equal(pixels[j], pixels[query])][:shots]

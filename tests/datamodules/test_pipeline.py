@@ -172,9 +172,19 @@ def test_validation_visits_each_sample_once_across_ranks_and_workers(tmp_path, t
 
 def test_too_few_shards_names_the_number_needed(tmp_path, tokenizer_dir):
     urls = caption_shards(tmp_path, 6, per_shard=2)  # 3 shards
-    dm = datamodule(tokenizer_dir, num_workers=2)
+    dm = datamodule(tokenizer_dir, num_workers=2, epoch_samples=8)
     with pytest.raises(ValueError, match=r"has 3 shard\(s\) .* need at least 4"):
-        dm.build_pipeline("validate", [Source(urls)], rank=0, world_size=2)
+        dm.build_pipeline("fit", [Source(urls)], rank=0, world_size=2)  # training: ranks × workers
+    with pytest.raises(ValueError, match=r"has 3 shard\(s\) .* need at least 4"):
+        dm.build_pipeline("validate", [Source(urls)], rank=0, world_size=4)  # evaluation: ranks
+
+
+def test_evaluation_caps_workers_to_the_shards_of_a_rank(tmp_path, tokenizer_dir):
+    urls = caption_shards(tmp_path, 6, per_shard=2)  # 3 shards: 1 per rank of 2 (the other gets 2)
+    dm = datamodule(tokenizer_dir, num_workers=2)
+    loader = dm.make_loader(dm.build_pipeline("validate", [Source(urls)], rank=0, world_size=2))
+    assert loader.num_workers == 1
+    assert sorted(k for b in loader for k in b.keys) == ["000000000", "000000001", "000000004", "000000005"]
 
 
 def test_missing_shard_is_named(tmp_path, tokenizer_dir):

@@ -113,7 +113,7 @@ def test_generate_text_returns_one_string_per_example(make_frozen, shapes_batch)
 
 def test_few_shot_sequence_holds_two_images_per_query(make_frozen, shapes_batch, monkeypatch):
     model = make_frozen(eval_shots=1, generation=GenerationConfig(max_new_tokens=3)).eval()
-    batch = shapes_batch(size=3)
+    batch = shapes_batch(kind="caption", size=3)  # one sample per image: the next row is always another image
     k = model.connector.num_tokens
     seen, original = [], frozen_module.splice
 
@@ -131,7 +131,7 @@ def test_few_shot_examples_use_the_training_token_layout(make_frozen, shapes_bat
     """Support = ``<image>×k`` + the training sequence (bos, prompt, target, eos); query = ``<image>×k`` + the
     zero-shot prompt (bos, prompt), exactly as the LM saw them behind each image during training."""
     model = make_frozen(eval_shots=1, generation=GenerationConfig(max_new_tokens=2)).eval()
-    batch = shapes_batch(size=2)
+    batch = shapes_batch(kind="caption", size=2)
     k, slot = model.connector.num_tokens, model.image_token_id
     seen, original = [], frozen_module.splice
 
@@ -148,9 +148,17 @@ def test_few_shot_examples_use_the_training_token_layout(make_frozen, shapes_bat
     assert real == [slot] * k + support + [slot] * k + query
 
 
-def test_few_shot_falls_back_to_zero_shot_for_a_too_small_batch(make_frozen, shapes_batch):
+def test_few_shot_with_too_few_other_images_warns_and_still_answers(make_frozen, shapes_batch):
     model = make_frozen(eval_shots=2, generation=GenerationConfig(max_new_tokens=2)).eval()
-    assert len(model.generate_text(shapes_batch(size=2))) == 2
+    with pytest.warns(UserWarning, match="support examples of other images"):
+        assert len(model.generate_text(shapes_batch(size=2))) == 2
+
+
+def test_few_shot_support_never_shows_the_query_image():
+    pixels = torch.stack([torch.zeros(3, 2, 2), torch.zeros(3, 2, 2), torch.ones(3, 2, 2), torch.ones(3, 2, 2) * 2])
+    assert frozen_module.support_examples(pixels, 0, shots=2) == [2, 3]  # 1 shows the same image as 0
+    assert frozen_module.support_examples(pixels, 2, shots=3) == [3, 0, 1]
+    assert frozen_module.support_examples(pixels[:2], 0, shots=1) == []
 
 
 # ---------------------------------------------------------------------------------- evaluation
