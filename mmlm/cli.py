@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.cli import LightningCLI
 
+from datamodules.synthetic.shapes import DEFAULT_TRAIN_IMAGES, DEFAULT_VAL_IMAGES
 from mmlm.models.base import MultimodalModule
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -52,8 +53,8 @@ def data_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="tool", required=True)
     synth = sub.add_parser("synth-shapes", help="render coloured-shape images with captions and VQA")
     synth.add_argument("--out", required=True, help="output directory")
-    synth.add_argument("--train", type=int, default=4000, help="training images")
-    synth.add_argument("--val", type=int, default=500, help="validation images")
+    synth.add_argument("--train", type=int, default=DEFAULT_TRAIN_IMAGES, help="training images")
+    synth.add_argument("--val", type=int, default=DEFAULT_VAL_IMAGES, help="validation images")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     make = sub.add_parser("make-shards", help="convert an image folder + captions or COCO JSON to shards")

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from datamodules.synthetic.shapes import DEFAULT_TRAIN_IMAGES, DEFAULT_VAL_IMAGES
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_DATA = Path("data/shapes")
 
@@ -42,27 +44,32 @@ def sources(config: str, split: str, data_dir: Path) -> str:
     return json.dumps(rows)
 
 
-def stage_args(config: str, data_dir: Path, run_dir: Path, steps: int, val_batches: int, workers: int) -> list[str]:
-    """Command-line overrides of one stage: length, run directory, data location."""
-    return [
+def stage_args(config: str, data_dir: Path, run_dir: Path, steps: int | None, val_batches: int | None,
+               workers: int | None) -> list[str]:
+    """Command-line overrides of one stage: run directory and data location, plus length, validation batches
+    and loader workers where given (``None`` keeps the config's value)."""
+    args = [
         "--config", str(CONFIGS / "tiny" / config),
-        "--trainer.max_steps", str(steps),
-        "--trainer.val_check_interval", str(steps),
-        "--trainer.limit_val_batches", str(val_batches),
         "--trainer.default_root_dir", str(run_dir),
         "--trainer.enable_progress_bar", "false",
         "--model.init_args.tokenizer", str(data_dir / "tokenizer"),
         "--data.init_args.train", sources(config, "train", data_dir),
         "--data.init_args.val", sources("frozen.yaml", "val", data_dir),
-        "--data.init_args.num_workers", str(workers),
     ]
+    optional = {"--trainer.max_steps": steps, "--trainer.val_check_interval": steps,
+                "--trainer.limit_val_batches": val_batches, "--data.init_args.num_workers": workers}
+    return args + [item for key, value in optional.items() if value is not None for item in (key, str(value))]
 
 
 def run_quickstart(data_dir: str | Path = "data/shapes", out_dir: str | Path = "runs/quickstart",
-                   train_images: int = 6000, val_images: int = 500, lm_steps: int = 600,
-                   frozen_steps: int = 2000, val_batches: int = 8, workers: int = 1,
-                   seed: int = 0) -> dict[str, float]:
-    """Run the four steps; returns the numbers printed in the final table."""
+                   train_images: int = DEFAULT_TRAIN_IMAGES, val_images: int = DEFAULT_VAL_IMAGES,
+                   lm_steps: int | None = None, frozen_steps: int | None = None, val_batches: int | None = None,
+                   workers: int | None = None, seed: int = 0) -> dict[str, float]:
+    """Run the four steps; returns the numbers printed in the final table.
+
+    ``lm_steps``, ``frozen_steps``, ``val_batches`` and ``workers`` override the tiny configs
+    (``configs/tiny/text_lm.yaml``, ``frozen.yaml``); ``None`` keeps their values.
+    """
     from mmlm.cli import lightning_cli
     from mmlm.metrics import majority_answer_baseline
 
@@ -118,8 +125,9 @@ def quickstart_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="mmlm quickstart", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, param in inspect.signature(run_quickstart).parameters.items():
-        kind = int if isinstance(param.default, int) else str
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=param.default)
+        kind = int if "int" in str(param.annotation) else str
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=param.default,
+                            help="default: %(default)s" + (" (the config's value)" if param.default is None else ""))
     args = parser.parse_args(list(argv))
     start = time.time()
     results = run_quickstart(**vars(args))

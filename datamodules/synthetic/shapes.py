@@ -47,6 +47,8 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 VQA_PROMPT = "Question: {question} Answer:"
 CAPTION_PROMPT = "a picture of"
 VAL_SHARDS = 8
+DEFAULT_TRAIN_IMAGES = 6000  # the quickstart's and `mmlm data synth-shapes`' sizes
+DEFAULT_VAL_IMAGES = 500
 QUESTION_TEMPLATES = {
     "colour": "what colour is the {shape}?",
     "shape": "what shape is the {colour} object?",
