@@ -19,6 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mmlm.batch import Batch
+from mmlm.encoders.base import ImagePreprocess
+from mmlm.fusion import prepend_placeholders, splice
 from mmlm.language.base import GenerationConfig
 from mmlm.metrics import CaptionMetrics, VQAAccuracy
 
@@ -110,6 +112,18 @@ class MultimodalModule(pl.LightningModule):
     def generate_text(self, batch: Batch) -> list[str]:
         """One generated string per example of ``batch`` (from ``batch.prompt_ids``)."""
         raise NotImplementedError
+
+    @property
+    def image_preprocess(self) -> ImagePreprocess:
+        """Image size, mean and std the datamodule must produce: the family's ``encoder``'s."""
+        return self.encoder.preprocess
+
+    def _embed(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None,
+               prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Put a modality prefix ``[B, M, D]`` before ``ids [B, T]`` of ``self.language_model``, filling
+        ``self.image_token_id`` slots → embeds ``[B, M+T, D]``, mask ``[B, M+T]``, labels (``-100`` on slots)."""
+        ids, mask, labels = prepend_placeholders(ids, mask, self.image_token_id, prefix.shape[1], labels)
+        return splice(self.language_model.embed(ids), ids, self.image_token_id, prefix), mask, labels
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Generated ids ``[B, T_new]`` → stripped strings without special tokens (pad, eos)."""

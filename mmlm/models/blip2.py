@@ -25,9 +25,8 @@ from torch import nn
 from mmlm.batch import Batch
 from mmlm.connectors.qformer import QFormer
 from mmlm.convert.blip2_hf import blip2_from_hf, blip2_to_hf
-from mmlm.encoders.base import ImagePreprocess, VisionEncoder
+from mmlm.encoders.base import VisionEncoder
 from mmlm.freezing import freeze_
-from mmlm.fusion import prepend_placeholders, splice
 from mmlm.language.base import GenerationConfig, LanguageModel, LMOutput
 from mmlm.language.hf_seq2seq import HFSeq2SeqLM
 from mmlm.models.base import MultimodalModule
@@ -101,23 +100,12 @@ class Blip2(MultimodalModule):
         """Write a directory that ``Blip2ForConditionalGeneration.from_pretrained`` (and ``Blip2Processor``) load."""
         blip2_to_hf(self, directory)
 
-    @property
-    def image_preprocess(self) -> ImagePreprocess:
-        """Image size, mean and std the datamodule must produce (the encoder's)."""
-        return self.encoder.preprocess
-
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels [B, 3, H, W]`` → soft prompt ``[B, M, D]`` in the LM's dtype (Q-Former and projection in fp32)."""
         image = self.encoder(pixels)  # [B, N, Dv], encoder dtype; the Q-Former casts it to fp32
         queries = self.qformer(image).query  # [B, M, H]
         projected = self.language_projection(queries.to(self.language_projection.weight.dtype))
         return projected.to(self.language_model.dtype)
-
-    def _embed(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None,
-               soft_prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Put the soft prompt ``[B, M, D]`` before ``ids [B, T]`` → embeds ``[B, M+T, D]``, mask, labels."""
-        ids, mask, labels = prepend_placeholders(ids, mask, self.image_token_id, soft_prompt.shape[1], labels)
-        return splice(self.language_model.embed(ids), ids, self.image_token_id, soft_prompt), mask, labels
 
     def forward(self, batch: Batch) -> LMOutput:
         """Teacher-forced pass. Decoder-only: logits ``[B, M+T, V]`` over ``[soft prompt; input_ids]``, loss on

@@ -28,7 +28,7 @@ from torch import nn
 from mmlm.batch import Batch
 from mmlm.connectors.qformer import QFormer
 from mmlm.distributed import gather_sizes, gather_with_grad
-from mmlm.encoders.base import ImagePreprocess, VisionEncoder
+from mmlm.encoders.base import VisionEncoder
 from mmlm.freezing import freeze_
 from mmlm.losses import (
     IGNORE_INDEX,
@@ -157,11 +157,6 @@ class Blip2Stage1(MultimodalModule):
             raise ValueError(f"Blip2Stage1(bert={bert!r}) takes its sizes from BERT; qformer may only set "
                              f"cross_attention_freq, got {sorted(options)}")
         return QFormer.from_bert(bert, width, num_queries, options.get("cross_attention_freq", 2))
-
-    @property
-    def image_preprocess(self) -> ImagePreprocess:
-        """Image size, mean and std the datamodule must produce (the encoder's)."""
-        return self.encoder.preprocess
 
     def text_inputs(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``labels [B, T]`` → ``([CLS] target, mask)``, each ``[B, 1 + T']`` (target = caption + eos, right-padded)."""

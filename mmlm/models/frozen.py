@@ -16,9 +16,9 @@ from torch import nn
 
 from mmlm.batch import Batch
 from mmlm.connectors import LinearPrefix
-from mmlm.encoders.base import ImagePreprocess, VisionEncoder
+from mmlm.encoders.base import VisionEncoder
 from mmlm.freezing import freeze_
-from mmlm.fusion import left_pad, prepend_placeholders, splice
+from mmlm.fusion import left_pad, splice
 from mmlm.language.base import LanguageModel
 from mmlm.models.base import MultimodalModule
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
@@ -53,21 +53,10 @@ class Frozen(MultimodalModule):
         freeze_(language_model)
         self.eval_shots = eval_shots
 
-    @property
-    def image_preprocess(self) -> ImagePreprocess:
-        """Image size, mean and std the datamodule must produce (the encoder's)."""
-        return self.encoder.preprocess
-
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels [B, 3, H, W]`` → visual prefix ``[B, k, D]`` in the LM's dtype."""
         prefix = self.connector(self.encoder(pixels))
         return prefix.to(next(self.language_model.parameters()).dtype)
-
-    def _embed(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None,
-               prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Prepend the visual prefix to ``ids [B, T]``: → embeds ``[B, k+T, D]``, mask, labels."""
-        ids, mask, labels = prepend_placeholders(ids, mask, self.image_token_id, prefix.shape[1], labels)
-        return splice(self.language_model.embed(ids), ids, self.image_token_id, prefix), mask, labels
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
         """Caption/answer cross-entropy with the image prefix; prompt and padding are ignored."""
