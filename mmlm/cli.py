@@ -8,6 +8,7 @@ model and datamodule chosen by ``class_path``; ``mmlm data …`` holds the data 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -20,12 +21,16 @@ from datamodules.synthetic.shapes import DEFAULT_TRAIN_IMAGES, DEFAULT_VAL_IMAGE
 from mmlm.models.base import MultimodalModule
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# Modules that add ``mmlm data`` tools. Each has ``add_data_tools(sub)``, which adds subparsers to ``sub`` and sets
+# ``run=callable(args) -> dict`` with ``set_defaults``; the returned summary is printed as JSON. Keep their
+# module-level imports light: the parser is built for every ``mmlm data`` call.
+DATA_TOOL_MODULES: tuple[str, ...] = (
+)
 USAGE = """usage: mmlm COMMAND [options]
 
   fit | validate | test | predict --config FILE.yaml [--key value ...]
                       LightningCLI over every mmlm model and datamodule (mmlm fit --help)
-  data synth-shapes | make-shards | inspect ...
-                      make and inspect WebDataset shards (mmlm data --help)
+  data TOOL ...       make, convert and inspect WebDataset shards (mmlm data --help lists the tools)
   quickstart          the main job: synthetic data, tiny Frozen on CPU, evaluation (mmlm quickstart --help)
 """
 
@@ -48,7 +53,7 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> Lightn
 
 
 def data_parser() -> argparse.ArgumentParser:
-    """Arguments of ``mmlm data synth-shapes | make-shards | inspect | convert-vqav2 | convert-gqa | convert-karpathy``."""
+    """Arguments of ``mmlm data TOOL``: the tools here plus those of :data:`DATA_TOOL_MODULES`."""
     parser = argparse.ArgumentParser(prog="mmlm data", description="Make and inspect WebDataset shards.")
     sub = parser.add_subparsers(dest="tool", required=True)
     synth = sub.add_parser("synth-shapes", help="render coloured-shape images with captions and VQA")
@@ -67,6 +72,8 @@ def data_parser() -> argparse.ArgumentParser:
     inspect.add_argument("urls", help="brace pattern, glob or single .tar")
     inspect.add_argument("-n", type=int, default=3, help="samples to show")
     add_converter_parsers(sub)
+    for name in DATA_TOOL_MODULES:
+        importlib.import_module(name).add_data_tools(sub)
     return parser
 
 
@@ -112,7 +119,9 @@ def convert_main(args: argparse.Namespace) -> dict:
 def data_main(argv: Sequence[str]) -> int:
     """Run one ``mmlm data`` tool; prints its JSON summary."""
     args = data_parser().parse_args(list(argv))
-    if args.tool == "synth-shapes":
+    if hasattr(args, "run"):
+        print(json.dumps(args.run(args), indent=1, ensure_ascii=False))
+    elif args.tool == "synth-shapes":
         from datamodules.synthetic.shapes import write_shapes
 
         summary = write_shapes(args.out, train=args.train, val=args.val, seed=args.seed, shard_size=args.shard_size)
