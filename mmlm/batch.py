@@ -53,3 +53,81 @@ class Batch:
         for name in ("pixels", "input_ids", "attention_mask", "labels", "prompt_ids", "prompt_mask"):
             setattr(self, name, getattr(self, name).pin_memory())
         return self
+
+
+@dataclass
+class SentenceBatch:
+    """A batch of multimodal sentences (KOSMOS-1 interleaved documents, PaLM-E prompts), padded or packed.
+
+    Each row holds one sentence, or several packed ones (``segment_ids`` tells them apart; attention
+    never crosses them and ``position_ids`` restart at 0 for each). Spans (:class:`mmlm.sentences.Span`)
+    say where each modality item goes; after collation ``span.item`` indexes the batch-wide tensor of
+    its modality (``images`` for ``"image"``, ``modalities[name]`` otherwise), so one item may fill
+    several spans and items are encoded once.
+
+    Shape legend: B rows, T tokens, P prompt tokens, I images in the batch, S items of another modality.
+
+    Attributes:
+        input_ids: ``[B, T]`` right-padded; spans hold placeholder ids (wrappers around them).
+        attention_mask: ``[B, T]`` 1 for real tokens, 0 for padding.
+        labels: ``[B, T]`` ``input_ids`` where the LM loss applies, ``-100`` on placeholders, wrappers,
+            padding and prompts.
+        position_ids: ``[B, T]`` position of each token within its own sentence (0 on padding).
+        segment_ids: ``[B, T]`` 1, 2, … for the packed sentences of a row, 0 on padding.
+        spans: ``B`` lists of spans in reading order, items global to the batch.
+        images: ``[I, 3, H, W]`` every image item of the batch in item order (``I = 0`` allowed).
+        modalities: other modality inputs by name, e.g. ``"state": [S, Ds]``, ``"object": [S, Do]``.
+        prompt_ids: ``[B, P]`` left-padded prompts for generation (evaluation), else ``[B, 0]``.
+        prompt_mask: ``[B, P]`` 1 for real prompt tokens.
+        prompt_spans: ``B`` lists of spans with positions in ``prompt_ids`` (same global items).
+        keys: sample keys, one per sentence (several per packed row).
+        tasks: ``B`` task names for evaluation rows (``"vqa"``, ``"caption"``), else empty.
+        references: ``B`` lists of reference strings (evaluation).
+        ids: ``B`` evaluation ids.
+        question_types: ``B`` VQA question types (evaluation).
+        num_samples: sentences in the batch (more than ``B`` when packed).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    segment_ids: torch.Tensor
+    spans: list[list] = field(default_factory=list)
+    images: torch.Tensor = field(default_factory=lambda: torch.empty(0, 3, 0, 0))
+    modalities: dict[str, torch.Tensor] = field(default_factory=dict)
+    prompt_ids: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
+    prompt_spans: list[list] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    references: list[list[str]] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    question_types: list[str] = field(default_factory=list)
+    num_samples: int = 0
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def packed(self) -> bool:
+        """True when some row holds more than one sentence."""
+        return bool((self.segment_ids.amax(dim=1) > 1).any()) if self.segment_ids.numel() else False
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """Every modality's item tensor by name (``"image"`` → ``images``)."""
+        return {"image": self.images, **self.modalities}
+
+    def padding_fraction(self) -> float:
+        """Share of the ``B × T`` positions that are padding."""
+        return 1.0 - float(self.attention_mask.float().mean()) if self.attention_mask.numel() else 0.0
+
+    def pin_memory(self) -> SentenceBatch:
+        """Pin the tensors (called by ``DataLoader(pin_memory=True)``)."""
+        for name in ("input_ids", "attention_mask", "labels", "position_ids", "segment_ids", "images",
+                     "prompt_ids", "prompt_mask"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.pin_memory())
+        self.modalities = {k: v.pin_memory() for k, v in self.modalities.items()}
+        return self
