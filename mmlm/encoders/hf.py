@@ -6,6 +6,7 @@ Shape legend: B batch, N image tokens, D width.
 from __future__ import annotations
 
 import torch
+import transformers
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -26,6 +27,19 @@ from mmlm.encoders.common import as_image_size, grad_context, probe_output_shape
 from mmlm.freezing import parse_dtype
 
 
+def _from_config(config: PretrainedConfig) -> PreTrainedModel:
+    """``AutoModel.from_config``, or the class named after the config (``Blip2VisionConfig`` →
+    ``Blip2VisionModel``) for sub-configs that some transformers releases leave out of ``AutoModel``."""
+    try:
+        return AutoModel.from_config(config)
+    except ValueError:
+        name = type(config).__name__.removesuffix("Config") + "Model"
+        model_class = getattr(transformers, name, None)
+        if model_class is None:
+            raise
+        return model_class(config)
+
+
 def _build_model(
     name_or_path: str | None, config: dict | None, model_type: str | None, dtype: str | None
 ) -> PreTrainedModel:
@@ -34,7 +48,7 @@ def _build_model(
     if name_or_path is None:
         if model_type is None:
             raise ValueError("HFVisionEncoder needs `name_or_path`, or `model_type` (+ `config`) to build from scratch")
-        return AutoModel.from_config(AutoConfig.for_model(model_type, **(config or {})))
+        return _from_config(AutoConfig.for_model(model_type, **(config or {})))
     loaded_config = AutoConfig.from_pretrained(name_or_path, **(config or {}))
     loader = VisionEncoderDecoderModel if loaded_config.model_type == "vision-encoder-decoder" else AutoModel
     model, info = loader.from_pretrained(

@@ -289,3 +289,21 @@ def test_encoders_build_from_config_dicts() -> None:
     cfg = parser.parse_object({"encoder": {"class_path": "mmlm.encoders.TimmEncoder", "init_args": TIMM_VIT}})
     encoder = parser.instantiate_classes(cfg).encoder
     assert isinstance(encoder, TimmEncoder) and encoder.num_tokens == 17
+
+
+def test_hf_sub_config_missing_from_automodel_uses_its_named_class(monkeypatch) -> None:
+    """Some transformers 5.x releases leave e.g. ``Blip2VisionConfig`` out of ``AutoModel``: build the class
+    named after the config instead of failing."""
+    import transformers
+
+    from mmlm.encoders import hf
+
+    def refuse(config):
+        raise ValueError(f"Unrecognized configuration class {type(config)}")
+
+    monkeypatch.setattr(hf.AutoModel, "from_config", refuse)
+    encoder = HFVisionEncoder(config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                      "intermediate_size": 64, "image_size": 32, "patch_size": 16},
+                              model_type="blip_2_vision_model")
+    assert isinstance(encoder.model, transformers.Blip2VisionModel)
+    assert encoder(torch.randn(1, 3, 32, 32)).shape == (1, 5, 32)
