@@ -77,7 +77,9 @@ def collate_rows(rows: Sequence[Sequence[SentenceSample]], pad_id: int, length: 
     """Rows of samples → a right-padded :class:`SentenceBatch` (to ``length`` or the longest row).
 
     Items of every modality are concatenated over the batch in sample order and the spans'
-    ``item`` indices are made global. Prompts (evaluation) are left-padded into ``prompt_ids``.
+    ``item`` indices are made global. The first label of every sample is ``-100``: in a packed row
+    it would otherwise be predicted from the previous sample. Prompts (evaluation) are left-padded
+    into ``prompt_ids``.
     """
     width = length or max(_length(row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -94,6 +96,7 @@ def collate_rows(rows: Sequence[Sequence[SentenceSample]], pad_id: int, length: 
             n, base = len(sample), dict(offsets)
             ids[r, pos:pos + n] = torch.tensor(sample.sentence.ids, dtype=torch.long)
             labels[r, pos:pos + n] = torch.tensor(sample.sentence.labels(), dtype=torch.long)
+            labels[r, pos] = IGNORE_INDEX  # nothing of this sample precedes its first token
             positions[r, pos:pos + n] = torch.arange(n)
             segments[r, pos:pos + n] = seg
             spans[r] += [s.shifted(pos, base.get(s.modality, 0)) for s in sample.sentence.spans]

@@ -71,3 +71,34 @@ def multimodal_causal_mask(text_mask: torch.Tensor, num_queries: int) -> torch.T
     ``text_mask [B, T]`` → ``[B, M+T, M+T]``.
     """
     return _joint_mask(text_mask, num_queries, query_sees_text=False, text_sees_query=True, text_causal=True)
+
+
+def packed_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask for packed rows (several samples per sequence).
+
+    Position i sees position ``j <= i`` only when both belong to the same sample (same segment id);
+    attention never crosses packed samples. A padding position (segment 0) sees only itself, so no
+    row of the mask is all False (SDPA would give NaN).
+
+    Args:
+        segment_ids: ``[B, T]`` 1, 2, … per packed sample, 0 on padding.
+
+    Returns:
+        ``[B, T, T]`` bool.
+    """
+    length = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    real = (segment_ids > 0)[:, None, :]
+    eye = torch.eye(length, dtype=torch.bool, device=segment_ids.device)
+    return (same & real & causal_mask(length, segment_ids.device)) | eye
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """``segment_ids [B, T]`` → ``position_ids [B, T]`` restarting at 0 for each packed sample (0 on padding).
+
+    Segments must be contiguous runs (as :func:`datamodules.packing.collate_rows` writes them).
+    """
+    index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    starts = segment_ids != torch.nn.functional.pad(segment_ids, (1, 0), value=-1)[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return (index - first).masked_fill(segment_ids == 0, 0)

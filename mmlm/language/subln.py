@@ -4,10 +4,15 @@ MAGNETO (Wang et al. 2022, "Foundation Transformers", the decoder of KOSMOS-1) a
 LayerNorm inside each sublayer, before its output projection ("Sub-LN"), and scales part of the
 initial weights by ``gamma`` so that deep stacks train stably.
 
-Positions are learned absolute embeddings indexed by the count of real tokens before each one
-(:func:`positions_from_mask`), so a left-padded row gives the same logits and generations as the
-unpadded row. (KOSMOS-1 itself uses xPos relative positions; learned absolute positions keep this
-module small and are exact under left padding, at the price of a fixed ``max_positions``.)
+Positions count the real tokens before each one (:func:`positions_from_mask`), so a left-padded row
+gives the same logits and generations as the unpadded row. They enter either as learned absolute
+embeddings (``position="learned"``, a fixed ``max_positions``), or as relative rotations of queries
+and keys: rotary (``"rotary"``, RoPE) or xPos (``"xpos"``, Sun et al. 2022 "A Length-Extrapolatable
+Transformer", the positions of KOSMOS-1): RoPE plus a per-frequency exponential decay
+``zeta_i ** ((n - m) / scale_base)`` of the query–key product with distance.
+
+Packed sequences (several samples in one row): ``forward(..., segment_ids=…)`` uses a block-diagonal
+causal mask (:func:`mmlm.masks.packed_causal_mask`) and per-sample positions, still through SDPA.
 
 Shape legend: B batch, K beams, T text tokens, S key tokens (cache + new), T_new generated tokens,
 D width, H heads, V vocabulary.
@@ -29,6 +34,7 @@ from mmlm.freezing import freeze_
 from mmlm.language.base import GenerationConfig, LanguageModel, LMOutput
 from mmlm.language.hf_causal import positions_from_mask
 from mmlm.losses import causal_lm_loss
+from mmlm.masks import packed_causal_mask, segment_positions
 
 #: One layer's cached keys and values, each ``[B, H, S, D / H]``.
 LayerCache = tuple[torch.Tensor, torch.Tensor]
@@ -37,6 +43,12 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 #: Names of the weights MAGNETO scales by gamma at initialisation (value, output and FFN projections).
 SCALED_WEIGHTS = ("v_proj", "out_proj", "fc1", "fc2")
+
+#: Position encodings of :class:`SubLNDecoder`.
+POSITIONS = ("learned", "rotary", "xpos")
+
+#: Per-call rotation of queries and keys: ``(cos, sin, query scale, key scale)``, each ``[B, 1, T, D/H/2]``.
+Rotation = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def magneto_gamma(depth: int) -> float:
@@ -64,6 +76,43 @@ def attention_bias(attention_mask: torch.Tensor, num_queries: int) -> torch.Tens
     return (allowed | (key_pos[None, :] == query_pos[:, None])[None])[:, None]
 
 
+class RelativePositions(nn.Module):
+    """Rotary position rotations, with xPos decay when ``scale_base`` is given.
+
+    Frequency ``i`` of a head of width ``d`` turns by ``pos * 10000 ** (-2i/d)``; xPos multiplies the
+    query by ``zeta_i ** (pos/scale_base)`` and the key by ``zeta_i ** (-pos/scale_base)`` with
+    ``zeta_i = (2i + 0.4 d) / (1.4 d)``, so their product decays as ``zeta_i ** (distance/scale_base)``.
+    Positions are taken relative to ``center`` (any constant cancels in the product) to keep the
+    scales near 1.
+    """
+
+    def __init__(self, head_dim: int, scale_base: float | None, center: int = 0, base: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"SubLNDecoder: rotary/xpos positions need an even head width, got {head_dim}")
+        steps = torch.arange(0, head_dim, 2, dtype=torch.float32)
+        self.register_buffer("inv_freq", base ** (-steps / head_dim), persistent=False)
+        self.register_buffer("zeta", (steps + 0.4 * head_dim) / (1.4 * head_dim), persistent=False)
+        self.scale_base, self.center = scale_base, center
+
+    def forward(self, positions: torch.Tensor) -> Rotation:
+        """``positions [B, T]`` → ``(cos, sin, q_scale, k_scale)``, each ``[B, 1, T, D/H/2]`` (float32)."""
+        pos = (positions - self.center).float()[:, None, :, None]
+        angle = pos * self.inv_freq
+        if self.scale_base is None:
+            ones = torch.ones_like(angle)
+            return angle.cos(), angle.sin(), ones, ones
+        scale = self.zeta ** (pos / self.scale_base)
+        return angle.cos(), angle.sin(), scale, 1.0 / scale
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs ``(x_i, x_{i + d/2})`` of ``x [B, H, T, d]`` by the angles of ``cos``/``sin`` and scale them."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([(x1 * cos - x2 * sin) * scale, (x1 * sin + x2 * cos) * scale], dim=-1)
+    return out.to(x.dtype)
+
+
 class SubLNAttention(nn.Module):
     """Sub-LN self-attention sublayer: LN → q/k/v → SDPA → **LN** → out proj (residual added by the block)."""
 
@@ -81,11 +130,17 @@ class SubLNAttention(nn.Module):
         """``[B, T, D]`` → ``[B, H, T, D / H]``."""
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor,
-                past: LayerCache | None = None) -> tuple[torch.Tensor, LayerCache]:
-        """``x [B, T, D]``, ``mask [B, 1, T, S]`` → ``(out [B, T, D], (k, v) [B, H, S, D / H])``."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: LayerCache | None = None,
+                rotation: Rotation | None = None) -> tuple[torch.Tensor, LayerCache]:
+        """``x [B, T, D]``, ``mask [B, 1, T, S]`` → ``(out [B, T, D], (k, v) [B, H, S, D / H])``.
+
+        With ``rotation`` the new queries and keys are rotated (keys before they enter the cache).
+        """
         h = self.norm(x)
         q, k, v = self._heads(self.q_proj(h)), self._heads(self.k_proj(h)), self._heads(self.v_proj(h))
+        if rotation is not None:
+            cos, sin, q_scale, k_scale = rotation
+            q, k = rotate(q, cos, sin, q_scale), rotate(k, cos, sin, k_scale)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
@@ -115,10 +170,10 @@ class SubLNBlock(nn.Module):
         self.ffn = SubLNFeedForward(width, ffn_mult * width)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor,
-                past: LayerCache | None = None) -> tuple[torch.Tensor, LayerCache]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: LayerCache | None = None,
+                rotation: Rotation | None = None) -> tuple[torch.Tensor, LayerCache]:
         """``x [B, T, D]``, ``mask [B, 1, T, S]`` → ``(x [B, T, D], this layer's cache)``."""
-        attn, cache = self.attn(x, mask, past)
+        attn, cache = self.attn(x, mask, past, rotation)
         x = x + self.drop(attn)
         return x + self.drop(self.ffn(x)), cache
 
@@ -132,12 +187,15 @@ class SubLNDecoder(LanguageModel):
         depth: N, number of layers (also sets MAGNETO's ``gamma = sqrt(log 2N)``).
         num_heads: attention heads (must divide ``width``).
         ffn_mult: FFN hidden width is ``ffn_mult * width``.
-        max_positions: rows of the learned position table (longest prompt + generation).
+        max_positions: rows of the learned position table (longest prompt + generation); with
+            relative positions only the centre of the xPos scales (no length limit).
         dropout: on attention probabilities and sublayer outputs (training only).
         pad_token_id: fills generated rows after their eos.
         bos_token_id: kept in the config for tokenizers/recipes (not used inside).
         eos_token_id: ends a generated row.
         tie_embeddings: output head shares the token embedding table.
+        position: ``"learned"`` absolute embeddings, ``"rotary"`` (RoPE) or ``"xpos"`` (KOSMOS-1).
+        xpos_scale_base: xPos decay length ``gamma`` (512 in the paper).
         freeze: no gradients and eval mode kept; gradients still flow to ``inputs_embeds``.
         dtype: ``"bfloat16"``, ``"float16"``, ``"float32"``…; ``None`` keeps float32.
 
@@ -147,20 +205,25 @@ class SubLNDecoder(LanguageModel):
 
     def __init__(self, vocab_size: int, width: int = 512, depth: int = 6, num_heads: int = 8, ffn_mult: int = 4,
                  max_positions: int = 2048, dropout: float = 0.0, pad_token_id: int = 0, bos_token_id: int = 1,
-                 eos_token_id: int = 2, tie_embeddings: bool = True, freeze: bool = False,
-                 dtype: str | None = None) -> None:
+                 eos_token_id: int = 2, tie_embeddings: bool = True, position: str = "learned",
+                 xpos_scale_base: float = 512.0, freeze: bool = False, dtype: str | None = None) -> None:
         super().__init__()
         self.config: dict[str, Any] = {
             "vocab_size": vocab_size, "width": width, "depth": depth, "num_heads": num_heads,
             "ffn_mult": ffn_mult, "max_positions": max_positions, "dropout": dropout,
             "pad_token_id": pad_token_id, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
-            "tie_embeddings": tie_embeddings}
+            "tie_embeddings": tie_embeddings, "position": position, "xpos_scale_base": xpos_scale_base}
+        if position not in POSITIONS:
+            raise ValueError(f"SubLNDecoder: position={position!r}, expected one of {POSITIONS}")
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
             if not 0 <= self.config[key] < vocab_size:
                 raise ValueError(f"SubLNDecoder: {key}={self.config[key]} is outside the vocabulary "
                                  f"(vocab_size={vocab_size})")
         self.embed_tokens = nn.Embedding(vocab_size, width)
-        self.embed_positions = nn.Embedding(max_positions, width)
+        self.embed_positions = nn.Embedding(max_positions, width) if position == "learned" else None
+        scale_base = xpos_scale_base if position == "xpos" else None
+        self.relative = None if position == "learned" else RelativePositions(
+            width // num_heads, scale_base, center=max_positions // 2)
         self.layers = nn.ModuleList(SubLNBlock(width, num_heads, ffn_mult, dropout) for _ in range(depth))
         self.final_norm = nn.LayerNorm(width)
         self.lm_head = None if tie_embeddings else nn.Linear(width, vocab_size, bias=False)
@@ -176,7 +239,8 @@ class SubLNDecoder(LanguageModel):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         nn.init.normal_(self.embed_tokens.weight, std=std)
-        nn.init.normal_(self.embed_positions.weight, std=std)
+        if self.embed_positions is not None:
+            nn.init.normal_(self.embed_positions.weight, std=std)
         gamma = magneto_gamma(self.config["depth"])
         with torch.no_grad():
             for name, param in self.layers.named_parameters():
@@ -208,7 +272,8 @@ class SubLNDecoder(LanguageModel):
         return self.lm_head(hidden) if self.lm_head is not None else hidden @ self.embed_tokens.weight.T
 
     def _decode(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
-                past: list[LayerCache] | None = None) -> tuple[torch.Tensor, list[LayerCache]]:
+                past: list[LayerCache] | None = None, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, list[LayerCache]]:
         """Run the stack on new tokens.
 
         Args:
@@ -216,29 +281,47 @@ class SubLNDecoder(LanguageModel):
             positions: ``[B, T]`` their position ids.
             key_mask: ``[B, S]`` real keys among cache + new tokens (``S = S_past + T``).
             past: one cache per layer, or ``None``.
+            mask: ``[B, 1, T, S]`` attention mask replacing the causal one built from ``key_mask``.
 
         Returns:
             ``(logits [B, T, V], new cache per layer)``.
         """
-        if int(positions.max()) >= self.config["max_positions"]:
-            raise ValueError(f"SubLNDecoder: position {int(positions.max())} >= max_positions="
-                             f"{self.config['max_positions']}")
-        x = inputs_embeds.to(self.dtype) + self.embed_positions(positions)
-        mask = attention_bias(key_mask, x.shape[1])
+        x, rotation = self._positions(inputs_embeds.to(self.dtype), positions)
+        mask = attention_bias(key_mask, x.shape[1]) if mask is None else mask
         caches = []
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, mask, None if past is None else past[i])
+            x, cache = layer(x, mask, None if past is None else past[i], rotation)
             caches.append(cache)
         return self._logits(x), caches
 
+    def _positions(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Rotation | None]:
+        """Add learned positions to ``x [B, T, D]``, or return the rotation of the relative ones."""
+        if self.embed_positions is None:
+            return x, self.relative(positions)
+        if int(positions.max()) >= self.config["max_positions"]:
+            raise ValueError(f"SubLNDecoder: position {int(positions.max())} >= max_positions="
+                             f"{self.config['max_positions']}")
+        return x + self.embed_positions(positions), None
+
+    #: ``forward`` takes ``segment_ids`` / ``position_ids`` of packed rows.
+    supports_packing = True
+
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None) -> LMOutput:
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> LMOutput:
         """Teacher-forced pass over ``inputs_embeds [B, T, D]`` with ``attention_mask [B, T]`` (any padding side).
 
         ``labels [B, T]`` are aligned with the inputs (position ``t`` predicts ``labels[:, t + 1]``),
-        ``-100`` ignored. Returns ``logits [B, T, V]`` and the mean loss.
+        ``-100`` ignored. Returns ``logits [B, T, V]`` and the mean loss. Packed rows give
+        ``segment_ids [B, T]`` (1, 2, … per sample, 0 on padding): attention stays inside each sample
+        and positions restart (``position_ids [B, T]``, default from the segments).
         """
-        logits, _ = self._decode(inputs_embeds, positions_from_mask(attention_mask), attention_mask)
+        if segment_ids is None:
+            logits, _ = self._decode(inputs_embeds, positions_from_mask(attention_mask), attention_mask)
+        else:
+            positions = segment_positions(segment_ids) if position_ids is None else position_ids
+            mask = packed_causal_mask(segment_ids)[:, None]
+            logits, _ = self._decode(inputs_embeds, positions, attention_mask, mask=mask)
         return LMOutput(loss=None if labels is None else causal_lm_loss(logits, labels), logits=logits)
 
     # ------------------------------------------------------------------ generation
