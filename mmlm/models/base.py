@@ -1,14 +1,18 @@
 """The LightningModule every family builds on: optimisation, logging, evaluation, predictions.
 
 A family implements :meth:`MultimodalModule.training_loss` and :meth:`MultimodalModule.generate_text`
-and sets ``self.tokenizer``; this class does the rest. Shape legend: B batch, T text tokens.
+and sets ``self.tokenizer``; this class does the rest: optimisation, skipping of non-finite losses,
+optional ``torch.compile`` of the encoder and language model, cached frozen-encoder features, logging,
+evaluation and predictions. Shape legend: B batch, N image tokens, D width, T text tokens.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,10 +23,12 @@ import torch.distributed as dist
 from torch import nn
 
 from mmlm.batch import Batch
-from mmlm.encoders.base import ImagePreprocess
+from mmlm.encoders.base import ImagePreprocess, VisionEncoder
 from mmlm.fusion import prepend_placeholders, splice
-from mmlm.language.base import GenerationConfig
+from mmlm.language.base import GenerationConfig, LanguageModel
 from mmlm.metrics import CaptionMetrics, VQAAccuracy
+
+log = logging.getLogger(__name__)
 
 NO_DECAY_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -67,6 +73,44 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
     return factor
 
 
+class NonFiniteLossError(RuntimeError):
+    """Raised when ``max_nonfinite_steps`` training steps in a row had a NaN or infinite loss."""
+
+
+def running_stats(module: nn.Module) -> list[torch.Tensor]:
+    """Buffers a training-mode forward updates: running mean/var/count of BatchNorm layers in training mode."""
+    norms = [m for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    return [buf for m in norms for buf in m.buffers(recurse=False) if buf is not None]
+
+
+def shown_keys(keys: list[str], limit: int = 16) -> str:
+    """``keys`` as a short list for an error message (the first ``limit``, then how many more)."""
+    more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{list(keys[:limit])}{more}"
+
+
+def cached_forward(features: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An encoder ``forward`` that returns cached ``features [B, N, D]`` for ``pixels`` of the same batch."""
+
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.shape[0] != features.shape[0]:
+            raise ValueError(f"cached features hold {features.shape[0]} images but the encoder was called on "
+                             f"{pixels.shape[0]}: this code path needs live images (disable cached features)")
+        return features
+
+    return forward
+
+
+def check_features(encoder: nn.Module, features: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``features`` is ``[B, N, D]`` with the encoder's ``width`` (and ``num_tokens``)."""
+    width, tokens = getattr(encoder, "width", None), getattr(encoder, "num_tokens", None)
+    if features.ndim != 3 or (width is not None and features.shape[2] != width) or (
+            tokens is not None and features.shape[1] != tokens):
+        raise ValueError(f"cached features have shape {tuple(features.shape)} but {type(encoder).__name__} gives "
+                         f"[B, {tokens}, {width}]: were they cached with another encoder or layer?")
+
+
 def gather_objects(items: list[Any]) -> list[Any]:
     """Concatenate a Python list across ranks (identity without a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -87,22 +131,39 @@ class MultimodalModule(pl.LightningModule):
         betas: AdamW betas.
         generation: decoding settings used by validation, test and predict.
         predictions_dir: where evaluation writes predictions (default: the trainer's log dir).
+        max_nonfinite_steps: a training step whose loss is NaN/inf (on any rank) is skipped: no backward, no
+            weight or optimizer-state update, BatchNorm running statistics restored; counted as
+            ``train/skipped_nonfinite_loss``. This many in a row stop the run with :class:`NonFiniteLossError`.
+        torch_compile: compile the ``encoder`` and ``language_model`` forwards (every direct child that is a
+            :class:`~mmlm.encoders.base.VisionEncoder` or :class:`~mmlm.language.base.LanguageModel`) with
+            ``torch.compile`` in ``configure_model``; parameter names and checkpoints are unchanged.
+        compile_options: keyword arguments of ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``).
     """
 
     tokenizer: Any
 
     def __init__(self, lr: float = 1e-4, weight_decay: float = 0.05, warmup_steps: int = 100,
                  min_lr_ratio: float = 0.1, betas: tuple[float, float] = (0.9, 0.98),
-                 generation: GenerationConfig | None = None, predictions_dir: str | None = None) -> None:
+                 generation: GenerationConfig | None = None, predictions_dir: str | None = None,
+                 max_nonfinite_steps: int = 10, torch_compile: bool = False,
+                 compile_options: dict[str, Any] | None = None) -> None:
         super().__init__()
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         self.lr, self.weight_decay, self.betas = lr, weight_decay, betas
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.generation = generation or GenerationConfig()
         self.predictions_dir = predictions_dir
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.torch_compile, self.compile_options = torch_compile, dict(compile_options or {})
         self.vqa_metric = VQAAccuracy()
         self.caption_metric = CaptionMetrics()
         self._predictions: dict[str, list[dict[str, Any]]] = {"vqa": [], "caption": []}
         self._step_start = 0.0
+        self.nonfinite_skipped = 0  # training steps skipped for a non-finite loss, over the run
+        self._nonfinite_in_a_row = 0
+        self._skipped_step = False
+        self._stats_snapshot: list[torch.Tensor] = []
 
     # --- what a family provides -------------------------------------------------------------
     def training_loss(self, batch: Batch) -> torch.Tensor:
@@ -125,6 +186,47 @@ class MultimodalModule(pl.LightningModule):
         ids, mask, labels = prepend_placeholders(ids, mask, self.image_token_id, prefix.shape[1], labels)
         return splice(self.language_model.embed(ids), ids, self.image_token_id, prefix), mask, labels
 
+    # --- compilation and cached encoder features ---------------------------------------------------
+    def configure_model(self) -> None:
+        """With ``torch_compile``: compile each :meth:`compile_targets` part's forward in place (once)."""
+        if not self.torch_compile:
+            return
+        for part in self.compile_targets():
+            if getattr(part, "_compiled_call_impl", None) is None:
+                part.compile(**self.compile_options)
+
+    def compile_targets(self) -> list[nn.Module]:
+        """The parts ``torch_compile`` compiles: direct children that are vision encoders or language models."""
+        return [m for m in self.children() if isinstance(m, (VisionEncoder, LanguageModel))]
+
+    def _use_cached_features(self, batch: Any) -> None:
+        """When ``batch.features [B, N, D]`` is set, the frozen ``encoder`` returns them instead of running.
+
+        Raises:
+            ValueError: the module has no ``encoder``, the encoder is trainable, or the features' width
+                (or token count) is not the encoder's.
+        """
+        features = getattr(batch, "features", None)
+        if features is None:
+            return
+        encoder = getattr(self, "encoder", None)
+        if not isinstance(encoder, nn.Module):
+            raise ValueError(f"the batch carries cached features but {type(self).__name__} has no .encoder")
+        trainable = [n for n, p in encoder.named_parameters() if p.requires_grad]
+        if trainable:
+            raise ValueError(f"the batch carries cached features but {type(self).__name__}.encoder is trainable "
+                             f"({len(trainable)} tensors, e.g. {trainable[0]!r}): features can stand in for a frozen "
+                             "encoder only (set the encoder's freeze: true, or turn cached features off)")
+        check_features(encoder, features)
+        dtype = next(encoder.parameters()).dtype if any(True for _ in encoder.parameters()) else features.dtype
+        encoder.forward = cached_forward(features.to(dtype))
+
+    def _use_live_encoder(self) -> None:
+        """Undo :meth:`_use_cached_features` (the encoder's own ``forward`` again)."""
+        encoder = getattr(self, "encoder", None)
+        if isinstance(encoder, nn.Module):
+            encoder.__dict__.pop("forward", None)
+
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Generated ids ``[B, T_new]`` → stripped strings without special tokens (pad, eos)."""
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -145,26 +247,103 @@ class MultimodalModule(pl.LightningModule):
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
+        self._skipped_step = False
+        self._stats_snapshot = [buf.clone() for buf in running_stats(self)]
+        self._use_cached_features(batch)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+        """``training_loss``; ``None`` (step skipped: no backward, no update) when it is not finite on some rank."""
         loss = self.training_loss(batch)
+        if not self._finite_everywhere(loss):
+            self._skip_nonfinite(batch, batch_idx, loss)
+            return None
+        self._nonfinite_in_a_row = 0
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Whether ``loss`` is finite on every rank (one all-reduce: every rank must skip together, or DDP's
+        gradient all-reduce would wait for the ranks that skipped backward)."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return strategy.reduce_boolean_decision(finite, all=True) if strategy is not None else finite
+
+    def _skip_nonfinite(self, batch: Batch, batch_idx: int, loss: torch.Tensor) -> None:
+        """Count a skipped step, put BatchNorm running statistics back; raise after too many in a row."""
+        self._skipped_step = True
+        self.nonfinite_skipped += 1
+        self._nonfinite_in_a_row += 1
+        for buf, saved in zip(running_stats(self), self._stats_snapshot):
+            buf.copy_(saved)
+        keys = list(getattr(batch, "keys", None) or getattr(batch, "ids", None) or [])
+        value = float(loss.detach().float().reshape(-1)[0]) if loss.numel() else float("nan")
+        where = (f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}, rank "
+                 f"{self.global_rank}): loss {value} on this rank, batch keys {shown_keys(keys)}")
+        log.warning("skipping training step with a non-finite loss (%d in a row) at %s",
+                    self._nonfinite_in_a_row, where)
+        strategy = type(self._trainer.strategy).__name__ if self._trainer is not None else ""
+        if self._nonfinite_in_a_row >= self.max_nonfinite_steps or strategy.startswith("DeepSpeed"):
+            reason = ("DeepSpeed cannot skip a step (Lightning refuses a training_step returning None)"
+                      if strategy.startswith("DeepSpeed") else f"max_nonfinite_steps={self.max_nonfinite_steps}")
+            raise NonFiniteLossError(
+                f"{self._nonfinite_in_a_row} training step(s) in a row had a NaN/inf loss ({reason}); the last at "
+                f"{where}. {self.nonfinite_skipped} step(s) skipped in this run so far.")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """After a skipped step no gradient is kept: the optimizer updates nothing, not even with gradients
+        accumulated by earlier micro-batches of the window (under DDP those were never all-reduced)."""
+        if self._skipped_step:
+            optimizer.zero_grad(set_to_none=True)
+
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
-        """Every ``log_every_n_steps``: samples/s and tokens/s of this step, lr, skipped samples."""
+        """Every ``log_every_n_steps`` (and on a skipped step): samples/s and tokens/s of this step, lr,
+        skipped samples and skipped steps."""
+        self._use_live_encoder()
+        if self._skipped_step:
+            self._log_nonfinite(len(batch))
         if (batch_idx + 1) % self.trainer.log_every_n_steps != 0:
             return
         seconds = max(time.perf_counter() - self._step_start, 1e-9)
         self.log("train/samples_per_s", len(batch) / seconds, batch_size=len(batch))
         self.log("train/tokens_per_s", float(batch.attention_mask.sum()) / seconds, batch_size=len(batch))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(batch))
+        if not self._skipped_step:
+            self._log_nonfinite(len(batch))
         self._log_skipped()
+
+    def _log_nonfinite(self, batch_size: int) -> None:
+        """Log the run's count of steps skipped for a non-finite loss (the same on every rank)."""
+        self.log("train/skipped_nonfinite_loss", float(self.nonfinite_skipped), batch_size=batch_size,
+                 rank_zero_only=True)
 
     def on_train_epoch_end(self) -> None:
         self._log_skipped()
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
+
     # --- evaluation ----------------------------------------------------------------------------
+    def on_validation_batch_start(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._use_cached_features(batch)
+
+    def on_validation_batch_end(self, outputs: Any, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._use_live_encoder()
+
+    def on_test_batch_start(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._use_cached_features(batch)
+
+    def on_test_batch_end(self, outputs: Any, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._use_live_encoder()
+
+    def on_predict_batch_start(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._use_cached_features(batch)
+
+    def on_predict_batch_end(self, outputs: Any, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._use_live_encoder()
+
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "val")
 
