@@ -60,3 +60,14 @@ def test_markdown_has_machine_versions_and_table(toy_run):
 def test_only_runs_the_named_benchmark(tmp_path):
     rows = run.main(["--scale", "toy", "--only", "flops", "--out", str(tmp_path / "b.md")])
     assert len(rows) == 1 and "FLOP/s" in rows[0]["name"]
+
+
+def test_a_run_keeps_the_other_device_kinds_section(tmp_path):
+    """A CPU run rewrites only ``## CPU``; the ``## GPU`` section of an earlier GPU run survives, and vice versa."""
+    out = tmp_path / "b.md"
+    gpu = "## GPU\n\n- GPU: NVIDIA H200\n\n| benchmark | mmlm |\n|---|---|\n| flops | 1 |\n"
+    out.write_text(run.INTRO + "\n## CPU\n\nold cpu table\n\n" + gpu)
+    run.main(["--scale", "toy", "--only", "flops", "--out", str(out)])
+    text = out.read_text()
+    assert text.startswith("# Benchmarks") and text.count("## CPU") == 1 and "old cpu table" not in text
+    assert text.endswith(gpu) and "Sub-LN decoder" in run.sections(text)["CPU"]
