@@ -1,0 +1,153 @@
+"""Strict import/export of transformers' Donut checkpoints (``VisionEncoderDecoderModel`` + ``DonutProcessor``,
+the layout of ``naver-clova-ix/donut-base``).
+
+The checkpoint's state dict splits by prefix, each part loaded strictly into its part of :class:`mmlm.models.Donut`:
+
+======================  ==========================================================================
+``encoder.*``           ``encoder.model`` (an :class:`HFVisionEncoder` over ``DonutSwinModel``)
+``decoder.*``           ``decoder.model`` (a :class:`CrossAttentionLM` over ``MBartForCausalLM``)
+``enc_to_dec_proj.*``   ``enc_to_dec_proj`` (only when the encoder and decoder widths differ)
+======================  ==========================================================================
+
+Any other key, or one a part does not take, raises a ``RuntimeError`` naming it (only ``lm_head`` ↔ embedding
+ties may be absent). The image size, mean/std and ``do_align_long_axis`` come from the checkpoint's image processor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import (
+    AutoImageProcessor,
+    DonutImageProcessor,
+    DonutProcessor,
+    VisionEncoderDecoderConfig,
+    VisionEncoderDecoderModel,
+)
+
+from mmlm.convert.blip2_hf import load_part, read_checkpoint
+from mmlm.convert.keys import check_keys
+from mmlm.encoders.base import ImagePreprocess
+from mmlm.encoders.hf import HFVisionEncoder
+from mmlm.language.cross_attention import CrossAttentionLM
+
+if TYPE_CHECKING:
+    from mmlm.models.donut import Donut
+
+PARTS = ("encoder.", "decoder.", "enc_to_dec_proj.")
+CONFIG_NOISE = ("architectures", "transformers_version", "_name_or_path", "model_type")
+
+
+def split_state_dict(state: Mapping[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Full checkpoint → ``{"encoder.": …, "decoder.": …, "enc_to_dec_proj.": …}`` with the prefixes stripped."""
+    parts: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in PARTS}
+    stray = []
+    for key, value in state.items():
+        prefix = next((p for p in PARTS if key.startswith(p)), None)
+        if prefix is None:
+            stray.append(key)
+        else:
+            parts[prefix][key.removeprefix(prefix)] = value
+    check_keys([], stray, f"{source} (keys outside {PARTS})")
+    return parts
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A sub-config as plain keyword arguments (no model type, architectures or version)."""
+    return {k: v for k, v in config.to_dict().items() if k not in CONFIG_NOISE}
+
+
+def read_processor(directory: Path, encoder: HFVisionEncoder) -> tuple[ImagePreprocess, bool]:
+    """``(preprocess, align_long_axis)`` from the checkpoint's Donut image processor; without one, the
+    encoder's own (config size, Donut's class mean/std) and no alignment."""
+    try:
+        processor = AutoImageProcessor.from_pretrained(str(directory))
+    except (OSError, ValueError):  # no preprocessor_config.json
+        return encoder.preprocess, False
+    size = (processor.size["height"], processor.size["width"])
+    preprocess = ImagePreprocess(size, tuple(processor.image_mean), tuple(processor.image_std))
+    return preprocess, bool(getattr(processor, "do_align_long_axis", False))
+
+
+def build_encoder(config: Any, image_size: tuple[int, int] | None, grad_checkpointing: bool) -> HFVisionEncoder:
+    """A randomly initialised encoder of the checkpoint's vision config (``image_size`` overrides its size)."""
+    kwargs = config_dict(config)
+    if image_size is not None:
+        kwargs["image_size"] = list(image_size)
+    return HFVisionEncoder(config=kwargs, model_type=config.model_type, grad_checkpointing=grad_checkpointing)
+
+
+def donut_from_hf(cls: type[Donut], name_or_path: str, tokenizer: str | None = None,
+                  image_size: tuple[int, int] | None = None, grad_checkpointing: bool = False,
+                  **kwargs: Any) -> Donut:
+    """Build ``cls`` (:class:`mmlm.models.Donut`) from a ``VisionEncoderDecoderModel`` checkpoint, strictly.
+
+    Args:
+        name_or_path: ``save_pretrained`` directory or hub id (downloaded when online).
+        tokenizer: tokenizer directory/hub id; default the checkpoint's own.
+        image_size: ``(H, W)`` input size instead of the checkpoint's (e.g. ``(1280, 960)``); Swin's windowed
+            attention has no absolute positions, so the weights serve any size.
+        grad_checkpointing: recompute activations of encoder and decoder in the backward pass.
+        **kwargs: further :class:`Donut` arguments (optimisation, generation).
+    """
+    directory, state = read_checkpoint(name_or_path)
+    config = VisionEncoderDecoderConfig.from_pretrained(str(directory))
+    parts = split_state_dict(state, name_or_path)
+    encoder = build_encoder(config.encoder, image_size, grad_checkpointing)
+    load_part(encoder.model, parts["encoder."], f"{name_or_path} encoder.*")
+    preprocess, align = read_processor(directory, encoder)
+    encoder.preprocess = preprocess if image_size is None else ImagePreprocess(tuple(image_size), preprocess.mean,
+                                                                               preprocess.std)
+    decoder = CrossAttentionLM(config={"model_type": config.decoder.model_type, **config_dict(config.decoder)},
+                               grad_checkpointing=grad_checkpointing)
+    load_part(decoder.model, parts["decoder."], f"{name_or_path} decoder.*")
+    model = cls(encoder=encoder, decoder=decoder, tokenizer=tokenizer or str(directory), align_long_axis=align,
+                **kwargs)
+    projection = model.enc_to_dec_proj if model.enc_to_dec_proj is not None else torch.nn.Module()
+    load_part(projection, parts["enc_to_dec_proj."], f"{name_or_path} enc_to_dec_proj.*")
+    return model
+
+
+def _check_exportable(model: Donut) -> None:
+    """Raise ``TypeError`` when a part has no place in ``VisionEncoderDecoderModel``."""
+    if not (isinstance(model.encoder, HFVisionEncoder) and model.encoder.layer == -1):
+        raise TypeError(f"to_hf needs encoder = HFVisionEncoder (layer -1), got {type(model.encoder).__name__}")
+    if not isinstance(model.decoder, CrossAttentionLM):
+        raise TypeError(f"to_hf needs decoder = CrossAttentionLM, got {type(model.decoder).__name__}")
+
+
+def donut_state_to_hf(model: Donut) -> dict[str, torch.Tensor]:
+    """Our module's weights under ``VisionEncoderDecoderModel`` keys."""
+    state = {f"encoder.{k}": v for k, v in model.encoder.model.state_dict().items()}
+    state |= {f"decoder.{k}": v for k, v in model.decoder.model.state_dict().items()}
+    if model.enc_to_dec_proj is not None:
+        state |= {f"enc_to_dec_proj.{k}": v for k, v in model.enc_to_dec_proj.state_dict().items()}
+    return {k: v.detach() for k, v in state.items()}
+
+
+def hf_config(model: Donut) -> VisionEncoderDecoderConfig:
+    """The ``VisionEncoderDecoderConfig`` of ``model`` with the tokenizer's special ids and input size."""
+    encoder = model.encoder.model.config.to_dict() | {"image_size": list(model.image_preprocess.size)}
+    config = VisionEncoderDecoderConfig(encoder=encoder, decoder=model.decoder.model.config.to_dict())
+    tokenizer = model.tokenizer
+    config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    config.decoder_start_token_id = tokenizer.bos_token_id
+    return config
+
+
+def donut_to_hf(model: Donut, directory: str | Path) -> None:
+    """Write ``directory`` so ``VisionEncoderDecoderModel.from_pretrained`` and ``DonutProcessor.from_pretrained``
+    load it: config, safetensors weights, tokenizer (with the added task/field tokens) and image processor."""
+    _check_exportable(model)
+    with torch.device("meta"):
+        hf = VisionEncoderDecoderModel(hf_config(model))
+    load_part(hf, donut_state_to_hf(model), "Donut export", assign=True)
+    hf.tie_weights()
+    hf.save_pretrained(str(directory))
+    pre = model.image_preprocess
+    images = DonutImageProcessor(size={"height": pre.size[0], "width": pre.size[1]}, image_mean=list(pre.mean),
+                                 image_std=list(pre.std), do_align_long_axis=model.align_long_axis)
+    DonutProcessor(image_processor=images, tokenizer=model.tokenizer).save_pretrained(str(directory))

@@ -1,0 +1,168 @@
+"""Donut (Kim et al. 2022): OCR-free document understanding with a Swin encoder and a BART-style decoder.
+
+document image ─► encoder (DonutSwin) [B, N, Dv] ─► (linear when Dv ≠ D) ─► cross-attention of the decoder
+(MBart) ─► task prompt + JSON-as-tokens (``<s_key>…</s_key>``, ``<sep/>``; :mod:`mmlm.json_tokens`)
+
+One model serves every task: reading (pretraining, ``<s_synthdog>`` + the text), extraction (``<s_cord-v2>``),
+classification and document VQA; the task is the prompt. Training is teacher forcing with the next-token loss
+on the target (``labels`` hold ``-100`` on the prompt and padding); generation continues the prompt with a KV
+cache. Half precision: train under Lightning's ``precision: bf16-mixed`` (autocast; the weights stay fp32).
+Gradient checkpointing: ``grad_checkpointing`` of the encoder and decoder parts (or of :meth:`Donut.from_hf`).
+Weight import/export of transformers' ``VisionEncoderDecoderModel``: :meth:`Donut.from_hf`, :meth:`Donut.to_hf`
+(:mod:`mmlm.convert.donut_hf`).
+
+Shape legend: B batch, N image tokens, Dv encoder width, D decoder width, T text tokens, P prompt tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmlm.batch import Batch
+from mmlm.convert.donut_hf import donut_from_hf, donut_to_hf
+from mmlm.encoders.base import VisionEncoder
+from mmlm.language.base import GenerationConfig, LMOutput
+from mmlm.language.cross_attention import CrossAttentionLM
+from mmlm.models.documents import DocumentModule
+from mmlm.tokenizers import load_tokenizer
+
+ADDED_TOKENS_KEY = "donut_added_tokens"
+
+
+def prompt_groups(prompt_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+    """``prompt_mask [B, P]`` → ``{prompt length: row indices}`` (rows of a group decode together)."""
+    lengths = prompt_mask.sum(1)
+    return {int(n): (lengths == n).nonzero().flatten() for n in lengths.unique()}
+
+
+class Donut(DocumentModule):
+    """Donut: image encoder + cross-attending text decoder, trained to emit a task's JSON as tokens.
+
+    Args:
+        encoder: the document encoder (``HFVisionEncoder`` over DonutSwin; its ``preprocess`` sets the input
+            size, e.g. 2560×1920 or 1280×960, and mean/std).
+        decoder: the text decoder with cross-attention (MBart for Donut).
+        tokenizer: hub id or local directory (Donut: XLM-RoBERTa sentencepiece; a trained
+            :func:`mmlm.piece_tokenizer.train_piece_tokenizer` one for tiny runs). Task and field tokens are added
+            with :meth:`add_tokens` (the document datamodule calls it in ``setup``).
+        align_long_axis: the datamodule rotates a document by 90° when its long axis disagrees with the input
+            size's (Donut's ``do_align_long_axis``).
+        suppress_unk: never generate ``<unk>`` (Donut's ``bad_words_ids``).
+        **kwargs: optimisation and evaluation settings of :class:`~mmlm.models.base.MultimodalModule`.
+    """
+
+    def __init__(self, encoder: VisionEncoder, decoder: CrossAttentionLM, tokenizer: str,
+                 align_long_axis: bool = False, suppress_unk: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters(ignore=["encoder", "decoder"])
+        self.encoder, self.decoder = encoder, decoder
+        self.enc_to_dec_proj = nn.Linear(encoder.width, decoder.width) if encoder.width != decoder.width else None
+        self.align_long_axis, self.suppress_unk = align_long_axis, suppress_unk
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.added_tokens: list[str] = []
+        self._fit_vocabulary()
+
+    @classmethod
+    def from_hf(cls, name_or_path: str, tokenizer: str | None = None, image_size: tuple[int, int] | None = None,
+                grad_checkpointing: bool = False, align_long_axis: bool | None = None,
+                generation: GenerationConfig | None = None, predictions_dir: str | None = None,
+                lr: float | None = None, weight_decay: float | None = None, warmup_steps: int | None = None,
+                **kwargs: Any) -> Donut:
+        """Build from a transformers ``VisionEncoderDecoderModel`` directory or hub id (naver-clova-ix/donut-base
+        layout), strictly; see :func:`mmlm.convert.donut_hf.donut_from_hf`.
+
+        ``image_size``: ``(H, W)`` instead of the checkpoint's; ``align_long_axis``: ``None`` keeps the
+        processor's. The other arguments are named so that LightningCLI can build it from YAML
+        (``class_path: mmlm.models.Donut.from_hf``); ``None`` keeps :class:`MultimodalModule`'s default.
+        """
+        named = dict(generation=generation, predictions_dir=predictions_dir, lr=lr, weight_decay=weight_decay,
+                     warmup_steps=warmup_steps)
+        kwargs |= {key: value for key, value in named.items() if value is not None}
+        model = donut_from_hf(cls, name_or_path, tokenizer=tokenizer, image_size=image_size,
+                              grad_checkpointing=grad_checkpointing, **kwargs)
+        if align_long_axis is not None:
+            model.align_long_axis = align_long_axis
+        return model
+
+    def to_hf(self, directory: str | Path) -> None:
+        """Write a directory that ``VisionEncoderDecoderModel.from_pretrained`` and ``DonutProcessor`` load."""
+        donut_to_hf(self, directory)
+
+    # --- vocabulary ----------------------------------------------------------------------------
+    def add_tokens(self, tokens: list[str]) -> None:
+        """Add ``tokens`` (task prompts, ``<s_key>``/``</s_key>``, ``<sep/>``, categories) as special tokens, in
+        the given order, skipping those the tokenizer has; grow the decoder's embeddings and head to fit.
+
+        Idempotent, and deterministic for a given order; the added tokens are stored in Lightning checkpoints
+        and added again on load, before the weights.
+        """
+        vocab = self.tokenizer.get_vocab()
+        new = [token for token in dict.fromkeys(tokens) if token not in vocab]
+        if not new:
+            return
+        self.tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+        self.added_tokens += new
+        self._fit_vocabulary()
+
+    def _fit_vocabulary(self) -> None:
+        """Grow the decoder to the tokenizer; point generation at the tokenizer's eos and pad ids."""
+        if len(self.tokenizer) > self.decoder.vocab_size:
+            self.decoder.resize_token_embeddings(len(self.tokenizer))
+        generation = self.decoder.model.generation_config
+        generation.eos_token_id, generation.pad_token_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[ADDED_TOKENS_KEY] = list(self.added_tokens)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add the checkpoint's tokens (in their order) before its weights are loaded.
+
+        Raises:
+            ValueError: this module already added other tokens first (ids would not match the weights).
+        """
+        saved = checkpoint.get(ADDED_TOKENS_KEY, [])
+        if self.added_tokens[:len(saved)] != saved[:len(self.added_tokens)]:
+            raise ValueError(f"the checkpoint's added tokens {saved[:8]}… differ from those already added "
+                             f"{self.added_tokens[:8]}…: add the training tokens first, in the same order")
+        self.add_tokens(saved)
+
+    # --- model ---------------------------------------------------------------------------------
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``pixels [B, 3, H, W]`` → encoder tokens ``[B, N, D]`` (projected when the widths differ)."""
+        states = self.encoder(pixels)
+        return states if self.enc_to_dec_proj is None else self.enc_to_dec_proj(states.to(self.enc_to_dec_proj.weight.dtype))
+
+    def forward(self, batch: Batch) -> LMOutput:
+        """Teacher-forced pass: logits ``[B, T, V]`` over ``batch.input_ids`` (prompt + target + eos, right-padded)
+        and the next-token loss on ``batch.labels``."""
+        states = self.encode_images(batch.pixels)
+        embeds = self.decoder.embed(batch.input_ids)
+        return self.decoder(embeds, batch.attention_mask, batch.labels, encoder_states=states)
+
+    def training_loss(self, batch: Batch) -> torch.Tensor:
+        """Cross-entropy of the target tokens (the JSON sequence + eos) given the image and the task prompt."""
+        return self(batch).loss
+
+    @torch.no_grad()
+    def generate_text(self, batch: Batch) -> list[str]:
+        """Continue each row's prompt (``batch.prompt_ids [B, P]``, left-padded) → the generated sequences with
+        their tags (no eos/pad). Rows are decoded in groups of equal prompt length, so left padding never shifts
+        the decoder's learned positions (transformers' MBart takes no per-row position ids)."""
+        states = self.encode_images(batch.pixels)
+        texts: list[str] = [""] * len(batch)
+        for length, rows in prompt_groups(batch.prompt_mask).items():
+            ids = batch.prompt_ids[rows, batch.prompt_ids.shape[1] - length:]
+            new = self.decoder.generate(self.decoder.embed(ids), torch.ones_like(ids), self.generation,
+                                        encoder_states=states[rows], **self._bad_words())
+            for row, text in zip(rows.tolist(), self.decode(new)):
+                texts[row] = text
+        return texts
+
+    def _bad_words(self) -> dict[str, Any]:
+        """``bad_words_ids`` keeping ``<unk>`` out of generations when ``suppress_unk``."""
+        unk = self.tokenizer.unk_token_id
+        return {"bad_words_ids": [[unk]]} if self.suppress_unk and unk is not None else {}

@@ -1,0 +1,200 @@
+"""Donut built from parts: vocabulary growth, learning, gradient checkpointing, cached generation (BART-style
+decoders with more decoder than encoder layers), prompts of different lengths, evaluation and prediction files,
+checkpoints that carry their added tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from mmlm.batch import Batch
+from mmlm.encoders import HFVisionEncoder
+from mmlm.json_tokens import json_to_tokens
+from mmlm.language import GenerationConfig
+from mmlm.language.cross_attention import CrossAttentionLM
+from mmlm.models import Donut
+from mmlm.piece_tokenizer import train_piece_tokenizer
+
+SWIN = {"image_size": [32, 32], "patch_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [2, 2],
+        "window_size": 4, "drop_path_rate": 0.0}
+MBART = {"model_type": "mbart", "d_model": 32, "decoder_layers": 3, "encoder_layers": 1, "decoder_attention_heads": 2,
+         "decoder_ffn_dim": 64, "max_position_embeddings": 64, "scale_embedding": True, "add_final_layer_norm": True,
+         "vocab_size": 60, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "dropout": 0.0,
+         "forced_eos_token_id": None}  # MBart forces eos at the length limit by default
+FIELDS = ["<s_cord-v2>", "<s_total>", "</s_total>", "<s_name>", "</s_name>", "<sep/>"]
+DOCS = [{"total": "12.50"}, {"name": "Latte"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    train_piece_tokenizer(["Total 12.50", "Latte 3.50", "Bagel 2.25 Cash"] * 4, out, vocab_size=50)
+    return out
+
+
+def make_donut(tokenizer_dir, grad_checkpointing: bool = False, **kwargs) -> Donut:
+    torch.manual_seed(0)
+    encoder = HFVisionEncoder(model_type="donut-swin", config=SWIN, grad_checkpointing=grad_checkpointing)
+    decoder = CrossAttentionLM(config=MBART, grad_checkpointing=grad_checkpointing)
+    return Donut(encoder, decoder, tokenizer=str(tokenizer_dir), **kwargs)
+
+
+def doc_batch(model: Donut, docs: list[dict], pixels: torch.Tensor | None = None) -> Batch:
+    """Right-padded ``<s_cord-v2>`` + JSON tokens + eos, labels without the prompt; references as JSON."""
+    tok = model.tokenizer
+    rows = [tok("<s_cord-v2>" + json_to_tokens(d), add_special_tokens=False).input_ids + [tok.eos_token_id]
+            for d in docs]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    mask = (torch.arange(width) < torch.tensor([len(r) for r in rows])[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, 0] = -100
+    if pixels is None:
+        pixels = torch.stack([torch.full((3, 32, 32), float(i)) for i in range(len(docs))])
+    return Batch(pixels=pixels, input_ids=ids, attention_mask=mask, labels=labels, prompt_ids=ids[:, :1],
+                 prompt_mask=torch.ones(len(docs), 1, dtype=torch.long), keys=[f"k{i}" for i in range(len(docs))],
+                 tasks=["document"] * len(docs), references=[[json.dumps(d)] for d in docs],
+                 ids=[f"doc/{i}" for i in range(len(docs))])
+
+
+def test_add_tokens_grows_the_decoder_once_in_a_fixed_order(tokenizer_dir):
+    model = make_donut(tokenizer_dir)
+    base = len(model.tokenizer)
+    assert model.decoder.vocab_size == 60 and base < 60
+    model.add_tokens(FIELDS + ["<s_total>"])
+    ids = model.tokenizer.convert_tokens_to_ids(FIELDS)
+    assert ids == list(range(base, base + len(FIELDS)))
+    assert model.decoder.vocab_size == 60  # the table already had room
+    many = [f"<s_k{i}>" for i in range(20)]
+    model.add_tokens(many)
+    assert model.decoder.vocab_size == len(model.tokenizer) == base + len(FIELDS) + 20
+    assert model.decoder.model.lm_head.weight.shape[0] == model.decoder.vocab_size
+    before = model.decoder.model.get_input_embeddings().weight.clone()
+    model.add_tokens(FIELDS + many)  # idempotent
+    assert torch.equal(before, model.decoder.model.get_input_embeddings().weight)
+    assert model.added_tokens == FIELDS + many
+    other = make_donut(tokenizer_dir)
+    other.add_tokens(FIELDS + many)
+    assert other.tokenizer.get_vocab() == model.tokenizer.get_vocab()
+    text = "<s_total>12.50</s_total>"
+    assert model.tokenizer.convert_ids_to_tokens(model.tokenizer(text, add_special_tokens=False).input_ids)[0] == "<s_total>"
+
+
+def test_cached_generation_equals_recomputing_with_more_decoder_than_encoder_layers(tokenizer_dir):
+    """transformers sizes a BART/MBart cache by encoder_layers (1 here, 3 decoder layers): CrossAttentionLM aligns it."""
+    model = make_donut(tokenizer_dir, generation=GenerationConfig(max_new_tokens=6), suppress_unk=False).eval()
+    with torch.no_grad():
+        for param in model.decoder.parameters():
+            if param.ndim >= 2:
+                param.normal_(0.0, 0.3)
+        model.add_tokens(FIELDS)
+        batch = doc_batch(model, DOCS)
+        states = model.encode_images(batch.pixels)
+        cached = model.decoder.generate(model.decoder.embed(batch.prompt_ids), batch.prompt_mask, model.generation,
+                                        encoder_states=states)
+        ids = batch.prompt_ids
+        for _ in range(cached.shape[1]):  # greedy by full recomputation, no cache
+            logits = model.decoder(model.decoder.embed(ids), torch.ones_like(ids), encoder_states=states).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    finished = (cached == 2).cumsum(1) - (cached == 2).long() > 0  # positions after eos are padding
+    assert torch.equal(cached[~finished], ids[:, 1:][~finished])
+    assert len(set(cached[0].tolist())) > 1
+
+
+def test_prompts_of_different_lengths_decode_as_if_unpadded(tokenizer_dir):
+    model = make_donut(tokenizer_dir, generation=GenerationConfig(max_new_tokens=5), suppress_unk=False).eval()
+    model.add_tokens(FIELDS)
+    with torch.no_grad():
+        for param in model.decoder.parameters():
+            if param.ndim >= 2:
+                param.normal_(0.0, 0.3)
+    tok = model.tokenizer
+    prompts = [tok("<s_cord-v2><s_name>", add_special_tokens=False).input_ids, tok("<s_cord-v2>").input_ids]
+    padded = torch.tensor([prompts[0], [tok.pad_token_id] + prompts[1]])
+    batch = doc_batch(model, DOCS)
+    batch.prompt_ids, batch.prompt_mask = padded, torch.tensor([[1, 1], [0, 1]])
+    together = model.generate_text(batch)
+    for row, prompt in enumerate(prompts):
+        alone = doc_batch(model, DOCS[row:row + 1], batch.pixels[row:row + 1])
+        alone.prompt_ids = torch.tensor([prompt])
+        alone.prompt_mask = torch.ones_like(alone.prompt_ids)
+        assert model.generate_text(alone) == [together[row]]
+
+
+class RecordLoss(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def trainer(tmp_path, **kwargs) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=str(tmp_path), **kwargs)
+
+
+def test_fit_learns_two_documents_then_reads_them_back(tokenizer_dir, tmp_path):
+    """Two images → two JSONs: the loss falls, and greedy decoding then gives the exact JSON (TED accuracy 1)."""
+    model = make_donut(tokenizer_dir, lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, predictions_dir=str(tmp_path),
+                       generation=GenerationConfig(max_new_tokens=12))
+    model.add_tokens(FIELDS)
+    batch = doc_batch(model, DOCS)
+    loader = DataLoader([batch], batch_size=None, collate_fn=lambda b: b)
+    record = RecordLoss()
+    trainer(tmp_path, max_steps=60, enable_checkpointing=False, callbacks=[record]).fit(model, train_dataloaders=loader)
+    assert record.losses[-1] < 0.1 * record.losses[0], [round(x, 2) for x in record.losses[::10]]
+    scores = trainer(tmp_path).validate(model, dataloaders=loader)[0]
+    assert scores["val/ted_accuracy"] == pytest.approx(1.0) and scores["val/f1"] == pytest.approx(1.0)
+    assert scores["val/ned"] == pytest.approx(0.0)
+    trainer(tmp_path).predict(model, dataloaders=loader)
+    stem = tmp_path / "predictions" / "predict-documents-step0"
+    rows = [json.loads(line) for line in stem.with_suffix(".jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == DOCS and [r["id"] for r in rows] == ["doc/0", "doc/1"]
+    assert json.loads((stem / "doc_0.json").read_text()) == DOCS[0]
+    assert json.loads((stem / "doc_1.json").read_text()) == DOCS[1]
+    assert json.loads(stem.with_suffix(".generation.json").read_text())["count"] == 2
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_grads(tokenizer_dir):
+    plain, checkpointed = make_donut(tokenizer_dir), make_donut(tokenizer_dir, grad_checkpointing=True)
+    assert checkpointed.decoder.model.is_activation_checkpointing
+    assert checkpointed.encoder.model.is_activation_checkpointing
+    for model in (plain, checkpointed):
+        model.add_tokens(FIELDS)
+        model.train()
+        model.training_loss(doc_batch(model, DOCS)).backward()
+    torch.testing.assert_close(plain.training_loss(doc_batch(plain, DOCS)),
+                               checkpointed.training_loss(doc_batch(checkpointed, DOCS)))
+    grads = {name: p.grad for name, p in checkpointed.named_parameters()}
+    for name, param in plain.named_parameters():
+        assert param.grad is not None and grads[name] is not None, name
+        torch.testing.assert_close(grads[name], param.grad, msg=name)
+
+
+def test_checkpoint_carries_added_tokens(tokenizer_dir, tmp_path):
+    model = make_donut(tokenizer_dir)
+    model.add_tokens(FIELDS + [f"<s_k{i}>" for i in range(30)])
+    checkpoint: dict = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    fresh = make_donut(tokenizer_dir)
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"])
+    assert fresh.tokenizer.get_vocab() == model.tokenizer.get_vocab()
+    clash = make_donut(tokenizer_dir)
+    clash.add_tokens(["<s_other>"])
+    with pytest.raises(ValueError, match="differ"):
+        clash.on_load_checkpoint(checkpoint)
+
+
+def test_bf16_autocast_training_step_is_finite(tokenizer_dir):
+    model = make_donut(tokenizer_dir)
+    model.add_tokens(FIELDS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.training_loss(doc_batch(model, DOCS))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
