@@ -11,6 +11,13 @@ Skip counts cross the process boundary *with the batches*: every worker yields
 in the main process) adds each item's counts to the module's :class:`SkipCounter` and hands only
 ``item.batch`` on. Counts of samples skipped after a worker's last batch travel in one final
 item whose ``batch`` is ``None``; the loader swallows it.
+
+Exact resume: each batch also carries its worker's *position* after it (:class:`WorkerStream`:
+per source the pass, shard index and sample offset; the mixing and shuffle-buffer RNG states;
+raw samples drawn). The loader keeps the position of the last batch the trainer consumed per
+worker and returns it from ``state_dict()`` (Lightning stores it in the checkpoint as the fit
+loop's ``combined_loader`` state); ``load_state_dict()`` makes the next ``iter()`` of the same
+epoch continue after the last consumed batch. See ``docs/reliability.md``.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import glob
 import itertools
 import logging
 import random
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +34,7 @@ from typing import Any, Protocol
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -35,6 +44,10 @@ log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_SKIPS = 1000
 #: Reason under which tar read errors (truncated archive, duplicate member, unreadable shard) are counted.
 TAR_ERROR = "tar_error"
+#: Counted events with this prefix are conversions (the sample was used), not skips.
+CONVERTED = "converted_"
+#: Batches the loader remembers beyond the trainer's consumed count (Lightning prefetches at most one).
+PENDING_BATCHES = 16
 
 Sample = dict[str, Any]
 ExampleFn = Callable[[Sample, int], Any]
@@ -78,8 +91,21 @@ class SkipCounter:
         return counts
 
     def total(self) -> int:
-        """Number of skipped samples over all reasons."""
-        return sum(self.skipped.values())
+        """Number of skipped samples over all reasons (conversions, ``converted_*``, excluded)."""
+        return sum(n for reason, n in self.skipped.items() if not reason.startswith(CONVERTED))
+
+
+#: Conversions noted while the current sample is decoded (one per process; drained after every sample).
+_NOTES = SkipCounter()
+
+
+def note(event: str) -> None:
+    """Count a non-fatal event of the sample being decoded, e.g. ``note("converted_cmyk")``.
+
+    Called by decoders (``datamodules.transforms``); the pipeline adds the notes of a sample that
+    became an example to its counts and drops those of a skipped sample.
+    """
+    _NOTES.add(event)
 
 
 @dataclass
@@ -88,6 +114,8 @@ class CountedBatch:
 
     batch: Any | None
     skipped: dict[str, int]
+    worker: int | None = None
+    position: dict[str, Any] | None = None
 
     def pin_memory(self) -> CountedBatch:
         """Pin the wrapped batch (``DataLoader(pin_memory=True)`` calls this)."""
@@ -154,12 +182,158 @@ def weighted_mix(streams: list[Iterator[Sample]], weights: Sequence[float], rng:
         yield sample
 
 
+def shuffled(samples: Iterable[Sample], size: int, rng: random.Random) -> Iterator[Sample]:
+    """Shuffle through a buffer of ``size`` samples: once it is full every new sample replaces a
+    random one, which is yielded; the rest is shuffled at the end. ``rng``'s draws depend only on
+    how many samples passed, so replaying the same stream reproduces buffer and order."""
+    buffer: list[Sample] = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) >= size:
+            k = rng.randrange(len(buffer))
+            buffer[k], buffer[-1] = buffer[-1], buffer[k]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def rng_state(rng: random.Random | None) -> list[Any] | None:
+    """``rng.getstate()`` as nested lists of ints (checkpoint friendly), ``None`` without an rng."""
+    if rng is None:
+        return None
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(rng: random.Random | None, state: list[Any] | None) -> None:
+    """Inverse of :func:`rng_state`."""
+    if rng is not None and state is not None:
+        rng.setstate((state[0], tuple(state[1]), state[2]))
+
+
 def batched(items: Iterable[Any], size: int, partial: bool) -> Iterator[list[Any]]:
     """Group ``items`` into lists of ``size``; the last shorter list is kept only when ``partial``."""
     iterator = iter(items)
     while chunk := list(itertools.islice(iterator, size)):
         if len(chunk) == size or partial:
             yield chunk
+
+
+class SourceStream:
+    """Raw samples of one source for one rank and worker, and its read position.
+
+    The position ``[pass, shard, offset]`` says that the last sample yielded was the ``offset``-th
+    of shard ``shard`` in this worker's shard list of pass ``pass`` (lists are derived from the seed,
+    epoch and pass by :meth:`ShardPipeline._pass_shards`). :meth:`seek` before iterating makes the
+    stream continue after such a position; tar errors met while seeking are not counted again.
+    """
+
+    def __init__(self, pipeline: ShardPipeline, index: int, worker: int, num_workers: int,
+                 counter: SkipCounter) -> None:
+        self.pipeline, self.index, self.worker, self.num_workers = pipeline, index, worker, num_workers
+        self.counter = counter
+        self.pass_, self.shard, self.offset = 0, 0, 0
+        self.muted = False
+
+    def position(self) -> list[int]:
+        """``[pass, shard, offset]`` of the last sample yielded (``[0, 0, 0]`` before the first)."""
+        return [self.pass_, self.shard, self.offset]
+
+    def seek(self, position: Sequence[int]) -> None:
+        """Continue after ``position`` (call before iterating)."""
+        self.pass_, self.shard, self.offset = (int(v) for v in position)
+
+    def _on_error(self, exn: Exception) -> bool:
+        """Webdataset handler: count (unless muted) and log a tar read error, then continue."""
+        if not self.muted:
+            self.counter.add(TAR_ERROR)
+            log.warning("tar read error (counted as %s): %r", TAR_ERROR, exn)
+        return True
+
+    def __iter__(self) -> Iterator[Sample]:
+        start_pass, start_shard, skip = self.position()
+        for pass_ in itertools.count(start_pass):
+            shards = self.pipeline._pass_shards(self.index, self.worker, self.num_workers, pass_)
+            first = start_shard if pass_ == start_pass else 0
+            read = 0
+            for shard in range(first, len(shards)):
+                to_skip = skip if (pass_, shard) == (start_pass, start_shard) else 0
+                self.muted = to_skip > 0
+                for n, sample in enumerate(wds.tarfile_samples([{"url": shards[shard]}], handler=self._on_error), 1):
+                    read += 1
+                    self.muted = n < to_skip
+                    if n <= to_skip:
+                        continue
+                    self.pass_, self.shard, self.offset = pass_, shard, n
+                    sample["__source__"] = self.index
+                    yield sample
+                self.muted = False
+            if self.pipeline.epoch_samples is None:
+                return
+            if read == 0:
+                raise RuntimeError(f"shards {shards[:3]}… of source {self.index} yielded no samples "
+                                   f"(counts {self.counter.skipped})")
+
+
+class WorkerStream:
+    """The raw samples one worker reads in one epoch (sources → mix → shuffle buffer) and its position.
+
+    The position (:meth:`state`) is ``{"batches", "drawn", "sources": [[pass, shard, offset]…],
+    "mix_rng", "shuffle_rng"}``: batches yielded, raw samples drawn from the (shuffled) stream,
+    each source's read position and the RNG states. :meth:`restore` continues after a position:
+    without a shuffle buffer by seeking every source (cost: re-reading the current shard); with
+    one by replaying the epoch's raw stream — tar reads, no decoding — until ``drawn`` samples
+    came out, because the buffer's contents are samples read earlier; the replayed position must
+    equal the saved one, else the data changed and resuming raises.
+    """
+
+    def __init__(self, pipeline: ShardPipeline, worker: int, num_workers: int, counter: SkipCounter) -> None:
+        tag = f"{pipeline.seed}-{pipeline.epoch}-{pipeline.rank}-{worker}"
+        self.sources = [SourceStream(pipeline, i, worker, num_workers, counter) for i in range(len(pipeline.urls))]
+        self.weights = pipeline.weights
+        self.mix_rng = random.Random(f"mix-{tag}") if len(self.sources) > 1 else None
+        self.buffer = pipeline.shuffle_buffer
+        self.shuffle_rng = random.Random(f"shuffle-{tag}") if self.buffer > 0 else None
+        self.drawn = 0
+        self._samples = self._build()
+
+    def _build(self) -> Iterator[Sample]:
+        if self.mix_rng is None:
+            samples: Iterator[Sample] = iter(self.sources[0])
+        else:
+            samples = weighted_mix([iter(s) for s in self.sources], self.weights, self.mix_rng)
+        if self.shuffle_rng is not None:
+            samples = shuffled(samples, self.buffer, self.shuffle_rng)
+        for sample in samples:
+            self.drawn += 1
+            yield sample
+
+    def __iter__(self) -> Iterator[Sample]:
+        return self._samples
+
+    def state(self, batches: int) -> dict[str, Any]:
+        """This worker's position after ``batches`` batches (see the class docstring)."""
+        return {"batches": batches, "drawn": self.drawn, "sources": [s.position() for s in self.sources],
+                "mix_rng": rng_state(self.mix_rng), "shuffle_rng": rng_state(self.shuffle_rng)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue after the position ``state`` (call before iterating)."""
+        if self.shuffle_rng is None:
+            for source, position in zip(self.sources, state["sources"]):
+                source.seek(position)
+            set_rng_state(self.mix_rng, state["mix_rng"])
+            self.drawn = state["drawn"]
+            return
+        for source in self.sources:
+            source.muted = True  # these tar errors were counted before the checkpoint
+        for _ in itertools.islice(self._samples, state["drawn"]):
+            pass
+        replayed = self.state(state["batches"])
+        if replayed != state:
+            raise RuntimeError(
+                "cannot resume the data position: replaying the shards did not reach the saved position "
+                f"(saved sources {state['sources']}, drawn {state['drawn']}; replayed {replayed['sources']}, "
+                f"drawn {replayed['drawn']}); were shards, seed, batch_size or shuffle_buffer changed?")
 
 
 class ShardPipeline(IterableDataset):
@@ -215,6 +389,9 @@ class ShardPipeline(IterableDataset):
         self.seed, self.epoch_samples = seed, epoch_samples if train else None
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.epoch = 0
+        #: Set by :class:`SkipCountingLoader` just before ``iter()`` to resume mid-epoch:
+        #: ``{"offset": logical id of physical worker 0, "workers": [position or None per worker]}``.
+        self.resume: dict[str, Any] | None = None
         self._check(sources)
 
     def _check(self, sources: Sequence[str | list[str]]) -> None:
@@ -251,46 +428,29 @@ class ShardPipeline(IterableDataset):
 
     def __iter__(self) -> Iterator[CountedBatch]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.iter_worker(worker, num_workers)
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        resume = self.resume or {}
+        worker = (physical + resume.get("offset", 0)) % num_workers
+        positions = resume.get("workers") or [None] * num_workers
+        return self.iter_worker(worker, num_workers, positions[worker])
 
-    def iter_worker(self, worker: int, num_workers: int) -> Iterator[CountedBatch]:
-        """The items worker ``worker`` of ``num_workers`` yields (callable directly to simulate workers)."""
+    def iter_worker(self, worker: int, num_workers: int,
+                    position: dict[str, Any] | None = None) -> Iterator[CountedBatch]:
+        """The items worker ``worker`` of ``num_workers`` yields (callable directly to simulate workers),
+        continuing after ``position`` (a :meth:`WorkerStream.state`) when given."""
         counter = SkipCounter()
-        tag = f"{self.seed}-{self.epoch}-{self.rank}-{worker}"
-        streams = [self._source_samples(i, worker, num_workers, counter) for i in range(len(self.urls))]
-        samples = streams[0] if len(streams) == 1 else weighted_mix(streams, self.weights, random.Random(f"mix-{tag}"))
-        if self.shuffle_buffer > 0:
-            rng = random.Random(f"shuffle-{tag}")
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-        examples = self._examples(samples, counter)
-        batches = (CountedBatch(self.collate(chunk), counter.take())
-                   for chunk in batched(examples, self.batch_size, partial=not self.train))
+        stream = WorkerStream(self, worker, num_workers, counter)
+        done = 0
+        if position is not None:
+            stream.restore(position)
+            done = position["batches"]
+        chunks = batched(self._examples(stream, counter), self.batch_size, partial=not self.train)
         if self.epoch_samples is not None:
-            limit = batches_per_worker(len(self), worker, num_workers)
-            batches = itertools.islice(batches, limit)
-        yield from batches
+            chunks = itertools.islice(chunks, max(0, batches_per_worker(len(self), worker, num_workers) - done))
+        for n, chunk in enumerate(chunks, done + 1):
+            yield CountedBatch(self.collate(chunk), counter.take(), worker, stream.state(n))
         if counter.skipped:
             yield CountedBatch(None, counter.take())
-
-    def _source_samples(self, index: int, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[Sample]:
-        """Raw samples (bytes per extension, ``__key__``, ``__url__``, ``__source__``) of one source.
-
-        With ``epoch_samples`` (or ``resampled``) passes repeat forever; a pass that yields no
-        sample at all raises instead of spinning.
-        """
-        handler = counting_handler(counter)
-        for rep in itertools.count():
-            shards = self._pass_shards(index, worker, num_workers, rep)
-            count = 0
-            for sample in wds.tarfile_samples([{"url": url} for url in shards], handler=handler):
-                sample["__source__"] = index
-                count += 1
-                yield sample
-            if self.epoch_samples is None:
-                return
-            if count == 0:
-                raise RuntimeError(f"shards {shards[:3]}… of source {index} yielded no samples (counts {counter.skipped})")
 
     def _pass_shards(self, index: int, worker: int, num_workers: int, rep: int) -> list[str]:
         """The shards one pass of this rank and worker reads: drawn with replacement, or this rank's
@@ -308,14 +468,19 @@ class ShardPipeline(IterableDataset):
         """Apply ``to_example``; count and log skipped samples, raise after too many in a row."""
         in_a_row = 0
         for sample in samples:
+            _NOTES.take()
             try:
-                yield self.to_example(sample, sample["__source__"])
-                in_a_row = 0
-                continue
+                example = self.to_example(sample, sample["__source__"])
             except SkipSample as exn:
                 reason, detail = exn.reason, exn.detail
             except Exception as exn:  # noqa: BLE001 - a bad sample must not end a run; counted by type
                 reason, detail = f"error:{type(exn).__name__}", repr(exn)
+            else:
+                counter.update(_NOTES.take())
+                in_a_row = 0
+                yield example
+                continue
+            _NOTES.take()
             log_skip(counter, reason, detail, sample)
             in_a_row += 1
             if in_a_row >= MAX_CONSECUTIVE_SKIPS:
@@ -342,30 +507,118 @@ def counting_handler(counter: SkipCounter) -> Callable[[Exception], bool]:
 
 
 class SkipCountingLoader(DataLoader):
-    """``DataLoader`` over a :class:`ShardPipeline`: unwraps :class:`CountedBatch` and tallies skips.
+    """``DataLoader`` over a :class:`ShardPipeline`: unwraps :class:`CountedBatch`, tallies skips and
+    keeps the data position for exact resume (``state_dict``/``load_state_dict``, which Lightning
+    calls when it saves and restores a checkpoint).
 
     Args:
         dataset: the pipeline (its items are already batches, so ``batch_size=None`` is passed on).
         counter: main-process counter that receives every item's skip counts.
         epoch_fn: called at each ``iter()`` for the epoch to reshuffle with (``None``: keep the
             pipeline's own ``epoch``).
+        consumed_fn: batches of the current epoch the trainer has consumed (``None``: every batch
+            handed out counts as consumed). Needed because Lightning may fetch a batch ahead.
         **kwargs: further ``DataLoader`` arguments (``num_workers``, ``pin_memory``…).
     """
 
     def __init__(self, dataset: ShardPipeline, counter: SkipCounter,
-                 epoch_fn: Callable[[], int] | None = None, **kwargs: Any) -> None:
+                 epoch_fn: Callable[[], int] | None = None, consumed_fn: Callable[[], int] | None = None,
+                 **kwargs: Any) -> None:
         kwargs.setdefault("batch_size", None)
         super().__init__(dataset, **kwargs)
         self.counter = counter
-        self.epoch_fn = epoch_fn
+        self.epoch_fn, self.consumed_fn = epoch_fn, consumed_fn
+        self._pending_state: dict[str, Any] | None = None
+        self._begin(dataset.epoch, None)
+
+    @property
+    def workers(self) -> int:
+        """Worker streams per rank (``num_workers``, or 1 in the main process)."""
+        return max(1, self.num_workers)
+
+    def _begin(self, epoch: int, resume: dict[str, Any] | None) -> None:
+        """Reset the position bookkeeping for an iteration of ``epoch`` (continuing ``resume``)."""
+        self._epoch = epoch
+        self._handed_out = resume["batches"] if resume else 0
+        self._settled = list(resume["workers"]) if resume else [None] * self.workers
+        self._last_worker = resume["last_worker"] if resume else -1
+        self._recent: deque[tuple[int, int, dict[str, Any], dict[str, int]]] = deque()
 
     def __iter__(self) -> Iterator[Any]:
         if self.epoch_fn is not None:
             self.dataset.set_epoch(self.epoch_fn())
-        for item in super().__iter__():
+        resume = self._take_resume(self.dataset.epoch)
+        self._begin(self.dataset.epoch, resume)
+        if resume is not None:
+            self.dataset.resume = {"offset": (resume["last_worker"] + 1) % self.workers, "workers": resume["workers"]}
+        try:
+            iterator = super().__iter__()  # workers (or the in-process iterator) take the resume point now
+        finally:
+            self.dataset.resume = None
+        for item in iterator:
             self.counter.update(item.skipped)
             if item.batch is not None:
+                self._record(item)
                 yield item.batch
+
+    def _record(self, item: CountedBatch) -> None:
+        """Remember which worker made the batch just handed out, and its position after it."""
+        self._recent.append((self._handed_out, item.worker, item.position, item.skipped))
+        self._handed_out += 1
+        while len(self._recent) > PENDING_BATCHES:
+            _, worker, position, _ = self._recent.popleft()
+            self._settled[worker], self._last_worker = position, worker
+
+    def _take_resume(self, epoch: int) -> dict[str, Any] | None:
+        """The loaded state if it belongs to ``epoch`` (and is not a finished epoch), else ``None``."""
+        state, self._pending_state = self._pending_state, None
+        if state is None:
+            return None
+        if state["epoch"] != epoch:
+            log.warning("data position of epoch %d ignored: this iteration is epoch %d", state["epoch"], epoch)
+            return None
+        self.counter.update(state["skipped"])
+        return state
+
+    # -- exact resume ---------------------------------------------------------------------------
+    def local_state(self) -> dict[str, Any]:
+        """This rank's position: epoch, batches consumed, the last position of each worker and the
+        skip counts up to the last consumed batch."""
+        consumed = self._handed_out if self.consumed_fn is None else min(self.consumed_fn(), self._handed_out)
+        workers, last = list(self._settled), self._last_worker
+        skipped = SkipCounter(dict(self.counter.skipped))
+        for index, worker, position, delta in self._recent:
+            if index < consumed:
+                workers[worker], last = position, worker
+            else:  # handed out ahead of the trainer: not consumed yet
+                skipped.update({reason: -n for reason, n in delta.items()})
+        return {"version": 1, "epoch": self._epoch, "batches": consumed, "num_workers": self.workers,
+                "last_worker": last, "workers": workers, "skipped": skipped.skipped}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"ranks": [local_state() of every rank]}`` (gathered when a process group runs)."""
+        local = self.local_state()
+        if self.dataset.world_size > 1 and dist.is_available() and dist.is_initialized():
+            ranks: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, local)
+            return {"ranks": ranks}
+        return {"ranks": [local]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume this rank's position at the next ``iter()`` of the saved epoch (loading twice is harmless).
+
+        Raises:
+            ValueError: the checkpoint was written with another number of ranks or workers.
+        """
+        ranks = state_dict["ranks"]
+        if len(ranks) != self.dataset.world_size:
+            raise ValueError(f"the checkpoint's data position is for {len(ranks)} rank(s), this run has "
+                             f"{self.dataset.world_size}: resume with the same number of devices")
+        state = ranks[self.dataset.rank]
+        if state["num_workers"] != self.workers:
+            raise ValueError(f"the checkpoint's data position is for num_workers={state['num_workers']}, "
+                             f"this run has {self.num_workers}: resume with the same num_workers")
+        self._pending_state = state
 
 
 class WebDataModule(pl.LightningDataModule):
@@ -413,6 +666,8 @@ class WebDataModule(pl.LightningDataModule):
         self.resampled, self.seed = resampled, seed
         self.skips = SkipCounter()
         self._epoch = 0
+        self._train_loader: SkipCountingLoader | None = None
+        self._train_position: dict[str, Any] | None = None
 
     # -- subclass hooks -------------------------------------------------------------------------
     def example_fn(self, stage: str, sources: Sequence[ShardSource]) -> ExampleFn:
@@ -430,8 +685,33 @@ class WebDataModule(pl.LightningDataModule):
         return self.skips.skipped
 
     def skip_counts(self) -> dict[str, int]:
-        """A copy of :attr:`skipped` (for logging)."""
-        return dict(self.skips.skipped)
+        """Skipped samples by reason (for logging); conversions are in :meth:`conversion_counts`."""
+        return {r: n for r, n in self.skips.skipped.items() if not r.startswith(CONVERTED)}
+
+    def conversion_counts(self) -> dict[str, int]:
+        """Samples used after a conversion (``converted_cmyk``, ``converted_16bit``…) by kind."""
+        return {r: n for r, n in self.skips.skipped.items() if r.startswith(CONVERTED)}
+
+    # -- exact resume -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``{"train_position": …}``: the training loader's data position, saved in every checkpoint.
+
+        Kept here as well as in Lightning's fit-loop state because Lightning 2.6 does not hand a
+        loader its state when ``configure_optimizers`` already built it (``estimated_stepping_batches``).
+        """
+        if self._train_loader is None:
+            return {}
+        return {"train_position": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Make the (current or next) training loader continue after the saved position."""
+        position = state_dict.get("train_position")
+        if position is None:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(position)
+        else:
+            self._train_position = position
 
     # -- epochs and ranks -----------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -441,6 +721,12 @@ class WebDataModule(pl.LightningDataModule):
     def current_epoch(self) -> int:
         """The attached trainer's ``current_epoch``, else the value given to :meth:`set_epoch`."""
         return self.trainer.current_epoch if self.trainer is not None else self._epoch
+
+    def consumed_batches(self) -> int:
+        """Training batches the attached trainer has run in the current epoch (``-1``: no trainer)."""
+        if self.trainer is None:
+            return -1
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def rank_and_world(self) -> tuple[int, int]:
         """``(global_rank, world_size)`` from the attached trainer, ``(0, 1)`` without one."""
@@ -469,7 +755,8 @@ class WebDataModule(pl.LightningDataModule):
         workers = self.num_workers
         if not pipeline.train:  # no more workers than this rank has shards of its smallest source
             workers = min(workers, min(len(urls) for urls in pipeline.urls) // pipeline.world_size)
-        return SkipCountingLoader(pipeline, self.skips, epoch_fn, num_workers=workers,
+        consumed_fn = self.consumed_batches if pipeline.train and self.trainer is not None else None
+        return SkipCountingLoader(pipeline, self.skips, epoch_fn, consumed_fn, num_workers=workers,
                                   pin_memory=torch.cuda.is_available())
 
     def _eval_loaders(self, stage: str) -> SkipCountingLoader | list[SkipCountingLoader]:
@@ -486,7 +773,11 @@ class WebDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> SkipCountingLoader:
         if not self.sources["fit"]:
             raise ValueError(f"no train sources were given to {type(self).__name__}")
-        return self.make_loader(self.build_pipeline("fit", self.sources["fit"]))
+        self._train_loader = self.make_loader(self.build_pipeline("fit", self.sources["fit"]))
+        if self._train_position is not None:
+            self._train_loader.load_state_dict(self._train_position)
+            self._train_position = None
+        return self._train_loader
 
     def val_dataloader(self) -> SkipCountingLoader | list[SkipCountingLoader]:
         return self._eval_loaders("validate")
