@@ -1,0 +1,397 @@
+"""Document understanding data (Donut): Donut folders or shards → :class:`mmlm.batch.Batch`.
+
+A source is a Donut folder (``metadata.jsonl`` + images; read directly), a folder of shards
+(``*.tar`` + ``special_tokens.json``) or shard urls (pattern, glob, list). Both kinds yield the
+same raw samples (see :mod:`datamodules.document_tools`), so they give identical batches.
+
+Shape legend: B batch, T text tokens, P prompt tokens, H/W the model's input size.
+
+Sequence layout of one example (the task prompt is the decoder's start, no bos)::
+
+    input_ids  = prompt_ids target_ids eos pad…       prompt = <s_task> (DocVQA: <s_docvqa><s_question>…</s_question><s_answer>)
+    labels     = -100…     target_ids eos -100…        target = json_to_tokens(ground truth)
+    prompt_ids = pad… prompt_ids                       (left-padded, for generation)
+
+``references`` are the JSON strings of all ground-truth parses (several for ``gt_parses``),
+``tasks`` are ``"document"``, ``ids`` the image file names, ``keys`` the sample keys. Training
+draws one parse at random per sample (Donut); evaluation uses the first.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from webdataset.gopen import gopen_schemes
+
+from datamodules.base import ShardPipeline, SkipSample, WebDataModule, expand_urls
+from datamodules.collate import Example, pad_id, pad_left, pad_right, sequence, token_ids
+from datamodules.document_tools import (
+    IMAGE_EXTENSIONS,
+    METADATA,
+    SPECIAL_TOKENS_FILE,
+    MetadataLine,
+    chunk_tar,
+    parse_ground_truth,
+    read_metadata,
+    read_span,
+    record_parses,
+)
+from datamodules.document_transforms import DocumentTransform
+from datamodules.image_text import json_field
+from mmlm.batch import Batch
+from mmlm.encoders.base import ImagePreprocess
+from mmlm.json_tokens import special_tokens, task_sequence
+from mmlm.losses import IGNORE_INDEX
+from mmlm.tokenizers import load_tokenizer
+
+log = logging.getLogger(__name__)
+TASK = "document"
+
+
+@dataclass
+class DocumentSource:
+    """One document data set.
+
+    Attributes:
+        path: a Donut folder, a folder of shards, or shard urls (brace pattern, glob or list).
+        task: task name (``"cord-v2"`` → start token ``<s_cord-v2>``) or the start token itself.
+        prompt_end: the prompt runs up to and including this tag (DocVQA: ``"<s_answer>"``).
+        weight: mixing weight among training sources.
+    """
+
+    path: str | list[str]
+    task: str = "cord-v2"
+    prompt_end: str | None = None
+    weight: float = 1.0
+
+    @property
+    def task_token(self) -> str:
+        """``<s_{task}>`` (or ``task`` when it already is a tag)."""
+        return self.task if self.task.startswith("<") else f"<s_{self.task}>"
+
+    @property
+    def folder(self) -> Path | None:
+        """The Donut folder, or ``None`` for shards."""
+        if isinstance(self.path, str) and (Path(self.path) / METADATA).is_file():
+            return Path(self.path)
+        return None
+
+    @property
+    def urls(self) -> str | list[str]:
+        """Shard urls (a folder of shards becomes its ``*.tar`` glob)."""
+        if isinstance(self.path, str) and Path(self.path).is_dir():
+            return str(Path(self.path) / "*.tar")
+        return self.path
+
+
+# --------------------------------------------------------------------------- folders as shards
+# A Donut folder is read through webdataset like shards: its metadata lines are cut into chunks, and
+# each chunk has a url ``donut-folder:///<folder>?first=<line>&start=<byte>&end=<byte>`` that the
+# ``donut-folder`` scheme (registered in webdataset's gopen table on import) serves as an in-memory
+# tar of the chunk's samples. So folders get the same rank/worker split, shuffling, mixing, skip
+# counting and resume positions as shards, without a conversion step.
+
+FOLDER_SCHEME = "donut-folder"
+
+
+def chunk_urls(folder: Path, lines: Sequence[MetadataLine], chunks: int) -> list[str]:
+    """Urls of ``chunks`` (at most one per line) consecutive chunks of a Donut folder's metadata ``lines``."""
+    count = max(1, min(chunks, len(lines)))
+    bounds = [round(i * len(lines) / count) for i in range(count + 1)]
+    path = urllib.parse.quote(str(folder.resolve()))
+    return [f"{FOLDER_SCHEME}://{path}?first={lines[a].line}&start={lines[a].start}&end={lines[b - 1].end}"
+            for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def open_chunk(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> io.BytesIO:
+    """webdataset ``gopen`` handler of ``donut-folder://`` urls: the chunk's samples as a tar stream."""
+    parts = urllib.parse.urlparse(url)
+    query = {k: int(v[0]) for k, v in urllib.parse.parse_qs(parts.query).items()}
+    folder = urllib.parse.unquote(parts.path)
+    return io.BytesIO(chunk_tar(folder, read_span(folder, query["first"], query["start"], query["end"])))
+
+
+gopen_schemes[FOLDER_SCHEME] = open_chunk
+
+
+# --------------------------------------------------------------------------- examples and batches
+
+
+def document_image(sample: dict[str, Any]) -> bytes:
+    """The image member of a raw sample; ``SkipSample("missing_image")`` when there is none."""
+    for ext in IMAGE_EXTENSIONS:
+        if sample.get(ext):
+            return sample[ext]
+    raise SkipSample("missing_image", f"no image member in {sorted(k for k in sample if not k.startswith('__'))}")
+
+
+def sample_parses(sample: dict[str, Any]) -> tuple[str, list[Any]]:
+    """``(file_name, parses)`` of a raw sample; ``SkipSample("bad_ground_truth")`` when unusable."""
+    meta = json_field(sample)
+    try:
+        return str(meta.get("file_name", sample["__key__"])), parse_ground_truth(meta["ground_truth"])
+    except (KeyError, TypeError, ValueError) as exn:
+        raise SkipSample("bad_ground_truth", f"{type(exn).__name__}: {exn}") from exn
+
+
+@dataclass(frozen=True)
+class DocumentExampleBuilder:
+    """Picklable ``(raw sample, source index) -> Example`` (image, prompt, target, references).
+
+    Attributes:
+        task_tokens: task start token per source.
+        prompt_ends: prompt end tag per source (``None``: the prompt is the task token).
+        image: the document image transform.
+        sort_keys: reverse-sort dict keys in targets (Donut).
+        categorical_fields: keys whose values are category tokens.
+        train: draw one of several parses at random (else the first).
+    """
+
+    task_tokens: tuple[str, ...]
+    prompt_ends: tuple[str | None, ...]
+    image: DocumentTransform
+    sort_keys: bool = True
+    categorical_fields: tuple[str, ...] = ()
+    train: bool = False
+
+    def __call__(self, sample: dict[str, Any], source: int) -> Example:
+        file_name, parses = sample_parses(sample)
+        parse = random.choice(parses) if self.train else parses[0]
+        try:
+            prompt, target = task_sequence(parse, self.task_tokens[source], self.prompt_ends[source],
+                                           self.sort_keys, self.categorical_fields)
+        except ValueError as exn:
+            raise SkipSample("missing_prompt_end", str(exn)) from exn
+        references = [json.dumps(p, ensure_ascii=False) for p in parses]
+        return Example(image=self.image(document_image(sample)), prompt=prompt, target=target,
+                       references=references, id=file_name, task=TASK, key=sample["__key__"])
+
+
+def collate_documents(examples: list[Example], tokenizer: Any, max_text_tokens: int) -> Batch:
+    """Collate document examples into a :class:`Batch` (layout in the module docstring).
+
+    Returns:
+        ``pixels [B, 3, H, W]``, ``input_ids/attention_mask/labels [B, T]``, ``prompt_ids/prompt_mask [B, P]``.
+    """
+    eos, pad = tokenizer.eos_token_id, pad_id(tokenizer)
+    if eos is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no eos token id; document targets end with eos")
+    prompts = token_ids(tokenizer, [e.prompt for e in examples])
+    targets = token_ids(tokenizer, [e.target for e in examples])
+    seqs = [sequence(p, t, eos, max_text_tokens) for p, t in zip(prompts, targets)]
+    prompt_rows = [p[:max_text_tokens] for p in prompts]
+    return Batch(
+        pixels=torch.stack([e.image for e in examples]),
+        input_ids=pad_right([s[0] for s in seqs], pad),
+        attention_mask=pad_right([[1] * len(s[0]) for s in seqs], 0),
+        labels=pad_right([s[1] for s in seqs], IGNORE_INDEX),
+        prompt_ids=pad_left(prompt_rows, pad),
+        prompt_mask=pad_left([[1] * len(r) for r in prompt_rows], 0),
+        keys=[e.key for e in examples], tasks=[e.task for e in examples],
+        references=[list(e.references) for e in examples], ids=[e.id for e in examples],
+        question_types=["" for _ in examples],
+    )
+
+
+@dataclass(frozen=True)
+class DocumentCollator:
+    """Picklable ``list[Example] -> Batch`` (wraps :func:`collate_documents`)."""
+
+    tokenizer: Any
+    max_text_tokens: int
+
+    def __call__(self, examples: list[Example]) -> Batch:
+        return collate_documents(examples, self.tokenizer, self.max_text_tokens)
+
+
+# --------------------------------------------------------------------------- special tokens
+
+
+def folder_tokens(folder: Path, categorical_fields: Sequence[str]) -> set[str]:
+    """Special tokens the ground truths of a Donut folder need."""
+    parses = [p for record in read_metadata(folder) for p in record_parses(record)]
+    return set(special_tokens(parses, categorical_fields))
+
+
+def shard_tokens(urls: str | list[str]) -> set[str]:
+    """Tokens listed in the ``special_tokens.json`` beside the shards (warns where one is missing)."""
+    found: set[str] = set()
+    for directory in sorted({Path(u).parent for u in expand_urls(urls) if "://" not in u}):
+        path = directory / SPECIAL_TOKENS_FILE
+        if path.is_file():
+            found.update(json.loads(path.read_text(encoding="utf-8"))["tokens"])
+        else:
+            log.warning("no %s beside the shards in %s: pass special_tokens=[…] for their JSON keys", SPECIAL_TOKENS_FILE, directory)
+    return found
+
+
+def source_tokens(source: DocumentSource, categorical_fields: Sequence[str]) -> set[str]:
+    """The task token plus the special tokens of one source's ground truths."""
+    folder = source.folder
+    tokens = folder_tokens(folder, categorical_fields) if folder is not None else shard_tokens(source.urls)
+    return tokens | {source.task_token}
+
+
+# --------------------------------------------------------------------------- data module
+
+
+def path_sources(path: str | None, task: str, prompt_end: str | None) -> list[DocumentSource] | None:
+    """``[DocumentSource(path, task, prompt_end)]``, or ``None`` without a path."""
+    return None if path is None else [DocumentSource(path, task=task, prompt_end=prompt_end)]
+
+
+class DocumentDataModule(WebDataModule):
+    """Donut folders and/or document shards for Donut-style models (reading, extraction, classification, VQA).
+
+    Tokenizer and image preprocessing come from the arguments or, when ``None``, from the trainer's
+    LightningModule (``tokenizer``, ``image_preprocess``) in :meth:`setup`. :meth:`setup` also gathers
+    the special tokens every source needs (task tokens, ``<s_key>``/``</s_key>``, ``<sep/>``, category
+    tokens, ``special_tokens``) and gives them, sorted, to ``module.add_tokens`` when the module has
+    it (else to a tokenizer given by name).
+
+    Args:
+        train: training sources, mixed by weight.
+        val: validation sources (one loader each).
+        test: test sources.
+        predict: prediction sources.
+        train_path: shorthand for ``train=[DocumentSource(train_path, task, prompt_end)]``.
+        val_path: shorthand for ``val``.
+        test_path: shorthand for ``test``.
+        task: task of the ``*_path`` sources (``"synthdog"``, ``"cord-v2"``, ``"rvlcdip"``, ``"docvqa"``…).
+        prompt_end: prompt end tag of the ``*_path`` sources (``"<s_answer>"`` for DocVQA).
+        tokenizer: hub id or directory (``None``: the module's).
+        image_size: ``(H, W)`` with ImageNet mean/std (``None``: the module's ``image_preprocess``).
+        batch_size: examples per batch and rank.
+        num_workers: DataLoader workers per rank.
+        epoch_samples: training samples per epoch over all ranks (``None``: one pass).
+        shuffle_buffer: training shuffle buffer in samples.
+        resampled: draw training shards (chunks) with replacement.
+        seed: base seed of shard order, shuffling and mixing.
+        max_text_tokens: cap on prompt + target + eos tokens.
+        sort_keys: reverse-sort JSON keys in targets (Donut's order).
+        categorical_fields: keys whose leaf values become one category token each (e.g. ``["class"]``).
+        special_tokens: extra special tokens to add.
+        align_long_axis: rotate images whose orientation differs from ``image_size``'s.
+        random_padding: random placement inside the padding when training (centred otherwise).
+        folder_chunk: metadata lines per pseudo shard of a Donut folder.
+    """
+
+    def __init__(
+        self,
+        train: list[DocumentSource] | None = None,
+        val: list[DocumentSource] | None = None,
+        test: list[DocumentSource] | None = None,
+        predict: list[DocumentSource] | None = None,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        task: str = "cord-v2",
+        prompt_end: str | None = None,
+        tokenizer: str | None = None,
+        image_size: tuple[int, int] | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        epoch_samples: int | None = None,
+        shuffle_buffer: int = 256,
+        resampled: bool = False,
+        seed: int = 0,
+        max_text_tokens: int = 128,
+        sort_keys: bool = True,
+        categorical_fields: list[str] | None = None,
+        special_tokens: list[str] | None = None,
+        align_long_axis: bool = False,
+        random_padding: bool = True,
+        folder_chunk: int = 16,
+    ) -> None:
+        super().__init__(train=(train or []) + (path_sources(train_path, task, prompt_end) or []) or None,
+                         val=(val or []) + (path_sources(val_path, task, prompt_end) or []) or None,
+                         test=(test or []) + (path_sources(test_path, task, prompt_end) or []) or None,
+                         predict=predict, batch_size=batch_size, num_workers=num_workers, epoch_samples=epoch_samples,
+                         shuffle_buffer=shuffle_buffer, resampled=resampled, seed=seed)
+        self.tokenizer_name, self.image_size = tokenizer, image_size
+        self.max_text_tokens, self.sort_keys = max_text_tokens, sort_keys
+        self.categorical_fields = tuple(categorical_fields or ())
+        self.extra_tokens = list(special_tokens or [])
+        self.align_long_axis, self.random_padding, self.folder_chunk = align_long_axis, random_padding, folder_chunk
+        self.tokenizer: Any = None
+        self.preprocess: ImagePreprocess | None = None
+        self.added_tokens: list[str] = []
+
+    # -- setup ----------------------------------------------------------------------------------
+    def needed_tokens(self) -> list[str]:
+        """Sorted special tokens of every source of every stage, plus ``special_tokens``."""
+        tokens = set(self.extra_tokens)
+        for source in (s for sources in self.sources.values() for s in sources):
+            tokens |= source_tokens(source, self.categorical_fields)
+        return sorted(tokens)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve tokenizer and preprocessing (arguments first, else the module's); add the special tokens."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if not self.added_tokens:
+            self.added_tokens = self.needed_tokens()
+            if module is not None and hasattr(module, "add_tokens"):
+                module.add_tokens(self.added_tokens)
+        if self.tokenizer is None:
+            self.tokenizer = self._resolve_tokenizer(module)
+        if self.preprocess is None:
+            self.preprocess = self._resolve_preprocess(module)
+
+    def _resolve_tokenizer(self, module: Any) -> Any:
+        """``load_tokenizer(tokenizer, added tokens)``, else ``module.tokenizer``."""
+        if self.tokenizer_name is not None:
+            return load_tokenizer(self.tokenizer_name, self.added_tokens)
+        if module is not None and getattr(module, "tokenizer", None) is not None:
+            return module.tokenizer
+        raise ValueError(f"{type(self).__name__} needs tokenizer=… or a trainer whose LightningModule has .tokenizer")
+
+    def _resolve_preprocess(self, module: Any) -> ImagePreprocess:
+        """``ImagePreprocess(image_size)``, else ``module.image_preprocess``."""
+        if self.image_size is not None:
+            return ImagePreprocess(tuple(self.image_size))
+        if module is not None and getattr(module, "image_preprocess", None) is not None:
+            return module.image_preprocess
+        raise ValueError(f"{type(self).__name__} needs image_size=(H, W) or a trainer whose LightningModule has "
+                         ".image_preprocess")
+
+    # -- pipeline hooks -------------------------------------------------------------------------
+    def example_fn(self, stage: str, sources: Sequence[DocumentSource]) -> DocumentExampleBuilder:
+        if self.preprocess is None:
+            self.setup(stage)
+        pre, train = self.preprocess, stage == "fit"
+        image = DocumentTransform(size=tuple(pre.size), mean=tuple(pre.mean), std=tuple(pre.std),
+                                  align_long_axis=self.align_long_axis, random_padding=train and self.random_padding)
+        return DocumentExampleBuilder(task_tokens=tuple(s.task_token for s in sources),
+                                      prompt_ends=tuple(s.prompt_end for s in sources), image=image,
+                                      sort_keys=self.sort_keys, categorical_fields=self.categorical_fields, train=train)
+
+    def collate_fn(self, stage: str) -> DocumentCollator:
+        if self.tokenizer is None:
+            self.setup(stage)
+        return DocumentCollator(self.tokenizer, self.max_text_tokens)
+
+    def build_pipeline(self, stage: str, sources: Sequence[DocumentSource], *,
+                       rank: int | None = None, world_size: int | None = None) -> ShardPipeline:
+        """The shard pipeline of ``sources``; a Donut folder becomes ``donut-folder://`` chunk urls, enough
+        for every rank and worker (at most ``folder_chunk`` lines each)."""
+        if rank is None or world_size is None:
+            rank, world_size = self.rank_and_world()
+        needed = world_size * max(1, self.num_workers)
+        resolved = [s if s.folder is None else replace(s, path=self._folder_urls(s.folder, needed)) for s in sources]
+        return super().build_pipeline(stage, resolved, rank=rank, world_size=world_size)
+
+    def _folder_urls(self, folder: Path, needed: int) -> list[str]:
+        """Chunk urls of a folder: ``ceil(lines / folder_chunk)`` chunks, but at least ``needed``."""
+        lines = read_metadata(folder)
+        if not lines:
+            raise ValueError(f"Donut folder {str(folder)!r} has no samples in its {METADATA}")
+        return chunk_urls(folder, lines, max(needed, -(-len(lines) // self.folder_chunk)))

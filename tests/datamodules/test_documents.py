@@ -1,0 +1,246 @@
+"""Donut data: generators, folder layout vs shards, converter, prompts in labels, skips, special tokens."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+from datamodules.document_tools import SPECIAL_TOKENS_FILE, convert_donut
+from datamodules.document_transforms import DocumentTransform, align_long_axis, fit_size
+from datamodules.documents import DocumentDataModule, DocumentSource
+from datamodules.synthetic.documents import (
+    MARGIN,
+    MENU,
+    document_rng,
+    layout_words,
+    line_height,
+    load_font,
+    paper_size,
+    render_document,
+    render_receipt,
+    rotated_size,
+    sample_style,
+    write_documents,
+)
+from mmlm.encoders.base import ImagePreprocess
+from mmlm.json_tokens import tokens_to_json
+from mmlm.losses import IGNORE_INDEX
+from mmlm.metrics.documents import ted_accuracy
+
+SIZE = (96, 128)  # (H, W)
+
+
+@pytest.fixture(scope="module")
+def receipts(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("receipts")
+    write_documents(out, kind="receipts", train=24, val=20, seed=3, shard_size=8)
+    return out
+
+
+def read_tar(path: Path) -> list[dict]:
+    return list(wds.tarfile_samples([{"url": str(path)}]))
+
+
+def module_batches(path: str, tokenizer: str, **kwargs) -> tuple[list, DocumentDataModule]:
+    dm = DocumentDataModule(val_path=path, tokenizer=tokenizer, image_size=SIZE, batch_size=8, **kwargs)
+    dm.setup("validate")
+    return list(dm.val_dataloader()), dm
+
+
+# --------------------------------------------------------------------------- generators
+
+
+def test_generators_are_deterministic(tmp_path, receipts):
+    again = tmp_path / "again"
+    write_documents(again, kind="receipts", train=24, val=20, seed=3, shard_size=8)
+    for name in ("shards/train/receipts-00000.tar", "shards/validation/receipts-00002.tar", "donut/train/metadata.jsonl",
+                 "donut/validation/receipts_validation_000007.jpg", "shards/train/special_tokens.json"):
+        assert (again / name).read_bytes() == (receipts / name).read_bytes(), name
+    other = tmp_path / "other"
+    write_documents(other, kind="receipts", train=24, val=0, seed=4, shard_size=8)
+    assert (other / "donut/train/metadata.jsonl").read_bytes() != (receipts / "donut/train/metadata.jsonl").read_bytes()
+
+
+def test_receipt_ground_truth_is_consistent_and_drawn():
+    units = dict(MENU)
+    for index in range(40):
+        image, parse, lines = render_receipt(document_rng(0, "receipts", "train", index), 128, 96)
+        cents = [round(float(item["price"]) * 100) for item in parse["menu"]]
+        assert cents == [units[item["nm"]] * int(item["cnt"]) for item in parse["menu"]]
+        subtotal, tax = (round(float(parse["sub_total"][k]) * 100) for k in ("subtotal_price", "tax_price"))
+        assert subtotal == sum(cents) and tax == (subtotal + 5) // 10
+        assert round(float(parse["total"]["total_price"]) * 100) == subtotal + tax
+        drawn = [f"{line.text} {line.right}" for line in lines]
+        assert drawn == [f"{i['cnt']} {i['nm']} {i['price']}" for i in parse["menu"]] + [
+            f"SUBTOTAL {parse['sub_total']['subtotal_price']}", f"TAX {parse['sub_total']['tax_price']}",
+            f"TOTAL {parse['total']['total_price']}"]
+        assert image.size == (128, 96)
+
+
+def test_document_text_is_what_was_drawn_and_fits():
+    for index in range(40):
+        image, parse, lines = render_document(document_rng(0, "docs", "train", index), 128, 96)
+        assert parse == {"text_sequence": " ".join(line.text for line in lines)} and lines
+        assert image.size == (128, 96)
+    # every line of a page stays inside its paper, and the rotated paper inside the image
+    rng = document_rng(0, "docs", "train", 5)
+    style = sample_style(rng)
+    font = load_font(style.font, style.size)
+    paper = paper_size(rng, 128, 96)
+    assert all(s <= m for s, m in zip(rotated_size(paper), (128, 96)))
+    for line in layout_words(rng, font, paper, max_lines=10):
+        box = ImageDraw.Draw(Image.new("RGB", paper)).textbbox((line.x, line.y), line.text, font=font)
+        assert box[0] >= 0 and box[1] >= 0 and box[2] <= paper[0] - MARGIN + 1 and box[3] <= paper[1]
+        assert line.y + line_height(font) <= paper[1]
+
+
+def test_document_pages_have_ink_where_text_is():
+    image, parse, lines = render_document(document_rng(1, "docs", "train", 0), 128, 96)
+    gray = np.asarray(image.convert("L"), dtype=np.float32)
+    assert gray.min() < 90 and gray.max() > 200  # dark text on light paper
+
+
+# --------------------------------------------------------------------------- layouts, converter
+
+
+def test_folder_layout_and_shards_give_identical_batches(receipts):
+    tokenizer = str(receipts / "tokenizer")
+    folder, dm = module_batches(str(receipts / "donut/validation"), tokenizer)
+    shards, _ = module_batches(str(receipts / "shards/validation"), tokenizer)
+    assert [len(b) for b in folder] == [8, 8, 4]
+    for a, b in zip(folder, shards, strict=True):
+        for name in ("pixels", "input_ids", "attention_mask", "labels", "prompt_ids", "prompt_mask"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert (a.keys, a.ids, a.references, a.tasks) == (b.keys, b.ids, b.references, b.tasks)
+    batch = folder[0]
+    assert batch.pixels.shape == (8, 3, *SIZE) and batch.tasks == ["document"] * 8
+    assert batch.ids[0] == "receipts_validation_000000.jpg"
+    for row, refs in zip(batch.input_ids, batch.references):  # the target decodes back to the ground truth
+        text = dm.tokenizer.decode([t for t in row.tolist() if t not in (dm.tokenizer.pad_token_id, dm.tokenizer.eos_token_id)])
+        assert ted_accuracy(tokens_to_json(text), json.loads(refs[0])) == 1.0
+
+
+def test_prompt_positions_are_ignored_in_labels(receipts):
+    batches, dm = module_batches(str(receipts / "donut/validation"), str(receipts / "tokenizer"))
+    task_id = dm.tokenizer.convert_tokens_to_ids("<s_cord-v2>")
+    batch = batches[0]
+    assert (batch.input_ids[:, 0] == task_id).all() and (batch.labels[:, 0] == IGNORE_INDEX).all()
+    real = batch.attention_mask.bool()
+    assert torch.equal(batch.labels[:, 1:][real[:, 1:]], batch.input_ids[:, 1:][real[:, 1:]])
+    assert (batch.labels[~real] == IGNORE_INDEX).all()
+    assert (batch.prompt_ids[:, -1] == task_id).all() and batch.prompt_mask.sum(1).tolist() == [1] * 8
+
+
+def write_folder(folder: Path, rows: list[tuple[str, object]], image: bytes | None = None) -> None:
+    """A Donut folder of 64×48 PNGs (or ``image`` bytes); a row's ground truth may be any JSON value."""
+    folder.mkdir(parents=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (250, 250, 250)).save(buffer, format="PNG")
+    lines = []
+    for name, gt in rows:
+        (folder / name).write_bytes(image if image is not None else buffer.getvalue())
+        lines.append(json.dumps({"file_name": name, "ground_truth": json.dumps(gt)}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_docvqa_prompt_is_question_and_excluded_from_loss(tmp_path, receipts):
+    qa = [{"question": "what is the total?", "answer": "10.45"}, {"question": "what is the total?", "answer": "$10.45"}]
+    write_folder(tmp_path / "vqa", [("a.png", {"gt_parses": qa}), ("b.png", {"gt_parse": {"question": "date?", "answer": "today"}})])
+    batches, dm = module_batches(str(tmp_path / "vqa"), str(receipts / "tokenizer"), task="docvqa", prompt_end="<s_answer>")
+    batch, tok = batches[0], dm.tokenizer
+    assert tok.decode(batch.prompt_ids[0][batch.prompt_mask[0].bool()]) == "<s_docvqa><s_question>what is the total?</s_question><s_answer>"
+    target = batch.labels[0][batch.labels[0] != IGNORE_INDEX].tolist()
+    assert tok.decode(target) == "10.45</s_answer></s>"
+    n_prompt = int(batch.prompt_mask[0].sum())
+    assert (batch.labels[0, :n_prompt] == IGNORE_INDEX).all() and batch.labels[0, n_prompt] != IGNORE_INDEX
+    assert [json.loads(r) for r in batch.references[0]] == qa
+    assert {"<s_question>", "</s_answer>", "<s_docvqa>"} <= set(dm.added_tokens)
+
+
+def test_converter_round_trip(tmp_path, receipts):
+    summary = convert_donut(receipts / "donut", tmp_path / "converted", shard_size=8, prefix="receipts-")
+    assert summary["splits"]["validation"]["samples"] == 20 and summary["splits"]["train"]["skipped"] == {}
+    for split in ("train", "validation"):
+        for made, converted in zip(sorted((receipts / "shards" / split).glob("*.tar")),
+                                   sorted((tmp_path / "converted" / split).glob("*.tar")), strict=True):
+            mine, theirs = read_tar(made), read_tar(converted)
+            assert [{k: v for k, v in s.items() if k != "__url__"} for s in mine] == \
+                   [{k: v for k, v in s.items() if k != "__url__"} for s in theirs]
+        assert (tmp_path / "converted" / split / SPECIAL_TOKENS_FILE).read_text() == \
+               (receipts / "shards" / split / SPECIAL_TOKENS_FILE).read_text()
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path, receipts):
+    folder = tmp_path / "bad"
+    shutil.copytree(receipts / "donut/validation", folder)
+    (folder / "receipts_validation_000003.jpg").write_bytes(b"not an image")
+    (folder / "receipts_validation_000005.jpg").unlink()
+    with open(folder / "metadata.jsonl", "a") as f:
+        f.write("{broken json\n")
+        f.write(json.dumps({"file_name": "receipts_validation_000006.jpg", "ground_truth": "{\"nothing\": 1}"}) + "\n")
+    batches, dm = module_batches(str(folder), str(receipts / "tokenizer"))
+    assert sum(len(b) for b in batches) == 18
+    assert dm.skipped == {"bad_image": 1, "missing_image": 1, "bad_json": 1, "bad_ground_truth": 1}
+    summary = convert_donut(folder, tmp_path / "bad_shards", shard_size=8)
+    assert summary["samples"] == 19 and summary["skipped"] == {"missing_image": 1, "bad_ground_truth": 2}
+    shards, dm2 = module_batches(str(tmp_path / "bad_shards"), str(receipts / "tokenizer"))
+    assert sum(len(b) for b in shards) == 18 and dm2.skipped == {"bad_image": 1}
+
+
+# --------------------------------------------------------------------------- special tokens, transform
+
+
+class FakeModule:
+    """What the datamodule asks of a Donut-like LightningModule."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.image_preprocess, self.calls = tokenizer, ImagePreprocess(SIZE), []
+
+    def add_tokens(self, tokens: list[str]) -> None:
+        self.calls.append(tokens)
+        self.tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
+
+
+def test_setup_gives_sorted_special_tokens_to_the_module(receipts, tmp_path):
+    from mmlm.tokenizers import load_tokenizer
+
+    module = FakeModule(load_tokenizer(receipts / "tokenizer"))
+    write_folder(tmp_path / "cls", [("a.png", {"gt_parse": {"class": "invoice"}}), ("b.png", {"gt_parse": {"class": "memo"}})])
+    dm = DocumentDataModule(train=[DocumentSource(str(receipts / "shards/train"), task="cord-v2")],
+                            val=[DocumentSource(str(tmp_path / "cls"), task="rvlcdip")],
+                            categorical_fields=["class"], special_tokens=["<extra/>"], batch_size=2)
+    dm.trainer = SimpleNamespace(lightning_module=module, global_rank=0, world_size=1, current_epoch=0)
+    dm.setup("fit")
+    dm.setup("validate")
+    assert len(module.calls) == 1 and module.calls[0] == sorted(module.calls[0])
+    assert {"<s_cord-v2>", "<s_rvlcdip>", "<sep/>", "<s_menu>", "</s_total_price>", "<invoice/>", "<memo/>",
+            "<extra/>", "<s_class>"} <= set(module.calls[0])
+    batch = next(iter(dm.val_dataloader()))
+    assert module.tokenizer.convert_ids_to_tokens(batch.input_ids[0, :4].tolist()) == \
+           ["<s_rvlcdip>", "<s_class>", "<invoice/>", "</s_class>"]
+    train = next(iter(dm.train_dataloader()))
+    assert train.pixels.shape == (2, 3, *SIZE)
+
+
+def test_document_transform_fits_aligns_and_pads():
+    assert fit_size(50, 100, SIZE) == (48, 96) and fit_size(400, 100, SIZE) == (128, 32)
+    portrait = Image.new("RGB", (50, 100))
+    assert align_long_axis(portrait, SIZE).size == (100, 50) and align_long_axis(portrait, (128, 96)).size == (50, 100)
+    buffer = io.BytesIO()
+    Image.new("RGB", (50, 100), (255, 255, 255)).save(buffer, format="PNG")
+    plain = DocumentTransform(SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    pixels = plain(buffer.getvalue())
+    assert pixels.shape == (3, *SIZE)
+    columns = (pixels[0] > 0.5).any(0).nonzero().flatten()
+    assert columns.min() == 40 and columns.max() == 87  # 48 wide, centred in 128
+    aligned = DocumentTransform(SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), align_long_axis=True)(buffer.getvalue())
+    assert (aligned[0] > 0.5).sum() > (pixels[0] > 0.5).sum()  # rotated: 100×50 fills more of a landscape input
