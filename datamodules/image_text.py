@@ -5,16 +5,22 @@ the ``txt`` (else ``json["caption"]``), ``references`` = ``json["captions"]`` (e
 ``[target]``), ``id`` = ``json["image_id"]`` (else the key). A VQA sample ``{"jpg", "json"}``
 becomes ``prompt=vqa_prompt.format(question)``, ``target`` = the most common of
 ``json["answers"]``, ``references`` = the answers, ``id`` = ``json["question_id"]``.
+With ``cached_features=True`` the sample's ``features.npy`` (frozen-encoder features ``[N, D]`` written by
+``mmlm data cache-features``, see ``docs/caching.md``) is read instead of decoding the image.
 See ``docs/data-formats.md``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+import torch
 
 from datamodules.base import SkipSample, WebDataModule
 from datamodules.collate import Collator, Example
@@ -24,6 +30,8 @@ from mmlm.tokenizers import load_tokenizer
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 KINDS = ("caption", "vqa")
+#: The shard member holding a sample's cached encoder features (``{key}.features.npy``: ``[N, D]`` fp16/fp32).
+FEATURES = "features.npy"
 
 
 @dataclass
@@ -80,6 +88,20 @@ def image_bytes(sample: dict[str, Any]) -> bytes:
     raise SkipSample("missing_image", f"none of {IMAGE_EXTENSIONS} in {sorted(k for k in sample if not k.startswith('__'))}")
 
 
+def cached_features(sample: dict[str, Any]) -> torch.Tensor:
+    """The sample's cached features ``[N, D]``; ``SkipSample("missing_features"/"bad_features")`` otherwise."""
+    data = sample.get(FEATURES)
+    if data is None:
+        raise SkipSample("missing_features", f"no {FEATURES} (cache this split with mmlm data cache-features)")
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exn:
+        raise SkipSample("bad_features", repr(exn)) from exn
+    if array.ndim != 2:
+        raise SkipSample("bad_features", f"expected [N, D], got shape {array.shape}")
+    return torch.from_numpy(array)
+
+
 def as_strings(values: Any) -> list[str]:
     """A list of non-empty strings from a list of strings or VQA-style ``{"answer": …}`` dicts."""
     if not isinstance(values, list):
@@ -115,12 +137,14 @@ class ExampleBuilder:
             question, ``{field}`` a field of the sample's JSON).
         image: the image transform (bytes → ``[3, H, W]``).
         need_answers: skip VQA samples without answers (``False`` for prediction on test-dev).
+        features: read the cached ``features.npy`` ``[N, D]`` as the example's image instead of decoding.
     """
 
     kinds: tuple[str, ...]
     prompts: tuple[str, ...]
     image: ImageTransform
     need_answers: bool = True
+    features: bool = False
 
     def __call__(self, sample: dict[str, Any], source: int) -> Example:
         key = sample["__key__"]
@@ -128,7 +152,8 @@ class ExampleBuilder:
             text = self.vqa_text(sample, self.prompts[source])
         else:
             text = self.caption_text(sample, self.prompts[source])
-        return Example(image=self.image(image_bytes(sample)), key=key, **text)
+        image = cached_features(sample) if self.features else self.image(image_bytes(sample))
+        return Example(image=image, key=key, **text)
 
     def caption_text(self, sample: dict[str, Any], prompt: str) -> dict[str, Any]:
         """Prompt, target, references, id and task of a caption sample."""
@@ -158,6 +183,18 @@ class ExampleBuilder:
                     id=str(question_id) if question_id is not None else sample["__key__"])
 
 
+@dataclass(frozen=True)
+class FeatureCollator:
+    """Collate examples whose ``image`` is cached features: ``Batch.features [B, N, D]``, ``pixels [B, 0]``."""
+
+    collate: Collator
+
+    def __call__(self, examples: list[Example]) -> Any:
+        batch = self.collate(examples)
+        batch.features, batch.pixels = batch.pixels, batch.pixels.new_zeros(len(examples), 0)
+        return batch
+
+
 class ImageTextDataModule(WebDataModule):
     """Caption and VQA shards (mixable) for every image → text model.
 
@@ -184,6 +221,9 @@ class ImageTextDataModule(WebDataModule):
         vqa_prompt: VQA prompt format string; ``{}`` is replaced by the question, ``{field}`` by a
             field of the sample's JSON (e.g. ``"{caption} Question: {} Answer:"``).
         train_crop_scale: smallest area fraction of the light random crop in training (1: centre crop).
+        cached_features: read each sample's cached frozen-encoder features (``features.npy``, written by
+            ``mmlm data cache-features``) instead of decoding its image; the model's frozen encoder is then skipped.
+            Samples without features are skipped and counted as ``missing_features``.
     """
 
     def __init__(
@@ -204,6 +244,7 @@ class ImageTextDataModule(WebDataModule):
         caption_prompt: str = "",
         vqa_prompt: str = "Question: {} Answer:",
         train_crop_scale: float = 0.9,
+        cached_features: bool = False,
     ) -> None:
         super().__init__(train=train, val=val, test=test, predict=predict, batch_size=batch_size,
                          num_workers=num_workers, epoch_samples=epoch_samples,
@@ -211,6 +252,7 @@ class ImageTextDataModule(WebDataModule):
         self.tokenizer_name, self.image_size = tokenizer, image_size
         self.max_text_tokens, self.train_crop_scale = max_text_tokens, train_crop_scale
         self.caption_prompt, self.vqa_prompt = caption_prompt, vqa_prompt
+        self.cached_features = cached_features
         self.tokenizer: Any = None
         self.preprocess: ImagePreprocess | None = None
 
@@ -241,12 +283,13 @@ class ImageTextDataModule(WebDataModule):
         defaults = {"caption": self.caption_prompt, "vqa": self.vqa_prompt}
         prompts = tuple(defaults[s.kind] if s.prompt is None else s.prompt for s in sources)
         return ExampleBuilder(kinds=tuple(s.kind for s in sources), prompts=prompts, image=image,
-                              need_answers=stage != "predict")
+                              need_answers=stage != "predict", features=self.cached_features)
 
-    def collate_fn(self, stage: str) -> Collator:
+    def collate_fn(self, stage: str) -> Collator | FeatureCollator:
         if self.tokenizer is None:
             self.setup(stage)
-        return Collator(self.tokenizer, self.max_text_tokens)
+        collate = Collator(self.tokenizer, self.max_text_tokens)
+        return FeatureCollator(collate) if self.cached_features else collate
 
 
 def url_sources(urls: str | None, kind: str) -> list[Source] | None:

@@ -31,6 +31,8 @@ class Batch:
         references: ``B`` lists of reference strings (captions, or the human answers).
         ids: ``B`` evaluation ids (``image_id`` for captions, ``question_id`` for VQA).
         question_types: ``B`` question types (VQA), ``""`` where unknown.
+        features: ``[B, N, D]`` cached frozen-encoder features (``mmlm data cache-features``) or ``None``;
+            when set, ``pixels`` is ``[B, 0]`` and the model's frozen encoder returns these instead of running.
     """
 
     pixels: torch.Tensor
@@ -44,6 +46,7 @@ class Batch:
     references: list[list[str]] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
     question_types: list[str] = field(default_factory=list)
+    features: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
