@@ -30,12 +30,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from datamodules.document_tools import LAYOUTS, DonutWriter
 from mmlm.json_tokens import json_to_tokens
-from mmlm.tokenizers import SPECIALS
+from mmlm.piece_tokenizer import train_piece_tokenizer
 
 KINDS = ("docs", "receipts")
 SPLITS = ("train", "validation")
@@ -45,7 +43,7 @@ MAX_ANGLE = 2.5  # degrees of page rotation
 PAPER_FRACTION = (0.8, 0.94)  # paper side / image side
 MARGIN = 3  # pixels between the paper edge and text
 TAX_RATE_PERCENT = 10
-TOKENIZER_VOCAB = 320  # 256 byte symbols + 4 specials + merges
+TOKENIZER_VOCAB = 400
 WORDS = tuple("""
 the of and to in is was for on as with by at from his an were are which this be has had one not but
 first new after also two their who its they have more her been other into all time than some city year
@@ -264,23 +262,6 @@ def jpeg(image: Image.Image, quality: int = 92) -> bytes:
     return buffer.getvalue()
 
 
-def train_document_tokenizer(texts: Sequence[str], out_dir: str | Path | None = None,
-                             vocab_size: int = TOKENIZER_VOCAB) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on the text of ``texts`` (tags removed; any string encodes and
-    decodes exactly). ``<pad> <s> </s> <unk>`` are ids 0–3; the JSON tags are added later as special
-    tokens (``Donut.add_tokens``, :func:`mmlm.tokenizers.load_tokenizer`). Saved to ``out_dir`` if given."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS.values()),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([re.sub(r"<[^<>]+>", " ", t) for t in texts], trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
-    if out_dir is not None:
-        fast.save_pretrained(str(out_dir))
-    return fast
-
-
 def write_split(out: Path, kind: str, split: str, count: int, seed: int, size: tuple[int, int],
                 shard_size: int, layouts: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     """Render ``count`` documents of one split into ``out/shards/<split>`` and/or ``out/donut/<split>``;
@@ -301,8 +282,9 @@ def write_documents(out: str | Path, kind: str = "docs", train: int = 2000, val:
     """Write synthetic ``docs`` or ``receipts`` for the train and validation splits; returns the summary.
 
     Layout: ``out/shards/{train,validation}/{kind}-{i:05d}.tar`` + ``special_tokens.json`` and/or the
-    Donut folders ``out/donut/{train,validation}/`` (images + ``metadata.jsonl``), a byte-level BPE
-    tokenizer ``out/tokenizer/`` (:func:`train_document_tokenizer`) and ``out/summary.json``. Byte-identical for a seed. Use one ``out`` per kind (the folders and
+    Donut folders ``out/donut/{train,validation}/`` (images + ``metadata.jsonl``), a small tokenizer
+    ``out/tokenizer/`` (:func:`mmlm.piece_tokenizer.train_piece_tokenizer` on the texts; the JSON tags are
+    added later as special tokens by the model's ``add_tokens``) and ``out/summary.json``. Byte-identical for a seed. Use one ``out`` per kind (the folders and
     ``special_tokens.json`` of a second kind would replace the first one's).
 
     Raises:
@@ -314,8 +296,9 @@ def write_documents(out: str | Path, kind: str = "docs", train: int = 2000, val:
     out = Path(out)
     written = {split: write_split(out, kind, split, n, seed, (width, height), shard_size, layouts)
                for split, n in zip(SPLITS, (train, val))}
-    tokenizer = train_document_tokenizer(written["train"][1] + list(WORDS) + [m[0] for m in MENU] + ["0123456789. "],
-                                         out / "tokenizer")
+    texts = [re.sub(r"<[^<>]+>", " ", t) for t in written["train"][1]] + [" ".join(WORDS), " ".join(m[0] for m in MENU),
+                                                                          "0 1 2 3 4 5 6 7 8 9 . , : ; ? ! $ % - / ( )"]
+    tokenizer = train_piece_tokenizer(texts, out / "tokenizer", vocab_size=TOKENIZER_VOCAB)
     summary = {"kind": kind, "seed": seed, "width": width, "height": height, "fonts": len(system_fonts()) + 1,
                "tokenizer": str(out / "tokenizer"), "vocab_size": len(tokenizer),
                "splits": {split: block for split, (block, _) in written.items()}}
