@@ -153,6 +153,22 @@ def record_parses(record: MetadataLine) -> list[Any]:
         return []
 
 
+def read_ground_truths(path: str | Path | Sequence[str]) -> list[list[Any]]:
+    """The parses of every usable sample of a Donut folder or of shards (folder of ``*.tar``, pattern or list),
+    in reading order; samples whose ground truth does not parse are left out."""
+    if isinstance(path, (str, Path)) and (Path(path) / METADATA).is_file():
+        found = [record_parses(record) for record in read_metadata(path)]
+    else:
+        import webdataset as wds
+
+        from datamodules.base import expand_urls
+
+        urls = str(Path(path) / "*.tar") if isinstance(path, (str, Path)) and Path(path).is_dir() else path
+        samples = wds.tarfile_samples([{"url": u} for u in expand_urls(urls)])
+        found = [record_parses(MetadataLine(0, s["json"].decode("utf-8"), "")) for s in samples if "json" in s]
+    return [parses for parses in found if parses]
+
+
 def write_special_tokens(directory: Path, parses: Sequence[Any], categorical_fields: Sequence[str]) -> list[str]:
     """Write ``directory/special_tokens.json`` for ``parses``; returns the tokens."""
     from mmlm.json_tokens import special_tokens

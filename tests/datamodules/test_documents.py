@@ -14,7 +14,7 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from datamodules.document_tools import SPECIAL_TOKENS_FILE, convert_donut
+from datamodules.document_tools import SPECIAL_TOKENS_FILE, convert_donut, read_ground_truths, read_metadata
 from datamodules.document_transforms import DocumentTransform, align_long_axis, fit_size
 from datamodules.documents import DocumentDataModule, DocumentSource
 from datamodules.synthetic.documents import (
@@ -245,3 +245,20 @@ def test_document_transform_fits_aligns_and_pads():
     assert columns.min() == 40 and columns.max() == 87  # 48 wide, centred in 128
     aligned = DocumentTransform(SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), align_long_axis=True)(buffer.getvalue())
     assert (aligned[0] > 0.5).sum() > (pixels[0] > 0.5).sum()  # rotated: 100×50 fills more of a landscape input
+
+
+def test_cli_tools_and_most_common_json_baseline(tmp_path):
+    from mmlm.cli import main
+    from mmlm.metrics.documents import most_common_json_baseline
+
+    assert main(["data", "synth-docs", "--out", str(tmp_path / "docs"), "--train", "6", "--val", "3",
+                 "--width", "96", "--height", "64", "--layout", "folder"]) == 0
+    assert not (tmp_path / "docs/shards").exists() and len(read_metadata(tmp_path / "docs/donut/train")) == 6
+    assert main(["data", "convert-donut", str(tmp_path / "docs/donut/validation"), "--out", str(tmp_path / "conv")]) == 0
+    folder, shards = read_ground_truths(tmp_path / "docs/donut/validation"), read_ground_truths(tmp_path / "conv")
+    assert folder == shards and len(folder) == 3 and "text_sequence" in folder[0][0]
+    with Image.open(tmp_path / "docs/donut/train/docs_train_000000.jpg") as image:
+        assert image.size == (96, 64)
+    train = read_ground_truths(tmp_path / "docs/donut/train")
+    base = most_common_json_baseline([g[0] for g in train], folder)
+    assert base["json"] in [g[0] for g in train] and 0 <= base["ted_accuracy"] < 1
