@@ -101,6 +101,8 @@ def collate_rows(rows: Sequence[Sequence[SentenceSample]], pad_id: int, length: 
             segments[r, pos:pos + n] = seg
             spans[r] += [s.shifted(pos, base.get(s.modality, 0)) for s in sample.sentence.spans]
             for name, tensor in sample.items.items():
+                if tensor.shape[0] == 0:
+                    continue  # an item-less sample (text only) adds nothing, whatever its placeholder shape
                 items.setdefault(name, []).append(tensor)
                 offsets[name] = offsets.get(name, 0) + tensor.shape[0]
             if sample.prompt is not None:

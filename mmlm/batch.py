@@ -125,12 +125,22 @@ class SentenceBatch:
         """Share of the ``B × T`` positions that are padding."""
         return 1.0 - float(self.attention_mask.float().mean()) if self.attention_mask.numel() else 0.0
 
-    def pin_memory(self) -> SentenceBatch:
-        """Pin the tensors (called by ``DataLoader(pin_memory=True)``)."""
-        for name in ("input_ids", "attention_mask", "labels", "position_ids", "segment_ids", "images",
-                     "prompt_ids", "prompt_mask"):
+    TENSORS = ("input_ids", "attention_mask", "labels", "position_ids", "segment_ids", "images", "prompt_ids",
+               "prompt_mask")
+
+    def _apply(self, fn) -> SentenceBatch:
+        for name in self.TENSORS:
             value = getattr(self, name)
             if value is not None:
-                setattr(self, name, value.pin_memory())
-        self.modalities = {k: v.pin_memory() for k, v in self.modalities.items()}
+                setattr(self, name, fn(value))
+        self.modalities = {k: fn(v) for k, v in self.modalities.items()}
         return self
+
+    def pin_memory(self) -> SentenceBatch:
+        """Pin the tensors (called by ``DataLoader(pin_memory=True)``)."""
+        return self._apply(lambda t: t.pin_memory())
+
+    def to(self, *args, **kwargs) -> SentenceBatch:
+        """Move every tensor (``Tensor.to`` arguments); Lightning moves batches to the device with this,
+        the spans (plain Python records) stay as they are."""
+        return self._apply(lambda t: t.to(*args, **kwargs))

@@ -177,7 +177,13 @@ class SentenceBuilder:
         return token_id
 
     def text(self, text: str, target: bool = True) -> SentenceBuilder:
-        """Append plain text (no marker parsing); ``target`` False for prompts."""
+        """Append plain text (no marker parsing); ``target`` False for prompts.
+
+        Marker tokens written literally in the text (``<image>`` in a web page) are removed: the
+        tokenizer would otherwise turn them into wrappers or placeholders without a span.
+        """
+        for token in self._ids:
+            text = text.replace(token, " ")
         if text:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             return self.ids(ids, target)
