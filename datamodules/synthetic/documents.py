@@ -177,12 +177,12 @@ def background(rng: np.random.Generator, style: Style, width: int, height: int) 
 
 def compose(rng: np.random.Generator, style: Style, paper: Image.Image, width: int, height: int) -> Image.Image:
     """Rotate the paper, paste it at a random position on the background, add pixel noise."""
-    rotated = paper.rotate(style.angle, resample=Image.Resampling.BICUBIC, expand=True)
+    rotated = paper.rotate(style.angle, resample=Image.Resampling.BILINEAR, expand=True)
     slack_x, slack_y = max(0, width - rotated.width), max(0, height - rotated.height)
     offset = (int(rng.integers(0, slack_x + 1)), int(rng.integers(0, slack_y + 1)))
     image = background(rng, style, width, height)
     image.paste(rotated, offset, rotated)
-    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, style.noise, (height, width, 3))
+    pixels = np.asarray(image, dtype=np.float32) + style.noise * rng.standard_normal((height, width, 3), np.float32)
     return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")
 
 
