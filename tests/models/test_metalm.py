@@ -175,3 +175,23 @@ def test_pretraining_checkpoint_starts_finetuning(shapes_data, tmp_path):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="text_encoder"):
         build(shapes_data, cls=MetaLMPretraining, text=False)
+
+
+def test_text_only_semicausal_pretraining_learns_from_a_text_corpus(shapes_data):
+    from datamodules.text import TextDataModule
+
+    dm = TextDataModule(val_urls=str(shapes_data / "val" / "captions-*.tar"), tokenizer=str(shapes_data / "tokenizer"),
+                        batch_size=8)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    model = build(shapes_data, cls=MetaLMPretraining, vision=False, span_ratio=0.3, min_span=1, max_span=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(20):
+        loss = model.training_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses

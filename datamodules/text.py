@@ -1,0 +1,108 @@
+"""Text-only corpora for language-model pretraining (MetaLM's semi-causal objective on text documents).
+
+A document is the ``txt`` member of a webdataset sample. Plain text files become such shards with
+:func:`write_text_shards` (documents separated by blank lines). Each document becomes one example with an
+empty prompt, the text as target and task ``"text"``; :class:`~mmlm.batch.Batch` ``pixels`` are ``[B, 0]``
+(no images). A document longer than ``max_text_tokens`` is cut (eos kept).
+
+Shape legend: B batch, T text tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from datamodules.base import SkipSample, WebDataModule
+from datamodules.collate import Collator, Example
+from datamodules.image_text import Source, text_field, url_sources
+from datamodules.shards import ShardWriter
+from mmlm.tokenizers import load_tokenizer
+
+
+def documents(path: str | Path) -> Iterator[str]:
+    """The blank-line-separated documents of a UTF-8 text file, stripped, empty ones dropped."""
+    text = Path(path).read_text(encoding="utf-8")
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        if block.strip():
+            yield " ".join(block.split())
+
+
+def write_text_shards(paths: Iterable[str | Path], out_dir: str | Path, shard_size: int = 1000) -> int:
+    """Write the documents of plain text files as ``{out_dir}/text-{i:05d}.tar`` shards (``txt`` members).
+
+    Returns the number of documents written.
+    """
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(Path(out_dir), shard_size=shard_size, prefix="text-")
+    for path in paths:
+        for doc in documents(path):
+            writer.write({"__key__": f"{writer.count:09d}", "txt": doc.encode("utf-8")})
+    writer.close()
+    return writer.count
+
+
+@dataclass(frozen=True)
+class TextExampleBuilder:
+    """Picklable ``(sample, source_index) -> Example`` of a text document (``SkipSample("missing_text")``)."""
+
+    field: str = "txt"
+
+    def __call__(self, sample: dict[str, Any], source: int) -> Example:
+        text = text_field(sample, self.field)
+        if not text:
+            raise SkipSample("missing_text", f"no {self.field!r} member or an empty one")
+        key = sample["__key__"]
+        return Example(image=torch.zeros(0), prompt="", target=text, references=[text], id=key, task="text", key=key)
+
+
+class TextDataModule(WebDataModule):
+    """Text documents from webdataset shards (``txt`` members; e.g. caption shards, whose images are ignored).
+
+    Args:
+        train_urls: training shards (brace pattern, glob, list), or ``None``.
+        val_urls: validation shards, or ``None``.
+        tokenizer: hub id or directory; ``None`` takes the trainer's module ``tokenizer`` in :meth:`setup`.
+        batch_size: documents per batch and rank.
+        num_workers: DataLoader workers per rank.
+        epoch_samples: training documents per epoch over all ranks (``None``: one pass, one rank).
+        shuffle_buffer: training shuffle buffer in documents.
+        resampled: draw training shards with replacement (needs ``epoch_samples``).
+        seed: base seed for shard order and shuffling.
+        max_text_tokens: cap on bos + text + eos tokens.
+        text_field: the sample member holding the text.
+    """
+
+    def __init__(self, train_urls: str | list[str] | None = None, val_urls: str | list[str] | None = None,
+                 tokenizer: str | None = None, batch_size: int = 32, num_workers: int = 0,
+                 epoch_samples: int | None = None, shuffle_buffer: int = 1000, resampled: bool = False, seed: int = 0,
+                 max_text_tokens: int = 128, text_field: str = "txt") -> None:
+        super().__init__(train=url_sources(train_urls, "caption"), val=url_sources(val_urls, "caption"), test=None,
+                         predict=None, batch_size=batch_size, num_workers=num_workers, epoch_samples=epoch_samples,
+                         shuffle_buffer=shuffle_buffer, resampled=resampled, seed=seed)
+        self.tokenizer_name, self.max_text_tokens, self.text_field = tokenizer, max_text_tokens, text_field
+        self.tokenizer: Any = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve the tokenizer: the argument, else the trainer's LightningModule's ``tokenizer``."""
+        if self.tokenizer is not None:
+            return
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if self.tokenizer_name is not None:
+            self.tokenizer = load_tokenizer(self.tokenizer_name)
+        elif module is not None and getattr(module, "tokenizer", None) is not None:
+            self.tokenizer = module.tokenizer
+        else:
+            raise ValueError("TextDataModule needs tokenizer=… or a trainer whose LightningModule has .tokenizer")
+
+    def example_fn(self, stage: str, sources: Sequence[Source]) -> TextExampleBuilder:
+        return TextExampleBuilder(self.text_field)
+
+    def collate_fn(self, stage: str) -> Collator:
+        if self.tokenizer is None:
+            self.setup(stage)
+        return Collator(self.tokenizer, self.max_text_tokens)

@@ -1,0 +1,46 @@
+"""Text-only corpora: plain text files → shards → batches; caption shards read as text."""
+
+from __future__ import annotations
+
+import torch
+
+from datamodules.text import TextDataModule, documents, write_text_shards
+from mmlm.losses import IGNORE_INDEX
+
+
+def test_text_files_round_trip_through_shards_into_batches(shapes_data, tmp_path):
+    (tmp_path / "a.txt").write_text("a red circle.\n\n\nthree shapes:\na blue square.\n\n  \n")
+    (tmp_path / "b.txt").write_text("two triangles.")
+    assert list(documents(tmp_path / "a.txt")) == ["a red circle.", "three shapes: a blue square."]
+    assert write_text_shards([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "shards", shard_size=2) == 3
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["text-00000.tar", "text-00001.tar"]
+    dm = TextDataModule(val_urls=str(tmp_path / "shards" / "text-*.tar"), tokenizer=str(shapes_data / "tokenizer"),
+                        batch_size=8)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert len(batch) == 3 and batch.pixels.shape == (3, 0) and batch.tasks == ["text"] * 3
+    texts = dm.tokenizer.batch_decode(batch.input_ids, skip_special_tokens=True)
+    assert [t.replace(" ", "") for t in texts] == ["aredcircle.", "threeshapes:abluesquare.", "twotriangles."]
+    real = batch.attention_mask.bool()
+    real[:, 0] = False  # bos: the (empty) prompt
+    assert torch.equal(batch.labels[real], batch.input_ids[real])  # every text token and eos is a target
+    assert bool((batch.labels[~real] == IGNORE_INDEX).all())
+
+
+def test_caption_shards_are_a_text_corpus_and_bad_samples_are_counted(shapes_data, tmp_path):
+    from datamodules.shards import ShardWriter
+
+    dm = TextDataModule(val_urls=str(shapes_data / "val" / "captions-*.tar"), tokenizer=str(shapes_data / "tokenizer"),
+                        batch_size=4, max_text_tokens=6)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch.input_ids.shape[1] <= 6 and bool((batch.input_ids[:, -1] != dm.tokenizer.pad_token_id).any())
+    (tmp_path / "bad").mkdir()
+    writer = ShardWriter(tmp_path / "bad", shard_size=10, prefix="text-")
+    writer.write({"__key__": "0", "txt": b"a red circle."})
+    writer.write({"__key__": "1", "json": b"{}"})
+    writer.close()
+    dm = TextDataModule(val_urls=str(tmp_path / "bad" / "text-*.tar"), tokenizer=str(shapes_data / "tokenizer"))
+    dm.setup("validate")
+    assert sum(len(b) for b in dm.val_dataloader()) == 1
+    assert dm.skip_counts() == {"missing_text": 1}
