@@ -233,7 +233,7 @@ class SourceStream:
         self.pipeline, self.index, self.worker, self.num_workers = pipeline, index, worker, num_workers
         self.counter = counter
         self.pass_, self.shard, self.offset = 0, 0, 0
-        self.muted = False
+        self.muted = self.shard_failed = False
 
     def position(self) -> list[int]:
         """``[pass, shard, offset]`` of the last sample yielded (``[0, 0, 0]`` before the first)."""
@@ -244,10 +244,16 @@ class SourceStream:
         self.pass_, self.shard, self.offset = (int(v) for v in position)
 
     def _on_error(self, exn: Exception) -> bool:
-        """Webdataset handler: count (unless muted) and log a tar read error, then continue."""
-        if not self.muted:
-            self.counter.add(TAR_ERROR)
-            log.warning("tar read error (counted as %s): %r", TAR_ERROR, exn)
+        """Webdataset handler: count the first tar read error of a shard (unless muted), log it, continue.
+
+        A truncated or corrupt shard usually raises more than once (member, then header): it counts once.
+        """
+        if self.muted or self.shard_failed:
+            log.debug("further tar read error: %r", exn)
+            return True
+        self.shard_failed = True
+        self.counter.add(TAR_ERROR)
+        log.warning("tar read error (counted as %s; the rest of the shard is lost): %r", TAR_ERROR, exn)
         return True
 
     def __iter__(self) -> Iterator[Sample]:
@@ -258,7 +264,7 @@ class SourceStream:
             read = 0
             for shard in range(first, len(shards)):
                 to_skip = skip if (pass_, shard) == (start_pass, start_shard) else 0
-                self.muted = to_skip > 0
+                self.muted, self.shard_failed = to_skip > 0, False
                 for n, sample in enumerate(wds.tarfile_samples([{"url": shards[shard]}], handler=self._on_error), 1):
                     read += 1
                     self.muted = n < to_skip

@@ -24,7 +24,7 @@ import torch
 
 from datamodules.base import SkipSample, WebDataModule
 from datamodules.collate import Collator, Example
-from datamodules.transforms import ImageTransform
+from datamodules.transforms import MAX_IMAGE_PIXELS, ImageTransform
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.tokenizers import load_tokenizer
 
@@ -83,7 +83,7 @@ def json_field(sample: dict[str, Any]) -> dict[str, Any]:
 def image_bytes(sample: dict[str, Any]) -> bytes:
     """The first present image member (jpg, jpeg, png, webp); ``SkipSample("missing_image")`` if none."""
     for ext in IMAGE_EXTENSIONS:
-        if sample.get(ext):
+        if sample.get(ext) is not None:  # zero bytes: the decoder skips them as empty_image
             return sample[ext]
     raise SkipSample("missing_image", f"none of {IMAGE_EXTENSIONS} in {sorted(k for k in sample if not k.startswith('__'))}")
 
@@ -216,6 +216,8 @@ class ImageTextDataModule(WebDataModule):
         shuffle_buffer: training shuffle buffer in samples.
         resampled: draw training shards with replacement (needs ``epoch_samples``).
         seed: base seed for shard order, shuffling and mixing.
+        max_image_pixels: images with more pixels are skipped as ``image_too_large`` (decompression
+            bombs, checked from the header before decoding); ``None``: no limit.
         max_text_tokens: cap on prompt + target + eos tokens.
         caption_prompt: prompt of caption examples.
         vqa_prompt: VQA prompt format string; ``{}`` is replaced by the question, ``{field}`` by a
@@ -240,6 +242,7 @@ class ImageTextDataModule(WebDataModule):
         shuffle_buffer: int = 1000,
         resampled: bool = False,
         seed: int = 0,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
         max_text_tokens: int = 48,
         caption_prompt: str = "",
         vqa_prompt: str = "Question: {} Answer:",
@@ -250,6 +253,7 @@ class ImageTextDataModule(WebDataModule):
                          num_workers=num_workers, epoch_samples=epoch_samples,
                          shuffle_buffer=shuffle_buffer, resampled=resampled, seed=seed)
         self.tokenizer_name, self.image_size = tokenizer, image_size
+        self.max_image_pixels = max_image_pixels
         self.max_text_tokens, self.train_crop_scale = max_text_tokens, train_crop_scale
         self.caption_prompt, self.vqa_prompt = caption_prompt, vqa_prompt
         self.cached_features = cached_features
@@ -279,7 +283,8 @@ class ImageTextDataModule(WebDataModule):
             self.setup(stage)
         pre = self.preprocess
         image = ImageTransform(size=tuple(pre.size), mean=tuple(pre.mean), std=tuple(pre.std),
-                               train=stage == "fit", min_crop_scale=self.train_crop_scale)
+                               train=stage == "fit", min_crop_scale=self.train_crop_scale,
+                               max_pixels=self.max_image_pixels)
         defaults = {"caption": self.caption_prompt, "vqa": self.vqa_prompt}
         prompts = tuple(defaults[s.kind] if s.prompt is None else s.prompt for s in sources)
         return ExampleBuilder(kinds=tuple(s.kind for s in sources), prompts=prompts, image=image,

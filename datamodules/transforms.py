@@ -5,6 +5,12 @@ into RGB: palette/alpha images are composited on white, 16/32-bit grayscale is s
 CMYK/YCbCr/L/1 go through ``convert("RGB")``. JPEGs at least twice the target size are decoded
 at reduced size with ``Image.draft`` (DCT scaling: much faster, same result after resizing).
 No flips: captions say "left" and "right".
+
+Hostile inputs: zero-byte data is skipped as ``empty_image``, undecodable or truncated data as
+``bad_image``, an image with more than ``max_pixels`` pixels (checked from the header, before
+any pixel is decoded: a decompression bomb) as ``image_too_large``. Every conversion to RGB is
+counted as ``converted_<kind>`` (``grayscale``, ``cmyk``, ``alpha``, ``16bit``, ``palette``…)
+through :func:`datamodules.base.note`.
 """
 
 from __future__ import annotations
@@ -18,16 +24,25 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from datamodules.base import SkipSample
+from datamodules.base import SkipSample, note
 
 #: Errors PIL raises for corrupt or truncated images.
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+#: Default pixel limit of one image (PIL's own warning threshold, ~89.5 M pixels; e.g. 9459 × 9459).
+MAX_IMAGE_PIXELS = 89_478_485
+#: Name counted (``converted_<name>``) for each PIL mode that is converted to RGB.
+CONVERSION_KINDS = {"L": "grayscale", "1": "grayscale", "LA": "alpha", "La": "alpha", "RGBA": "alpha",
+                    "RGBa": "alpha", "PA": "alpha", "P": "palette", "CMYK": "cmyk", "YCbCr": "ycbcr",
+                    "I": "16bit", "I;16": "16bit", "I;16B": "16bit", "I;16L": "16bit", "I;16N": "16bit",
+                    "F": "float", "RGBX": "rgbx", "LAB": "lab", "HSV": "hsv"}
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB (alpha composited on white; 16/32-bit gray rescaled)."""
+    """Convert any PIL mode to 8-bit RGB (alpha composited on white; 16/32-bit gray rescaled);
+    each conversion is counted as ``converted_<kind>``."""
     if image.mode == "RGB":
         return image
+    note(f"converted_{CONVERSION_KINDS.get(image.mode, image.mode.lower())}")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -50,18 +65,27 @@ def high_depth_to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 
-def decode_image(data: bytes, draft_size: tuple[int, int] | None = None) -> Image.Image:
+def decode_image(data: bytes, draft_size: tuple[int, int] | None = None,
+                 max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode image bytes to RGB; JPEGs ≥ 2× ``draft_size`` ``(H, W)`` decode at reduced size.
 
     Raises:
-        SkipSample: ``bad_image`` when PIL cannot decode the bytes.
+        SkipSample: ``empty_image`` for zero bytes, ``image_too_large`` when the header declares
+            more than ``max_pixels`` pixels (``None``: no limit of ours; PIL's own bomb check at
+            2× its ``Image.MAX_IMAGE_PIXELS`` still applies), ``bad_image`` when PIL cannot decode.
     """
+    if not data:
+        raise SkipSample("empty_image", "zero bytes")
     try:
         image = Image.open(io.BytesIO(data))
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise SkipSample("image_too_large", f"{image.width}×{image.height} > max_pixels={max_pixels}")
         if draft_size is not None and image.format == "JPEG":
             image.draft("RGB", (draft_size[1], draft_size[0]))
         image.load()
         return to_rgb(image)
+    except Image.DecompressionBombError as exn:
+        raise SkipSample("image_too_large", str(exn)) from exn
     except DECODE_ERRORS as exn:
         raise SkipSample("bad_image", repr(exn)) from exn
 
@@ -108,6 +132,7 @@ class ImageTransform:
         std: per-channel std.
         train: random crop instead of centre crop.
         min_crop_scale: smallest area fraction of the training crop (``1.0``: always centre).
+        max_pixels: images with more pixels are skipped as ``image_too_large`` (``None``: no limit).
     """
 
     size: tuple[int, int]
@@ -115,13 +140,14 @@ class ImageTransform:
     std: tuple[float, float, float]
     train: bool
     min_crop_scale: float
+    max_pixels: int | None = MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_mean", channel_tensor(self.mean))  # built once, not per image
         object.__setattr__(self, "_std", channel_tensor(self.std))
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        image = decode_image(data, self.size)
+        image = decode_image(data, self.size, self.max_pixels)
         scale = random.uniform(self.min_crop_scale, 1.0) if self.train and self.min_crop_scale < 1 else 1.0
         box = crop_box(image.width, image.height, self.size, scale)
         resized = image.resize((self.size[1], self.size[0]), Image.Resampling.BICUBIC, box=box)

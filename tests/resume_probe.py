@@ -21,7 +21,7 @@ from mmlm.models.base import MultimodalModule
 
 
 class KeyModel(MultimodalModule):
-    """``loss = mean(linear(mean pixel per channel)²)``; no text, no generation."""
+    """``loss = mean(linear(mean pixel per channel)²)``; generates ``"red"`` for every example."""
 
     def __init__(self, lr: float = 0.01, warmup_steps: int = 1) -> None:
         super().__init__(lr=lr, warmup_steps=warmup_steps)
@@ -29,6 +29,9 @@ class KeyModel(MultimodalModule):
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
         return self.head(batch.pixels.mean(dim=(2, 3))).pow(2).mean()
+
+    def generate_text(self, batch: Batch) -> list[str]:
+        return ["red"] * len(batch)
 
 
 class KeyRecorder(pl.Callback):

@@ -1,0 +1,171 @@
+"""Run-level reliability: the end-of-run data report and the checks and defaults of ``mmlm fit``.
+
+* :class:`DataReport` (a default callback of the ``mmlm`` CLI) sums the datamodule's per-reason
+  counts of skipped and converted samples over all ranks at the end of fit/validate/test, logs
+  them (``data/total_skipped_<reason>``, ``data/total_converted_<kind>``), prints a table and
+  writes ``data_report-<stage>.json`` into the trainer's log directory.
+* :func:`config_problem` finds missing local shard paths and ``--ckpt_path`` files in a parsed
+  config, before any model, datamodule or trainer is built.
+* :func:`add_trainer_defaults` adds the atomic checkpoint writer and the data report to the
+  trainer's arguments unless the config already chose them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch.distributed as dist
+from pytorch_lightning.plugins.io import CheckpointIO
+from pytorch_lightning.utilities import rank_zero_only
+
+from datamodules.base import CONVERTED, check_local_shards, expand_urls
+from mmlm.checkpointing import AtomicCheckpointIO, is_local
+
+log = logging.getLogger(__name__)
+
+#: ``--ckpt_path`` values Lightning resolves itself (not file names).
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+#: Strategies that write sharded checkpoints with their own I/O (no ``CheckpointIO`` plugin added).
+OWN_CHECKPOINT_IO = ("deepspeed", "fsdp")
+
+
+def sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """Add per-reason counts over all ranks (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(counts)
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, counts)
+    total: dict[str, int] = {}
+    for part in parts:
+        for reason, n in part.items():
+            total[reason] = total.get(reason, 0) + n
+    return total
+
+
+def format_report(stage: str, counts: dict[str, int]) -> str:
+    """A plain-text table of skipped and converted samples per reason."""
+    skipped = {r: n for r, n in sorted(counts.items()) if not r.startswith(CONVERTED)}
+    converted = {r: n for r, n in sorted(counts.items()) if r.startswith(CONVERTED)}
+    lines = [f"data report ({stage}): {sum(skipped.values())} samples skipped, "
+             f"{sum(converted.values())} converted"]
+    width = max((len(r) for r in counts), default=6)
+    for title, part in (("skipped", skipped), ("converted", converted)):
+        if part:
+            lines.append(f"  {title:<{width}}  count")
+            lines += [f"  {r:<{width}}  {n:>5}" for r, n in part.items()]
+    return "\n".join(lines)
+
+
+class DataReport(pl.Callback):
+    """End-of-run summary of skipped and converted samples (see the module docstring).
+
+    The counts are the datamodule's (``skip_counts()`` + ``conversion_counts()``, as in
+    :class:`datamodules.base.WebDataModule`) summed over ranks; after a resume they include the
+    counts restored from the checkpoint. ``reports`` keeps each stage's totals.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reports: dict[str, dict[str, int]] = {}
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.report(trainer, "fit")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self.report(trainer, "validate")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.report(trainer, "test")
+
+    def report(self, trainer: pl.Trainer, stage: str) -> dict[str, int]:
+        """Sum, log, print and write the counts of ``stage``; returns them."""
+        datamodule = trainer.datamodule
+        counts = {**getattr(datamodule, "skip_counts", dict)(), **getattr(datamodule, "conversion_counts", dict)()}
+        counts = sum_over_ranks(counts)
+        self.reports[stage] = counts
+        self._publish(trainer, stage, counts)
+        return counts
+
+    @rank_zero_only
+    def _publish(self, trainer: pl.Trainer, stage: str, counts: dict[str, int]) -> None:
+        metrics = {f"data/total_{r if r.startswith(CONVERTED) else 'skipped_' + r}": float(n) for r, n in counts.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        print(format_report(stage, counts), flush=True)
+        if trainer.log_dir is not None:
+            out = Path(trainer.log_dir) / f"data_report-{stage}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(counts, indent=1, sort_keys=True))
+
+
+# -- checks before anything is built ---------------------------------------------------------------
+
+
+def as_plain(value: Any) -> Any:
+    """jsonargparse ``Namespace`` → nested dicts/lists (other values unchanged)."""
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    return value
+
+
+def url_entries(node: Any, key: str = "data") -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` of every ``urls`` / ``*_urls`` entry under ``node``."""
+    node = as_plain(node)
+    if isinstance(node, dict):
+        for name, value in node.items():
+            dotted = f"{key}.{name}"
+            if (name == "urls" or name.endswith("_urls")) and value is not None:
+                yield dotted, value
+            else:
+                yield from url_entries(value, dotted)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from url_entries(value, f"{key}[{i}]")
+
+
+def shard_problem(key: str, urls: Any) -> str | None:
+    """Why the shard pattern at ``key`` cannot be read (no match, missing files), else ``None``."""
+    try:
+        check_local_shards(expand_urls(urls))
+    except (FileNotFoundError, ValueError) as err:
+        return f"{key}={urls!r}: {err}"
+    return None
+
+
+def config_problem(config: Any) -> str | None:
+    """The first missing path in a parsed ``fit/validate/test/predict`` config, named with its key."""
+    config = as_plain(config)
+    for key, urls in url_entries(config.get("data")):
+        if problem := shard_problem(key, urls):
+            return problem
+    ckpt = config.get("ckpt_path")
+    if ckpt is not None and str(ckpt) not in SPECIAL_CKPT_PATHS and is_local(ckpt) and not Path(ckpt).exists():
+        return f"ckpt_path={str(ckpt)!r}: no such checkpoint file"
+    return None
+
+
+# -- trainer defaults ----------------------------------------------------------------------------
+
+
+def strategy_name(strategy: Any) -> str:
+    """Lower-case name of a strategy given as string or instance."""
+    return (strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
+
+
+def add_trainer_defaults(config: dict[str, Any], callbacks: list[pl.Callback]) -> None:
+    """Add :class:`AtomicCheckpointIO` (unless a ``CheckpointIO`` plugin is given or the strategy
+    writes its own sharded checkpoints) and :class:`DataReport` (unless present), in place."""
+    plugins = config.get("plugins") or []
+    plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+    own_io = any(name in strategy_name(config.get("strategy", "auto")) for name in OWN_CHECKPOINT_IO)
+    if not own_io and not any(isinstance(p, CheckpointIO) for p in plugins):
+        config["plugins"] = [*plugins, AtomicCheckpointIO()]
+    given = list(config.get("callbacks") or []) + list(callbacks)
+    if not any(isinstance(c, DataReport) for c in given):
+        callbacks.append(DataReport())
