@@ -13,12 +13,14 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from pytorch_lightning import LightningDataModule
+from pytorch_lightning import Callback, LightningDataModule, Trainer
 from pytorch_lightning.cli import LightningCLI
 
 from datamodules.synthetic.shapes import DEFAULT_TRAIN_IMAGES, DEFAULT_VAL_IMAGES
 from mmlm.models.base import MultimodalModule
+from mmlm.reliability import add_trainer_defaults, config_problem
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Modules that add ``mmlm data`` tools. Each has ``add_data_tools(sub)``, which adds subparsers to ``sub`` and sets
@@ -37,13 +39,30 @@ USAGE = """usage: mmlm COMMAND [options]
 """
 
 
+class MMLMCLI(LightningCLI):
+    """LightningCLI that checks shard and checkpoint paths before building anything and adds the
+    reliability defaults (atomic checkpoint writes, end-of-run data report; ``mmlm.reliability``)."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if problem := config_problem(config):
+            self._parser(self.subcommand).error(problem)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        add_trainer_defaults(config, callbacks)
+        return super()._instantiate_trainer(config, callbacks)
+
+
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:
     """Build (and by default run) the LightningCLI over every ``MultimodalModule`` and datamodule.
 
     The resolved config is written next to the run's checkpoints and may overwrite an older one,
-    so re-running into the same directory works.
+    so re-running into the same directory works. Missing shard or ``--ckpt_path`` files stop the
+    command before any class is built; checkpoints are written atomically
+    (:class:`mmlm.checkpointing.AtomicCheckpointIO`) and :class:`mmlm.reliability.DataReport`
+    summarises skipped samples at the end.
     """
-    return LightningCLI(
+    return MMLMCLI(
         MultimodalModule,
         LightningDataModule,
         subclass_mode_model=True,
