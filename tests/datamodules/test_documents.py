@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -262,3 +263,32 @@ def test_cli_tools_and_most_common_json_baseline(tmp_path):
     train = read_ground_truths(tmp_path / "docs/donut/train")
     base = most_common_json_baseline([g[0] for g in train], folder)
     assert base["json"] in [g[0] for g in train] and 0 <= base["ted_accuracy"] < 1
+
+
+def test_a_real_donut_gets_the_tokens_trains_and_evaluates(receipts):
+    import pytorch_lightning as pl
+
+    from mmlm.encoders import HFVisionEncoder
+    from mmlm.language.cross_attention import CrossAttentionLM
+    from mmlm.models import Donut
+
+    swin = {"image_size": [32, 48], "patch_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [2, 2],
+            "window_size": 4, "drop_path_rate": 0.0}
+    mbart = {"model_type": "mbart", "d_model": 32, "decoder_layers": 1, "encoder_layers": 1, "decoder_attention_heads": 2,
+             "decoder_ffn_dim": 64, "max_position_embeddings": 128, "scale_embedding": True, "vocab_size": 60,
+             "add_final_layer_norm": True, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "dropout": 0.0,
+             "forced_eos_token_id": None}
+    torch.manual_seed(0)
+    model = Donut(HFVisionEncoder(model_type="donut-swin", config=swin), CrossAttentionLM(config=mbart),
+                  tokenizer=str(receipts / "tokenizer"))
+    model.generation = dataclasses.replace(model.generation, max_new_tokens=8)
+    dm = DocumentDataModule(train_path=str(receipts / "donut/train"), val_path=str(receipts / "shards/validation"),
+                            batch_size=4)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False, accelerator="cpu",
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0)
+    trainer.fit(model, dm)
+    assert model.added_tokens == dm.added_tokens and "<s_cord-v2>" in model.added_tokens
+    assert model.decoder.vocab_size >= len(model.tokenizer)
+    assert {"val/ted_accuracy", "val/f1", "val/ned"} <= set(trainer.callback_metrics)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])

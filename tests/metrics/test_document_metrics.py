@@ -112,3 +112,17 @@ def test_document_metrics_class_and_baseline():
     assert base["json"] == {"class": "memo"} and base["f1"] == 0.5
     assert base["ted_accuracy"] == pytest.approx((1 + (1 - 5 / 7)) / 2)  # memo→letter 5 edits, ∅→letter 1 + 6
     assert isinstance(out["ted_accuracy"], torch.Tensor)
+
+
+def test_states_add_up_across_ranks():
+    """Two 'ranks' merged with the DDP reduction (sums) give the single-process result."""
+    gts = [{"total": "9"}, {"menu": [{"nm": "tea"}]}, {"text_sequence": "abc"}, {"a": "b"}]
+    preds = [json_to_tokens({"total": "8"}), json_to_tokens(gts[1]), "abd", ""]
+    refs = [[json.dumps(g)] for g in gts]
+    whole, first, second = DocumentMetrics(), DocumentMetrics(), DocumentMetrics()
+    whole.update(preds, refs)
+    first.update(preds[:1], refs[:1])
+    second.update(preds[1:], refs[1:])
+    first.merge_state(second)
+    for name, value in whole.compute().items():
+        assert first.compute()[name].item() == pytest.approx(value.item()), name
