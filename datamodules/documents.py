@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from webdataset.gopen import gopen_schemes
 
-from datamodules.base import ShardPipeline, SkipSample, WebDataModule, expand_urls
+from datamodules.base import ShardPipeline, SkipSample, WebDataModule, check_local_shards, expand_urls
 from datamodules.collate import Example, pad_id, pad_left, pad_right, sequence, token_ids
 from datamodules.document_tools import (
     IMAGE_EXTENSIONS,
@@ -223,9 +223,15 @@ def folder_tokens(folder: Path, categorical_fields: Sequence[str]) -> set[str]:
 
 
 def shard_tokens(urls: str | list[str]) -> set[str]:
-    """Tokens listed in the ``special_tokens.json`` beside the shards (warns where one is missing)."""
+    """Tokens listed in the ``special_tokens.json`` beside the shards (warns where one is missing).
+
+    Raises:
+        FileNotFoundError: a local shard does not exist (named), so ``setup`` fails before training.
+    """
     found: set[str] = set()
-    for directory in sorted({Path(u).parent for u in expand_urls(urls) if "://" not in u}):
+    shards = expand_urls(urls)
+    check_local_shards(shards)
+    for directory in sorted({Path(u).parent for u in shards if "://" not in u}):
         path = directory / SPECIAL_TOKENS_FILE
         if path.is_file():
             found.update(json.loads(path.read_text(encoding="utf-8"))["tokens"])
@@ -237,7 +243,11 @@ def shard_tokens(urls: str | list[str]) -> set[str]:
 def source_tokens(source: DocumentSource, categorical_fields: Sequence[str]) -> set[str]:
     """The task token plus the special tokens of one source's ground truths."""
     folder = source.folder
-    tokens = folder_tokens(folder, categorical_fields) if folder is not None else shard_tokens(source.urls)
+    try:
+        tokens = folder_tokens(folder, categorical_fields) if folder is not None else shard_tokens(source.urls)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"DocumentSource path {source.path!r} is neither a Donut folder (with {METADATA}) "
+                                f"nor readable shards: {err}") from err
     return tokens | {source.task_token}
 
 

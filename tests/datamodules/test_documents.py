@@ -292,3 +292,9 @@ def test_a_real_donut_gets_the_tokens_trains_and_evaluates(receipts):
     assert model.decoder.vocab_size >= len(model.tokenizer)
     assert {"val/ted_accuracy", "val/f1", "val/ned"} <= set(trainer.callback_metrics)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_a_missing_path_is_named_in_setup(tmp_path, receipts):
+    dm = DocumentDataModule(val_path=str(tmp_path / "nowhere"), tokenizer=str(receipts / "tokenizer"), image_size=SIZE)
+    with pytest.raises(FileNotFoundError, match="nowhere.*neither a Donut folder"):
+        dm.setup("validate")
