@@ -40,7 +40,7 @@ VQA_PROMPT_END = "<s_answer>"
 
 #: Start tags nested deeper than this are ignored (keeps the parser's recursion bounded on garbage).
 MAX_DEPTH = 64
-_TAG = re.compile(r"(<s_[^<>]*>|</s_[^<>]*>|<[^<>/\s]+/>)")
+_TAG = re.compile(r"(<s_[^<>]*>|</s_[^<>]*>|<[^<>/]+/>)")
 
 
 def start_tag(key: str) -> str:

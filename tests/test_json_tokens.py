@@ -44,6 +44,8 @@ def test_categorical_fields_become_single_tokens_and_come_back():
     assert tokens == "<s_class><invoice/></s_class>"
     assert tokens_to_json(tokens) == gt
     assert json_to_tokens({"kinds": ["a", "b"]}, categorical_fields={"kinds"}) == f"<s_kinds><a/>{SEP}<b/></s_kinds>"
+    spaced = {"class": "scientific report"}
+    assert tokens_to_json(json_to_tokens(spaced, categorical_fields={"class"})) == spaced
 
 
 def test_special_tokens_cover_keys_categories_tasks_and_sep():
