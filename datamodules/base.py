@@ -580,8 +580,8 @@ class SkipCountingLoader(DataLoader):
         state, self._pending_state = self._pending_state, None
         if state is None:
             return None
-        if state["epoch"] != epoch:
-            log.warning("data position of epoch %d ignored: this iteration is epoch %d", state["epoch"], epoch)
+        if state["epoch"] != epoch:  # e.g. an end-of-epoch checkpoint: the next epoch starts fresh
+            log.info("data position of epoch %d not used: this iteration is epoch %d", state["epoch"], epoch)
             return None
         self.counter.update(state["skipped"])
         return state

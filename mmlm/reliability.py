@@ -89,17 +89,18 @@ class DataReport(pl.Callback):
         counts = {**getattr(datamodule, "skip_counts", dict)(), **getattr(datamodule, "conversion_counts", dict)()}
         counts = sum_over_ranks(counts)
         self.reports[stage] = counts
-        self._publish(trainer, stage, counts)
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        self._publish(trainer, stage, counts, log_dir)
         return counts
 
     @rank_zero_only
-    def _publish(self, trainer: pl.Trainer, stage: str, counts: dict[str, int]) -> None:
+    def _publish(self, trainer: pl.Trainer, stage: str, counts: dict[str, int], log_dir: str | None) -> None:
         metrics = {f"data/total_{r if r.startswith(CONVERTED) else 'skipped_' + r}": float(n) for r, n in counts.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         print(format_report(stage, counts), flush=True)
-        if trainer.log_dir is not None:
-            out = Path(trainer.log_dir) / f"data_report-{stage}.json"
+        if log_dir is not None:
+            out = Path(log_dir) / f"data_report-{stage}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(counts, indent=1, sort_keys=True))
 

@@ -110,9 +110,13 @@ def ddp_run(tmp_path_factory) -> dict:
     (preds1,) = vqa_predictions(tmp / "val1")
     members = {split: {**shard_members(data / split, "vqa"), **shard_members(data / split, "caption")}
                for split in ("train", "val")}
+    import torch
+
+    checkpoint = torch.load(ckpt, weights_only=False)
     return {"ranks": ranks, "single": json.loads((tmp / "probe1" / "rank0.json").read_text()),
             "preds2": json.loads(preds2.read_text()), "preds1": json.loads(preds1.read_text()),
-            "members": members}
+            "members": members, "position": checkpoint["ImageTextDataModule"]["train_position"],
+            "report": json.loads(next((tmp / "fit").glob("lightning_logs/version_*/data_report-fit.json")).read_text())}
 
 
 def samples(record: list[list[str]], task: str) -> list[tuple[str, str]]:
@@ -176,3 +180,13 @@ def test_vqa_accuracy_is_reduced_over_ranks_and_matches_one_process(ddp_run):
     # same checkpoint, one process, the whole val set: same greedy answers and accuracy
     assert answers_by_id(ddp_run["preds1"]) == answers_by_id(ddp_run["preds2"])
     assert ddp_run["single"]["metrics"]["val/vqa_acc"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_checkpoint_holds_every_ranks_data_position(ddp_run):
+    """The data position is gathered from both ranks (each resumes its own shards and offsets)."""
+    ranks = ddp_run["position"]["ranks"]
+    expected = batches_per_rank(EPOCH_SAMPLES, BATCH, WORLD)
+    assert [(r["epoch"], r["batches"]) for r in ranks] == [(0, expected)] * WORLD
+    assert all(position is not None for r in ranks for position in r["workers"])
+    assert ranks[0]["workers"] != ranks[1]["workers"]
+    assert ddp_run["report"] == {}  # the shapes data has no bad sample; the report is written once, by rank 0
