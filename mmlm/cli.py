@@ -29,6 +29,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 DATA_TOOL_MODULES: tuple[str, ...] = (
     "mmlm.features",
     "datamodules.document_tools",
+    "datamodules.embodied_tools",
 )
 USAGE = """usage: mmlm COMMAND [options]
 

@@ -68,8 +68,6 @@ QUESTIONS = {
     "moved": "which block moved between <img1> and <img2>?",
 }
 GOAL = "stack {a} on {b}."
-DEFAULT_TRAIN = 8000
-DEFAULT_VAL = 400
 VAL_SHARDS = 8
 
 
@@ -370,7 +368,7 @@ def _write_split(out: Path, split: str, count: int, seed: int, shard_size: int,
             "kinds": dict(sorted(kinds.items())), "answers": dict(answers.most_common())}
 
 
-def write_tabletop(out: str | Path, train: int = DEFAULT_TRAIN, val: int = DEFAULT_VAL, seed: int = 0,
+def write_tabletop(out: str | Path, train: int, val: int, seed: int = 0,
                    shard_size: int = 1000, progress: bool = True) -> dict[str, Any]:
     """Write the tabletop data set under ``out``; returns the summary (also ``out/summary.json``).
 

@@ -150,3 +150,14 @@ def test_shard_samples_hold_sentences_and_ground_truth(written):
         text = re.sub(r"<\w+>", " ", meta["prompt"] + " " + meta["target"])
         assert tokenizer.unk_token_id not in tokenizer(text, add_special_tokens=False)["input_ids"], text
     assert {"moved", "clear", "direct"} <= kinds
+
+
+def test_mmlm_data_synth_tabletop_prints_its_summary(tmp_path, capsys):
+    from mmlm.cli import main
+
+    out = tmp_path / "tabletop"
+    assert main(["data", "synth-tabletop", "--out", str(out), "--train", "6", "--val", "2", "--shard-size", "3"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{"):])
+    assert summary["splits"]["train"]["samples"] == 6 and summary["splits"]["train"]["shards"] == 2
+    assert (out / "tokenizer").is_dir() and (out / "summary.json").is_file()

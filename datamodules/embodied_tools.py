@@ -1,0 +1,30 @@
+"""``mmlm data synth-tabletop``: write the synthetic embodied (tabletop) data set for PaLM-E.
+
+Registered in ``mmlm.cli.DATA_TOOL_MODULES``; the generator is imported only when the tool runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+DEFAULT_TRAIN = 8000  # sentences; scripts/palme_tiny.py uses the same sizes
+DEFAULT_VAL = 400
+
+
+def add_data_tools(sub: argparse._SubParsersAction) -> None:
+    """Add ``synth-tabletop`` to the ``mmlm data`` subparsers."""
+    tool = sub.add_parser("synth-tabletop", help="render tabletop block scenes with state, questions and plans (PaLM-E)")
+    tool.add_argument("--out", required=True, help="output directory")
+    tool.add_argument("--train", type=int, default=DEFAULT_TRAIN, help="training sentences")
+    tool.add_argument("--val", type=int, default=DEFAULT_VAL, help="validation sentences")
+    tool.add_argument("--seed", type=int, default=0)
+    tool.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    tool.set_defaults(run=synth_tabletop)
+
+
+def synth_tabletop(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the generator with the parsed arguments; returns its summary."""
+    from datamodules.synthetic.tabletop import write_tabletop
+
+    return write_tabletop(args.out, train=args.train, val=args.val, seed=args.seed, shard_size=args.shard_size)
