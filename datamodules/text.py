@@ -10,6 +10,7 @@ Shape legend: B batch, T text tokens.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,16 @@ def write_text_shards(paths: Iterable[str | Path], out_dir: str | Path, shard_si
             writer.write({"__key__": f"{writer.count:09d}", "txt": doc.encode("utf-8")})
     writer.close()
     return writer.count
+
+
+def add_data_tools(sub: argparse._SubParsersAction) -> None:
+    """Add ``text-shards`` to the ``mmlm data`` subparsers (registered in ``mmlm.cli.DATA_TOOL_MODULES``)."""
+    tool = sub.add_parser("text-shards", help="plain text files (blank-line-separated documents) → txt shards")
+    tool.add_argument("files", nargs="+", help="UTF-8 text files")
+    tool.add_argument("--out", required=True, help="output directory for text-{00000..N}.tar")
+    tool.add_argument("--shard-size", type=int, default=1000, help="documents per shard")
+    tool.set_defaults(run=lambda args: {"documents": write_text_shards(args.files, args.out, args.shard_size),
+                                        "out": str(args.out)})
 
 
 @dataclass(frozen=True)

@@ -44,3 +44,14 @@ def test_caption_shards_are_a_text_corpus_and_bad_samples_are_counted(shapes_dat
     dm.setup("validate")
     assert sum(len(b) for b in dm.val_dataloader()) == 1
     assert dm.skip_counts() == {"missing_text": 1}
+
+
+def test_mmlm_data_text_shards_writes_the_documents(tmp_path, capsys):
+    import json
+
+    from mmlm.cli import main
+
+    (tmp_path / "doc.txt").write_text("first document\nstill first.\n\nsecond one.\n")
+    assert main(["data", "text-shards", str(tmp_path / "doc.txt"), "--out", str(tmp_path / "out")]) == 0
+    assert json.loads(capsys.readouterr().out)["documents"] == 2
+    assert (tmp_path / "out" / "text-00000.tar").is_file()
