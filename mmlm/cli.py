@@ -30,6 +30,7 @@ DATA_TOOL_MODULES: tuple[str, ...] = (
     "mmlm.features",
     "datamodules.document_tools",
     "datamodules.embodied_tools",
+    "datamodules.text",
 )
 USAGE = """usage: mmlm COMMAND [options]
 
