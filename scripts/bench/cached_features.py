@@ -104,4 +104,4 @@ def run(scale: Scale, data: Path) -> list[dict[str, Any]]:
         rates = alternate({name: (lambda d=d: steps_per_second(model, d, scale.warmup, scale.steps))
                            for name, d in sides.items()}, scale.repeats)
     return [row(f"BLIP-2 stage-2 training from cached ViT features (batch {scale.batch_size})", rates["cached"],
-                rates["live"], "steps/s", rates["cached"] / rates["live"], ">= 1.2")]
+                rates["live"], "steps/s", rates["cached"] / rates["live"], ">= 1.1")]
