@@ -52,16 +52,19 @@ class Donut(DocumentModule):
         align_long_axis: the datamodule rotates a document by 90° when its long axis disagrees with the input
             size's (Donut's ``do_align_long_axis``).
         suppress_unk: never generate ``<unk>`` (Donut's ``bad_words_ids``).
+        export_dir: where ``on_fit_end`` writes the trained model in transformers' layout (:meth:`to_hf`), e.g.
+            the reading-pretrained model that the extraction finetuning then loads with :meth:`from_hf`.
         **kwargs: optimisation and evaluation settings of :class:`~mmlm.models.base.MultimodalModule`.
     """
 
     def __init__(self, encoder: VisionEncoder, decoder: CrossAttentionLM, tokenizer: str,
-                 align_long_axis: bool = False, suppress_unk: bool = True, **kwargs: Any) -> None:
+                 align_long_axis: bool = False, suppress_unk: bool = True, export_dir: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["encoder", "decoder"])
         self.encoder, self.decoder = encoder, decoder
         self.enc_to_dec_proj = nn.Linear(encoder.width, decoder.width) if encoder.width != decoder.width else None
-        self.align_long_axis, self.suppress_unk = align_long_axis, suppress_unk
+        self.align_long_axis, self.suppress_unk, self.export_dir = align_long_axis, suppress_unk, export_dir
         self.tokenizer = load_tokenizer(tokenizer)
         self.added_tokens: list[str] = []
         self._fit_vocabulary()
@@ -71,7 +74,7 @@ class Donut(DocumentModule):
                 grad_checkpointing: bool = False, align_long_axis: bool | None = None,
                 generation: GenerationConfig | None = None, predictions_dir: str | None = None,
                 lr: float | None = None, weight_decay: float | None = None, warmup_steps: int | None = None,
-                **kwargs: Any) -> Donut:
+                export_dir: str | None = None, **kwargs: Any) -> Donut:
         """Build from a transformers ``VisionEncoderDecoderModel`` directory or hub id (naver-clova-ix/donut-base
         layout), strictly; see :func:`mmlm.convert.donut_hf.donut_from_hf`.
 
@@ -80,7 +83,7 @@ class Donut(DocumentModule):
         (``class_path: mmlm.models.Donut.from_hf``); ``None`` keeps :class:`MultimodalModule`'s default.
         """
         named = dict(generation=generation, predictions_dir=predictions_dir, lr=lr, weight_decay=weight_decay,
-                     warmup_steps=warmup_steps)
+                     warmup_steps=warmup_steps, export_dir=export_dir)
         kwargs |= {key: value for key, value in named.items() if value is not None}
         model = donut_from_hf(cls, name_or_path, tokenizer=tokenizer, image_size=image_size,
                               grad_checkpointing=grad_checkpointing, **kwargs)
@@ -91,6 +94,11 @@ class Donut(DocumentModule):
     def to_hf(self, directory: str | Path) -> None:
         """Write a directory that ``VisionEncoderDecoderModel.from_pretrained`` and ``DonutProcessor`` load."""
         donut_to_hf(self, directory)
+
+    def on_fit_end(self) -> None:
+        """Export to ``export_dir`` (rank zero only) when one is set."""
+        if self.export_dir is not None and self.trainer.is_global_zero:
+            self.to_hf(self.export_dir)
 
     # --- vocabulary ----------------------------------------------------------------------------
     def add_tokens(self, tokens: list[str]) -> None:
