@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 
@@ -63,18 +64,26 @@ def test_hostile_set_trains_to_completion_and_reports_exact_counts(tmp_path, cap
     assert set(summary["expected"]) == set(COUNTED_AS.values())  # every kind is in the set
     keys = tmp_path / "keys.tsv"
     recorder = {"class_path": "resume_probe.KeyRecorder", "init_args": {"path": str(keys)}}
+    logger = {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs")}}
     main(["fit", "--model=resume_probe.KeyModel", "--data=datamodules.ImageTextDataModule",
           f"--data.init_args.train={json.dumps([{'urls': summary['captions']}])}",
           f"--data.init_args.val={json.dumps([{'urls': summary['vqa'], 'kind': 'vqa'}])}",
           f"--data.init_args.tokenizer={tmp_path / 'data' / 'tokenizer'}", "--data.init_args.image_size=8",
           "--data.init_args.batch_size=2", "--data.init_args.shuffle_buffer=16", "--data.init_args.num_workers=1",
           f"--data.init_args.max_image_pixels={summary['max_image_pixels']}",
-          "--trainer.max_epochs=1", "--trainer.max_steps=1000", "--trainer.logger=false",
+          "--trainer.max_epochs=1", "--trainer.max_steps=1000", f"--trainer.logger={json.dumps(logger)}",
           "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
           "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path / 'run'}",
           f"--trainer.callbacks+={json.dumps(recorder)}"])
-    report = json.loads((tmp_path / "run" / "data_report-fit.json").read_text())
+    log_dir = tmp_path / "logs" / "lightning_logs" / "version_0"
+    report = json.loads((log_dir / "data_report-fit.json").read_text())
     assert report == summary["expected"]
+    logged = {}  # the run's logger got the totals too
+    with open(log_dir / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            logged.update({k: float(v) for k, v in row.items() if k.startswith("data/total_") and v})
+    assert logged["data/total_skipped_tar_error"] == 1 and logged["data/total_converted_cmyk"] == 1
+    assert len(logged) == len(summary["expected"])
     trained = [k for line in keys.read_text().splitlines() for k in line.split("\t")[1].split()]
     assert sorted(trained) == sorted(k for k in summary["used_keys"] if k.startswith("captions"))
     out = capsys.readouterr().out
