@@ -49,7 +49,7 @@ from datamodules.document_transforms import DocumentTransform
 from datamodules.image_text import json_field
 from mmlm.batch import Batch
 from mmlm.encoders.base import ImagePreprocess
-from mmlm.json_tokens import special_tokens, task_sequence
+from mmlm.json_tokens import json_to_tokens, special_tokens, task_sequence
 from mmlm.losses import IGNORE_INDEX
 from mmlm.tokenizers import load_tokenizer
 
@@ -134,11 +134,15 @@ def document_image(sample: dict[str, Any]) -> bytes:
     raise SkipSample("missing_image", f"no image member in {sorted(k for k in sample if not k.startswith('__'))}")
 
 
-def sample_parses(sample: dict[str, Any]) -> tuple[str, list[Any]]:
-    """``(file_name, parses)`` of a raw sample; ``SkipSample("bad_ground_truth")`` when unusable."""
+def sample_parses(sample: dict[str, Any], required: bool = True) -> tuple[str, list[Any]]:
+    """``(file_name, parses)`` of a raw sample; ``SkipSample("bad_ground_truth")`` when unusable (without
+    ``required``, a sample with no ``ground_truth`` at all has no parses instead)."""
     meta = json_field(sample)
+    name = str(meta.get("file_name", sample["__key__"]))
+    if not required and meta.get("ground_truth") is None:
+        return name, []
     try:
-        return str(meta.get("file_name", sample["__key__"])), parse_ground_truth(meta["ground_truth"])
+        return name, parse_ground_truth(meta["ground_truth"])
     except (KeyError, TypeError, ValueError) as exn:
         raise SkipSample("bad_ground_truth", f"{type(exn).__name__}: {exn}") from exn
 
@@ -154,6 +158,9 @@ class DocumentExampleBuilder:
         sort_keys: reverse-sort dict keys in targets (Donut).
         categorical_fields: keys whose values are category tokens.
         train: draw one of several parses at random (else the first).
+        need_target: skip samples without a ground truth (``False`` for prediction: such a sample gets the
+            bare task prompt, and a parse without its ``prompt_end`` — a DocVQA question without answer —
+            the prompt ``task + tokens(parse) + prompt_end``; the target is empty).
     """
 
     task_tokens: tuple[str, ...]
@@ -162,18 +169,27 @@ class DocumentExampleBuilder:
     sort_keys: bool = True
     categorical_fields: tuple[str, ...] = ()
     train: bool = False
+    need_target: bool = True
 
     def __call__(self, sample: dict[str, Any], source: int) -> Example:
-        file_name, parses = sample_parses(sample)
-        parse = random.choice(parses) if self.train else parses[0]
-        try:
-            prompt, target = task_sequence(parse, self.task_tokens[source], self.prompt_ends[source],
-                                           self.sort_keys, self.categorical_fields)
-        except ValueError as exn:
-            raise SkipSample("missing_prompt_end", str(exn)) from exn
+        file_name, parses = sample_parses(sample, required=self.need_target)
+        prompt, target = self.prompt_and_target(random.choice(parses) if self.train else parses[0] if parses else None,
+                                                source)
         references = [json.dumps(p, ensure_ascii=False) for p in parses]
         return Example(image=self.image(document_image(sample)), prompt=prompt, target=target,
                        references=references, id=file_name, task=TASK, key=sample["__key__"])
+
+    def prompt_and_target(self, parse: Any, source: int) -> tuple[str, str]:
+        """Prompt and target of one parse (``None``: no ground truth, prediction only)."""
+        task, end = self.task_tokens[source], self.prompt_ends[source]
+        if parse is None:
+            return task, ""
+        try:
+            return task_sequence(parse, task, end, self.sort_keys, self.categorical_fields)
+        except ValueError as exn:
+            if self.need_target:
+                raise SkipSample("missing_prompt_end", str(exn)) from exn
+            return task + json_to_tokens(parse, self.sort_keys, self.categorical_fields) + end, ""
 
 
 def collate_documents(examples: list[Example], tokenizer: Any, max_text_tokens: int) -> Batch:
@@ -248,7 +264,7 @@ def source_tokens(source: DocumentSource, categorical_fields: Sequence[str]) -> 
     except FileNotFoundError as err:
         raise FileNotFoundError(f"DocumentSource path {source.path!r} is neither a Donut folder (with {METADATA}) "
                                 f"nor readable shards: {err}") from err
-    return tokens | {source.task_token}
+    return tokens | {source.task_token} | ({source.prompt_end} if source.prompt_end else set())
 
 
 # --------------------------------------------------------------------------- data module
@@ -276,6 +292,7 @@ class DocumentDataModule(WebDataModule):
         train_path: shorthand for ``train=[DocumentSource(train_path, task, prompt_end)]``.
         val_path: shorthand for ``val``.
         test_path: shorthand for ``test``.
+        predict_path: shorthand for ``predict`` (samples need no ground truth there).
         task: task of the ``*_path`` sources (``"synthdog"``, ``"cord-v2"``, ``"rvlcdip"``, ``"docvqa"``…).
         prompt_end: prompt end tag of the ``*_path`` sources (``"<s_answer>"`` for DocVQA).
         tokenizer: hub id or directory (``None``: the module's).
@@ -304,6 +321,7 @@ class DocumentDataModule(WebDataModule):
         train_path: str | None = None,
         val_path: str | None = None,
         test_path: str | None = None,
+        predict_path: str | None = None,
         task: str = "cord-v2",
         prompt_end: str | None = None,
         tokenizer: str | None = None,
@@ -325,7 +343,8 @@ class DocumentDataModule(WebDataModule):
         super().__init__(train=(train or []) + (path_sources(train_path, task, prompt_end) or []) or None,
                          val=(val or []) + (path_sources(val_path, task, prompt_end) or []) or None,
                          test=(test or []) + (path_sources(test_path, task, prompt_end) or []) or None,
-                         predict=predict, batch_size=batch_size, num_workers=num_workers, epoch_samples=epoch_samples,
+                         predict=(predict or []) + (path_sources(predict_path, task, prompt_end) or []) or None,
+                         batch_size=batch_size, num_workers=num_workers, epoch_samples=epoch_samples,
                          shuffle_buffer=shuffle_buffer, resampled=resampled, seed=seed)
         self.tokenizer_name, self.image_size = tokenizer, image_size
         self.max_text_tokens, self.sort_keys = max_text_tokens, sort_keys
@@ -382,7 +401,8 @@ class DocumentDataModule(WebDataModule):
                                   align_long_axis=self.align_long_axis, random_padding=train and self.random_padding)
         return DocumentExampleBuilder(task_tokens=tuple(s.task_token for s in sources),
                                       prompt_ends=tuple(s.prompt_end for s in sources), image=image,
-                                      sort_keys=self.sort_keys, categorical_fields=self.categorical_fields, train=train)
+                                      sort_keys=self.sort_keys, categorical_fields=self.categorical_fields, train=train,
+                                      need_target=stage != "predict")
 
     def collate_fn(self, stage: str) -> DocumentCollator:
         if self.tokenizer is None:

@@ -298,3 +298,25 @@ def test_a_missing_path_is_named_in_setup(tmp_path, receipts):
     dm = DocumentDataModule(val_path=str(tmp_path / "nowhere"), tokenizer=str(receipts / "tokenizer"), image_size=SIZE)
     with pytest.raises(FileNotFoundError, match="nowhere.*neither a Donut folder"):
         dm.setup("validate")
+
+
+def test_predict_needs_no_ground_truth(tmp_path, receipts):
+    folder = tmp_path / "unlabelled"
+    write_folder(folder, [("q.png", {"gt_parse": {"question": "total?"}}), ("r.png", {"gt_parse": {"question": "date?"}})])
+    with open(folder / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "q.png"}) + "\n")  # no ground truth at all
+    dm = DocumentDataModule(predict_path=str(folder), task="docvqa", prompt_end="<s_answer>",
+                            tokenizer=str(receipts / "tokenizer"), image_size=SIZE, batch_size=4)
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    tok = dm.tokenizer
+    prompts = [tok.decode(row[mask.bool()]).replace("> ", ">") for row, mask in zip(batch.prompt_ids, batch.prompt_mask)]
+    assert prompts == ["<s_docvqa><s_question>total?</s_question><s_answer>",
+                       "<s_docvqa><s_question>date?</s_question><s_answer>", "<s_docvqa>"]
+    assert batch.references[2] == [] and dm.skipped == {}
+    assert batch.labels[batch.labels != IGNORE_INDEX].tolist() == [tok.eos_token_id] * 3  # empty targets
+    validation = DocumentDataModule(val_path=str(folder), task="docvqa", prompt_end="<s_answer>",
+                                    tokenizer=str(receipts / "tokenizer"), image_size=SIZE, batch_size=4)
+    validation.setup("validate")
+    assert list(validation.val_dataloader()) == []  # evaluation needs ground truth: all three skipped
+    assert validation.skipped == {"missing_prompt_end": 2, "bad_ground_truth": 1}
