@@ -273,15 +273,16 @@ class SentenceExampleBuilder:
 
     def document(self, sample: dict[str, Any], segments: list[Segment]) -> SentenceSample:
         """``<s>`` + text and image spans in reading order + ``</s>``."""
-        segments = limit_images(segments, self.max_images)
+        kept = limit_images(segments, self.max_images)
         builder, images = self.builder().ids(self.bos(), target=False), []
-        for i, segment in enumerate(segments):
+        for i, segment in enumerate(kept):
             if isinstance(segment, bytes):
                 builder.marker(self.marker)
                 images.append(segment)
             elif segment.strip():
                 builder.text(segment if i == 0 or segment[:1].isspace() else " " + segment)
-        builder.ids([self.tokenizer.eos_token_id])
+        if len(kept) == len(segments):  # the whole document: it ends here
+            builder.ids([self.tokenizer.eos_token_id])
         return self._finish(builder.build(), images, sample["__key__"])
 
     def text(self, sample: dict[str, Any]) -> SentenceSample:
