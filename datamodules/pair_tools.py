@@ -1,0 +1,53 @@
+"""``mmlm data`` tools for VLMO: ``synth-pairs`` (NLVR2-style synthetic pairs) and ``vqa-answers`` (answer vocabulary)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_vqa_answers(urls: str) -> list[list[str]]:
+    """The human answers of every sample of VQA shards (brace pattern or glob), in shard order."""
+    import webdataset as wds
+
+    from datamodules.base import expand_urls
+
+    return [json.loads(sample["json"]).get("answers", [])
+            for sample in wds.WebDataset(expand_urls(urls), shardshuffle=False)]
+
+
+def vqa_answers_main(args: argparse.Namespace) -> dict[str, Any]:
+    """Write the answer vocabulary of ``args.urls`` to ``args.out`` (a JSON list, most frequent first)."""
+    from mmlm.models.vlmo_tasks import build_answer_vocab
+
+    answers = read_vqa_answers(args.urls)
+    vocab = build_answer_vocab(answers, min_count=args.min_count, max_size=args.max_size)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(vocab, indent=0) + "\n")
+    return {"questions": len(answers), "answers": len(vocab), "out": str(args.out), "first": vocab[:10]}
+
+
+def synth_pairs_main(args: argparse.Namespace) -> dict[str, Any]:
+    """Write the synthetic pairs data set (:func:`datamodules.synthetic.pairs.write_pairs`)."""
+    from datamodules.synthetic.pairs import write_pairs
+
+    return write_pairs(args.out, train=args.train, val=args.val, seed=args.seed, shard_size=args.shard_size)
+
+
+def add_data_tools(sub: argparse._SubParsersAction) -> None:
+    """Add ``synth-pairs`` and ``vqa-answers`` to ``mmlm data``."""
+    pairs = sub.add_parser("synth-pairs", help="render NLVR2-style pairs: two shapes images + a true/false statement")
+    pairs.add_argument("--out", required=True, help="output directory")
+    pairs.add_argument("--train", type=int, default=4000, help="training pairs")
+    pairs.add_argument("--val", type=int, default=500, help="validation pairs")
+    pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    pairs.set_defaults(run=synth_pairs_main)
+    answers = sub.add_parser("vqa-answers", help="answer vocabulary (JSON list) from the answers of VQA shards")
+    answers.add_argument("urls", help="VQA shards: brace pattern or glob")
+    answers.add_argument("--out", required=True, help="output .json file")
+    answers.add_argument("--min-count", type=int, default=1, help="drop answers given fewer times")
+    answers.add_argument("--max-size", type=int, default=None, help="keep at most this many answers")
+    answers.set_defaults(run=vqa_answers_main)

@@ -1,0 +1,254 @@
+"""VLMO (Bao et al. 2022): one MoME transformer, stagewise pre-training. Shared module + stages 1 and 2.
+
+* :class:`VLMOModule`: the MoME transformer (:mod:`mmlm.connectors.mome`), the tokenizer (with ``[MASK]``),
+  image preprocessing, per-stage freezing, ``init_from`` (strict load of the previous stage, named allow-lists),
+  optional timm ViT initialisation, text inputs ``[CLS] text [SEP]`` built from any batch.
+* :class:`VLMOStage1`: image-only masked image modelling (SimMIM-style patch regression by default; a discrete
+  visual tokenizer can be plugged in as the target, as BEiT/VLMO do).
+* :class:`VLMOStage2`: text-only masked language modelling with attention, V-FFN and the image side frozen.
+
+Stage 3 (ITC + ITM + MLM) is :mod:`mmlm.models.vlmo_stage3`; fine-tuning tasks are :mod:`mmlm.models.vlmo_tasks`.
+Shape legend: B batch, N image tokens (1 + P patches), T text tokens, D width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmlm.connectors.mome import MoMETransformer
+from mmlm.convert.keys import load_state_dict_strict
+from mmlm.convert.vlmo_timm import load_timm_into_mome
+from mmlm.encoders.base import ImagePreprocess
+from mmlm.losses import IGNORE_INDEX, token_cross_entropy
+from mmlm.masking import mask_tokens, masked_patch_regression_loss, patchify, random_patch_mask
+from mmlm.models.base import MultimodalModule
+from mmlm.models.blip2_stage1 import TiedLMHead
+from mmlm.tokenizers import load_tokenizer
+
+MASK_TOKEN = "[MASK]"
+
+
+def vlmo_tokenizer(name_or_path: str) -> Any:
+    """A tokenizer with a mask token (``[MASK]`` added when missing), a ``[CLS]`` (else bos) and an eos
+    (else ``[SEP]``, which the collators append)."""
+    tokenizer = load_tokenizer(name_or_path)
+    if tokenizer.mask_token is None:
+        tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
+    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+        tokenizer.eos_token = tokenizer.sep_token
+    if tokenizer.cls_token is None and tokenizer.bos_token is None:
+        raise ValueError(f"tokenizer {name_or_path} has neither a cls nor a bos token to start VLMO's text")
+    return tokenizer
+
+
+def compact(ids: Tensor, keep: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
+    """The kept tokens of each row of ``ids [B, T]`` (``keep [B, T]`` bool) moved to the front, in order →
+    ``(ids [B, T'], mask [B, T'])`` right-padded with ``pad_id``; ``T'`` the longest kept row."""
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    width = max(1, int(keep.sum(1).max()))
+    kept = keep.gather(1, order)[:, :width]
+    return ids.gather(1, order)[:, :width].masked_fill(~kept, pad_id), kept.long()
+
+
+def freeze_matching(module: nn.Module, patterns: tuple[str, ...] | list[str], strict: bool = True) -> list[str]:
+    """Turn off gradients of the parameters whose names match an ``fnmatch`` pattern; returns their names.
+
+    Raises:
+        ValueError: with ``strict``, a pattern matches no parameter (a typo must not leave a part training).
+    """
+    named = dict(module.named_parameters())
+    for pattern in patterns if strict else ():
+        if not any(fnmatchcase(name, pattern) for name in named):
+            raise ValueError(f"freeze pattern {pattern!r} matches no parameter of {type(module).__name__}")
+    frozen = [name for name in named if any(fnmatchcase(name, p) for p in patterns)]
+    for name in frozen:
+        named[name].requires_grad_(False)
+    return frozen
+
+
+class VLMOModule(MultimodalModule):
+    """What every VLMO stage and task shares. Subclasses build their heads, then call :meth:`finish_init`.
+
+    Args:
+        tokenizer: hub id or directory (``[MASK]`` is added when missing).
+        transformer: :class:`MoMETransformer` arguments (``vocab_size`` defaults to the tokenizer's size).
+        init_from: the previous stage's Lightning checkpoint (``.ckpt``), loaded strictly: only the subclass's
+            ``NEW_KEYS`` may be missing and only its ``DROPPED_KEYS`` may be left over.
+        init_allow_missing: further ``fnmatch`` patterns of keys that may be missing from ``init_from``.
+        init_allow_unexpected: further patterns of ``init_from`` keys that may be ignored.
+        timm_init: a timm ViT name or local state-dict file for attention, image embeddings and V-FFNs
+            (:func:`mmlm.convert.vlmo_timm.load_timm_into_mome`); applied before ``init_from``.
+        frozen: ``fnmatch`` patterns of parameters to freeze (``None``: the stage's ``FROZEN``).
+        image_mean: per-channel mean of the image normalisation.
+        image_std: per-channel std.
+        **kwargs: optimisation settings of :class:`MultimodalModule`.
+    """
+
+    NEW_KEYS: tuple[str, ...] = ()
+    DROPPED_KEYS: tuple[str, ...] = ()
+    FROZEN: tuple[str, ...] = ()
+
+    def __init__(self, tokenizer: str, transformer: dict[str, Any] | None = None, init_from: str | None = None,
+                 init_allow_missing: list[str] | None = None, init_allow_unexpected: list[str] | None = None,
+                 timm_init: str | None = None, frozen: list[str] | None = None,
+                 image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+                 image_std: tuple[float, float, float] = (0.5, 0.5, 0.5), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tokenizer = vlmo_tokenizer(tokenizer)
+        self.transformer = MoMETransformer(**{"vocab_size": len(self.tokenizer), **(transformer or {})})
+        size = self.transformer.patch_embed.img_size
+        self._preprocess = ImagePreprocess(tuple(size), tuple(image_mean), tuple(image_std))
+        self._init = (init_from, list(init_allow_missing or []), list(init_allow_unexpected or []), timm_init)
+        self._frozen_patterns, self._strict_frozen = tuple(self.FROZEN if frozen is None else frozen), frozen is not None
+        tok = self.tokenizer
+        self.cls_id = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+        self.pad_id, self.mask_id = tok.pad_token_id, tok.mask_token_id
+        self.special_ids = sorted({i for i in (self.cls_id, self.pad_id, tok.eos_token_id, tok.bos_token_id,
+                                               tok.sep_token_id) if i is not None})
+
+    def finish_init(self) -> None:
+        """Load ``timm_init`` then ``init_from`` (strict, allow-listed), then freeze the stage's parts."""
+        init_from, allow_missing, allow_unexpected, timm_init = self._init
+        if timm_init is not None:
+            load_timm_into_mome(self.transformer, timm_init)
+        if init_from is not None:
+            if not Path(init_from).is_file():
+                raise FileNotFoundError(f"init_from checkpoint {init_from} does not exist")
+            state = torch.load(init_from, map_location="cpu", weights_only=False)["state_dict"]
+            load_state_dict_strict(self, state, init_from, allow_missing=[*self.NEW_KEYS, *allow_missing],
+                                   allow_unexpected=[*self.DROPPED_KEYS, *allow_unexpected])
+        self.frozen_parameters = freeze_matching(self, self._frozen_patterns, self._strict_frozen)
+
+    @property
+    def image_preprocess(self) -> ImagePreprocess:
+        """The transformer's image size with this module's mean/std (read by the datamodules)."""
+        return self._preprocess
+
+    # --- text inputs ----------------------------------------------------------------------------------
+    def with_cls(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``[CLS]`` in front of ``ids, mask [B, T]``, cut to the transformer's ``max_text_len``."""
+        limit = self.transformer.max_text_len
+        start = torch.full_like(ids[:, :1], self.cls_id)
+        return torch.cat([start, ids], 1)[:, :limit], torch.cat([torch.ones_like(start), mask], 1)[:, :limit]
+
+    def caption_inputs(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``[CLS] text [SEP]`` of a caption :class:`~mmlm.batch.Batch` (its target span) or of a text-only
+        batch (its ``input_ids``) → ``(ids, mask) [B, T]``."""
+        if getattr(batch, "labels", None) is not None:
+            ids, mask = compact(batch.input_ids, batch.labels != IGNORE_INDEX, self.pad_id)
+        else:
+            ids, mask = batch.input_ids, batch.attention_mask
+        return self.with_cls(ids, mask)
+
+    def prompt_inputs(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``[CLS] prompt`` (the question of a VQA :class:`~mmlm.batch.Batch`, never its answer) → ``[B, T]``."""
+        keep = (batch.labels == IGNORE_INDEX) & (batch.attention_mask == 1)
+        if self.tokenizer.bos_token_id is not None:
+            keep[:, 0] = False  # the collator's bos; [CLS] takes its place
+        return self.with_cls(*compact(batch.input_ids, keep, self.pad_id))
+
+    def maskable(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """``[B, T]`` bool: real tokens that MLM may mask (no cls/sep/pad/bos/eos)."""
+        special = torch.isin(ids, torch.tensor(self.special_ids, device=ids.device))
+        return mask.bool() & ~special
+
+    def mask_text(self, ids: Tensor, mask: Tensor, prob: float) -> tuple[Tensor, Tensor]:
+        """BERT 80/10/10 masking (:func:`mmlm.masking.mask_tokens`) → ``(masked_ids, labels) [B, T]``."""
+        return mask_tokens(ids, self.maskable(ids, mask), self.mask_id, len(self.tokenizer), prob)
+
+    # --- evaluation: losses only (tasks override) ------------------------------------------------------
+    def generate_text(self, batch: Any) -> list[str]:
+        raise NotImplementedError(f"{type(self).__name__} does not generate text (VLMO is an encoder)")
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        self.log(f"{stage}/loss", self.training_loss(batch), batch_size=len(batch), sync_dist=True)
+
+    def _finish_evaluation(self, stage: str) -> None:
+        self._log_skipped()
+
+    def log_terms(self, terms: dict[str, Tensor], stage: str, size: int) -> None:
+        """Log each loss term as ``{stage}/{name}`` (no-op without a trainer)."""
+        if self._trainer is not None:
+            for name, value in terms.items():
+                self.log(f"{stage}/{name}", value, batch_size=size, sync_dist=stage != "train")
+
+
+class VLMOStage1(VLMOModule):
+    """Stage 1, image only: masked image modelling on the V-FFN path.
+
+    Args:
+        mask_ratio: fraction of patches replaced by the mask token.
+        visual_tokenizer: optional discrete target (BEiT's dVAE in VLMO): a module mapping ``pixels [B, 3, H, W]``
+            to ids ``[B, P]`` with a ``vocab_size`` attribute; the head then classifies each masked patch
+            (cross-entropy). ``None``: SimMIM-style L1 regression of the masked patches' normalised pixels.
+        **kwargs: :class:`VLMOModule` arguments.
+    """
+
+    NEW_KEYS = ("mim_head.*",)
+
+    def __init__(self, mask_ratio: float = 0.4, visual_tokenizer: nn.Module | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters(ignore=["visual_tokenizer"])
+        self.mask_ratio, self.visual_tokenizer = mask_ratio, visual_tokenizer
+        if visual_tokenizer is not None:
+            visual_tokenizer.requires_grad_(False)
+        p, dim = self.transformer.patch_size, self.transformer.dim
+        outputs = visual_tokenizer.vocab_size if visual_tokenizer is not None else p * p * 3
+        self.mim_head = nn.Linear(dim, outputs)
+        self.finish_init()
+
+    def training_loss(self, batch: Any) -> Tensor:
+        """Masked patch regression (or visual-token classification) loss of ``batch.pixels``."""
+        pixels = batch.pixels
+        patch_mask = random_patch_mask(pixels.shape[0], self.transformer.num_patches, self.mask_ratio,
+                                       device=pixels.device)
+        hidden = self.transformer("image", pixels=pixels, patch_mask=patch_mask).image[:, 1:]
+        prediction = self.mim_head(hidden)  # [B, P, p·p·3] or [B, P, V]
+        if self.visual_tokenizer is None:
+            return masked_patch_regression_loss(prediction, patchify(pixels, self.transformer.patch_size), patch_mask)
+        with torch.no_grad():
+            targets = self.visual_tokenizer(pixels).long()
+        return token_cross_entropy(prediction, targets.masked_fill(~patch_mask, IGNORE_INDEX))
+
+
+#: Stage 2 trains L-FFNs, text embeddings and the MLM head; everything the image path uses stays as stage 1 left it.
+IMAGE_SIDE = ("transformer.patch_embed.*", "transformer.cls_token", "transformer.pos_embed", "transformer.mask_token",
+              "transformer.blocks.*.norm1.*", "transformer.blocks.*.attn.*", "transformer.blocks.*.experts.v.*",
+              "transformer.norm.*")
+
+
+class VLMOStage2(VLMOModule):
+    """Stage 2, text only: masked language modelling with attention, V-FFN (and VL-FFN, image embeddings,
+    final norm) frozen; L-FFNs, text embeddings and the MLM head (tied to the word embeddings) train.
+
+    Args:
+        mlm_prob: fraction of text tokens masked (BERT 80/10/10).
+        **kwargs: :class:`VLMOModule` arguments (``init_from`` a stage-1 checkpoint).
+    """
+
+    NEW_KEYS = ("mlm_head.*",)
+    DROPPED_KEYS = ("mim_head.*",)
+    FROZEN = (*IMAGE_SIDE, "transformer.blocks.*.experts.vl.*")
+
+    def __init__(self, mlm_prob: float = 0.15, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        self.mlm_prob = mlm_prob
+        self.mlm_head = TiedLMHead(self.transformer.dim, len(self.tokenizer), eps=1e-6)
+        self.finish_init()
+
+    def mlm_logits(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Text-only pass → ``[B, T, V]``."""
+        hidden = self.transformer("text", text_ids=ids, text_mask=mask).text
+        return self.mlm_head(hidden, self.transformer.word_embed.weight)
+
+    def training_loss(self, batch: Any) -> Tensor:
+        """MLM cross-entropy on the masked tokens of ``[CLS] text [SEP]``."""
+        ids, mask = self.caption_inputs(batch)
+        masked, labels = self.mask_text(ids, mask, self.mlm_prob)
+        return token_cross_entropy(self.mlm_logits(masked, mask), labels)

@@ -1,0 +1,152 @@
+"""VLMO fine-tuning tasks on the fusion encoder: VQA as answer classification, NLVR2-style pair reasoning.
+
+Retrieval fine-tuning is :class:`mmlm.models.vlmo_stage3.VLMOStage3` with ``itm_weight: 0, mlm_weight: 0``
+(dual encoder, ITC only); its validation reports R@1/5/10 in both directions.
+Shape legend: B batch, T text tokens, D width, A answers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import BinaryAccuracy
+
+from mmlm.metrics.vqa import normalize_answer, vqa_accuracy
+from mmlm.models.base import MultimodalModule
+from mmlm.models.vlmo import VLMOModule
+
+#: Pre-training heads a fine-tuning task drops when it starts from a stage-3 (or earlier) checkpoint.
+PRETRAINING_HEADS = ("mim_head.*", "mlm_head.*", "itc_image_proj.*", "itc_text_proj.*", "itm_head.*", "temperature.*")
+
+
+def classifier_head(dim: int, out: int, hidden: int) -> nn.Sequential:
+    """ViLT/VLMO task head: ``Linear(dim, hidden) → LayerNorm → GELU → Linear(hidden, out)``."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out))
+
+
+def build_answer_vocab(answer_lists: Sequence[Sequence[str]], min_count: int = 1,
+                       max_size: int | None = None) -> list[str]:
+    """Normalised answers (:func:`normalize_answer`) of the training questions, most frequent first.
+
+    Every human answer counts once; answers seen fewer than ``min_count`` times are dropped, at most
+    ``max_size`` are kept; ties keep first-seen order.
+    """
+    counts = Counter(normalize_answer(a) for answers in answer_lists for a in answers)
+    ranked = [a for a, n in counts.most_common() if n >= min_count and a]
+    return ranked[:max_size] if max_size is not None else ranked
+
+
+def vqa_soft_targets(references: Sequence[Sequence[str]], index: dict[str, int], device: Any = None) -> Tensor:
+    """``[B, A]`` VQA-score targets: entry ``(i, a)`` is the official VQA accuracy of answering ``a`` to question
+    ``i`` (leave-one-out over its human answers); answers outside the vocabulary get no target."""
+    targets = torch.zeros(len(references), len(index), device=device)
+    for row, answers in enumerate(references):
+        for answer in {normalize_answer(a) for a in answers} & index.keys():
+            targets[row, index[answer]] = vqa_accuracy(answer, answers)
+    return targets
+
+
+def load_answers(answers: str | list[str]) -> list[str]:
+    """A list of answers, or a JSON file holding one (``mmlm data vqa-answers`` writes it)."""
+    if isinstance(answers, list):
+        return answers
+    path = Path(answers)
+    if not path.is_file():
+        raise FileNotFoundError(f"answer vocabulary {answers} does not exist (write it with `mmlm data vqa-answers`)")
+    loaded = json.loads(path.read_text())
+    if not isinstance(loaded, list) or not all(isinstance(a, str) for a in loaded):
+        raise ValueError(f"{answers}: expected a JSON list of answer strings")
+    return loaded
+
+
+class VLMOVQA(VLMOModule):
+    """VQA as classification over an answer vocabulary with VQA-score soft targets (binary cross-entropy).
+
+    The question (the prompt of a :class:`~mmlm.batch.Batch` from a VQA datamodule; use ``vqa_prompt: "{}"``)
+    and the image go through the fusion encoder; the text ``[CLS]`` feeds the head. Validation and test report the
+    official VQAv2 accuracy (``{stage}/vqa_acc``) and write predictions like every family.
+
+    Args:
+        answers: the answer vocabulary (a list, or a JSON file of one), built from the training answers.
+        **kwargs: :class:`~mmlm.models.vlmo.VLMOModule` arguments (``init_from`` a stage-3 checkpoint).
+    """
+
+    NEW_KEYS = ("vqa_head.*",)
+    DROPPED_KEYS = PRETRAINING_HEADS
+
+    def __init__(self, answers: str | list[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        self.answers = list(dict.fromkeys(normalize_answer(a) for a in load_answers(answers)))
+        self.answer_index = {a: i for i, a in enumerate(self.answers)}
+        dim = self.transformer.dim
+        self.vqa_head = classifier_head(dim, len(self.answers), 2 * dim)
+        self.finish_init()
+
+    def logits(self, batch: Any) -> Tensor:
+        """Fusion pass over question and image → answer logits ``[B, A]``."""
+        ids, mask = self.prompt_inputs(batch)
+        return self.vqa_head(self.transformer("fusion", batch.pixels, ids, mask).text[:, 0])
+
+    def training_loss(self, batch: Any) -> Tensor:
+        """Binary cross-entropy against the soft targets, summed over answers (× A, as ViLT/VLMO)."""
+        logits = self.logits(batch)
+        targets = vqa_soft_targets(batch.references, self.answer_index, logits.device)
+        return F.binary_cross_entropy_with_logits(logits.float(), targets) * targets.shape[1]
+
+    def generate_text(self, batch: Any) -> list[str]:
+        """The highest-scoring answer of each question."""
+        return [self.answers[i] for i in self.logits(batch).argmax(dim=-1).tolist()]
+
+    # Evaluation as every generative family: loss, predictions, official VQA accuracy, predictions files.
+    _evaluate = MultimodalModule._evaluate
+    _finish_evaluation = MultimodalModule._finish_evaluation
+
+
+class VLMONLVR2(VLMOModule):
+    """NLVR2-style reasoning: ``(left image, statement)`` and ``(right image, statement)`` through the fusion
+    encoder, the two text ``[CLS]`` vectors concatenated → true/false. Reports ``{stage}/accuracy``.
+
+    Args:
+        **kwargs: :class:`~mmlm.models.vlmo.VLMOModule` arguments (``init_from`` a stage-3 checkpoint).
+    """
+
+    NEW_KEYS = ("nlvr2_head.*",)
+    DROPPED_KEYS = PRETRAINING_HEADS
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        dim = self.transformer.dim
+        self.nlvr2_head = classifier_head(2 * dim, 2, 2 * dim)
+        self.accuracy = BinaryAccuracy()
+        self.finish_init()
+
+    def logits(self, batch: Any) -> Tensor:
+        """``[B, 2]`` (class 1 = the statement is true) from a :class:`~datamodules.pairs.PairBatch`."""
+        ids, mask = self.with_cls(batch.input_ids, batch.attention_mask)
+        left = self.transformer("fusion", batch.pixels_left, ids, mask).text[:, 0]
+        right = self.transformer("fusion", batch.pixels_right, ids, mask).text[:, 0]
+        return self.nlvr2_head(torch.cat([left, right], dim=-1))
+
+    def training_loss(self, batch: Any) -> Tensor:
+        return F.cross_entropy(self.logits(batch).float(), batch.targets)
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        logits = self.logits(batch)
+        self.log(f"{stage}/loss", F.cross_entropy(logits.float(), batch.targets), batch_size=len(batch),
+                 sync_dist=True)
+        self.accuracy.update(logits.argmax(dim=-1), batch.targets)
+
+    def _finish_evaluation(self, stage: str) -> None:
+        if self.accuracy.update_called:
+            self.log(f"{stage}/accuracy", self.accuracy.compute())
+        self.accuracy.reset()
+        self._log_skipped()
