@@ -47,8 +47,12 @@ def ensure_data(data_dir: Path, train: int, val: int, seed: int) -> dict[str, An
 
 
 def variant_args(data_dir: Path, run_dir: Path, modalities: list[str], steps: int, val_batches: int,
-                 workers: int) -> list[str]:
-    """``mmlm fit`` arguments of one variant: the tiny config re-rooted to ``data_dir`` and ``run_dir``."""
+                 workers: int, batch_size: int | None, max_new_tokens: int | None) -> list[str]:
+    """``mmlm fit`` arguments of one variant: the tiny config re-rooted to ``data_dir`` and ``run_dir``
+    (``None``: the config's batch size and generation length)."""
+    optional = {"--data.init_args.batch_size": batch_size,
+                "--model.init_args.generation.max_new_tokens": max_new_tokens}
+    extra = [item for key, value in optional.items() if value is not None for item in (key, str(value))]
     return ["fit", "--config", str(CONFIG), "--trainer.default_root_dir", str(run_dir),
             "--trainer.enable_progress_bar", "false", "--trainer.max_steps", str(steps),
             "--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", str(val_batches),
@@ -56,7 +60,8 @@ def variant_args(data_dir: Path, run_dir: Path, modalities: list[str], steps: in
             "--model.init_args.predictions_dir", str(run_dir),
             "--data.init_args.train_urls", str(data_dir / "train" / "tabletop-*.tar"),
             "--data.init_args.val_urls", str(data_dir / "val" / "tabletop-*.tar"),
-            "--data.init_args.modalities", json.dumps(modalities), "--data.init_args.num_workers", str(workers)]
+            "--data.init_args.modalities", json.dumps(modalities), "--data.init_args.num_workers", str(workers),
+            *extra]
 
 
 def per_type_accuracy(run_dir: Path, data_dir: Path) -> dict[str, float]:
@@ -75,14 +80,15 @@ def per_type_accuracy(run_dir: Path, data_dir: Path) -> dict[str, float]:
     return {qtype: sum(h) / len(h) for qtype, h in sorted(hits.items())}
 
 
-def run_variant(name: str, data_dir: Path, out_dir: Path, steps: int, val_batches: int,
-                workers: int) -> dict[str, Any]:
+def run_variant(name: str, data_dir: Path, out_dir: Path, steps: int, val_batches: int, workers: int,
+                batch_size: int | None, max_new_tokens: int | None) -> dict[str, Any]:
     """Train and validate one variant; its validation metrics, per-type accuracy and wall time."""
     from mmlm.cli import lightning_cli
 
     run_dir = out_dir / name
     start = time.time()
-    cli = lightning_cli(variant_args(data_dir, run_dir, VARIANTS[name], steps, val_batches, workers))
+    cli = lightning_cli(variant_args(data_dir, run_dir, VARIANTS[name], steps, val_batches, workers, batch_size,
+                                     max_new_tokens))
     metrics = {k.removeprefix("val/"): float(v) for k, v in cli.trainer.callback_metrics.items()
                if k.startswith("val/")}
     return metrics | {"per_type": per_type_accuracy(run_dir, data_dir), "seconds": time.time() - start}
@@ -90,8 +96,11 @@ def run_variant(name: str, data_dir: Path, out_dir: Path, steps: int, val_batche
 
 def run_palme_tiny(data_dir: str | Path = "data/tabletop", out_dir: str | Path = "runs/palme_tiny",
                    train: int = DEFAULT_TRAIN, val: int = DEFAULT_VAL, steps: int = 1500, val_batches: int = 8,
-                   variants: str = "palme,text_only", workers: int = 1, seed: int = 0) -> dict[str, Any]:
-    """Run the steps; returns (and writes to ``out_dir/results.json``) the numbers of the table."""
+                   variants: str = "palme,text_only", workers: int = 1, seed: int = 0, batch_size: int = 0,
+                   max_new_tokens: int = 0) -> dict[str, Any]:
+    """Run the steps; returns (and writes to ``out_dir/results.json``) the numbers of the table.
+
+    ``batch_size`` and ``max_new_tokens`` of 0 keep the config's values (the test shrinks them)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     unknown = set(variants.split(",")) - set(VARIANTS)
     if unknown:
@@ -99,7 +108,8 @@ def run_palme_tiny(data_dir: str | Path = "data/tabletop", out_dir: str | Path =
     ensure_data(data_dir, train, val, seed)
     results: dict[str, Any] = {"steps": steps, "train": train, "val": val}
     for name in variants.split(","):
-        results[name] = run_variant(name, data_dir, out_dir, steps, val_batches, workers)
+        results[name] = run_variant(name, data_dir, out_dir, steps, val_batches, workers, batch_size or None,
+                                    max_new_tokens or None)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     return results
