@@ -72,14 +72,15 @@ def sources(tmp_path_factory) -> list[Urls]:
     return [Urls(write_set(root, "a", 4, 7, bad_every=5)), Urls(write_set(root, "b", 4, 5), weight=0.5)]
 
 
-@pytest.mark.parametrize("num_workers, shuffle_buffer, n_sources, cuts", [
-    (0, 0, 2, [1, 7]),   # no buffer: seek each source to its shard and offset
-    (0, 6, 2, [4, 9]),   # buffer: replay the raw stream up to the drawn count
-    (2, 6, 1, [3, 6]),   # two workers: per-worker positions, round-robin order kept
-    (2, 0, 2, [5]),
+@pytest.mark.parametrize("num_workers, shuffle_buffer, n_sources, cuts, resampled", [
+    (0, 0, 2, [1, 7], False),   # no buffer: seek each source to its shard and offset
+    (0, 6, 2, [4, 9], False),   # buffer: replay the raw stream up to the drawn count
+    (2, 6, 1, [3, 6], False),   # two workers: per-worker positions, round-robin order kept
+    (2, 0, 2, [5], False),
+    (0, 0, 1, [8], True),       # shards drawn with replacement
 ])
-def test_resume_continues_the_epoch_exactly(sources, num_workers, shuffle_buffer, n_sources, cuts):
-    kwargs = dict(num_workers=num_workers, shuffle_buffer=shuffle_buffer)
+def test_resume_continues_the_epoch_exactly(sources, num_workers, shuffle_buffer, n_sources, cuts, resampled):
+    kwargs = dict(num_workers=num_workers, shuffle_buffer=shuffle_buffer, resampled=resampled)
     full = [b for b in epoch(module(sources[:n_sources], **kwargs), 1)[1]]
     assert len(full) == 60 // 3 and len({k for b in full for k in b}) >= 20
     for cut in cuts:
