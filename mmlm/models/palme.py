@@ -16,7 +16,6 @@ accuracy for ``plan`` rows. Shape legend: B batch, T text tokens, D LM width.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -46,14 +45,6 @@ def palme_markers(image_tokens: int, state_tokens: int) -> list[Marker]:
 def output_tokens(module: nn.Module, *shape: int) -> int:
     """How many tokens ``module`` makes of one input of ``shape`` (the span length of its marker)."""
     return module(torch.zeros(1, *shape)).shape[1]
-
-
-def batch_to_device(batch: SentenceBatch, device: torch.device) -> SentenceBatch:
-    """``batch`` with every tensor on ``device`` (Lightning's default transfer rebuilds dataclasses and refuses
-    the frozen :class:`~mmlm.sentences.Span` inside ``spans``)."""
-    moved = {f.name: getattr(batch, f.name).to(device) for f in fields(batch)
-             if isinstance(getattr(batch, f.name), torch.Tensor)}
-    return replace(batch, **moved, modalities={k: v.to(device) for k, v in batch.modalities.items()})
 
 
 class PaLME(MultimodalModule):
@@ -91,11 +82,6 @@ class PaLME(MultimodalModule):
         if len(self.tokenizer) > language_model.vocab_size:
             language_model.resize_token_embeddings(len(self.tokenizer))  # a frozen LM stays frozen
         self.plan_metric = PlanAccuracy()
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        if isinstance(batch, SentenceBatch):
-            return batch_to_device(batch, device)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # --- modality embeddings ---------------------------------------------------------------------
     def modality_embeddings(self, batch: SentenceBatch) -> dict[str, torch.Tensor]:
