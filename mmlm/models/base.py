@@ -131,8 +131,9 @@ class MultimodalModule(pl.LightningModule):
         betas: AdamW betas.
         generation: decoding settings used by validation, test and predict.
         predictions_dir: where evaluation writes predictions (default: the trainer's log dir).
-        max_nonfinite_steps: a training step whose loss is NaN/inf (on any rank) is skipped: no backward, no
-            weight or optimizer-state update, BatchNorm running statistics restored; counted as
+        max_nonfinite_steps: a training step whose loss is NaN/inf (on any rank) is skipped: its gradients are
+            dropped before the optimizer step (no weight or optimizer-state update; with gradient accumulation the
+            whole window is skipped), BatchNorm running statistics are restored; counted as
             ``train/skipped_nonfinite_loss``. This many in a row stop the run with :class:`NonFiniteLossError`.
         torch_compile: compile the ``encoder`` and ``language_model`` forwards (every direct child that is a
             :class:`~mmlm.encoders.base.VisionEncoder` or :class:`~mmlm.language.base.LanguageModel`) with
@@ -162,7 +163,8 @@ class MultimodalModule(pl.LightningModule):
         self._step_start = 0.0
         self.nonfinite_skipped = 0  # training steps skipped for a non-finite loss, over the run
         self._nonfinite_in_a_row = 0
-        self._skipped_step = False
+        self._skipped_step = False  # this micro-batch's loss was not finite on some rank
+        self._nonfinite_window = False  # some micro-batch since the last optimizer step was not finite
         self._stats_snapshot: list[torch.Tensor] = []
 
     # --- what a family provides -------------------------------------------------------------
@@ -251,12 +253,14 @@ class MultimodalModule(pl.LightningModule):
         self._stats_snapshot = [buf.clone() for buf in running_stats(self)]
         self._use_cached_features(batch)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
-        """``training_loss``; ``None`` (step skipped: no backward, no update) when it is not finite on some rank."""
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """``training_loss``. When it is not finite on some rank, the step is marked skipped on every rank: the
+        loss still goes through backward (Lightning refuses a ``None`` under DDP, and every rank must join the
+        gradient all-reduce), and :meth:`on_before_optimizer_step` drops the gradients."""
         loss = self.training_loss(batch)
         if not self._finite_everywhere(loss):
             self._skip_nonfinite(batch, batch_idx, loss)
-            return None
+            return loss
         self._nonfinite_in_a_row = 0
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
@@ -269,12 +273,11 @@ class MultimodalModule(pl.LightningModule):
         return strategy.reduce_boolean_decision(finite, all=True) if strategy is not None else finite
 
     def _skip_nonfinite(self, batch: Batch, batch_idx: int, loss: torch.Tensor) -> None:
-        """Count a skipped step, put BatchNorm running statistics back; raise after too many in a row."""
-        self._skipped_step = True
+        """Count a skipped step (its BatchNorm statistics are put back after backward); raise after too many in
+        a row."""
+        self._skipped_step = self._nonfinite_window = True
         self.nonfinite_skipped += 1
         self._nonfinite_in_a_row += 1
-        for buf, saved in zip(running_stats(self), self._stats_snapshot):
-            buf.copy_(saved)
         keys = list(getattr(batch, "keys", None) or getattr(batch, "ids", None) or [])
         value = float(loss.detach().float().reshape(-1)[0]) if loss.numel() else float("nan")
         where = (f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}, rank "
@@ -283,16 +286,17 @@ class MultimodalModule(pl.LightningModule):
                     self._nonfinite_in_a_row, where)
         strategy = type(self._trainer.strategy).__name__ if self._trainer is not None else ""
         if self._nonfinite_in_a_row >= self.max_nonfinite_steps or strategy.startswith("DeepSpeed"):
-            reason = ("DeepSpeed cannot skip a step (Lightning refuses a training_step returning None)"
+            reason = ("DeepSpeed steps on its own gradient buffers, which mmlm cannot drop"
                       if strategy.startswith("DeepSpeed") else f"max_nonfinite_steps={self.max_nonfinite_steps}")
             raise NonFiniteLossError(
                 f"{self._nonfinite_in_a_row} training step(s) in a row had a NaN/inf loss ({reason}); the last at "
                 f"{where}. {self.nonfinite_skipped} step(s) skipped in this run so far.")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """After a skipped step no gradient is kept: the optimizer updates nothing, not even with gradients
-        accumulated by earlier micro-batches of the window (under DDP those were never all-reduced)."""
-        if self._skipped_step:
+        """When a micro-batch since the last optimizer step had a non-finite loss, drop every gradient: the
+        optimizer then updates nothing (parameters without a gradient are skipped, their state untouched)."""
+        skip, self._nonfinite_window = self._nonfinite_window, False
+        if skip:
             optimizer.zero_grad(set_to_none=True)
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
@@ -310,6 +314,14 @@ class MultimodalModule(pl.LightningModule):
         if not self._skipped_step:
             self._log_nonfinite(len(batch))
         self._log_skipped()
+
+    def on_after_backward(self) -> None:
+        """After a skipped step's backward (not earlier: backward reads them), BatchNorm running statistics go
+        back to what they were before the step."""
+        if self._skipped_step:
+            with torch.no_grad():
+                for buf, saved in zip(running_stats(self), self._stats_snapshot):
+                    buf.copy_(saved)
 
     def _log_nonfinite(self, batch_size: int) -> None:
         """Log the run's count of steps skipped for a non-finite loss (the same on every rank)."""

@@ -47,11 +47,11 @@ class Recorder(pl.Callback):
                             "optim": copy.deepcopy(trainer.optimizers[0].state_dict()["state"])})
 
 
-def fit(module: MultimodalModule, bad: list[bool], callbacks: list[pl.Callback]) -> pl.Trainer:
+def fit(module: MultimodalModule, bad: list[bool], callbacks: list[pl.Callback], accumulate: int = 1) -> pl.Trainer:
     batches = [make_batch(i, b) for i, b in enumerate(bad)]
-    trainer = pl.Trainer(accelerator="cpu", max_steps=len(bad), logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(accelerator="cpu", max_steps=len(bad) // accumulate, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
-                         callbacks=callbacks)
+                         callbacks=callbacks, accumulate_grad_batches=accumulate)
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
     return trainer
 
@@ -83,6 +83,18 @@ def test_nonfinite_steps_leave_weights_optimizer_and_batchnorm_untouched_and_are
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
+def test_a_nonfinite_micro_batch_skips_its_whole_accumulation_window():
+    torch.manual_seed(0)
+    recorder = Recorder()
+    module = TinyRegressor()
+    fit(module, [False, False, True, False, False, False], [recorder], accumulate=2)  # windows (0,1) (2,3) (4,5)
+    params = [state["params"] for state in recorder.states]
+    assert not same(params[1], params[0])  # window 1 stepped
+    assert same(params[3], params[1])  # window 2 (NaN in its first micro-batch) did not
+    assert not same(params[5], params[3]) and all(torch.isfinite(p).all() for p in params[5].values())
+    assert module.nonfinite_skipped == 1
+
+
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run_naming_step_and_keys():
     torch.manual_seed(0)
     module = TinyRegressor(max_nonfinite_steps=2)
@@ -98,3 +110,29 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run_naming_step_and_keys():
 def test_max_nonfinite_steps_must_be_positive():
     with pytest.raises(ValueError, match="max_nonfinite_steps"):
         TinyRegressor(max_nonfinite_steps=0)
+
+
+class SaveOutcome(pl.Callback):
+    """At the end of fit, each rank writes its skip count and parameters to ``out/rank{r}.pt``."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer, module) -> None:
+        params = {n: p.detach().clone() for n, p in module.named_parameters()}
+        torch.save({"skipped": module.nonfinite_skipped, "params": params}, f"{self.out}/rank{trainer.global_rank}.pt")
+
+
+def test_under_ddp_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """2 CPU ranks (gloo): batch 3 (rank 1's second step) is NaN; both ranks skip that step, none hangs, the
+    replicas stay identical."""
+    torch.manual_seed(0)
+    batches = [make_batch(i, bad=i == 3) for i in range(8)]  # DistributedSampler: rank r gets r, r+2, …
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=4, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[SaveOutcome(str(tmp_path))])
+    trainer.fit(TinyRegressor(), torch.utils.data.DataLoader(batches, batch_size=None))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["skipped"] for r in ranks] == [1, 1]
+    assert same(ranks[0]["params"], ranks[1]["params"])
+    assert all(torch.isfinite(p).all() for p in ranks[0]["params"].values())
