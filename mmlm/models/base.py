@@ -220,7 +220,7 @@ class MultimodalModule(pl.LightningModule):
                              f"({len(trainable)} tensors, e.g. {trainable[0]!r}): features can stand in for a frozen "
                              "encoder only (set the encoder's freeze: true, or turn cached features off)")
         check_features(encoder, features)
-        dtype = next(encoder.parameters()).dtype if any(True for _ in encoder.parameters()) else features.dtype
+        dtype = next(encoder.parameters(), features).dtype  # what the live encoder returns
         encoder.forward = cached_forward(features.to(dtype))
 
     def _use_live_encoder(self) -> None:
@@ -266,8 +266,8 @@ class MultimodalModule(pl.LightningModule):
         return loss
 
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
-        """Whether ``loss`` is finite on every rank (one all-reduce: every rank must skip together, or DDP's
-        gradient all-reduce would wait for the ranks that skipped backward)."""
+        """Whether ``loss`` is finite on every rank (one all-reduce per step: the ranks must skip the same steps,
+        or their replicas would diverge)."""
         finite = bool(torch.isfinite(loss.detach()).all())
         strategy = self._trainer.strategy if self._trainer is not None else None
         return strategy.reduce_boolean_decision(finite, all=True) if strategy is not None else finite
