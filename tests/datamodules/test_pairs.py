@@ -66,3 +66,19 @@ def test_labels_accept_nlvr2_strings(label, expected):
 def test_other_labels_are_skipped(label):
     with pytest.raises(SkipSample, match="bad_label"):
         pair_label({"label": label})
+
+
+def test_data_tools_write_pairs_and_the_answer_vocabulary(shapes_data, tmp_path, capsys, monkeypatch):
+    from mmlm.cli import main
+
+    monkeypatch.setattr("sys.argv", ["mmlm"])
+    assert main(["data", "synth-pairs", "--out", str(tmp_path / "p"), "--train", "4", "--val", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"]["train"]["pairs"] == 4
+    assert (tmp_path / "p" / "tokenizer").is_dir()
+    out = tmp_path / "answers.json"
+    assert main(["data", "vqa-answers", str(shapes_data / "train" / "vqa-*.tar"), "--out", str(out),
+                 "--min-count", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    answers = json.loads(out.read_text())
+    assert summary["answers"] == len(answers) and {"yes", "no", "1", "2", "red"} <= set(answers)
+    assert "one" not in answers  # number words are normalised to digits

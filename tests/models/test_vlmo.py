@@ -160,3 +160,31 @@ def test_recall_on_a_hand_made_similarity_matrix():
     # text→image: text 0 → image 0 best; text 1 → image 1 (0.4) > image 0 (0.1) → rank 2;
     # text 2 → image 0 (0.8) > image 1 (0.3) → rank 2; text 3 → image 2 (0.25) best
     assert scores["t2i_r1"] == 50.0 and scores["t2i_r2"] == 50.0 and scores["t2i_r3"] == 100.0
+
+
+def test_stage1_config_fits_and_stage2_config_starts_from_its_checkpoint(shapes_data, tmp_path, monkeypatch):
+    """The tiny stage configs through the real CLI: image-only MIM, then text-only MLM from its checkpoint."""
+    from pathlib import Path
+
+    from mmlm.cli import lightning_cli
+
+    monkeypatch.setattr("sys.argv", ["mmlm"])
+    configs = Path(__file__).resolve().parents[2] / "configs" / "tiny"
+    urls = ["--data.init_args.train_urls", str(shapes_data / "train" / "captions-*.tar"),
+            "--data.init_args.val_urls", str(shapes_data / "val" / "captions-*.tar"),
+            "--data.init_args.batch_size", "8", "--data.init_args.shuffle_buffer", "8"]
+
+    def fit(name: str, *extra: str):
+        return lightning_cli(["fit", "--config", str(configs / name), "--trainer.max_steps", "2",
+                              "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                              "--trainer.default_root_dir", str(tmp_path / name), "--trainer.logger", "false",
+                              "--trainer.enable_progress_bar", "false",
+                              "--model.init_args.tokenizer", str(shapes_data / "tokenizer"), *urls, *extra])
+
+    stage1 = fit("vlmo_stage1.yaml")
+    assert torch.isfinite(stage1.trainer.callback_metrics["val/loss"])
+    checkpoint = stage1.trainer.checkpoint_callback.best_model_path
+    stage2 = fit("vlmo_stage2.yaml", "--model.init_args.init_from", checkpoint)
+    weights = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    torch.testing.assert_close(stage2.model.transformer.blocks[0].attn.qkv.weight,
+                               weights["transformer.blocks.0.attn.qkv.weight"])  # frozen in stage 2: unchanged
