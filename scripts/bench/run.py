@@ -37,7 +37,7 @@ from common import SCALES, shapes_data  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-BENCHMARKS = ("loader", "lightning_overhead", "blip2_step", "donut_step", "generation", "flops", "cached_features")
+BENCHMARKS = ("loader", "lightning_overhead", "blip2_step", "donut_step", "generation", "flops", "cached_features", "packing")
 PACKAGES = ("torch", "transformers", "pytorch-lightning", "webdataset", "timm")
 NOT_YET = ("Donut training step (no Donut family in mmlm yet)",)
 
