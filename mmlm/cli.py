@@ -27,6 +27,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # ``run=callable(args) -> dict`` with ``set_defaults``; the returned summary is printed as JSON. Keep their
 # module-level imports light: the parser is built for every ``mmlm data`` call.
 DATA_TOOL_MODULES: tuple[str, ...] = (
+    "datamodules.interleaved_tools",
     "datamodules.pair_tools",
     "mmlm.features",
     "datamodules.document_tools",
