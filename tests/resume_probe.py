@@ -35,7 +35,8 @@ class KeyModel(MultimodalModule):
 
 
 class KeyRecorder(pl.Callback):
-    """Append each training batch's keys to ``path``; ``os.kill(SIGKILL)`` self after ``kill_after_step``."""
+    """Append each training batch's keys to ``path`` (``path`` with suffix ``.rank{r}`` under DDP);
+    ``os.kill(SIGKILL)`` self after ``kill_after_step``."""
 
     def __init__(self, path: str, kill_after_step: int = -1) -> None:
         super().__init__()
@@ -43,7 +44,8 @@ class KeyRecorder(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        with self.path.open("a") as f:
+        path = self.path if trainer.world_size == 1 else self.path.with_suffix(f".rank{trainer.global_rank}")
+        with path.open("a") as f:
             f.write(f"{trainer.global_step}\t{' '.join(batch.keys)}\n")
         if trainer.global_step == self.kill_after_step:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -228,3 +228,36 @@ def test_kill_9_mid_epoch_then_resume_from_last_sees_each_sample_once_in_order(t
     assert [step for step, _ in after] == list(range(saved_step + 1, EPOCH_SAMPLES // BATCH + 1))
     epoch = uninterrupted_epoch(data)
     assert before + [keys for _, keys in after] == epoch
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("MMLM_SLOW_TESTS"),
+                    reason="2-process DDP kill/resume takes ~1-2 min of CPU; set MMLM_SLOW_TESTS=1")
+def test_ddp_kill_9_then_resume_is_exact_on_every_rank(tmp_path):
+    """2 ranks × 2 workers (gloo): both SIGKILL themselves after step 3, the checkpoint of step 2
+    holds both ranks' positions, and each rank then finishes exactly its own epoch."""
+    import torch
+
+    from datamodules import ImageTextDataModule, Source
+    from datamodules.synthetic.shapes import write_shapes
+
+    data = tmp_path / "data"
+    write_shapes(data, train=24, val=0, seed=0, shard_size=4, progress=False)
+
+    def ddp_args(keys: Path, kill_after: int = -1) -> list[str]:
+        args = [a.replace('"every_n_train_steps": 3', '"every_n_train_steps": 2')
+                for a in fit_args(data, tmp_path / "run", keys, kill_after) if a != "--trainer.devices=1"]
+        return [*args, "--trainer.devices=2", "--trainer.strategy=ddp"]
+
+    assert run(ddp_args(tmp_path / "k1.tsv", kill_after=3)) == -9
+    saved_step = torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=False)["global_step"]
+    assert saved_step == 2
+    assert run([*ddp_args(tmp_path / "k2.tsv"), "--ckpt_path=last"]) == 0
+    train = [Source(f"{data}/train/vqa-*.tar", kind="vqa"), Source(f"{data}/train/captions-*.tar", weight=0.5)]
+    for rank in range(2):
+        dm = ImageTextDataModule(train=train, tokenizer=str(data / "tokenizer"), image_size=8, batch_size=BATCH,
+                                 epoch_samples=EPOCH_SAMPLES, num_workers=2, shuffle_buffer=8, seed=0)
+        dm.setup("fit")
+        epoch = [b.keys for b in dm.make_loader(dm.build_pipeline("fit", train, rank=rank, world_size=2))]
+        before = [keys for step, keys in recorded(tmp_path / f"k1.rank{rank}") if step <= saved_step]
+        after = [keys for _, keys in recorded(tmp_path / f"k2.rank{rank}")]
+        assert before + after == epoch, f"rank {rank}"
