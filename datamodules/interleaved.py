@@ -331,7 +331,7 @@ class SentenceExampleBuilder:
         builder = self.builder().ids(self.bos(), target=False)
         for demo in demos:
             builder.marker(self.marker)
-            builder.text(" " + self.demo_template.format(prompt=demo.prompt, target=demo.target).strip(),
+            builder.text(" " + self.demo_template.format(prompt=demo.prompt, target=demo.target).lstrip(),
                          target=False)
         return builder.build().as_prompt()
 

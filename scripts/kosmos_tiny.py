@@ -81,10 +81,17 @@ def majority_accuracy(data_dir: Path) -> float:
 
 def run_kosmos_tiny(data_dir: str | Path = "data/interleaved", out_dir: str | Path = "runs/kosmos_tiny",
                     docs: int = 4000, val: int = 150, steps: int = 800, batch_size: int = 16,
-                    val_batches: int = 8, workers: int = 1, seed: int = 0) -> dict[str, Any]:
-    """Write data, train, evaluate k = 0, 2, 4; returns (and writes ``out_dir/results.json``) the numbers."""
+                    val_batches: int = 8, workers: int = 1, threads: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Write data, train, evaluate k = 0, 2, 4; returns (and writes ``out_dir/results.json``) the numbers.
+
+    ``threads`` sets torch's intra-op threads: on a shared 2-core machine one thread per process was
+    20× faster than two (measured: 0.3 s vs 7 s per toy step under load).
+    """
+    import torch
+
     from mmlm.cli import lightning_cli
 
+    torch.set_num_threads(threads)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     ensure_data(data_dir, docs, val, seed)
     start = time.time()
