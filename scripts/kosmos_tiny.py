@@ -44,14 +44,17 @@ def ensure_data(data_dir: Path, docs: int, val: int, seed: int) -> dict[str, Any
 
 
 def cli_args(data_dir: Path, out_dir: Path, steps: int, batch_size: int, workers: int) -> list[str]:
-    """Overrides of the tiny config: data location, run directory, length, no validation during fit."""
+    """Overrides of the tiny config: data location, run directory, length, no validation during fit, a CSV log
+    (``OUT_DIR/lightning_logs/version_*/metrics.csv``: loss, padding fraction, tokens/s)."""
     train = [{"urls": str(data_dir / "train" / f"{name}-*.tar"), "kind": kind, "weight": weight}
              for name, kind, weight in (("docs", "interleaved", 2.0), ("captions", "caption", 1.0),
                                         ("text", "text", 0.5))]
     val = [{"urls": str(data_dir / "val" / "vqa-*.tar"), "kind": "vqa"}]
     return ["--config", str(CONFIG), "--trainer.default_root_dir", str(out_dir),
             "--trainer.enable_progress_bar", "false", "--trainer.max_steps", str(steps),
-            "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+            "--trainer.limit_val_batches", "0",
+            "--trainer.logger", json.dumps({"class_path": "pytorch_lightning.loggers.CSVLogger",
+                                            "init_args": {"save_dir": str(out_dir)}}),
             "--model.init_args.tokenizer", str(data_dir / "tokenizer"),
             "--model.init_args.warmup_steps", str(max(1, min(100, steps // 10))),
             "--data.init_args.train", json.dumps(train), "--data.init_args.val", json.dumps(val),
