@@ -213,7 +213,8 @@ def pick_demos(support: Sequence[Demo], query_ids: set[str], question_type: str,
 
 @dataclass(frozen=True)
 class SentenceExampleBuilder:
-    """Picklable ``(sample, source_index) -> SentenceSample`` for DataLoader workers.
+    """Picklable ``(sample, source_index) -> SentenceSample`` for DataLoader workers (built by
+    :meth:`InterleavedDataModule.example_fn`, whose signature holds the defaults).
 
     Attributes:
         tokenizer: the model's tokenizer (knows the marker tokens).
@@ -239,13 +240,13 @@ class SentenceExampleBuilder:
     image: ImageTransform
     max_tokens: int
     max_images: int
-    evaluate: bool = False
-    shots: int = 0
-    support: tuple[Demo, ...] = ()
-    demo_template: str = "{prompt} {target}"
-    match_question_type: bool = False
-    min_similarity: float = 0.0
-    seed: int = 0
+    evaluate: bool
+    shots: int
+    support: tuple[Demo, ...]
+    demo_template: str
+    match_question_type: bool
+    min_similarity: float
+    seed: int
 
     def builder(self) -> SentenceBuilder:
         return SentenceBuilder(self.tokenizer, [self.marker])

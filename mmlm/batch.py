@@ -6,8 +6,12 @@ Shape legend: B batch, T text tokens, P prompt tokens, H/W image height/width.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from mmlm.sentences import Span
 
 
 @dataclass
@@ -96,12 +100,12 @@ class SentenceBatch:
     labels: torch.Tensor
     position_ids: torch.Tensor
     segment_ids: torch.Tensor
-    spans: list[list] = field(default_factory=list)
+    spans: list[list[Span]] = field(default_factory=list)
     images: torch.Tensor = field(default_factory=lambda: torch.empty(0, 3, 0, 0))
     modalities: dict[str, torch.Tensor] = field(default_factory=dict)
     prompt_ids: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None
-    prompt_spans: list[list] = field(default_factory=list)
+    prompt_spans: list[list[Span]] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
     references: list[list[str]] = field(default_factory=list)

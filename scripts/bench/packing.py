@@ -17,10 +17,9 @@ from typing import Any
 import torch
 from common import Scale, alternate, autocast, device, row, timed
 
-from datamodules.interleaved import MixSource, SentenceExampleBuilder
+from datamodules.interleaved import InterleavedDataModule, MixSource
 from datamodules.packing import collate_rows, pack_rows
 from datamodules.synthetic.interleaved import write_interleaved
-from datamodules.transforms import ImageTransform
 from mmlm.batch import SentenceBatch
 from mmlm.connectors import Resampler
 from mmlm.encoders import TimmEncoder
@@ -46,16 +45,15 @@ def build_model(tokenizer: str, scale: Scale) -> Kosmos1:
 
 
 def draw_samples(synth: dict[str, Any], model: Kosmos1, count: int, max_tokens: int) -> list:
-    """``count`` training samples of the mixture (documents, pairs, text in turn)."""
+    """``count`` training samples of the mixture (documents, pairs, text in turn), built by the datamodule."""
     import webdataset as wds
 
     sources = [MixSource(synth["urls"][k], kind) for k, kind in
                (("docs", "interleaved"), ("captions", "caption"), ("text", "text"))]
-    pre = model.image_preprocess
-    build = SentenceExampleBuilder(
-        tokenizer=model.tokenizer, marker=model.image_marker, kinds=tuple(s.kind for s in sources),
-        prompts=("", "", ""), image=ImageTransform(tuple(pre.size), tuple(pre.mean), tuple(pre.std), False, 1.0),
-        max_tokens=max_tokens, max_images=8)
+    data = InterleavedDataModule(train=sources, max_tokens=max_tokens, max_images=8)
+    data.resolved.marker, data.resolved.tokenizer = model.image_marker, model.tokenizer
+    data.resolved.preprocess = model.image_preprocess
+    build = data.example_fn("fit", sources)
     streams = [iter(wds.WebDataset(s.urls, shardshuffle=False, empty_check=False)) for s in sources]
     return [build(next(streams[i % 3]), i % 3) for i in range(count)]
 
