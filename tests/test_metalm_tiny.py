@@ -30,7 +30,7 @@ def test_metalm_tiny_pretrains_finetunes_and_prints_the_table(shapes_data, tmp_p
     assert code == 0
     printed = capsys.readouterr().out
     assert "MetaLM (semi-causal pretraining 2 steps" in printed and "no docked encoders" in printed
-    assert "majority answer" in printed
+    assert "majority answer" in printed and "per question type" in printed
 
     results = json.loads((out / "results.json").read_text())
     for key in ("metalm_vqa_acc", "decoder_only_vqa_acc", "majority_vqa_acc"):
@@ -39,3 +39,4 @@ def test_metalm_tiny_pretrains_finetunes_and_prints_the_table(shapes_data, tmp_p
         assert math.isfinite(results[key]) and results[key] > 0, (key, results[key])
     assert (out / "pretrain" / "weights.ckpt").is_file()
     assert list((out / "metalm").rglob("predictions/val-vqa-step2.json"))
+    assert set(results["metalm_per_type"]) <= {"colour", "shape", "count", "position"} and results["metalm_per_type"]
