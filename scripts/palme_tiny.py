@@ -72,7 +72,8 @@ def per_type_accuracy(run_dir: Path, data_dir: Path) -> dict[str, float]:
     for sample in wds.WebDataset(sorted(str(p) for p in (data_dir / "val").glob("tabletop-*.tar")), shardshuffle=False):
         meta = json.loads(sample["json"])
         truth[meta["id"]] = (meta["question_type"], meta["target"])
-    rows = json.loads(next((run_dir / "predictions").glob("val-vqa-step*.json")).read_text())
+    files = [p for p in (run_dir / "predictions").glob("val-vqa-step*.json") if not p.name.endswith(".generation.json")]
+    rows = json.loads(max(files, key=lambda p: p.stat().st_mtime).read_text())
     hits: dict[str, list[bool]] = defaultdict(list)
     for row in rows:
         qtype, answer = truth[row["question_id"]]
@@ -97,10 +98,15 @@ def run_variant(name: str, data_dir: Path, out_dir: Path, steps: int, val_batche
 def run_palme_tiny(data_dir: str | Path = "data/tabletop", out_dir: str | Path = "runs/palme_tiny",
                    train: int = DEFAULT_TRAIN, val: int = DEFAULT_VAL, steps: int = 1500, val_batches: int = 8,
                    variants: str = "palme,text_only", workers: int = 1, seed: int = 0, batch_size: int = 0,
-                   max_new_tokens: int = 0) -> dict[str, Any]:
+                   max_new_tokens: int = 0, threads: int = 1) -> dict[str, Any]:
     """Run the steps; returns (and writes to ``out_dir/results.json``) the numbers of the table.
 
-    ``batch_size`` and ``max_new_tokens`` of 0 keep the config's values (the test shrinks them)."""
+    ``batch_size`` and ``max_new_tokens`` of 0 keep the config's values (the test shrinks them). ``threads``:
+    torch intra-op threads of the training process (1 leaves the second core to the data loader; on a
+    shared CPU more threads mostly wait for each other)."""
+    import torch
+
+    torch.set_num_threads(threads)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     unknown = set(variants.split(",")) - set(VARIANTS)
     if unknown:
