@@ -80,6 +80,8 @@ def sample_spans(region: torch.Tensor, ratio: float = 0.25, min_len: int = 1, ma
         if not where:
             continue
         first, size = where[0], len(where)
+        if where[-1] - first + 1 != size:
+            raise ValueError(f"sample_spans: row {row}'s region is not one contiguous run (positions {where})")
         lengths = _span_lengths(size, ratio, min_len, max_len, max_spans, generator)
         for k, (start, end) in enumerate(_place(lengths, size, generator), start=1):
             span_ids[row, first + start:first + end] = k

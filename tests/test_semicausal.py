@@ -56,6 +56,12 @@ def test_random_spans_are_reproducible_and_vary_with_the_seed():
     assert torch.equal(draw[0], draw[1]) and not torch.equal(draw[0], draw[2])
 
 
+def test_a_region_with_a_hole_is_refused():
+    region = torch.tensor([[0, 1, 1, 0, 1, 1]], dtype=torch.bool)
+    with pytest.raises(ValueError, match="row 0.*contiguous"):
+        sample_spans(region)
+
+
 def test_prefix_spans_start_at_the_region_and_leave_a_target():
     region = torch.zeros(64, 12, dtype=torch.bool)
     region[:, 3:9] = True
