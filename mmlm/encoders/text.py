@@ -123,6 +123,9 @@ class HFTextEncoder(TextEncoder):
                  dtype: str | None = None) -> None:
         super().__init__()
         self.model = load_hf_model(AutoModel, name_or_path, config, parse_dtype(dtype))
+        pooler = getattr(self.model, "pooler", None)
+        if isinstance(pooler, nn.Module):  # unused (last_hidden_state only): no grads, so DDP finds no unused weights
+            pooler.requires_grad_(False)
         self.setup_freezing(freeze, dtype)
 
     @property
