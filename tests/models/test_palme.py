@@ -139,3 +139,21 @@ def test_validation_logs_vqa_and_plan_metrics_and_writes_predictions(tabletop, t
     assert len(plans) + len(answers) == 16 and plans and answers
     assert plans[0]["reference"].startswith("1. pick") and isinstance(plans[0]["plan"], str)
     assert set(answers[0]) == {"question_id", "answer"}
+
+
+def test_vit_tokens_fill_image_spans_through_an_affine_projection(tabletop):
+    """PaLM-E's image path: every ViT token (cls + patches) → one affine-projected embedding in the <imgK> span."""
+    from mmlm.connectors import MLP
+
+    torch.manual_seed(0)
+    vit = TimmEncoder("vit_tiny_patch16_224", img_size=32, model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})
+    model = PaLME(vit, HFCausalLM(config=GPT2, freeze=True), str(tabletop / "tokenizer"), STATE_DIM, OBJECT_DIM,
+                  image_connector=lambda i, o: MLP(i, o, num_layers=1))
+    assert {m.modality: m.count for m in model.markers}["image"] == vit.num_tokens == 5
+    batch = next(iter(make_data(tabletop, model).val_dataloader()))
+    embeds = model.modality_embeddings(batch)
+    assert embeds["image"].shape == (batch.images.shape[0], 5, GPT2["n_embd"])
+    filled = model.sentence_embeddings(batch.input_ids, batch.spans, embeds)
+    span = next(s for s in batch.spans[0] if s.modality == "image")
+    torch.testing.assert_close(filled[0, span.start:span.start + 5], embeds["image"][span.item])
+    assert torch.isfinite(model.training_loss(batch))
