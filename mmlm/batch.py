@@ -59,6 +59,8 @@ class Batch:
         """Pin the tensors (called by ``DataLoader(pin_memory=True)``)."""
         for name in ("pixels", "input_ids", "attention_mask", "labels", "prompt_ids", "prompt_mask"):
             setattr(self, name, getattr(self, name).pin_memory())
+        if self.features is not None:
+            self.features = self.features.pin_memory()
         return self
 
 
