@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import tempfile
 
 import numpy as np
 import pytest
@@ -45,8 +46,10 @@ def model_config(family: str, shapes_data, gpt2: dict, resnet: dict) -> dict:
 def val_loss(model: pl.LightningModule, urls: str, cached: bool) -> float:
     """``val/loss`` of one pass over ``urls`` (VQA) through a real ``Trainer.validate``."""
     data = ImageTextDataModule(val=[Source(urls, kind="vqa")], batch_size=8, cached_features=cached)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    return float(trainer.validate(model, datamodule=data, verbose=False)[0]["val/loss"])
+    with tempfile.TemporaryDirectory() as root:  # evaluation writes predictions under the trainer's root
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=root)
+        return float(trainer.validate(model, datamodule=data, verbose=False)[0]["val/loss"])
 
 
 @pytest.fixture(params=["frozen", "blip2"])

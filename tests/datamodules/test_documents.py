@@ -265,7 +265,7 @@ def test_cli_tools_and_most_common_json_baseline(tmp_path):
     assert base["json"] in [g[0] for g in train] and 0 <= base["ted_accuracy"] < 1
 
 
-def test_a_real_donut_gets_the_tokens_trains_and_evaluates(receipts):
+def test_a_real_donut_gets_the_tokens_trains_and_evaluates(receipts, tmp_path):
     import pytorch_lightning as pl
 
     from mmlm.encoders import HFVisionEncoder
@@ -285,7 +285,7 @@ def test_a_real_donut_gets_the_tokens_trains_and_evaluates(receipts):
     dm = DocumentDataModule(train_path=str(receipts / "donut/train"), val_path=str(receipts / "shards/validation"),
                             batch_size=4)
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False, accelerator="cpu",
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=str(tmp_path), enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0)
     trainer.fit(model, dm)
     assert model.added_tokens == dm.added_tokens and "<s_cord-v2>" in model.added_tokens
