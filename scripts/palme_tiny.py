@@ -8,7 +8,7 @@
 3. Held-out VQA accuracy (per question type too) and plan exact match / per-step accuracy per variant.
 
 Prints the table and writes ``OUT_DIR/results.json``.
-Usage: ``python scripts/palme_tiny.py [--train 8000] [--steps 1500] [--variants palme,text_only]`` (``--help``).
+Usage: ``python scripts/palme_tiny.py [--train 8000] [--steps 2500] [--variants palme,text_only]`` (``--help``).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def run_variant(name: str, data_dir: Path, out_dir: Path, steps: int, val_batche
 
 
 def run_palme_tiny(data_dir: str | Path = "data/tabletop", out_dir: str | Path = "runs/palme_tiny",
-                   train: int = DEFAULT_TRAIN, val: int = DEFAULT_VAL, steps: int = 1500, val_batches: int = 8,
+                   train: int = DEFAULT_TRAIN, val: int = DEFAULT_VAL, steps: int = 2500, val_batches: int = 8,
                    variants: str = "palme,text_only", workers: int = 1, seed: int = 0, batch_size: int = 0,
                    max_new_tokens: int = 0, threads: int = 1, parallel: int = 2) -> dict[str, Any]:
     """Run the steps; returns (and writes to ``out_dir/results.json``) the numbers of the table.
