@@ -40,3 +40,31 @@ def test_donut_tiny_runs_both_stages_and_prints_the_table(tmp_path, capsys, monk
     assert (export / "config.json").is_file() and (export / "processor_config.json").is_file()
     rows = [json.loads(line) for line in next((out / "cord").rglob("val-documents-step3.jsonl")).read_text().splitlines()]
     assert len(rows) == 4 and all("prediction" in row and row["references"] for row in rows)
+
+
+def test_predict_from_the_finetuned_checkpoint_writes_json_per_receipt(tmp_path, monkeypatch):
+    """``mmlm predict`` with the stage-2 config and checkpoint: the field tokens come back in their trained order
+    (the datamodule adds them, the checkpoint checks them), one JSON per receipt and a JSONL of all."""
+    from mmlm.cli import main
+    from mmlm.models.documents import file_name
+
+    monkeypatch.setattr(sys, "argv", ["mmlm"])
+    out, data = tmp_path / "out", tmp_path / "data"
+    assert load_script().main(["--data-dir", str(data), "--out-dir", str(out), "--train-docs", "16",
+                               "--train-receipts", "16", "--val-docs", "4", "--read-steps", "2", "--cord-steps", "2",
+                               "--batch-size", "4", "--val-batches", "1", "--workers", "0"]) == 0
+    checkpoint = next((out / "cord").rglob("*.ckpt"))
+    predict = json.dumps([{"path": str(data / "receipts" / "shards" / "validation"), "task": "cord-v2"}])
+    assert main(["predict", "--config", str(SCRIPT.parents[1] / "configs" / "tiny" / "donut_cord.yaml"),
+                 "--ckpt_path", str(checkpoint), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                 "--trainer.default_root_dir", str(tmp_path / "predict"),
+                 "--model.init_args.name_or_path", str(out / "read" / "export"),
+                 "--model.init_args.predictions_dir", str(tmp_path / "predict"), "--data.init_args.predict", predict,
+                 "--data.init_args.train_path", str(data / "receipts" / "shards" / "train"),
+                 "--data.init_args.val_path", str(data / "receipts" / "shards" / "validation"),
+                 "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"]) == 0
+    stem = tmp_path / "predict" / "predictions" / "predict-documents-step0"
+    rows = [json.loads(line) for line in stem.with_suffix(".jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and len(list(stem.glob("*.json"))) == 4
+    for row in rows:
+        assert json.loads((stem / f"{file_name(row['id'])}.json").read_text()) == row["prediction"]

@@ -61,7 +61,9 @@ class Donut(DocumentModule):
                  align_long_axis: bool = False, suppress_unk: bool = True, export_dir: str | None = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["encoder", "decoder"])
+        # No save_hyperparameters: LightningCLI re-applies checkpoint hparams to the YAML's model on --ckpt_path,
+        # which fails for `Donut.from_hf` (other signature) and for GenerationConfig (not a weights_only global).
+        # The run's config.yaml records every argument; checkpoints carry the added tokens (on_save_checkpoint).
         self.encoder, self.decoder = encoder, decoder
         self.enc_to_dec_proj = nn.Linear(encoder.width, decoder.width) if encoder.width != decoder.width else None
         self.align_long_axis, self.suppress_unk, self.export_dir = align_long_axis, suppress_unk, export_dir
