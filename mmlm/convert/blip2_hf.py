@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 from transformers import (
     AutoModel,
     Blip2Config,
@@ -34,7 +33,7 @@ from transformers import (
 )
 
 from mmlm.convert.blip2 import qformer_from_hf, qformer_kwargs_from_hf, qformer_to_hf
-from mmlm.convert.keys import check_keys
+from mmlm.convert.keys import load_part, read_checkpoint, split_by_prefix
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.encoders.hf import HFVisionEncoder
 from mmlm.language.hf_base import HFLanguageModel
@@ -59,66 +58,7 @@ def split_state_dict(state: Mapping[str, torch.Tensor], source: str) -> dict[str
 
     ``query_tokens`` goes to the ``qformer.`` part (as our QFormer holds it). Any other key raises.
     """
-    parts: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in PARTS}
-    stray = []
-    for key, value in state.items():
-        if key == "query_tokens":
-            parts["qformer."][key] = value
-            continue
-        prefix = next((p for p in PARTS if key.startswith(p)), None)
-        if prefix is None:
-            stray.append(key)
-        else:
-            parts[prefix][key.removeprefix(prefix)] = value
-    check_keys([], stray, f"{source} (keys outside {PARTS} and query_tokens)")
-    return parts
-
-
-def tied_aliases(module: nn.Module) -> dict[str, str]:
-    """``{key: first key sharing its storage}`` for every state-dict entry that repeats a tensor (tied heads)."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for key, value in module.state_dict(keep_vars=True).items():
-        ptr = id(value)  # tied parameters are one object (data_ptr is 0 for every meta tensor)
-        if ptr in first:
-            aliases[key] = first[ptr]
-        else:
-            first[ptr] = key
-    return aliases
-
-
-def load_part(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, assign: bool = False) -> None:
-    """Load ``state`` strictly into ``module``; a missing key is allowed only when it is tied to a loaded one.
-
-    ``assign=True`` puts the given tensors in place (for a module built on the meta device)."""
-    aliases = tied_aliases(module)
-    state = dict(state)
-    for key, target in aliases.items():  # fill a tied alias from whichever of the pair the file holds
-        if key not in state and target in state:
-            state[key] = state[target]
-        elif target not in state and key in state:
-            state[target] = state[key]
-    result = module.load_state_dict(state, strict=False, assign=assign)
-    check_keys(result.missing_keys, result.unexpected_keys, source)
-
-
-def read_checkpoint(name_or_path: str) -> tuple[Path, dict[str, torch.Tensor]]:
-    """Local directory (or hub id, downloaded when online) → ``(directory, full state dict)`` from its safetensors."""
-    from safetensors.torch import load_file
-
-    directory = Path(name_or_path)
-    if not directory.is_dir():
-        from huggingface_hub import snapshot_download
-
-        directory = Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model",
-                                                                         "*.txt"]))
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{name_or_path}: no *.safetensors files in {directory}")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
-    return directory, state
+    return split_by_prefix(state, PARTS, source, routes={"query_tokens": "qformer."})
 
 
 def image_preprocess(directory: Path, size: int) -> ImagePreprocess:

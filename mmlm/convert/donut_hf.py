@@ -28,8 +28,7 @@ from transformers import (
     VisionEncoderDecoderModel,
 )
 
-from mmlm.convert.blip2_hf import load_part, read_checkpoint
-from mmlm.convert.keys import check_keys
+from mmlm.convert.keys import load_part, read_checkpoint, split_by_prefix
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.encoders.hf import HFVisionEncoder
 from mmlm.language.cross_attention import CrossAttentionLM
@@ -43,16 +42,7 @@ CONFIG_NOISE = ("architectures", "transformers_version", "_name_or_path", "model
 
 def split_state_dict(state: Mapping[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
     """Full checkpoint → ``{"encoder.": …, "decoder.": …, "enc_to_dec_proj.": …}`` with the prefixes stripped."""
-    parts: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in PARTS}
-    stray = []
-    for key, value in state.items():
-        prefix = next((p for p in PARTS if key.startswith(p)), None)
-        if prefix is None:
-            stray.append(key)
-        else:
-            parts[prefix][key.removeprefix(prefix)] = value
-    check_keys([], stray, f"{source} (keys outside {PARTS})")
-    return parts
+    return split_by_prefix(state, PARTS, source)
 
 
 def config_dict(config: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,3 +58,73 @@ def check_hf_loading_info(info: Mapping[str, Any], source: str, allow_missing: S
     """
     missing = _disallowed(info["missing_keys"], allow_missing) + [k for k, *_ in info["mismatched_keys"]]
     check_keys(missing, info["unexpected_keys"], source, allow_unexpected=allow_unexpected)
+
+
+def split_by_prefix(state: Mapping[str, torch.Tensor], prefixes: Sequence[str], source: str,
+                    routes: Mapping[str, str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Full checkpoint → ``{prefix: {key without prefix: tensor}}`` for each of ``prefixes``.
+
+    ``routes`` sends exact keys to a part unchanged (e.g. BLIP-2's ``query_tokens`` → ``"qformer."``). Any key
+    under none of the prefixes raises, naming ``source``.
+    """
+    parts: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in prefixes}
+    stray = []
+    for key, value in state.items():
+        if routes and key in routes:
+            parts[routes[key]][key] = value
+            continue
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is None:
+            stray.append(key)
+        else:
+            parts[prefix][key.removeprefix(prefix)] = value
+    extra = f" and {', '.join(routes)}" if routes else ""
+    check_keys([], stray, f"{source} (keys outside {tuple(prefixes)}{extra})")
+    return parts
+
+
+def tied_aliases(module: nn.Module) -> dict[str, str]:
+    """``{key: first key sharing its storage}`` for every state-dict entry that repeats a tensor (tied heads)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for key, value in module.state_dict(keep_vars=True).items():
+        ptr = id(value)  # tied parameters are one object (data_ptr is 0 for every meta tensor)
+        if ptr in first:
+            aliases[key] = first[ptr]
+        else:
+            first[ptr] = key
+    return aliases
+
+
+def load_part(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, assign: bool = False) -> None:
+    """Load ``state`` strictly into ``module``; a missing key is allowed only when it is tied to a loaded one.
+
+    ``assign=True`` puts the given tensors in place (for a module built on the meta device)."""
+    aliases = tied_aliases(module)
+    state = dict(state)
+    for key, target in aliases.items():  # fill a tied alias from whichever of the pair the file holds
+        if key not in state and target in state:
+            state[key] = state[target]
+        elif target not in state and key in state:
+            state[target] = state[key]
+    result = module.load_state_dict(state, strict=False, assign=assign)
+    check_keys(result.missing_keys, result.unexpected_keys, source)
+
+
+def read_checkpoint(name_or_path: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Local directory (or hub id, downloaded when online) → ``(directory, full state dict)`` from its safetensors."""
+    from safetensors.torch import load_file
+
+    directory = Path(name_or_path)
+    if not directory.is_dir():
+        from huggingface_hub import snapshot_download
+
+        directory = Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                                         "*.txt"]))
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{name_or_path}: no *.safetensors files in {directory}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return directory, state
