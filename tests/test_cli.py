@@ -149,6 +149,10 @@ def test_fit_text_lm_then_frozen_and_rerun_into_the_same_directory(shapes_data, 
     assert saved["trainer"]["max_steps"] == 3
     assert (root / "predictions" / "val-vqa-step3.json").is_file()
 
+    checkpoint = root / "checkpoints" / "epoch=0-step=3.ckpt"
+    validate = ["validate", *frozen[1:], "--ckpt_path", str(checkpoint)]
+    assert main(validate) == 0  # the checkpoint (with its GenerationConfig hyperparameter) loads weights-only
+
     assert main([*frozen, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]) == 0  # same directory
     assert yaml.safe_load((root / "config.yaml").read_text())["trainer"]["max_steps"] == 2
 

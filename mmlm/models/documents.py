@@ -2,7 +2,7 @@
 TED accuracy, field F1 and normalised edit distance (:class:`mmlm.metrics.documents.DocumentMetrics`).
 
 Files (rank 0, under ``predictions_dir`` or the trainer's log dir): ``predictions/{stage}-documents-step{N}.jsonl``
-(one row per document: ``id``, ``key``, ``task``, ``text`` = the generated sequence, ``prediction`` = its JSON and,
+(one row per document: ``id``, ``key``, ``task``, ``text`` = prompt + generated sequence, ``prediction`` = its JSON and,
 when known, ``references``), one JSON per document in ``predictions/{stage}-documents-step{N}/{id}.json`` and the
 decoding settings in ``….generation.json``. Shape legend: B batch, T_new generated tokens.
 """
@@ -51,13 +51,27 @@ class DocumentModule(MultimodalModule):
         rows = [[i for i in row if i not in drop] for row in ids.tolist()]
         return [text.strip() for text in self.tokenizer.batch_decode(rows, skip_special_tokens=False)]
 
+    def with_prompts(self, batch: Batch, texts: list[str]) -> list[str]:
+        """Prompt + generation per document, so a DocVQA answer is parsed beside its question
+        (``<s_docvqa><s_question>…</s_question><s_answer>`` + ``10.45</s_answer>``); a bare leading task token
+        (``<s_cord-v2>``) is an unclosed tag that the parser ignores."""
+        prompts = self.decode(batch.prompt_ids)
+        return [prompt + text for prompt, text in zip(prompts, texts)]
+
     def _evaluate(self, batch: Batch, stage: str) -> None:
         self.log(f"{stage}/loss", self.training_loss(batch), batch_size=len(batch), sync_dist=True)
-        texts = self.generate_text(batch)
+        texts = self.with_prompts(batch, self.generate_text(batch))
         self._record(batch, texts)
         rows = [i for i, task in enumerate(batch.tasks) if task == DOCUMENT_TASK and batch.references[i]]
         if rows:
             self.document_metric.update([texts[i] for i in rows], [batch.references[i] for i in rows])
+
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Parsed JSON for each document: ``[{"id", "task", "prediction"}]``; also written to the predictions
+        files at the end of the epoch."""
+        texts = self.with_prompts(batch, self.generate_text(batch))
+        self._record(batch, texts)
+        return [{"id": i, "task": t, "prediction": tokens_to_json(p)} for i, t, p in zip(batch.ids, batch.tasks, texts)]
 
     def _record(self, batch: Batch, texts: list[str]) -> None:
         """One row per document: ids, the generated sequence and its parsed JSON (and the references)."""

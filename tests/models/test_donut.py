@@ -198,3 +198,19 @@ def test_bf16_autocast_training_step_is_finite(tokenizer_dir):
         loss = model.training_loss(doc_batch(model, DOCS))
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_docvqa_answers_are_scored_beside_their_question(tokenizer_dir, monkeypatch):
+    """Generation returns only the answer; evaluation parses prompt + answer, so a right answer scores TED 1."""
+    model = make_donut(tokenizer_dir)
+    model.add_tokens(["<s_docvqa>", "<s_question>", "</s_question>", "<s_answer>", "</s_answer>"])
+    tok = model.tokenizer
+    prompt = tok("<s_docvqa><s_question>Total</s_question><s_answer>", add_special_tokens=False).input_ids
+    batch = doc_batch(model, [{"total": "12.50"}])
+    batch.prompt_ids, batch.prompt_mask = torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long)
+    batch.references = [[json.dumps({"question": "Total", "answer": "12.50"})]]
+    monkeypatch.setattr(model, "log", lambda *args, **kwargs: None)
+    monkeypatch.setattr(model, "generate_text", lambda batch: ["12.50</s_answer>"])
+    model._evaluate(batch, "val")
+    assert model._documents[-1]["prediction"] == {"question": "Total", "answer": "12.50"}
+    assert model.document_metric.compute()["ted_accuracy"].item() == pytest.approx(1.0)
