@@ -307,7 +307,8 @@ class DocumentDataModule(WebDataModule):
         sort_keys: reverse-sort JSON keys in targets (Donut's order).
         categorical_fields: keys whose leaf values become one category token each (e.g. ``["class"]``).
         special_tokens: extra special tokens to add.
-        align_long_axis: rotate images whose orientation differs from ``image_size``'s.
+        align_long_axis: rotate images whose orientation differs from ``image_size``'s; ``None`` takes the
+            model's ``align_long_axis`` (a converted Donut checkpoint's processor setting), else ``False``.
         random_padding: random placement inside the padding when training (centred otherwise).
         folder_chunk: metadata lines per pseudo shard of a Donut folder.
     """
@@ -336,7 +337,7 @@ class DocumentDataModule(WebDataModule):
         sort_keys: bool = True,
         categorical_fields: list[str] | None = None,
         special_tokens: list[str] | None = None,
-        align_long_axis: bool = False,
+        align_long_axis: bool | None = None,
         random_padding: bool = True,
         folder_chunk: int = 16,
     ) -> None:
@@ -374,6 +375,8 @@ class DocumentDataModule(WebDataModule):
             self.tokenizer = self._resolve_tokenizer(module)
         if self.preprocess is None:
             self.preprocess = self._resolve_preprocess(module)
+        if self.align_long_axis is None:
+            self.align_long_axis = bool(getattr(module, "align_long_axis", False))
 
     def _resolve_tokenizer(self, module: Any) -> Any:
         """``load_tokenizer(tokenizer, added tokens)``, else ``module.tokenizer``."""

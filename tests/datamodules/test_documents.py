@@ -320,3 +320,16 @@ def test_predict_needs_no_ground_truth(tmp_path, receipts):
     validation.setup("validate")
     assert list(validation.val_dataloader()) == []  # evaluation needs ground truth: all three skipped
     assert validation.skipped == {"missing_prompt_end": 2, "bad_ground_truth": 1}
+
+
+@pytest.mark.parametrize("model_flag, argument, expected", [(True, None, True), (False, None, False),
+                                                            (True, False, False), (None, None, False)])
+def test_align_long_axis_follows_the_model_unless_given(receipts, model_flag, argument, expected):
+    from types import SimpleNamespace
+
+    dm = DocumentDataModule(val_path=str(receipts / "shards/validation"), tokenizer=str(receipts / "tokenizer"),
+                            image_size=(32, 32), align_long_axis=argument)
+    module = SimpleNamespace() if model_flag is None else SimpleNamespace(align_long_axis=model_flag)
+    dm.trainer = SimpleNamespace(lightning_module=module)
+    dm.setup("validate")
+    assert dm.align_long_axis is expected
