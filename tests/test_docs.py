@@ -21,6 +21,11 @@ def readme_commands() -> list[str]:
     return [line for line in lines if line.startswith("mmlm ")]
 
 
+def test_every_family_doc_is_linked_from_the_readme():
+    for page in (ROOT / "docs").glob("*.md"):
+        assert f"(docs/{page.name})" in README, page.name
+
+
 def test_quickstart_is_exactly_two_setup_commands_and_ci_runs_the_test_one():
     quickstart = README.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"```bash\n(.*?)\n```", quickstart, flags=re.S)
@@ -43,8 +48,10 @@ def test_readme_training_commands_parse(command, capsys, monkeypatch):
 
 @pytest.mark.parametrize("command", [c for c in readme_commands() if c.split()[1] == "data"])
 def test_readme_data_commands_parse(command):
-    args = data_parser().parse_args(shlex.split(command)[2:])
-    assert args.tool in ("synth-shapes", "make-shards", "inspect")
+    for part in command.split(" && "):  # one line may chain two tools
+        words = shlex.split(part)
+        assert words[:2] == ["mmlm", "data"]
+        assert data_parser().parse_args(words[2:]).tool == words[2]
 
 
 def test_readme_names_commands_of_both_kinds():
