@@ -20,7 +20,7 @@ from pytorch_lightning.cli import LightningCLI
 
 from datamodules.synthetic.shapes import DEFAULT_TRAIN_IMAGES, DEFAULT_VAL_IMAGES
 from mmlm.models.base import MultimodalModule
-from mmlm.reliability import add_trainer_defaults, config_problem
+from mmlm.reliability import add_trainer_defaults, config_problem, last_checkpoint
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Modules that add ``mmlm data`` tools. Each has ``add_data_tools(sub)``, which adds subparsers to ``sub`` and sets
@@ -51,6 +51,9 @@ class MMLMCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if problem := config_problem(config):
             self._parser(self.subcommand).error(problem)
+        if (found := last_checkpoint(config)) is not None:
+            print(f"mmlm: --ckpt_path last → {found}", file=sys.stderr)
+            config.ckpt_path = str(found)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         add_trainer_defaults(config, callbacks)

@@ -151,6 +151,28 @@ def config_problem(config: Any) -> str | None:
     return None
 
 
+def newest_checkpoint(root: Path) -> Path | None:
+    """The newest ``last*.ckpt`` under ``root`` (any depth), else the newest ``*.ckpt``; ``None`` when none."""
+    files = [p for p in root.rglob("*.ckpt") if p.is_file()] if root.is_dir() else []
+    pool = [p for p in files if p.name.startswith("last")] or files
+    return max(pool, key=lambda p: p.stat().st_mtime) if pool else None
+
+
+def last_checkpoint(config: Any) -> Path | None:
+    """For ``ckpt_path: last`` without a ``ModelCheckpoint(dirpath=…)`` in the config: the newest checkpoint under
+    the trainer's ``default_root_dir`` (Lightning alone would look only in the new run's empty version folder and
+    start from scratch); ``None`` when Lightning's own lookup applies or nothing was saved yet."""
+    config = as_plain(config)
+    if config.get("ckpt_path") != "last":
+        return None
+    trainer = config.get("trainer") or {}
+    callbacks = trainer.get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    if any(isinstance(c, dict) and (c.get("init_args") or {}).get("dirpath") for c in callbacks):
+        return None
+    return newest_checkpoint(Path(trainer.get("default_root_dir") or "."))
+
+
 # -- trainer defaults ----------------------------------------------------------------------------
 
 

@@ -163,3 +163,18 @@ def test_bare_command_lists_every_command(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
     assert all(word in out for word in ("fit", "validate", "test", "predict", "data", "quickstart"))
+
+
+def test_ckpt_path_last_finds_the_newest_checkpoint_of_an_earlier_run(shapes_data, tmp_path, tiny_gpt2, capsys):
+    """Without a fixed ModelCheckpoint dirpath each run logs into a new version folder; `--ckpt_path last` still
+    resumes from the newest checkpoint under default_root_dir instead of silently starting from scratch."""
+    root = tmp_path / "text_lm"
+    run = [*short_run("text_lm.yaml", root), *data_overrides(shapes_data), "--trainer.logger", "true",
+           "--model.init_args.language_model.init_args.config", json.dumps(tiny_gpt2)]
+    assert main(run) == 0
+    first = sorted(root.rglob("*.ckpt"))
+    assert [p.relative_to(root).as_posix() for p in first] == ["lightning_logs/version_0/checkpoints/epoch=0-step=3.ckpt"]
+    capsys.readouterr()
+    assert main([*run, "--ckpt_path", "last"]) == 0  # resumed at step 3 of 3: nothing left to train
+    assert f"--ckpt_path last → {first[0]}" in capsys.readouterr().err
+    assert sorted(root.rglob("*.ckpt")) == first  # a fresh run would have written version_1/…/step=3.ckpt
