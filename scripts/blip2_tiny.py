@@ -14,11 +14,8 @@ Usage: ``python scripts/blip2_tiny.py [--train-images 6000] [--stage1-steps 400]
 
 from __future__ import annotations
 
-import argparse
-import inspect
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,7 @@ if str(ROOT) not in sys.path:  # run as a file: make mmlm/ and datamodules/ impo
     sys.path.insert(0, str(ROOT))
 
 from mmlm.quickstart import CONFIGS, _answers, ensure_data, sources, stage_args  # noqa: E402
+from mmlm.recipes import recipe_main  # noqa: E402
 
 
 def save_vit(out: Path, seed: int) -> Path:
@@ -138,15 +136,7 @@ def print_results(results: dict[str, Any], seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, param in inspect.signature(run_blip2_tiny).parameters.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=int if isinstance(param.default, int) else str,
-                            default=param.default)
-    args = parser.parse_args(argv)
-    start = time.time()
-    print_results(run_blip2_tiny(**vars(args)), time.time() - start)
-    return 0
+    return recipe_main(run_blip2_tiny, print_results, __doc__, argv)
 
 
 if __name__ == "__main__":

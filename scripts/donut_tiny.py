@@ -14,13 +14,13 @@ Usage: ``python scripts/donut_tiny.py [--read-steps 2000] [--cord-steps 1000] â€
 
 from __future__ import annotations
 
-import argparse
-import inspect
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from mmlm.recipes import recipe_main
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file: make mmlm/ and datamodules/ importable
@@ -122,15 +122,7 @@ def print_results(results: dict[str, Any], seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, param in inspect.signature(run_donut_tiny).parameters.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=int if isinstance(param.default, int) else str,
-                            default=param.default)
-    args = parser.parse_args(argv)
-    start = time.time()
-    print_results(run_donut_tiny(**vars(args)), time.time() - start)
-    return 0
+    return recipe_main(run_donut_tiny, print_results, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ Prints the table and writes ``OUT_DIR/results.json``. Usage: ``python scripts/ko
 
 from __future__ import annotations
 
-import argparse
-import inspect
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from mmlm.recipes import recipe_main
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file: make mmlm/ and datamodules/ importable
@@ -124,15 +124,7 @@ def print_results(results: dict[str, Any], seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, param in inspect.signature(run_kosmos_tiny).parameters.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=int if isinstance(param.default, int) else str,
-                            default=param.default)
-    args = parser.parse_args(argv)
-    start = time.time()
-    print_results(run_kosmos_tiny(**vars(args)), time.time() - start)
-    return 0
+    return recipe_main(run_kosmos_tiny, print_results, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ Prints held-out VQA accuracy of MetaLM, of the decoder alone and of the majority
 
 from __future__ import annotations
 
-import argparse
-import inspect
 import json
 import sys
 import time
@@ -29,6 +27,7 @@ if str(ROOT) not in sys.path:  # run as a file: make mmlm/ and datamodules/ impo
 import yaml  # noqa: E402
 
 from mmlm.quickstart import CONFIGS, DEFAULT_DATA, _answers, ensure_data  # noqa: E402
+from mmlm.recipes import recipe_main  # noqa: E402
 
 
 def stage_args(config: str, data_dir: Path, run_dir: Path, steps: int, val_batches: int, workers: int,
@@ -144,15 +143,7 @@ def print_results(results: dict[str, Any], seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, param in inspect.signature(run_metalm_tiny).parameters.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=int if isinstance(param.default, int) else str,
-                            default=param.default)
-    args = parser.parse_args(argv)
-    start = time.time()
-    print_results(run_metalm_tiny(**vars(args)), time.time() - start)
-    return 0
+    return recipe_main(run_metalm_tiny, print_results, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ Usage: ``python scripts/palme_tiny.py [--train 8000] [--steps 2500] [--variants 
 
 from __future__ import annotations
 
-import argparse
-import inspect
 import json
 import multiprocessing
 import sys
@@ -29,6 +27,7 @@ if str(ROOT) not in sys.path:  # run as a file: make mmlm/ and datamodules/ impo
     sys.path.insert(0, str(ROOT))
 
 from datamodules.embodied_tools import DEFAULT_TRAIN, DEFAULT_VAL  # noqa: E402
+from mmlm.recipes import recipe_main  # noqa: E402
 
 CONFIG = ROOT / "configs" / "tiny" / "palme.yaml"
 VARIANTS = {"palme": ["image", "state", "object"], "text_only": [], "image_only": ["image"],
@@ -151,15 +150,7 @@ def print_results(results: dict[str, Any], seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, param in inspect.signature(run_palme_tiny).parameters.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=int if isinstance(param.default, int) else str,
-                            default=param.default)
-    args = parser.parse_args(argv)
-    start = time.time()
-    print_results(run_palme_tiny(**vars(args)), time.time() - start)
-    return 0
+    return recipe_main(run_palme_tiny, print_results, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,9 @@ Usage: ``python scripts/vlmo_tiny.py [--stage2-steps 150] [--stage3-steps 300] [
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import inspect
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ if str(ROOT) not in sys.path:  # run as a file: make mmlm/ and datamodules/ impo
     sys.path.insert(0, str(ROOT))
 
 from mmlm.quickstart import CONFIGS, _answers, ensure_data  # noqa: E402
+from mmlm.recipes import recipe_main  # noqa: E402
 
 
 def stage_args(config: str, run_dir: Path, tokenizer: Path, steps: int, loader: tuple[int, int, int],
@@ -168,15 +166,7 @@ def print_results(results: dict[str, Any], seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, param in inspect.signature(run_vlmo_tiny).parameters.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=int if isinstance(param.default, int) else str,
-                            default=param.default)
-    args = parser.parse_args(argv)
-    start = time.time()
-    print_results(run_vlmo_tiny(**vars(args)), time.time() - start)
-    return 0
+    return recipe_main(run_vlmo_tiny, print_results, __doc__, argv)
 
 
 if __name__ == "__main__":

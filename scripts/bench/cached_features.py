@@ -14,13 +14,13 @@ sides alternate and the medians of steps/s are reported. ``ratio`` = cached / li
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from common import Scale, alternate, captions_glob, median, row, sync
+from common import Scale, alternate, captions_glob, median, row
+from lightning_overhead import StepClock
 
 from datamodules import ImageTextDataModule, Source
 from mmlm.encoders import HFVisionEncoder
@@ -51,20 +51,6 @@ def datamodule(urls: str, tokenizer: str, batch_size: int, steps: int, cached: b
                                epoch_samples=steps * batch_size, resampled=True, shuffle_buffer=0,
                                train_crop_scale=1.0, cached_features=cached, caption_prompt="a picture of")
 
-
-class StepClock(pl.Callback):
-    """``perf_counter`` at every training batch start and at the end of fit."""
-
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-
-    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, idx: int) -> None:
-        sync()
-        self.stamps.append(time.perf_counter())
-
-    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        sync()
-        self.stamps.append(time.perf_counter())
 
 
 def steps_per_second(model: Blip2, data: ImageTextDataModule, warmup: int, steps: int) -> float:
