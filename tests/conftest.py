@@ -11,6 +11,7 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import pytorch_lightning  # noqa: E402, F401 - before any test module imports rich (see test_cli's int-limit test)
 import torch  # noqa: E402
 
 # Tiny tensors gain nothing from intra-op threads, and on a shared CPU two threads ran the same test 10× slower.

@@ -178,3 +178,30 @@ def test_ckpt_path_last_finds_the_newest_checkpoint_of_an_earlier_run(shapes_dat
     assert main([*run, "--ckpt_path", "last"]) == 0  # resumed at step 3 of 3: nothing left to train
     assert f"--ckpt_path last → {first[0]}" in capsys.readouterr().err
     assert sorted(root.rglob("*.ckpt")) == first  # a fresh run would have written version_1/…/step=3.ckpt
+
+
+INT_LIMIT_PROBE = """
+import sys
+if sys.argv[1] == "mmlm-first":
+    import mmlm.cli  # the console script's import order: Lightning before anything that imports rich
+from rich.console import Console
+from jsonargparse import ArgumentParser
+from pytorch_lightning import Trainer
+parser = ArgumentParser()
+parser.add_class_arguments(Trainer, "trainer")
+print(type(parser.parse_args(["--trainer.limit_val_batches", "1"]).trainer.limit_val_batches).__name__)
+"""
+
+
+def test_an_int_limit_stays_an_int_in_the_mmlm_command():
+    """Importing rich before Lightning makes jsonargparse resolve Lightning's ``Optional[Union[int, float]]`` float
+    first, so ``--trainer.limit_val_batches 1`` became 1.0 (= every batch). ``mmlm.cli`` imports Lightning first;
+    tests/conftest.py does the same for the test session."""
+    import subprocess
+
+    def probe(mode: str) -> str:
+        done = subprocess.run([sys.executable, "-c", INT_LIMIT_PROBE, mode], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    assert probe("mmlm-first") == "int"
+    assert probe("rich-first") in ("float", "int")  # "float" with the installed versions: the hazard guarded against
