@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchmetrics import Metric
 
 from mmlm.batch import Batch
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
@@ -159,7 +160,7 @@ class MultimodalModule(pl.LightningModule):
         self.torch_compile, self.compile_options = torch_compile, dict(compile_options or {})
         self.vqa_metric = VQAAccuracy()
         self.caption_metric = CaptionMetrics()
-        self._predictions: dict[str, list[dict[str, Any]]] = {"vqa": [], "caption": []}
+        self._predictions: dict[str, list[dict[str, Any]]] = {}  # task → prediction rows of this rank
         self._step_start = 0.0
         self.nonfinite_skipped = 0  # training steps skipped for a non-finite loss, over the run
         self._nonfinite_in_a_row = 0
@@ -378,40 +379,59 @@ class MultimodalModule(pl.LightningModule):
     def on_predict_epoch_end(self) -> None:
         self._write_predictions("predict")
 
+    def evaluation_metrics(self) -> dict[str, Metric]:
+        """``{task: metric}`` scoring the generated text of each task's rows; a family adds its own tasks
+        (PaLM-E: ``"plan"``). A metric returning a tensor is logged as ``{stage}/{task}_acc``, one returning a
+        dict as ``{stage}/{key}`` per key."""
+        return {"vqa": self.vqa_metric, "caption": self.caption_metric}
+
+    def prediction_row(self, task: str, sample_id: str, text: str, references: list[str]) -> dict[str, Any]:
+        """One row of the ``{stage}-{task}-step{N}.json`` predictions file: the official result formats
+        (VQAv2 ``question_id``/``answer``, COCO ``image_id``/``caption``)."""
+        if task == "vqa":
+            return {"question_id": sample_id, "answer": text}
+        return {"image_id": sample_id, "caption": text}
+
     def _evaluate(self, batch: Batch, stage: str) -> None:
         self.log(f"{stage}/loss", self.training_loss(batch), batch_size=len(batch), sync_dist=True)
         texts = self.generate_text(batch)
         self._record(batch, texts)
-        for kind, metric in (("vqa", self.vqa_metric), ("caption", self.caption_metric)):
-            rows = [i for i, task in enumerate(batch.tasks) if task == kind]
+        for task, metric in self.evaluation_metrics().items():
+            rows = [i for i, name in enumerate(batch.tasks) if name == task]
             if rows:
                 metric.update([texts[i] for i in rows], [batch.references[i] for i in rows])
 
     def _record(self, batch: Batch, texts: list[str]) -> None:
-        """Keep predictions in the official result formats (VQAv2 / COCO captions)."""
+        """Keep one :meth:`prediction_row` per example under its task (captions for any unknown task)."""
+        tasks = self.evaluation_metrics()
         for i, task in enumerate(batch.tasks):
-            if task == "vqa":
-                self._predictions["vqa"].append({"question_id": batch.ids[i], "answer": texts[i]})
-            else:
-                self._predictions["caption"].append({"image_id": batch.ids[i], "caption": texts[i]})
+            task = task if task in tasks else "caption"
+            references = batch.references[i] if batch.references else []
+            self._predictions.setdefault(task, []).append(self.prediction_row(task, batch.ids[i], texts[i], references))
 
     def _finish_evaluation(self, stage: str) -> None:
-        used = torch.tensor([self.vqa_metric.update_called, self.caption_metric.update_called],
-                            dtype=torch.float32, device=self.device)
-        used = self.all_gather(used).reshape(-1, 2).amax(0)  # every rank computes the same metrics
-        if used[0]:
-            self.log(f"{stage}/vqa_acc", self.vqa_metric.compute(), prog_bar=True)
-        if used[1]:
-            for name, value in self.caption_metric.compute().items():
-                self.log(f"{stage}/{name}", value)
-        self.vqa_metric.reset()
-        self.caption_metric.reset()
+        metrics = self.evaluation_metrics()
+        used = torch.tensor([float(m.update_called) for m in metrics.values()], device=self.device)
+        used = self.all_gather(used).reshape(-1, len(metrics)).amax(0)  # every rank computes the same metrics
+        for (task, metric), any_rank in zip(metrics.items(), used.tolist()):
+            if any_rank:
+                self._log_metric(stage, task, metric.compute())
+            metric.reset()
         self._write_predictions(stage)
         self._log_skipped()
 
+    def _log_metric(self, stage: str, task: str, value: torch.Tensor | dict[str, torch.Tensor]) -> None:
+        """A tensor as ``{stage}/{task}_acc`` (on the progress bar), a dict as ``{stage}/{key}`` per key."""
+        if isinstance(value, dict):
+            for name, item in value.items():
+                self.log(f"{stage}/{name}", item)
+        else:
+            self.log(f"{stage}/{task}_acc", value, prog_bar=True)
+
     def _write_predictions(self, stage: str) -> None:
-        gathered = {kind: gather_objects(rows) for kind, rows in self._predictions.items()}
-        self._predictions = {"vqa": [], "caption": []}
+        kinds = list(self.evaluation_metrics())  # the same on every rank, so the gathers pair up
+        gathered = {kind: gather_objects(self._predictions.get(kind, [])) for kind in kinds}
+        self._predictions = {}
         out_dir = self.predictions_dir or (self.trainer.log_dir if self._trainer is not None else None)
         if out_dir is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return

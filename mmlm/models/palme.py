@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchmetrics import Metric
 
 from mmlm.batch import SentenceBatch
 from mmlm.connectors import MLP
@@ -118,28 +119,12 @@ class PaLME(MultimodalModule):
         return self.decode(self.language_model.generate(embeds, batch.prompt_mask, self.generation))
 
     # --- evaluation: VQA rows and plan rows ------------------------------------------------------
-    def _evaluate(self, batch: SentenceBatch, stage: str) -> None:
-        self.log(f"{stage}/loss", self.training_loss(batch), batch_size=len(batch), sync_dist=True)
-        texts = self.generate_text(batch)
-        self._record(batch, texts)
-        for task, metric in (("vqa", self.vqa_metric), ("plan", self.plan_metric)):
-            rows = [i for i, name in enumerate(batch.tasks) if name == task]
-            if rows:
-                metric.update([texts[i] for i in rows], [batch.references[i] for i in rows])
+    def evaluation_metrics(self) -> dict[str, Metric]:
+        """VQA accuracy and plan exact match / step accuracy (``{stage}/plan_exact``, ``{stage}/plan_step_acc``)."""
+        return {"vqa": self.vqa_metric, "plan": self.plan_metric}
 
-    def _record(self, batch: SentenceBatch, texts: list[str]) -> None:
+    def prediction_row(self, task: str, sample_id: str, text: str, references: list[str]) -> dict[str, Any]:
         """VQA rows in the VQAv2 result format; plan rows as ``{"id", "plan", "reference"}``."""
-        for i, task in enumerate(batch.tasks):
-            if task == "plan":
-                row = {"id": batch.ids[i], "plan": texts[i], "reference": batch.references[i][0]}
-                self._predictions.setdefault("plan", []).append(row)
-            else:
-                self._predictions["vqa"].append({"question_id": batch.ids[i], "answer": texts[i]})
-
-    def _finish_evaluation(self, stage: str) -> None:
-        used = torch.tensor([float(self.plan_metric.update_called)], device=self.device)
-        if self.all_gather(used).amax() > 0:
-            for name, value in self.plan_metric.compute().items():
-                self.log(f"{stage}/{name}", value, prog_bar=name == "plan_exact")
-        self.plan_metric.reset()
-        super()._finish_evaluation(stage)
+        if task == "plan":
+            return {"id": sample_id, "plan": text, "reference": references[0] if references else ""}
+        return super().prediction_row(task, sample_id, text, references)
