@@ -1,18 +1,39 @@
-"""VQA accuracy: the official VQAv2 answer normalisation and leave-one-out human agreement.
+r"""VQA accuracy exactly as the official VQAv2 scorer computes it.
 
-The normalisation follows the behaviour of the VQAv2 evaluation script (``vqaEval.py`` of
-GT-Vision-Lab/VQA, the version the LAVIS/MMF ports use): ``processPunctuation`` then
-``processDigitArticle``. Deliberate differences, none of which changes a VQAv2 answer:
+The definition is ``VQAEval.evaluate`` of GT-Vision-Lab/VQA
+(``PythonEvaluationTools/vqaEvaluation/vqaEval.py``) as of commit 458a8b2 (2016), which LAVIS ships
+unchanged as ``lavis/common/vqa_tools/vqa_eval.py`` and which produced the published BLIP-2 numbers.
+Per question:
 
-- the official period regex is applied with ``count=re.UNICODE`` (at most 32 periods removed);
-  here every period not followed by a digit is removed;
-- the official contraction table has a few entries that can never fire after lower-casing
-  (``"Im"``, ``"Ive"``, ``"Id've"``) or that run backwards (``"somebody'd" → "somebodyd"``);
-  here the table is built from the canonical contractions, keyed by each spelling with one
-  apostrophe left out, which reproduces every other official entry.
-- the official scorer only punctuation-normalises the human answers (VQAv2 ships them already
-  normalised); here both prediction and human answers go through :func:`normalize_answer`, so
-  raw answers such as ``"two"`` and ``"2"`` match.
+1. the prediction has ``\n`` and ``\t`` replaced by spaces, is stripped, then goes through
+   :func:`process_punctuation` and :func:`process_digit_article` (:func:`normalize_answer`);
+2. the human answers are left as they are (not lower-cased, no number words, articles or
+   contractions), except that when they are not all identical each goes through
+   :func:`process_punctuation` only;
+3. the accuracy is the mean, over the subsets that leave out one human, of
+   ``min(1, #other humans equal to the prediction / 3)``. This holds for any number of answers, so a
+   question with a single human answer always scores 0.
+
+Quirks reproduced on purpose:
+
+- a punctuation mark is deleted (not turned into a space) when the *original* text has it next to a
+  space, or when the text has a comma between two digits anywhere (then every mark is deleted);
+- the period pattern ``(?!<=\d)(\.)(?!\d)`` has a malformed look-behind, so it drops every period not
+  followed by a digit, and it is applied with ``count=re.UNICODE`` (the flag lands in the ``count``
+  argument): at most 32 periods are removed;
+- the prediction is lower-cased before number words (``none`` → ``0`` ... ``ten`` → ``10``), articles
+  and contractions are looked up, so the contraction table's capitalised entries (``"Im"``, ``"Ive"``,
+  ``"Id've"``, ``"I'dve"``) never fire; the table is kept verbatim, including ``"somebody'd"`` →
+  ``"somebodyd"`` (backwards);
+- ``\d`` and ``str.lower``/``str.split`` have their Python 3 (Unicode) meaning, as in LAVIS.
+
+The later upstream commit a013f00 (2021, "Fixed processing answers bug") changed the algorithm: it
+strips whitespace on both sides, then fully normalises both prediction and human answers, but only
+when the human answers differ. It is not followed: LAVIS and the published BLIP-2 numbers use the
+2016 version.
+
+:func:`vqa_accuracy_normalized` is a friendlier, opt-in variant (both sides fully normalised); it is
+reported as ``vqa_acc_normalized``, never as ``vqa_acc``.
 """
 
 from __future__ import annotations
@@ -25,95 +46,167 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
-_COMMA_BETWEEN_DIGITS = re.compile(r"\d,\d")
-# The official pattern "(?!<=\d)(\.)(?!\d)" has a malformed look-behind, so in effect it drops
-# every period that is not followed by a digit ("3." -> "3", "3.5" stays).
-_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
-_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = frozenset({"a", "an", "the"})
-_CANONICAL_CONTRACTIONS = """
-ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't
-he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've
-mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't
-shouldn't've somebody'd somebody'd've somebody'll somebody's someone'd someone'd've someone'll
-someone's something'd something'd've something'll that's there'd there'd've there're there's they'd
-they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll what're what's what've
-when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't would've
-wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've
-""".split()
-
-
-def _one_apostrophe_dropped(word: str) -> set[str]:
-    """Every spelling of ``word`` with exactly one of its apostrophes left out."""
-    return {word[:i] + word[i + 1:] for i, char in enumerate(word) if char == "'"}
-
-
+PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+               "?", "!")
+_COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
+# Official pattern, malformed look-behind included: it matches every "." not followed by a digit.
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+# The official call passes re.UNICODE where ``sub`` takes ``count``: at most 32 periods are removed.
+_PERIOD_STRIP_COUNT = re.UNICODE
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = ("a", "an", "the")
+#: The official contraction table, verbatim (odd entries included).
 CONTRACTIONS: dict[str, str] = {
-    variant: word for word in _CANONICAL_CONTRACTIONS for variant in _one_apostrophe_dropped(word)
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
+    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're",
+    "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
 }
 
 
-def _process_punctuation(text: str) -> str:
-    """Official ``processPunctuation``: drop or space out punctuation, strip non-decimal periods.
+def process_punctuation(text: str) -> str:
+    """Official ``processPunctuation``: delete or space out punctuation, then strip periods.
 
-    A punctuation mark is deleted when it touches a space anywhere in the text, or when the text
-    has a comma between digits (``"1,000"`` → ``"1000"``); otherwise it becomes a space
-    (``"black-and-white"`` → ``"black and white"``).
+    Each mark of :data:`PUNCTUATION` is deleted when the original text has it next to a space or has a
+    comma between digits (``"1,000"`` → ``"1000"``), otherwise replaced by a space
+    (``"black-and-white"`` → ``"black and white"``). Then up to 32 periods not followed by a digit go.
     """
-    has_number_comma = _COMMA_BETWEEN_DIGITS.search(text) is not None
+    delete_all = _COMMA_BETWEEN_DIGITS.search(text) is not None
     out = text
-    for mark in _PUNCT:
+    for mark in PUNCTUATION:
         touches_space = f"{mark} " in text or f" {mark}" in text
-        out = out.replace(mark, "" if touches_space or has_number_comma else " ")
-    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out)
+        out = out.replace(mark, "" if delete_all or touches_space else " ")
+    return _PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_COUNT)
 
 
-def _process_digit_article(text: str) -> str:
-    """Official ``processDigitArticle``: lower-case, number words → digits, drop articles, fix contractions."""
-    words = [_NUMBER_WORDS.get(word, word) for word in text.lower().split()]
-    return " ".join(CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES)
+def process_digit_article(text: str) -> str:
+    """Official ``processDigitArticle``: lower-case, number words → digits, drop articles, contractions."""
+    words = [NUMBER_WORDS.get(word, word) for word in text.lower().split()]
+    return " ".join(CONTRACTIONS.get(word, word) for word in words if word not in ARTICLES)
 
 
 def normalize_answer(text: str) -> str:
-    """Normalise an answer like the official VQAv2 evaluation.
+    """The official processing of a prediction (human answers get less, see the module docstring).
 
     Examples: ``"Two!"`` → ``"2"``, ``"a dog"`` → ``"dog"``, ``"dont"`` → ``"don't"``,
     ``"1,000"`` → ``"1000"``, ``"Yes, it is."`` → ``"yes it is"``.
     """
     text = text.replace("\n", " ").replace("\t", " ").strip()
-    return _process_digit_article(_process_punctuation(text))
+    return process_digit_article(process_punctuation(text))
 
 
-def _score_normalized(prediction: str, answers: Sequence[str]) -> float:
-    """Leave-one-out accuracy of an already normalised prediction against normalised answers."""
-    if len(answers) == 1:
-        return float(prediction == answers[0])
+def _leave_one_out(prediction: str, answers: Sequence[str]) -> float:
+    """Mean over "leave human i out" of ``min(1, #other answers equal to prediction / 3)``."""
     matches = [answer == prediction for answer in answers]
     total = sum(matches)
-    # Leaving out human i leaves ``total - matches[i]`` matching humans among the rest.
-    return sum(min(1.0, (total - left_out) / 3) for left_out in matches) / len(answers)
+    return sum(min(1.0, (total - own) / 3) for own in matches) / len(answers)
+
+
+def _check_answers(prediction: str, answers: Sequence[str]) -> None:
+    if not answers:
+        raise ValueError(f"VQA accuracy needs at least one human answer for prediction {prediction!r}")
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQA accuracy of one prediction against the human answers (usually 10).
+    """Official VQAv2 accuracy (2016/LAVIS scorer) of one prediction against its human answers.
 
-    The mean, over the subsets that leave out one human, of ``min(#matching humans / 3, 1)``;
-    prediction and answers are compared after :func:`normalize_answer`. With a single answer
-    the score is exact match (leaving it out would leave nothing to match).
+    The prediction goes through :func:`normalize_answer`; the answers are compared raw, or after
+    :func:`process_punctuation` when they are not all identical. A single answer always scores 0.
 
     Raises:
         ValueError: ``answers`` is empty.
     """
-    if not answers:
-        raise ValueError(f"vqa_accuracy needs at least one human answer for prediction {prediction!r}")
-    return _score_normalized(normalize_answer(prediction), [normalize_answer(a) for a in answers])
+    _check_answers(prediction, answers)
+    humans = list(answers)
+    if len(set(humans)) > 1:
+        humans = [process_punctuation(answer) for answer in humans]
+    return _leave_one_out(normalize_answer(prediction), humans)
 
 
-def _most_common(answers: Sequence[str]) -> str:
-    """The most frequent normalised answer (first seen wins a tie)."""
-    return Counter(normalize_answer(a) for a in answers).most_common(1)[0][0]
+def vqa_accuracy_normalized(prediction: str, answers: Sequence[str]) -> float:
+    """Opt-in friendlier VQA accuracy, reported as ``vqa_acc_normalized`` (never as ``vqa_acc``).
+
+    Prediction and human answers all go through :func:`normalize_answer` (so ``"two"`` matches ``"2"``
+    and ``"Yes"`` matches ``"yes"``), then the same leave-one-out mean as :func:`vqa_accuracy`,
+    except that a single answer is scored by exact match.
+
+    Raises:
+        ValueError: ``answers`` is empty.
+    """
+    _check_answers(prediction, answers)
+    guess = normalize_answer(prediction)
+    humans = [normalize_answer(answer) for answer in answers]
+    if len(humans) == 1:
+        return float(guess == humans[0])
+    return _leave_one_out(guess, humans)
+
+
+def _percent(scores: Sequence[float], digits: int) -> float:
+    """Official ``setAccuracy`` arithmetic: ``round(100 * sum / count, digits)``."""
+    return round(100 * float(sum(scores)) / len(scores), digits)
+
+
+def _group(scores: Sequence[float], keys: Sequence[str]) -> dict[str, list[float]]:
+    """Scores grouped by key, keys in first-seen order."""
+    groups: dict[str, list[float]] = {}
+    for key, score in zip(keys, scores):
+        groups.setdefault(key, []).append(score)
+    return groups
+
+
+def vqa_summary(scores: Sequence[float], question_types: Sequence[str], answer_types: Sequence[str],
+                digits: int = 2) -> dict:
+    """The official ``VQAEval.accuracy`` dict from per-question accuracies (in ``[0, 1]``).
+
+    Returns ``{"overall": x, "perQuestionType": {type: x}, "perAnswerType": {type: x}}`` where each ``x``
+    is the mean accuracy ×100 rounded to ``digits``; types appear in first-seen order. Pass the scores in
+    the annotation file's order to reproduce the official floating-point sums exactly.
+
+    Raises:
+        ValueError: no scores, or the type lists do not have one entry per score.
+    """
+    if not scores:
+        raise ValueError("vqa_summary needs at least one score")
+    if len(question_types) != len(scores) or len(answer_types) != len(scores):
+        raise ValueError(f"vqa_summary: {len(scores)} scores but {len(question_types)} question_types and "
+                         f"{len(answer_types)} answer_types")
+    values = [float(score) for score in scores]
+    return {
+        "overall": _percent(values, digits),
+        "perQuestionType": {key: _percent(group, digits) for key, group in _group(values, question_types).items()},
+        "perAnswerType": {key: _percent(group, digits) for key, group in _group(values, answer_types).items()},
+    }
+
+
+def _most_common(items: Sequence[str]) -> str:
+    """The most frequent item (first seen wins a tie)."""
+    return Counter(items).most_common(1)[0][0]
 
 
 def majority_answer_baseline(
@@ -122,11 +215,12 @@ def majority_answer_baseline(
     train_types: Sequence[str] | None = None,
     val_types: Sequence[str] | None = None,
 ) -> float:
-    """VQA accuracy on ``val_answers`` of always answering the most common train answer.
+    """Official VQA accuracy (:func:`vqa_accuracy`) on ``val_answers`` of always giving the commonest train answer.
 
-    Each train question votes with its most frequent human answer. With ``train_types`` and
-    ``val_types`` the vote is per question type (a type unseen in train falls back to the
-    overall winner), giving the "most common answer per question type" baseline.
+    Each train question votes with its most frequent raw human answer (not normalised, so the guess can
+    match the raw human answers it is scored against). With ``train_types`` and ``val_types`` the vote
+    is per question type (a type unseen in train falls back to the overall winner), giving the "most
+    common answer per question type" baseline.
 
     Raises:
         ValueError: ``train_answers`` or ``val_answers`` is empty, or types do not match in length.
@@ -136,7 +230,7 @@ def majority_answer_baseline(
     if (train_types is None) != (val_types is None):
         raise ValueError("give both train_types and val_types, or neither")
     votes = [_most_common(answers) for answers in train_answers]
-    overall = Counter(votes).most_common(1)[0][0]
+    overall = _most_common(votes)
     if train_types is None or val_types is None:
         guesses = [overall] * len(val_answers)
     else:
@@ -151,48 +245,63 @@ def majority_answer_baseline(
 
 
 class VQAAccuracy(Metric):
-    """Mean VQA accuracy over questions, DDP-safe (sums of tensors).
+    """Mean official VQA accuracy (:func:`vqa_accuracy`) over questions, DDP-safe (sums of tensors).
 
     Args:
         question_types: optional fixed list of question types to also track per type
             (read with :meth:`compute_per_type`); types outside the list count only overall.
+        answer_types: the same for answer types (read with :meth:`compute_per_answer_type`).
 
-    ``compute()`` returns a scalar tensor in ``[0, 1]`` (0 before any update).
+    ``compute()`` returns a scalar tensor in ``[0, 1]`` (0 before any update). The per-type means are
+    in ``[0, 1]`` too; :func:`vqa_summary` gives the official ×100 rounded dict from per-question scores.
     """
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, question_types: Sequence[str] = (), **kwargs) -> None:
+    def __init__(self, question_types: Sequence[str] = (), answer_types: Sequence[str] = (), **kwargs) -> None:
         super().__init__(**kwargs)
         self.question_types = list(question_types)
-        self._type_index = {name: i for i, name in enumerate(self.question_types)}
+        self.answer_types = list(answer_types)
         self.add_state("score_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        num_types = len(self.question_types)
-        self.add_state("type_score_sum", torch.zeros(num_types, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("type_count", torch.zeros(num_types, dtype=torch.long), dist_reduce_fx="sum")
+        for prefix, names in (("question", self.question_types), ("answer", self.answer_types)):
+            self.add_state(f"{prefix}_type_score_sum", torch.zeros(len(names), dtype=torch.float64),
+                           dist_reduce_fx="sum")
+            self.add_state(f"{prefix}_type_count", torch.zeros(len(names), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(
         self,
         predictions: Sequence[str],
         answers: Sequence[Sequence[str]],
         question_types: Sequence[str] | None = None,
+        answer_types: Sequence[str] | None = None,
     ) -> None:
-        """Score a batch: ``predictions[i]`` against the human ``answers[i]`` (``question_types[i]``)."""
+        """Score a batch: ``predictions[i]`` against the human ``answers[i]`` (of ``question_types[i]``,
+        ``answer_types[i]`` when given)."""
         if len(predictions) != len(answers):
             raise ValueError(f"VQAAccuracy.update: {len(predictions)} predictions but {len(answers)} answer lists")
-        if question_types is not None and len(question_types) != len(predictions):
-            raise ValueError(f"VQAAccuracy.update: {len(question_types)} question_types for {len(predictions)} predictions")
+        for name, types in (("question_types", question_types), ("answer_types", answer_types)):
+            if types is not None and len(types) != len(predictions):
+                raise ValueError(f"VQAAccuracy.update: {len(types)} {name} for {len(predictions)} predictions")
         scores = [vqa_accuracy(p, a) for p, a in zip(predictions, answers)]
         self.score_sum += sum(scores)
         self.count += len(scores)
-        for qtype, score in zip(question_types or (), scores):
-            index = self._type_index.get(qtype)
-            if index is not None:
-                self.type_score_sum[index] += score
-                self.type_count[index] += 1
+        self._add_per_type(self.question_types, self.question_type_score_sum, self.question_type_count,
+                           question_types or (), scores)
+        self._add_per_type(self.answer_types, self.answer_type_score_sum, self.answer_type_count,
+                           answer_types or (), scores)
+
+    @staticmethod
+    def _add_per_type(names: list[str], sums: Tensor, counts: Tensor, types: Sequence[str],
+                      scores: Sequence[float]) -> None:
+        """Add each score to the sums of its type, if the type is one of ``names``."""
+        for kind, score in zip(types, scores):
+            if kind in names:
+                index = names.index(kind)
+                sums[index] += score
+                counts[index] += 1
 
     def compute(self) -> Tensor:
         """Mean accuracy in ``[0, 1]`` as a float32 scalar."""
@@ -200,7 +309,15 @@ class VQAAccuracy(Metric):
 
     def compute_per_type(self) -> dict[str, Tensor]:
         """Mean accuracy per declared question type (synced across ranks; 0 for an unseen type)."""
+        return self._per_type_means(self.question_types, "question")
+
+    def compute_per_answer_type(self) -> dict[str, Tensor]:
+        """Mean accuracy per declared answer type (synced across ranks; 0 for an unseen type)."""
+        return self._per_type_means(self.answer_types, "answer")
+
+    def _per_type_means(self, names: list[str], prefix: str) -> dict[str, Tensor]:
         fresh = not self._is_synced
         with self.sync_context(should_sync=fresh, should_unsync=fresh):
-            means = (self.type_score_sum / self.type_count.clamp(min=1)).float()
-        return {name: means[i] for i, name in enumerate(self.question_types)}
+            sums, counts = getattr(self, f"{prefix}_type_score_sum"), getattr(self, f"{prefix}_type_count")
+            means = (sums / counts.clamp(min=1)).float()
+        return {name: means[i] for i, name in enumerate(names)}

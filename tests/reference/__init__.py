@@ -1,0 +1,1 @@
+"""Independent re-implementations of official evaluation code, used as test oracles."""
