@@ -1,9 +1,18 @@
-"""Document image preprocessing (Donut): fit inside ``[H, W]`` keeping the aspect ratio, then pad.
+"""Document image preprocessing (Donut): resize keeping the aspect ratio, fit inside ``[H, W]``, then pad.
 
-Donut's ``prepare_input``: optionally rotate the image by 90° when its orientation (portrait or
-landscape) differs from the input's (``align_long_axis``), shrink or enlarge it to fit inside
-``(H, W)`` keeping its aspect ratio, then pad to ``(H, W)`` — centred for evaluation, at a random
-offset for training (``random_padding``) — and normalise. Nothing is cropped, so no text is lost.
+The operations of transformers' ``DonutImageProcessor`` (torchvision backend) on a uint8 ``[3, h, w]`` tensor:
+
+1. ``align_long_axis``: rotate by 90° clockwise (``rot90`` with ``k=3``) when the image's orientation
+   (portrait or landscape) differs from the input's;
+2. resize (aspect kept) so the shorter edge is ``min(H, W)`` (the longer one truncated to an int);
+3. thumbnail: when the image is larger than ``(H, W)``, resize it (aspect kept, truncated) to fit inside;
+4. pad with black to ``(H, W)``: centred for evaluation (``(H - h) // 2`` on top), at a random offset for
+   training (``random_padding``);
+5. rescale by 1/255 and normalise (fused, as the processor does).
+
+Both resizes use the processor's ``resample`` (Donut's is bilinear; ``ImagePreprocess.interpolation``) with
+antialias. Nothing is cropped, so no text is lost. With the same bytes, ``random_padding=False`` and full
+decoding (evaluation) the tensor equals the processor's ``pixel_values``.
 """
 
 from __future__ import annotations
@@ -12,28 +21,46 @@ import random
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
+from torchvision.transforms.v2 import functional as tvF
 
-from datamodules.transforms import channel_tensor, decode_image, to_tensor
+from datamodules.transforms import Normalize, decode_image, pixel_tensor, resize_pixels
+from mmlm.encoders.base import INTERPOLATIONS, check_choice
 
 
-def align_long_axis(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Rotate ``image`` by 90° (clockwise, as Donut) when it is landscape and ``size`` ``(H, W)`` is
+def align_long_axis(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Rotate ``pixels [3, h, w]`` by 90° clockwise (as Donut) when it is landscape and ``size`` ``(H, W)`` is
     portrait, or the other way round; square images or sizes are left alone."""
     height, width = size
-    if (height > width and image.width > image.height) or (height < width and image.width < image.height):
-        return image.rotate(-90, expand=True)
-    return image
+    image_h, image_w = pixels.shape[-2:]
+    if (height > width and image_w > image_h) or (height < width and image_w < image_h):
+        return torch.rot90(pixels, 3, dims=(-2, -1))
+    return pixels
 
 
-def fit_size(width: int, height: int, size: tuple[int, int]) -> tuple[int, int]:
-    """``(w, h)`` of a ``width × height`` image scaled to fit inside ``size`` ``(H, W)`` (aspect kept, ≥ 1)."""
-    scale = min(size[1] / width, size[0] / height)
-    return max(1, min(size[1], round(width * scale))), max(1, min(size[0], round(height * scale)))
+def shortest_edge_size(height: int, width: int, edge: int) -> tuple[int, int]:
+    """``(h, w)`` of a ``height × width`` image resized so its shorter edge is ``edge`` (the longer one
+    truncated to an int)."""
+    if width <= height:
+        return int(edge * height / width), edge
+    return edge, int(edge * width / height)
+
+
+def thumbnail_size(height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
+    """``(h, w)`` of a ``height × width`` image shrunk to fit inside ``size`` ``(H, W)`` (Donut's thumbnail:
+    the bounded edge is clipped, the other one scaled and truncated; unchanged when it already fits). An edge
+    truncated to 0 (a sliver, where the processor fails) is kept at 1 pixel."""
+    new_h, new_w = min(height, size[0]), min(width, size[1])
+    if (new_h, new_w) == (height, width):
+        return height, width
+    if height > width:
+        new_w = max(1, int(width * new_h / height))
+    elif width > height:
+        new_h = max(1, int(height * new_w / width))
+    return new_h, new_w
 
 
 def pad_offset(free_x: int, free_y: int, random_padding: bool) -> tuple[int, int]:
-    """Where the resized image goes: centred, or anywhere (uniformly) with ``random_padding``."""
+    """``(left, top)`` of the resized image: centred, or anywhere (uniformly) with ``random_padding``."""
     if random_padding:
         return random.randint(0, free_x), random.randint(0, free_y)
     return free_x // 2, free_y // 2
@@ -41,15 +68,16 @@ def pad_offset(free_x: int, free_y: int, random_padding: bool) -> tuple[int, int
 
 @dataclass(frozen=True)
 class DocumentTransform:
-    """Image bytes → normalised ``[3, H, W]`` tensor (Donut's resize-and-pad; see the module docstring).
+    """Image bytes → normalised ``[3, H, W]`` tensor (Donut's resize, thumbnail and pad; see the module doc).
 
     Attributes:
         size: ``(H, W)`` model input size.
         mean: per-channel mean of ``[0, 1]`` pixels.
         std: per-channel std.
         align_long_axis: rotate by 90° when the orientation differs from ``size``'s.
-        random_padding: place the image at a random offset (training) instead of centring it.
-        fill: RGB value of the padding (Donut pads with black).
+        random_padding: place the image at a random offset instead of centring it.
+        train: decode large JPEGs in draft mode (faster, slightly different pixels); evaluation decodes fully.
+        interpolation: ``"bilinear"`` (Donut's) or ``"bicubic"``, for both resizes.
     """
 
     size: tuple[int, int]
@@ -57,22 +85,26 @@ class DocumentTransform:
     std: tuple[float, float, float]
     align_long_axis: bool = False
     random_padding: bool = False
-    fill: tuple[int, int, int] = (0, 0, 0)
+    train: bool = False
+    interpolation: str = "bicubic"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_mean", channel_tensor(self.mean))
-        object.__setattr__(self, "_std", channel_tensor(self.std))
+        check_choice("interpolation", self.interpolation, INTERPOLATIONS)
+        object.__setattr__(self, "_normalize", Normalize(self.mean, self.std))
 
-    def resize_and_pad(self, image: Image.Image) -> Image.Image:
-        """The ``(H, W)`` RGB image: aligned, fitted and padded."""
+    def resize_and_pad(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``pixels [3, h, w]`` uint8 → ``[3, H, W]`` uint8: aligned, resized, fitted and padded."""
         if self.align_long_axis:
-            image = align_long_axis(image, self.size)
-        width, height = fit_size(image.width, image.height, self.size)
-        resized = image.resize((width, height), Image.Resampling.BICUBIC)
-        canvas = Image.new("RGB", (self.size[1], self.size[0]), self.fill)
-        canvas.paste(resized, pad_offset(self.size[1] - width, self.size[0] - height, self.random_padding))
-        return canvas
+            pixels = align_long_axis(pixels, self.size)
+        edge = min(self.size)
+        pixels = resize_pixels(pixels, shortest_edge_size(*pixels.shape[-2:], edge), self.interpolation)
+        pixels = resize_pixels(pixels, thumbnail_size(*pixels.shape[-2:], self.size), self.interpolation)
+        free_y, free_x = self.size[0] - pixels.shape[-2], self.size[1] - pixels.shape[-1]
+        left, top = pad_offset(free_x, free_y, self.random_padding)
+        return tvF.pad(pixels, [left, top, free_x - left, free_y - top])
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        """Decode (``SkipSample("bad_image")`` when it fails) and preprocess one image."""
-        return to_tensor(self.resize_and_pad(decode_image(data, self.size)), self._mean, self._std)
+        """Decode (``SkipSample("bad_image")`` when it fails) and preprocess one image → ``[3, H, W]``
+        float32."""
+        image = decode_image(data, self.size if self.train else None)
+        return self._normalize(self.resize_and_pad(pixel_tensor(image)))

@@ -221,8 +221,7 @@ class EmbodiedDataModule(WebDataModule):
         if self.preprocess is None or self.tokenizer is None:
             self.setup(stage)
         pre = self.preprocess
-        image = ImageTransform(size=tuple(pre.size), mean=tuple(pre.mean), std=tuple(pre.std), train=False,
-                               min_crop_scale=1.0)  # no crops: block positions are the content
+        image = ImageTransform.from_preprocess(pre, train=False)  # no crops: block positions are the content
         return SentenceExampleBuilder(self.tokenizer, self.markers, image, self.modalities, self.max_text_tokens,
                                       with_prompt=stage != "fit",
                                       widths={"state": self.state_dim, "object": self.object_dim})

@@ -131,8 +131,7 @@ class PairsDataModule(WebDataModule):
     def example_fn(self, stage: str, sources: Any) -> PairExample:
         pre = (ImagePreprocess((self.image_size, self.image_size)) if self.image_size is not None
                else self._module_attr("image_preprocess"))
-        return PairExample(ImageTransform(size=tuple(pre.size), mean=tuple(pre.mean), std=tuple(pre.std),
-                                          train=stage == "fit", min_crop_scale=self.train_crop_scale))
+        return PairExample(ImageTransform.from_preprocess(pre, train=stage == "fit", min_crop_scale=self.train_crop_scale))
 
     def collate_fn(self, stage: str) -> PairCollator:
         tokenizer = (load_tokenizer(self.tokenizer_name) if self.tokenizer_name is not None

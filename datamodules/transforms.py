@@ -2,9 +2,16 @@
 
 Decoding happens after the shuffle buffer (the buffer holds raw bytes). Any PIL mode is turned
 into RGB: palette/alpha images are composited on white, 16/32-bit grayscale is scaled to 8 bit,
-CMYK/YCbCr/L/1 go through ``convert("RGB")``. JPEGs at least twice the target size are decoded
-at reduced size with ``Image.draft`` (DCT scaling: much faster, same result after resizing).
-No flips: captions say "left" and "right".
+CMYK/YCbCr/L/1 go through ``convert("RGB")``. Training decodes JPEGs at least twice the target size
+at reduced size with ``Image.draft`` (DCT scaling: several times faster on large photos; the pixels differ
+slightly from a full decode). Evaluation always decodes fully, as a user of the reference processor does
+(``Image.open(path).convert("RGB")``), so evaluation pixels equal the reference's. No flips: captions say
+"left" and "right".
+
+Two resize modes (:class:`mmlm.encoders.base.ImagePreprocess` ``resize``): ``"crop"`` (cover the target size,
+aspect kept, centre crop; PIL) and ``"squash"`` (resize to exactly the target size, aspect not kept, no
+crop: ``transformers.BlipImageProcessor``'s operations on a uint8 tensor — torchvision ``resize`` with
+antialias, then the fused rescale + normalise — so the tensor equals its ``pixel_values``).
 
 Hostile inputs: zero-byte data is skipped as ``empty_image``, undecodable or truncated data as
 ``bad_image``, an image with more than ``max_pixels`` pixels (checked from the header, before
@@ -23,8 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as tvF
 
 from datamodules.base import SkipSample, note
+from mmlm.encoders.base import INTERPOLATIONS, RESIZE_MODES, ImagePreprocess, check_choice
 
 #: Errors PIL raises for corrupt or truncated images.
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -35,6 +44,9 @@ CONVERSION_KINDS = {"L": "grayscale", "1": "grayscale", "LA": "alpha", "La": "al
                     "RGBa": "alpha", "PA": "alpha", "P": "palette", "CMYK": "cmyk", "YCbCr": "ycbcr",
                     "I": "16bit", "I;16": "16bit", "I;16B": "16bit", "I;16L": "16bit", "I;16N": "16bit",
                     "F": "float", "RGBX": "rgbx", "LAB": "lab", "HSV": "hsv"}
+#: PIL resampling and torchvision interpolation of each ``ImagePreprocess.interpolation``.
+PIL_RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+TORCH_INTERPOLATION = {"bilinear": tvF.InterpolationMode.BILINEAR, "bicubic": tvF.InterpolationMode.BICUBIC}
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -118,21 +130,66 @@ def channel_tensor(values: Sequence[float] | torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)[:, None, None]
 
 
+def pixel_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB image → ``[3, H, W]`` uint8 tensor (what an HF torchvision image processor starts from)."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def resize_pixels(pixels: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """``[3, H, W]`` uint8 → ``[3, size[0], size[1]]`` uint8 with torchvision's antialiased ``resize`` (as
+    ``TorchvisionBackend.resize``; the same size returns the input)."""
+    return tvF.resize(pixels, list(size), interpolation=TORCH_INTERPOLATION[interpolation], antialias=True)
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """``[3, H, W]`` uint8 → float32 ``(pixels - 255 mean) / (255 std)``: the rescale by 1/255 fused into the
+    normalisation as transformers' ``TorchvisionBackend.rescale_and_normalize`` does (bit-identical to it)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:  # built once, not per image
+        object.__setattr__(self, "_mean", torch.tensor(self.mean, dtype=torch.float32)[:, None, None] * 255.0)
+        object.__setattr__(self, "_std", torch.tensor(self.std, dtype=torch.float32)[:, None, None] * 255.0)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.to(torch.float32) - self._mean) / self._std
+
+
+def random_crop(pixels: torch.Tensor, scale: float) -> torch.Tensor:
+    """A crop of ``pixels [3, H, W]`` with the image's own aspect covering ``scale`` of its area, at a random
+    position (``scale == 1``: the whole image)."""
+    height, width = pixels.shape[-2:]
+    crop_h, crop_w = max(1, round(height * scale**0.5)), max(1, round(width * scale**0.5))
+    top, left = random.randint(0, height - crop_h), random.randint(0, width - crop_w)
+    return pixels[:, top:top + crop_h, left:left + crop_w]
+
+
 @dataclass(frozen=True)
 class ImageTransform:
     """Image bytes → normalised ``[3, H, W]`` tensor.
 
-    Evaluation: resize so the image covers ``size`` and centre-crop. Training: crop a box covering
-    a random ``[min_crop_scale, 1]`` fraction of that area at a random position, then resize
-    (a light random-resized crop; aspect kept, no flips).
+    ``resize="crop"``: evaluation resizes so the image covers ``size`` and centre-crops; training crops a
+    box covering a random ``[min_crop_scale, 1]`` fraction of that area at a random position, then resizes
+    (a light random-resized crop; aspect kept, no flips). PIL resampling.
+
+    ``resize="squash"``: evaluation resizes the whole image to ``size`` (aspect not kept) exactly as
+    ``transformers.BlipImageProcessor`` (equal ``pixel_values``); training first crops a box with the
+    image's own aspect covering a random ``[min_crop_scale, 1]`` fraction of its area, then squashes it the
+    same way (no flips).
+
+    Evaluation decodes fully; training decodes large JPEGs in draft mode (see the module docstring).
 
     Attributes:
         size: ``(H, W)`` output size.
         mean: per-channel mean of ``[0, 1]`` pixels.
         std: per-channel std.
-        train: random crop instead of centre crop.
-        min_crop_scale: smallest area fraction of the training crop (``1.0``: always centre).
+        train: random crop (and draft decoding) instead of the evaluation transform.
+        min_crop_scale: smallest area fraction of the training crop (``1.0``: no random crop).
         max_pixels: images with more pixels are skipped as ``image_too_large`` (``None``: no limit).
+        resize: ``"crop"`` or ``"squash"`` (see above).
+        interpolation: ``"bicubic"`` or ``"bilinear"``.
     """
 
     size: tuple[int, int]
@@ -141,14 +198,40 @@ class ImageTransform:
     train: bool
     min_crop_scale: float
     max_pixels: int | None = MAX_IMAGE_PIXELS
+    resize: str = "crop"
+    interpolation: str = "bicubic"
 
     def __post_init__(self) -> None:
+        check_choice("resize", self.resize, RESIZE_MODES)
+        check_choice("interpolation", self.interpolation, INTERPOLATIONS)
         object.__setattr__(self, "_mean", channel_tensor(self.mean))  # built once, not per image
         object.__setattr__(self, "_std", channel_tensor(self.std))
+        object.__setattr__(self, "_normalize", Normalize(self.mean, self.std))
+
+    @classmethod
+    def from_preprocess(cls, preprocess: ImagePreprocess, train: bool, min_crop_scale: float = 1.0,
+                        max_pixels: int | None = MAX_IMAGE_PIXELS) -> ImageTransform:
+        """The transform of an encoder's :class:`~mmlm.encoders.base.ImagePreprocess` (size, mean/std, resize
+        mode, interpolation)."""
+        return cls(size=tuple(preprocess.size), mean=tuple(preprocess.mean), std=tuple(preprocess.std),
+                   train=train, min_crop_scale=min_crop_scale, max_pixels=max_pixels,
+                   resize=preprocess.resize, interpolation=preprocess.interpolation)
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        image = decode_image(data, self.size, self.max_pixels)
+        """Decode (``SkipSample`` when it fails) and preprocess one image → ``[3, H, W]`` float32."""
+        image = decode_image(data, self.size if self.train else None, self.max_pixels)
         scale = random.uniform(self.min_crop_scale, 1.0) if self.train and self.min_crop_scale < 1 else 1.0
+        return self.squash(image, scale) if self.resize == "squash" else self.crop(image, scale)
+
+    def crop(self, image: Image.Image, scale: float) -> torch.Tensor:
+        """Cover ``size`` and crop (centred at ``scale == 1``, else a random box of ``scale`` of the area)."""
         box = crop_box(image.width, image.height, self.size, scale)
-        resized = image.resize((self.size[1], self.size[0]), Image.Resampling.BICUBIC, box=box)
+        resized = image.resize((self.size[1], self.size[0]), PIL_RESAMPLING[self.interpolation], box=box)
         return to_tensor(resized, self._mean, self._std)
+
+    def squash(self, image: Image.Image, scale: float) -> torch.Tensor:
+        """Resize (a random ``scale`` crop of) the image to exactly ``size``, as ``BlipImageProcessor``."""
+        pixels = pixel_tensor(image)
+        if scale < 1:
+            pixels = random_crop(pixels, scale)
+        return self._normalize(resize_pixels(pixels, self.size, self.interpolation))

@@ -144,8 +144,8 @@ class ImageOnlyDataModule(_CaptionShardsModule):
     def example_fn(self, stage: str, sources: Any) -> ImageExample:
         pre = (ImagePreprocess((self.image_size, self.image_size)) if self.image_size is not None
                else self._module_attr("image_preprocess"))
-        return ImageExample(ImageTransform(size=tuple(pre.size), mean=tuple(pre.mean), std=tuple(pre.std),
-                                           train=stage == "fit", min_crop_scale=self.train_crop_scale))
+        return ImageExample(ImageTransform.from_preprocess(pre, train=stage == "fit",
+                                                           min_crop_scale=self.train_crop_scale))
 
     def collate_fn(self, stage: str) -> Any:
         return collate_images

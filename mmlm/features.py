@@ -136,7 +136,8 @@ class FeatureEncoder:
 
     Args:
         encoder: the frozen encoder (``[B, 3, H, W] → [B, N, D]``).
-        preprocess: the model's :class:`~mmlm.encoders.base.ImagePreprocess` (size, mean, std).
+        preprocess: the model's :class:`~mmlm.encoders.base.ImagePreprocess` (size, mean, std, resize mode,
+            interpolation).
         batch_size: images per encoder call.
         dtype: numpy dtype of the stored features.
         device: where the encoder runs.
@@ -148,13 +149,14 @@ class FeatureEncoder:
 
         self.encoder, self.preprocess, self.batch_size, self.dtype = encoder, preprocess, batch_size, dtype
         self.device = device
-        self.transform = ImageTransform(size=tuple(preprocess.size), mean=tuple(preprocess.mean),
-                                        std=tuple(preprocess.std), train=False, min_crop_scale=1.0)
+        self.transform = ImageTransform.from_preprocess(preprocess, train=False)
         self.samples, self.skipped = 0, {}
         self.shape: tuple[int, int] | None = None
 
     def preprocess_info(self) -> dict[str, Any]:
-        return {"size": list(self.preprocess.size), "mean": list(self.preprocess.mean), "std": list(self.preprocess.std)}
+        pre = self.preprocess
+        return {"size": list(pre.size), "mean": list(pre.mean), "std": list(pre.std), "resize": pre.resize,
+                "interpolation": pre.interpolation}
 
     def shard(self, url: str, target: Path) -> None:
         """Encode every sample of ``url`` into ``target`` (written to a temporary name, then renamed)."""

@@ -16,6 +16,7 @@ weights tied to a loaded weight (``lm_head`` ↔ input embeddings) may be absent
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,7 @@ from transformers import (
 
 from mmlm.convert.blip2 import qformer_from_hf, qformer_kwargs_from_hf, qformer_to_hf
 from mmlm.convert.keys import load_part, read_checkpoint, split_by_prefix
-from mmlm.encoders.base import ImagePreprocess
+from mmlm.encoders.base import INTERPOLATIONS, ImagePreprocess, interpolation_of
 from mmlm.encoders.hf import HFVisionEncoder
 from mmlm.language.hf_base import HFLanguageModel
 from mmlm.language.hf_causal import HFCausalLM
@@ -62,13 +63,43 @@ def split_state_dict(state: Mapping[str, torch.Tensor], source: str) -> dict[str
 
 
 def image_preprocess(directory: Path, size: int) -> ImagePreprocess:
-    """Size from the vision config; mean/std from the checkpoint's image processor, else BLIP-2's defaults."""
+    """The checkpoint's ``BlipImageProcessor`` settings as an ``ImagePreprocess``: size, mean/std and
+    resample, ``resize="squash"`` (a square resize without crop, as the processor and LAVIS's eval transform).
+    Without a ``preprocessor_config.json``: BLIP-2's defaults (CLIP mean/std, ``size`` × ``size``, bicubic
+    squash).
+
+    Args:
+        directory: the checkpoint directory.
+        size: the vision config's ``image_size``.
+
+    Raises:
+        ValueError: the processor's size is not ``size`` × ``size`` (both are named), its ``resample`` is
+            neither bilinear nor bicubic, or it skips a step mmlm does (resize, rescale by 1/255, normalise)
+            or adds one (centre crop).
+    """
     try:
         processor = BlipImageProcessor.from_pretrained(str(directory))
-        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
-    except (OSError, ValueError):
-        mean, std = CLIP_MEAN, CLIP_STD
-    return ImagePreprocess((size, size), mean, std)
+    except (OSError, ValueError):  # no preprocessor_config.json
+        return ImagePreprocess((size, size), CLIP_MEAN, CLIP_STD, resize="squash", interpolation="bicubic")
+    processor_size = (processor.size.get("height"), processor.size.get("width"))
+    if processor_size != (size, size):
+        raise ValueError(f"{directory}: image processor size (height, width) {processor_size} differs from "
+                         f"the vision config's image_size {size}")
+    check_blip_processor(processor, directory)
+    return ImagePreprocess(processor_size, tuple(processor.image_mean), tuple(processor.image_std),
+                           resize="squash", interpolation=interpolation_of(processor.resample))
+
+
+def check_blip_processor(processor: BlipImageProcessor, directory: Path) -> None:
+    """Raise ``ValueError`` when ``processor`` does something else than resize → rescale 1/255 → normalise."""
+    steps = {"do_resize": True, "do_rescale": True, "do_normalize": True, "do_center_crop": False}
+    wrong = {k: getattr(processor, k, None) for k, v in steps.items()
+             if bool(getattr(processor, k, None)) != v}
+    if abs(float(processor.rescale_factor) * 255 - 1) > 1e-9:
+        wrong["rescale_factor"] = processor.rescale_factor
+    if wrong:
+        raise ValueError(f"{directory}: image processor settings {wrong} are not supported (mmlm resizes, "
+                         "rescales by 1/255 and normalises)")
 
 
 def _language_model(text_config: Any, seq2seq: bool, dtype: str | None) -> HFLanguageModel:
@@ -159,8 +190,17 @@ def blip2_to_hf(model: Blip2, directory: str | Path) -> None:
     load_part(hf, {k: v.detach() for k, v in blip2_state_to_hf(model).items()}, "Blip2 export", assign=True)
     hf.tie_weights()
     hf.save_pretrained(str(directory))
-    preprocess = model.encoder.preprocess
-    images = BlipImageProcessor(size={"height": preprocess.size[0], "width": preprocess.size[1]},
-                                image_mean=list(preprocess.mean), image_std=list(preprocess.std))
-    Blip2Processor(images, model.tokenizer, num_query_tokens=model.qformer.num_query_tokens).save_pretrained(
-        str(directory))
+    Blip2Processor(blip_image_processor(model.encoder.preprocess), model.tokenizer,
+                   num_query_tokens=model.qformer.num_query_tokens).save_pretrained(str(directory))
+
+
+def blip_image_processor(preprocess: ImagePreprocess) -> BlipImageProcessor:
+    """The ``BlipImageProcessor`` of ``preprocess`` (size, mean/std, resample); it squashes, so a ``"crop"``
+    preprocess (a BLIP-2 built from scratch) is exported as a squash, with a warning."""
+    if preprocess.resize != "squash":
+        warnings.warn(f"BLIP-2 export: the model preprocesses with resize={preprocess.resize!r}; "
+                      "transformers' BlipImageProcessor (written with the checkpoint) squashes to the square size",
+                      stacklevel=3)
+    return BlipImageProcessor(size={"height": preprocess.size[0], "width": preprocess.size[1]},
+                              image_mean=list(preprocess.mean), image_std=list(preprocess.std),
+                              resample=INTERPOLATIONS[preprocess.interpolation])

@@ -10,12 +10,14 @@ The checkpoint's state dict splits by prefix, each part loaded strictly into its
 ======================  ==========================================================================
 
 Any other key, or one a part does not take, raises a ``RuntimeError`` naming it (only ``lm_head`` ↔ embedding
-ties may be absent). The image size, mean/std and ``do_align_long_axis`` come from the checkpoint's image processor.
+ties may be absent). The image size, mean/std, ``resample`` (the interpolation of both resizes) and
+``do_align_long_axis`` come from the checkpoint's image processor; export writes them back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +31,7 @@ from transformers import (
 )
 
 from mmlm.convert.keys import load_part, read_checkpoint, split_by_prefix
-from mmlm.encoders.base import ImagePreprocess
+from mmlm.encoders.base import INTERPOLATIONS, ImagePreprocess, interpolation_of
 from mmlm.encoders.hf import HFVisionEncoder
 from mmlm.language.cross_attention import CrossAttentionLM
 
@@ -51,14 +53,16 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 
 def read_processor(directory: Path, encoder: HFVisionEncoder) -> tuple[ImagePreprocess, bool]:
-    """``(preprocess, align_long_axis)`` from the checkpoint's Donut image processor; without one, the
-    encoder's own (config size, Donut's class mean/std) and no alignment."""
+    """``(preprocess, align_long_axis)`` from the checkpoint's Donut image processor (size, mean/std,
+    ``resample`` as the interpolation); without one, the encoder's own (config size, Donut's class mean/std)
+    with ``DonutImageProcessor``'s default resample (bilinear) and no alignment."""
     try:
         processor = AutoImageProcessor.from_pretrained(str(directory))
     except (OSError, ValueError):  # no preprocessor_config.json
-        return encoder.preprocess, False
+        return replace(encoder.preprocess, interpolation=interpolation_of(DonutImageProcessor.resample)), False
     size = (processor.size["height"], processor.size["width"])
-    preprocess = ImagePreprocess(size, tuple(processor.image_mean), tuple(processor.image_std))
+    preprocess = ImagePreprocess(size, tuple(processor.image_mean), tuple(processor.image_std),
+                                 interpolation=interpolation_of(processor.resample))
     return preprocess, bool(getattr(processor, "do_align_long_axis", False))
 
 
@@ -89,8 +93,7 @@ def donut_from_hf(cls: type[Donut], name_or_path: str, tokenizer: str | None = N
     encoder = build_encoder(config.encoder, image_size, grad_checkpointing)
     load_part(encoder.model, parts["encoder."], f"{name_or_path} encoder.*")
     preprocess, align = read_processor(directory, encoder)
-    encoder.preprocess = preprocess if image_size is None else ImagePreprocess(tuple(image_size), preprocess.mean,
-                                                                               preprocess.std)
+    encoder.preprocess = preprocess if image_size is None else replace(preprocess, size=tuple(image_size))
     decoder = CrossAttentionLM(config={"model_type": config.decoder.model_type, **config_dict(config.decoder)},
                                grad_checkpointing=grad_checkpointing)
     load_part(decoder.model, parts["decoder."], f"{name_or_path} decoder.*")
@@ -139,5 +142,6 @@ def donut_to_hf(model: Donut, directory: str | Path) -> None:
     hf.save_pretrained(str(directory))
     pre = model.image_preprocess
     images = DonutImageProcessor(size={"height": pre.size[0], "width": pre.size[1]}, image_mean=list(pre.mean),
-                                 image_std=list(pre.std), do_align_long_axis=model.align_long_axis)
+                                 image_std=list(pre.std), do_align_long_axis=model.align_long_axis,
+                                 resample=INTERPOLATIONS[pre.interpolation])
     DonutProcessor(image_processor=images, tokenizer=model.tokenizer).save_pretrained(str(directory))

@@ -6,11 +6,41 @@ Shape legend: B batch, N image tokens, D width, H/W image height/width.
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from mmlm.freezing import Freezable
+
+#: Resize modes of :class:`ImagePreprocess`: ``"crop"`` resizes to cover ``size`` (aspect kept) and
+#: centre-crops; ``"squash"`` resizes to exactly ``size`` without cropping or keeping the aspect (BLIP-2's
+#: ``BlipImageProcessor``).
+RESIZE_MODES = ("crop", "squash")
+#: Interpolations of :class:`ImagePreprocess` and their PIL resample codes (an HF image processor's
+#: ``resample``).
+INTERPOLATIONS = {"bilinear": 2, "bicubic": 3}
+
+
+def check_choice(field: str, value: str, choices: Iterable[str]) -> None:
+    """Raise ``ValueError`` naming ``field`` when ``value`` is not one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{field}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def interpolation_of(resample: Any) -> str:
+    """An HF image processor's ``resample`` (PIL code, ``PILImageResampling`` or torchvision
+    ``InterpolationMode``) → ``"bilinear"``/``"bicubic"``; any other raises ``ValueError`` naming
+    ``resample``."""
+    value = getattr(resample, "value", resample)
+    names = {code: name for name, code in INTERPOLATIONS.items()}
+    name = value if isinstance(value, str) else names.get(value)
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"image processor resample={resample!r} is not supported (only "
+                         f"{', '.join(f'{n} ({c})' for n, c in INTERPOLATIONS.items())})")
+    return name
 
 
 @dataclass(frozen=True)
@@ -21,11 +51,25 @@ class ImagePreprocess:
         size: ``(H, W)`` the encoder expects.
         mean: per-channel mean used to normalise ``[0, 1]`` pixels.
         std: per-channel std.
+        resize: ``"crop"`` (cover ``size`` keeping the aspect, centre-crop; the default of every family) or
+            ``"squash"`` (resize to exactly ``size``, no crop, aspect not kept: ``BlipImageProcessor``).
+            Document models (Donut) ignore it: their datamodule fits and pads
+            (:mod:`datamodules.document_transforms`).
+        interpolation: ``"bicubic"`` or ``"bilinear"`` (an HF processor's ``resample`` 3 or 2).
+
+    Raises:
+        ValueError: ``resize`` or ``interpolation`` is not one of its choices (the message names the field).
     """
 
     size: tuple[int, int]
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    resize: str = "crop"
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        check_choice("resize", self.resize, RESIZE_MODES)
+        check_choice("interpolation", self.interpolation, INTERPOLATIONS)
 
 
 class VisionEncoder(Freezable):

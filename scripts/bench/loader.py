@@ -117,7 +117,8 @@ def jpeg_rows(data: Path, scale: Scale) -> list[dict[str, Any]]:
         if len(large) == scale.jpeg_images:
             break
     pre = ImagePreprocess((SIZE, SIZE))
-    transform = ImageTransform(size=(SIZE, SIZE), mean=pre.mean, std=pre.std, train=False, min_crop_scale=1.0)
+    # training decodes JPEGs in draft mode (evaluation decodes fully, as the reference processors); no random crop
+    transform = ImageTransform.from_preprocess(pre, train=True, min_crop_scale=1.0)
     reference = HandExample()
 
     def draft() -> float:

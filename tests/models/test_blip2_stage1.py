@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from mmlm.cli import main
 from mmlm.encoders import TimmEncoder
 from mmlm.language import HFCausalLM
+from mmlm.losses import image_id_tensor
 from mmlm.models import Blip2, Blip2Stage1
 from mmlm.models.blip2_stage1 import DEC_TOKEN, load_stage1_qformer, qformer_state_for_stage2
 
@@ -74,7 +75,7 @@ def test_itc_query_features_ignore_the_text(make_model, captions):
     model = make_model().eval()
     image = model.encoder(captions.pixels)
     ids, mask = model.text_inputs(captions.labels)
-    ids_ids = model.image_ids(captions)
+    ids_ids = image_id_tensor(captions.ids, "cpu")
     _, image_a, text_a = model.itc(image, ids, mask, ids_ids)
     _, image_b, text_b = model.itc(image, ids.roll(1, dims=0), mask.roll(1, dims=0), ids_ids)
     torch.testing.assert_close(image_a, image_b)
@@ -117,19 +118,19 @@ def trainer(tmp_path: Path, steps: int, callbacks=()) -> pl.Trainer:
 
 def test_overfitting_one_batch_lowers_the_loss_and_raises_retrieval(make_model, captions, tmp_path):
     """8 distinct images with their captions, repeated: loss < 0.5× initial, R@1 well above chance (12.5 %)."""
-    model = make_model(lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, itm_rerank_k=3)
+    model = make_model(lr=5e-3, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, itm_rerank_k=3)
     loader = DataLoader([captions], batch_size=None, collate_fn=lambda b: b)
     untrained = trainer(tmp_path, 1).validate(model, loader, verbose=False)[0]
     record = RecordLoss()
-    fit = trainer(tmp_path, 60, [record])
+    fit = trainer(tmp_path, 100, [record])
     fit.fit(model, train_dataloaders=loader)
     assert {"train/itc", "train/itm", "train/itg", "train/loss"} <= set(fit.callback_metrics)
-    assert len(record.losses) == 60 and all(torch.isfinite(torch.tensor(record.losses)))
+    assert len(record.losses) == 100 and all(torch.isfinite(torch.tensor(record.losses)))
     assert sum(record.losses[-5:]) / 5 < 0.5 * record.losses[0], [round(x, 2) for x in record.losses]
     trained = trainer(tmp_path, 1).validate(model, loader, verbose=False)[0]
     assert {"val/itc", "val/itm", "val/itg", "val/loss", "val/i2t_r1", "val/t2i_r10", "val/r_mean"} <= set(trained)
     assert trained["val/loss"] < untrained["val/loss"]
-    assert trained["val/i2t_r1"] >= 37.5 and trained["val/t2i_r1"] >= 37.5, (untrained, trained)  # 3× chance; 62.5 measured
+    assert trained["val/i2t_r1"] >= 37.5 and trained["val/t2i_r1"] >= 37.5, (untrained, trained)  # 3× chance; 75–87.5 measured
     assert trained["val/r_mean"] > untrained["val/r_mean"]
     reranked = {k: v for k, v in trained.items() if k.startswith("val/rerank_")}
     assert set(reranked) == {f"val/rerank_{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)} | {"val/rerank_r_mean"}
