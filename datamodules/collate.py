@@ -33,20 +33,22 @@ class Example:
         prompt: text the model is conditioned on (``""`` for plain captioning).
         target: text the model learns to produce.
         references: all reference strings (captions or the human answers) for metrics.
-        id: evaluation id (``image_id`` or ``question_id``, else the sample key).
-        task: ``"caption"`` or ``"vqa"``.
+        id: evaluation id (``image_id`` or ``question_id`` with its JSON type, else the sample key).
+        task: ``"caption"``, ``"vqa"`` or ``"gqa"``.
         key: the shard sample's ``__key__``.
         question_type: VQA question type, ``""`` where unknown.
+        answer_type: VQA answer type (``"yes/no"``, ``"number"``, ``"other"``), ``""`` where unknown.
     """
 
     image: torch.Tensor
     prompt: str
     target: str
     references: list[str]
-    id: str
+    id: Any
     task: str
     key: str
     question_type: str = field(default="")
+    answer_type: str = field(default="")
 
 
 def token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -117,6 +119,7 @@ def collate_examples(examples: list[Example], tokenizer: Any, max_text_tokens: i
         references=[list(e.references) for e in examples],
         ids=[e.id for e in examples],
         question_types=[e.question_type for e in examples],
+        answer_types=[e.answer_type for e in examples],
     )
 
 

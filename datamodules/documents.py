@@ -12,9 +12,9 @@ Sequence layout of one example (the task prompt is the decoder's start, no bos):
     labels     = -100…     target_ids eos -100…        target = json_to_tokens(ground truth)
     prompt_ids = pad… prompt_ids                       (left-padded, for generation)
 
-``references`` are the JSON strings of all ground-truth parses (several for ``gt_parses``),
-``tasks`` are ``"document"``, ``ids`` the image file names, ``keys`` the sample keys. Training
-draws one parse at random per sample (Donut); evaluation uses the first.
+``references`` are the JSON strings of all ground-truth parses (several for ``gt_parses``), ``tasks`` the task
+names (``"cord-v2"``, ``"docvqa"``, …), ``ids`` the image file names, ``keys`` the sample keys. Training draws one
+parse at random per sample (Donut); evaluation uses the first.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ from mmlm.losses import IGNORE_INDEX
 from mmlm.tokenizers import load_tokenizer
 
 log = logging.getLogger(__name__)
-TASK = "document"
 
 
 @dataclass
@@ -91,6 +90,12 @@ class DocumentSource:
         if isinstance(self.path, str) and Path(self.path).is_dir():
             return str(Path(self.path) / "*.tar")
         return self.path
+
+
+def task_name(task_token: str) -> str:
+    """The evaluation task of a task start token: ``"<s_cord-v2>"`` → ``"cord-v2"`` (``"docvqa"`` is scored on its
+    answers, other tasks on their JSON; see :mod:`mmlm.evaluation.documents`)."""
+    return task_token[3:-1] if task_token.startswith("<s_") and task_token.endswith(">") else task_token
 
 
 # --------------------------------------------------------------------------- folders as shards
@@ -177,7 +182,8 @@ class DocumentExampleBuilder:
                                                 source)
         references = [json.dumps(p, ensure_ascii=False) for p in parses]
         return Example(image=self.image(document_image(sample)), prompt=prompt, target=target,
-                       references=references, id=file_name, task=TASK, key=sample["__key__"])
+                       references=references, id=file_name, task=task_name(self.task_tokens[source]),
+                       key=sample["__key__"])
 
     def prompt_and_target(self, parse: Any, source: int) -> tuple[str, str]:
         """Prompt and target of one parse (``None``: no ground truth, prediction only)."""
@@ -401,7 +407,9 @@ class DocumentDataModule(WebDataModule):
             self.setup(stage)
         pre, train = self.preprocess, stage == "fit"
         image = DocumentTransform(size=tuple(pre.size), mean=tuple(pre.mean), std=tuple(pre.std),
-                                  align_long_axis=self.align_long_axis, random_padding=train and self.random_padding)
+                                  align_long_axis=self.align_long_axis,
+                                  random_padding=train and self.random_padding, train=train,
+                                  interpolation=pre.interpolation)
         return DocumentExampleBuilder(task_tokens=tuple(s.task_token for s in sources),
                                       prompt_ends=tuple(s.prompt_end for s in sources), image=image,
                                       sort_keys=self.sort_keys, categorical_fields=self.categorical_fields, train=train,

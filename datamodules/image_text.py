@@ -4,7 +4,9 @@ A caption sample ``{"jpg", "txt"?, "json"?}`` becomes ``prompt=caption_prompt``,
 the ``txt`` (else ``json["caption"]``), ``references`` = ``json["captions"]`` (else
 ``[target]``), ``id`` = ``json["image_id"]`` (else the key). A VQA sample ``{"jpg", "json"}``
 becomes ``prompt=vqa_prompt.format(question)``, ``target`` = the most common of
-``json["answers"]``, ``references`` = the answers, ``id`` = ``json["question_id"]``.
+``json["answers"]``, ``references`` = the answers, ``id`` = ``json["question_id"]``, with its
+``question_type`` and ``answer_type``; a GQA sample (kind ``"gqa"``) the same, scored by GQA's protocol.
+Ids keep their JSON type (VQAv2 and COCO ids are integers), so result files match the official tools.
 With ``cached_features=True`` the sample's ``features.npy`` (frozen-encoder features ``[N, D]`` written by
 ``mmlm data cache-features``, see ``docs/caching.md``) is read instead of decoding the image.
 See ``docs/data-formats.md``.
@@ -29,7 +31,7 @@ from mmlm.encoders.base import ImagePreprocess
 from mmlm.tokenizers import load_tokenizer
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-KINDS = ("caption", "vqa")
+KINDS = ("caption", "vqa", "gqa")
 #: The shard member holding a sample's cached encoder features (``{key}.features.npy``: ``[N, D]`` fp16/fp32).
 FEATURES = "features.npy"
 
@@ -40,7 +42,8 @@ class Source:
 
     Attributes:
         urls: brace pattern (``"data/{00000..00009}.tar"``) or list of shard paths/urls.
-        kind: ``"caption"`` or ``"vqa"``.
+        kind: ``"caption"``, ``"vqa"`` (scored by VQAv2's leave-one-out accuracy over the human answers) or
+            ``"gqa"`` (VQA samples with one answer, scored by exact match as GQA).
         weight: relative sampling weight when several training sources are mixed.
         prompt: this source's prompt (``None``: the datamodule's ``caption_prompt``/``vqa_prompt``).
     """
@@ -148,8 +151,8 @@ class ExampleBuilder:
 
     def __call__(self, sample: dict[str, Any], source: int) -> Example:
         key = sample["__key__"]
-        if self.kinds[source] == "vqa":
-            text = self.vqa_text(sample, self.prompts[source])
+        if self.kinds[source] in ("vqa", "gqa"):
+            text = self.vqa_text(sample, self.prompts[source], self.kinds[source])
         else:
             text = self.caption_text(sample, self.prompts[source])
         image = cached_features(sample) if self.features else self.image(image_bytes(sample))
@@ -165,10 +168,10 @@ class ExampleBuilder:
         references = as_strings(meta.get("captions")) or [caption]
         image_id = meta.get("image_id")
         return dict(prompt=fill_prompt(prompt, meta), target=caption, references=references, task="caption",
-                    id=str(image_id) if image_id is not None else sample["__key__"])
+                    id=image_id if image_id is not None else sample["__key__"])
 
-    def vqa_text(self, sample: dict[str, Any], template: str) -> dict[str, Any]:
-        """Prompt, target, references, id, task and question type of a VQA sample."""
+    def vqa_text(self, sample: dict[str, Any], template: str, task: str = "vqa") -> dict[str, Any]:
+        """Prompt, target, references, id, task, question type and answer type of a VQA (or GQA) sample."""
         meta = json_field(sample)
         question = meta.get("question")
         if not isinstance(question, str) or not question.strip():
@@ -179,8 +182,9 @@ class ExampleBuilder:
         question_id = meta.get("question_id")
         target = most_common(answers) if answers else ""
         return dict(prompt=fill_prompt(template, meta, question.strip()), target=target,
-                    references=answers, task="vqa", question_type=str(meta.get("question_type") or ""),
-                    id=str(question_id) if question_id is not None else sample["__key__"])
+                    references=answers, task=task, question_type=str(meta.get("question_type") or ""),
+                    answer_type=str(meta.get("answer_type") or ""),
+                    id=question_id if question_id is not None else sample["__key__"])
 
 
 @dataclass(frozen=True)
@@ -282,10 +286,10 @@ class ImageTextDataModule(WebDataModule):
         if self.preprocess is None:
             self.setup(stage)
         pre = self.preprocess
-        image = ImageTransform(size=tuple(pre.size), mean=tuple(pre.mean), std=tuple(pre.std),
-                               train=stage == "fit", min_crop_scale=self.train_crop_scale,
-                               max_pixels=self.max_image_pixels)
-        defaults = {"caption": self.caption_prompt, "vqa": self.vqa_prompt}
+        image = ImageTransform.from_preprocess(pre, train=stage == "fit",
+                                               min_crop_scale=self.train_crop_scale,
+                                               max_pixels=self.max_image_pixels)
+        defaults = {"caption": self.caption_prompt, "vqa": self.vqa_prompt, "gqa": self.vqa_prompt}
         prompts = tuple(defaults[s.kind] if s.prompt is None else s.prompt for s in sources)
         return ExampleBuilder(kinds=tuple(s.kind for s in sources), prompts=prompts, image=image,
                               need_answers=stage != "predict", features=self.cached_features)

@@ -296,7 +296,7 @@ class SentenceExampleBuilder:
     def paired(self, sample: dict[str, Any], kind: str, prompt: str) -> SentenceSample:
         """An image–caption or VQA pair; with ``evaluate`` also its (k-shot) prompt."""
         examples = ExampleBuilder(kinds=(kind,), prompts=(prompt,), image=self.image)
-        text = examples.vqa_text(sample, prompt) if kind == "vqa" else examples.caption_text(sample, prompt)
+        text = examples.vqa_text(sample, prompt, kind) if kind != "caption" else examples.caption_text(sample, prompt)
         data = image_bytes(sample)
         demos = self._demos(data, sample, text) if self.evaluate else []
         query = self.builder().marker(self.marker, item=len(demos))  # demos are items 0 … k-1
@@ -310,7 +310,7 @@ class SentenceExampleBuilder:
         if self.evaluate:
             out.prompt = prompt_sentence
             out.task, out.references, out.id = kind, text["references"], text["id"]
-            out.question_type = text.get("question_type", "")
+            out.question_type, out.answer_type = text.get("question_type", ""), text.get("answer_type", "")
         return out
 
     def _demos(self, data: bytes, sample: dict[str, Any], text: dict[str, Any]) -> list[Demo]:
@@ -475,8 +475,7 @@ class InterleavedDataModule(WebDataModule):
     def example_fn(self, stage: str, sources: Sequence[MixSource]) -> SentenceExampleBuilder:
         self.setup(stage)
         pre, train = self.resolved.preprocess, stage == "fit"
-        image = ImageTransform(size=tuple(pre.size), mean=tuple(pre.mean), std=tuple(pre.std), train=train,
-                               min_crop_scale=self.train_crop_scale)
+        image = ImageTransform.from_preprocess(pre, train=train, min_crop_scale=self.train_crop_scale)
         defaults = {"caption": self.caption_prompt, "vqa": self.vqa_prompt, "interleaved": "", "text": ""}
         prompts = tuple(defaults[s.kind] if s.prompt is None else s.prompt for s in sources)
         return SentenceExampleBuilder(

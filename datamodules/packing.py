@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,6 +31,7 @@ class SentenceSample:
         references: reference answers or captions.
         id: evaluation id.
         question_type: VQA question type.
+        answer_type: VQA answer type.
     """
 
     sentence: Sentence
@@ -38,8 +40,9 @@ class SentenceSample:
     prompt: Sentence | None = None
     task: str = ""
     references: list[str] = field(default_factory=list)
-    id: str = ""
+    id: Any = ""
     question_type: str = ""
+    answer_type: str = ""
 
     def __len__(self) -> int:
         return len(self.sentence)
@@ -127,6 +130,7 @@ def _assemble(rows, ids, labels, positions, segments, spans, items, prompt_rows,
         batch.references = [s.references for s in samples]
         batch.ids = [s.id for s in samples]
         batch.question_types = [s.question_type for s in samples]
+        batch.answer_types = [s.answer_type for s in samples]
     return batch
 
 

@@ -3,7 +3,8 @@
 ``make_shards`` reads one of three inputs and writes ``{out}/00000.tar, 00001.tar, …`` with
 samples ``{key}.jpg``, ``{key}.txt`` (first caption), ``{key}.json`` (``key``, ``caption``,
 ``captions``, ``image_id``, ``file_name``, ``width``, ``height``), keys ``f"{i:09d}"``, plus
-``{out}/summary.json``. Inputs that cannot be used (missing or unreadable image, bad line, image
+``{out}/summary.json``. ``image_id`` is the source's own id with its type (COCO: the integer ``id``; a jsonl line's
+``image_id``), else the image file's stem, so caption results are keyed by the source's image ids. Inputs that cannot be used (missing or unreadable image, bad line, image
 without caption) are skipped and counted by reason, never a crash.
 """
 
@@ -38,7 +39,7 @@ class Record:
 
     file_name: str
     captions: list[str]
-    image_id: str
+    image_id: Any
     skip: str = ""
 
 
@@ -61,8 +62,8 @@ def read_jsonl(path: Path) -> Iterator[Record]:
             yield Record(f"line {n}", [], "", skip="bad_jsonl_line")
             continue
         captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
-        yield Record(str(name or ""), captions, str(row.get("image_id", n - 1)),
-                     skip="" if name else "missing_file_name")
+        name = str(name or "")
+        yield Record(name, captions, row.get("image_id", Path(name).stem), skip="" if name else "missing_file_name")
 
 
 def read_tsv(path: Path) -> Iterator[Record]:
@@ -72,7 +73,8 @@ def read_tsv(path: Path) -> Iterator[Record]:
         if n == 1 and name.strip().lower() in TSV_HEADER_FIELDS:
             continue
         skip = "" if sep and name.strip() else "bad_tsv_line"
-        yield Record(name.strip() or f"line {n}", [caption.strip()] if caption.strip() else [], str(n - 1), skip=skip)
+        yield Record(name.strip() or f"line {n}", [caption.strip()] if caption.strip() else [], Path(name.strip()).stem,
+                     skip=skip)
 
 
 def read_coco(path: Path) -> Iterator[Record]:
@@ -85,7 +87,7 @@ def read_coco(path: Path) -> Iterator[Record]:
             captions.setdefault(ann.get("image_id"), []).append(caption.strip())
     for image in data.get("images", []):
         found = captions.get(image.get("id"), [])
-        yield Record(str(image.get("file_name", "")), found, str(image.get("id")), skip="" if found else "no_captions")
+        yield Record(str(image.get("file_name", "")), found, image.get("id"), skip="" if found else "no_captions")
 
 
 def read_records(path: Path, fmt: str) -> list[Record]:

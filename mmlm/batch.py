@@ -6,7 +6,7 @@ Shape legend: B batch, T text tokens, P prompt tokens, H/W image height/width.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,10 +31,12 @@ class Batch:
         prompt_ids: ``[B, P]`` prompt only, left-padded (for generation).
         prompt_mask: ``[B, P]`` 1 for real prompt tokens.
         keys: ``B`` sample keys (``__key__`` of the shard sample).
-        tasks: ``B`` task names, ``"caption"`` or ``"vqa"``.
+        tasks: ``B`` task names (``"caption"``, ``"vqa"``, ``"gqa"``; documents: the document task).
         references: ``B`` lists of reference strings (captions, or the human answers).
-        ids: ``B`` evaluation ids (``image_id`` for captions, ``question_id`` for VQA).
+        ids: ``B`` evaluation ids as the data has them (``image_id`` for captions, ``question_id`` for VQA;
+            integers for COCO and VQAv2), else the sample keys.
         question_types: ``B`` question types (VQA), ``""`` where unknown.
+        answer_types: ``B`` answer types (VQA: ``"yes/no"``, ``"number"``, ``"other"``), ``""`` where unknown.
         features: ``[B, N, D]`` cached frozen-encoder features (``mmlm data cache-features``) or ``None``;
             when set, ``pixels`` is ``[B, 0]`` and the model's frozen encoder returns these instead of running.
     """
@@ -48,8 +50,9 @@ class Batch:
     keys: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
     references: list[list[str]] = field(default_factory=list)
-    ids: list[str] = field(default_factory=list)
+    ids: list[Any] = field(default_factory=list)
     question_types: list[str] = field(default_factory=list)
+    answer_types: list[str] = field(default_factory=list)
     features: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -92,8 +95,9 @@ class SentenceBatch:
         keys: sample keys, one per sentence (several per packed row).
         tasks: ``B`` task names for evaluation rows (``"vqa"``, ``"caption"``), else empty.
         references: ``B`` lists of reference strings (evaluation).
-        ids: ``B`` evaluation ids.
+        ids: ``B`` evaluation ids (their data type kept).
         question_types: ``B`` VQA question types (evaluation).
+        answer_types: ``B`` VQA answer types (evaluation).
         num_samples: sentences in the batch (more than ``B`` when packed).
     """
 
@@ -111,8 +115,9 @@ class SentenceBatch:
     keys: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
     references: list[list[str]] = field(default_factory=list)
-    ids: list[str] = field(default_factory=list)
+    ids: list[Any] = field(default_factory=list)
     question_types: list[str] = field(default_factory=list)
+    answer_types: list[str] = field(default_factory=list)
     num_samples: int = 0
 
     def __len__(self) -> int:

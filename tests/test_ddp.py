@@ -23,6 +23,7 @@ import pytest
 
 from datamodules.base import batches_per_rank
 from datamodules.synthetic.shapes import write_shapes
+from mmlm.evaluation import result_file
 from mmlm.metrics import VQAAccuracy
 
 TESTS = Path(__file__).resolve().parent
@@ -91,9 +92,8 @@ def shard_members(directory: Path, task: str) -> dict[tuple[str, str], tuple[str
 
 
 def vqa_predictions(root: Path) -> list[Path]:
-    """The VQA prediction files a run wrote (not their ``.generation.json`` settings)."""
-    found = root.glob("lightning_logs/version_*/predictions/val-vqa-step*.json")
-    return [p for p in found if not p.name.endswith(".generation.json")]
+    """The VQA result file a run wrote (not the files beside it)."""
+    return [result_file(root, "val", "vqa")]
 
 
 @pytest.fixture(scope="module")

@@ -112,7 +112,7 @@ def test_convert_vqav2_val_writes_questions_with_ten_answers(tmp_path, vqav2, to
 
     batches, skipped = read_batches(summary["urls"], "vqa", tokenizer_dir)
     assert skipped == {}
-    assert [i for b in batches for i in b.ids] == ["1000", "1001", "2000", "3000", "3001"]
+    assert [i for b in batches for i in b.ids] == [1000, 1001, 2000, 3000, 3001]  # integer ids, as the official files
     assert all(len(r) == 10 for b in batches for r in b.references)
     assert batches[0].tasks == ["vqa", "vqa"] and batches[0].pixels.shape == (2, 3, 8, 8)
 
@@ -135,7 +135,7 @@ def test_convert_vqav2_test_dev_has_no_answers_and_uses_test_images(tmp_path, to
                              image_size=8, batch_size=4)
     dm.setup()
     (batch,) = list(dm.predict_dataloader())
-    assert batch.ids == ["5000", "5001", "6000", "6001"] and batch.references == [[]] * 4
+    assert batch.ids == [5000, 5001, 6000, 6001] and batch.references == [[]] * 4
     assert dm.skip_counts() == {}
 
 
@@ -159,7 +159,7 @@ def test_convert_vqav2_reads_ok_vqa_files_with_coco_2017_names(tmp_path, tokeniz
     summary = convert_vqav2(q, a, images, tmp_path / "out", image_pattern="{image_id:012d}.jpg", progress=False)
     assert summary["samples"] == 3 and summary["skipped"] == {}
     batches, skipped = read_batches(summary["urls"], "vqa", tokenizer_dir)
-    assert skipped == {} and [i for b in batches for i in b.ids] == ["7000", "8000", "9000"]
+    assert skipped == {} and [i for b in batches for i in b.ids] == [7000, 8000, 9000]
     assert batches[0].references[0] == answers(0) and batches[0].question_types == ["eight", "eight"]
 
 
@@ -197,10 +197,11 @@ def test_convert_gqa_keeps_one_reference_answer(tmp_path, tokenizer_dir):
     metas = [e["json"] for e in inspect(summary["urls"], n=3)["examples"]]
     assert [m["answers"] for m in metas] == [["no"], ["green"], ["yes"]]
     assert metas[1]["question_type"] == "query" and metas[1]["full_answer"] == "It is green."
-    batches, skipped = read_batches(summary["urls"], "vqa", tokenizer_dir)
+    batches, skipped = read_batches(summary["urls"], "gqa", tokenizer_dir)
     assert skipped == {} and [i for b in batches for i in b.ids] == ["201307251", "201640614", "20968379"]
     assert [r for b in batches for r in b.references] == [["no"], ["green"], ["yes"]]
-    assert vqa_accuracy("Green", batches[0].references[1]) == 1.0  # one reference: exact match
+    assert {t for b in batches for t in b.tasks} == {"gqa"}  # scored by GQA's exact match, not VQAv2's 10-answer rule
+    assert vqa_accuracy("green", batches[0].references[1]) == 0.0  # VQAv2's leave-one-out gives one answer 0
 
 
 def test_convert_gqa_submission_split_without_answers(tmp_path):
@@ -250,7 +251,7 @@ def test_convert_karpathy_coco_test_split(tmp_path, karpathy_coco, tokenizer_dir
     assert info["examples"][0]["json"]["captions"] == ["A red picture.", "Red again."]
     assert info["examples"][0]["json"]["file_name"] == f"val2014/COCO_val2014_{391895:012d}.jpg"
     batches, skipped = read_batches(summary["urls"], "caption", tokenizer_dir)
-    assert skipped == {} and batches[0].ids == ["391895", "522418"] and batches[0].tasks == ["caption"] * 2
+    assert skipped == {} and batches[0].ids == [391895, 522418] and batches[0].tasks == ["caption"] * 2
     assert batches[0].references == [["A red picture.", "Red again."], ["A green picture."]]
 
 
@@ -261,7 +262,7 @@ def test_convert_karpathy_per_caption_gives_one_sample_per_caption(tmp_path, kar
     assert summary["skipped"] == {"missing_image": 1, "no_captions": 1}
     batches, _ = read_batches(summary["urls"], "caption", tokenizer_dir)
     rows = [(i, r) for b in batches for i, r in zip(b.ids, b.references)]
-    assert [i for i, _ in rows] == ["391895", "391895", "522418"]
+    assert [i for i, _ in rows] == [391895, 391895, 522418]
     info = inspect(summary["urls"], n=3)
     assert [e["txt"] for e in info["examples"]] == ["A red picture.", "Red again.", "A green picture."]
     assert rows[1][1] == ["A red picture.", "Red again."]  # every caption stays a reference

@@ -16,7 +16,12 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from datamodules.document_tools import SPECIAL_TOKENS_FILE, convert_donut, read_ground_truths, read_metadata
-from datamodules.document_transforms import DocumentTransform, align_long_axis, fit_size
+from datamodules.document_transforms import (
+    DocumentTransform,
+    align_long_axis,
+    shortest_edge_size,
+    thumbnail_size,
+)
 from datamodules.documents import DocumentDataModule, DocumentSource
 from datamodules.synthetic.documents import (
     MARGIN,
@@ -123,7 +128,7 @@ def test_folder_layout_and_shards_give_identical_batches(receipts):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
         assert (a.keys, a.ids, a.references, a.tasks) == (b.keys, b.ids, b.references, b.tasks)
     batch = folder[0]
-    assert batch.pixels.shape == (8, 3, *SIZE) and batch.tasks == ["document"] * 8
+    assert batch.pixels.shape == (8, 3, *SIZE) and batch.tasks == ["cord-v2"] * 8  # the task of the source (the default)
     assert batch.ids[0] == "receipts_validation_000000.jpg"
     for row, refs in zip(batch.input_ids, batch.references):  # the target decodes back to the ground truth
         text = dm.tokenizer.decode([t for t in row.tolist() if t not in (dm.tokenizer.pad_token_id, dm.tokenizer.eos_token_id)])
@@ -234,9 +239,13 @@ def test_setup_gives_sorted_special_tokens_to_the_module(receipts, tmp_path):
 
 
 def test_document_transform_fits_aligns_and_pads():
-    assert fit_size(50, 100, SIZE) == (48, 96) and fit_size(400, 100, SIZE) == (128, 32)
-    portrait = Image.new("RGB", (50, 100))
-    assert align_long_axis(portrait, SIZE).size == (100, 50) and align_long_axis(portrait, (128, 96)).size == (50, 100)
+    # Donut's processor resizes the shorter edge to min(H, W), then thumbnails into (H, W) (sizes are (h, w) and
+    # truncated; the old single fit_size(w, h) gave the same 96 × 48 and 32 × 128 here); alignment is on tensors.
+    assert thumbnail_size(*shortest_edge_size(100, 50, min(SIZE)), SIZE) == (96, 48)
+    assert thumbnail_size(*shortest_edge_size(100, 400, min(SIZE)), SIZE) == (32, 128)
+    portrait = torch.zeros(3, 100, 50, dtype=torch.uint8)
+    assert align_long_axis(portrait, SIZE).shape == (3, 50, 100) and align_long_axis(portrait, (128, 96)).shape == \
+           (3, 100, 50)
     buffer = io.BytesIO()
     Image.new("RGB", (50, 100), (255, 255, 255)).save(buffer, format="PNG")
     plain = DocumentTransform(SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))

@@ -282,7 +282,7 @@ def test_vqa_examples_use_the_most_common_answer_and_mix_with_captions(tmp_path,
     dm = datamodule(tokenizer_dir, val=[Source(vqa, kind="vqa"), Source(caps)], vqa_prompt="question: {} answer:")
     vqa_loader, caption_loader = dm.val_dataloader()
     batch = next(iter(vqa_loader))
-    assert batch.tasks == ["vqa", "vqa"] and batch.ids == ["7", "7"] and batch.references[0] == answers
+    assert batch.tasks == ["vqa", "vqa"] and batch.ids == [7, 7] and batch.references[0] == answers
     assert batch.question_types == ["what color"] * 2 and batch.pixels.shape == (2, 3, 8, 8)
     target = batch.input_ids[0][batch.labels[0] != IGNORE_INDEX].tolist()
     assert target == [dm.tokenizer.convert_tokens_to_ids("red"), dm.tokenizer.eos_token_id]

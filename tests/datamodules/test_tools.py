@@ -79,7 +79,7 @@ def test_make_shards_from_coco_keeps_all_captions_as_references(tmp_path, image_
     summary = make_shards(annotations, tmp_path / "out", "coco", image_root=image_folder, progress=False)
     assert summary["samples"] == 2 and summary["skipped"] == {"no_captions": 1}
     first, second = read_back(summary)["examples"]
-    assert first["json"]["captions"] == ["one", "uno"] and first["json"]["image_id"] == "1"
+    assert first["json"]["captions"] == ["one", "uno"] and first["json"]["image_id"] == 1  # COCO ids stay integers
     assert second["json"]["captions"] == ["two"] and first["txt"] == "one"
 
 
