@@ -1,4 +1,5 @@
-"""Collectives that losses and metrics share: rank/world lookup and an all-gather that keeps gradients.
+"""Collectives that losses, metrics and evaluators share: rank/world lookup, an all-gather that keeps gradients,
+padded gathers and object gathers.
 
 Everything here is the identity (world of one) when no process group is initialised, so the same
 loss code runs in a single CPU process, under DDP and in tests.
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -72,3 +74,30 @@ def gather_with_grad(x: Tensor) -> Tensor:
     if world == 1:
         return x
     return _GatherWithGrad.apply(x, gather_sizes(x.shape[0], x.device), rank)
+
+
+def gather_padded(x: Tensor, pad: int | float, width: int) -> Tensor:
+    """``x [B, T]`` right-padded to ``width`` and gathered over ranks → ``[B_all, width]`` (identity without DDP)."""
+    return gather_with_grad(F.pad(x, (0, width - x.shape[1]), value=pad))
+
+
+def gather_objects(items: list[Any]) -> list[Any]:
+    """Concatenate a picklable Python list across ranks, in rank order (identity without a process group).
+
+    Every rank must call it, in the same order as the other collectives."""
+    _, world = rank_and_world()
+    if world == 1:
+        return items
+    out: list[list[Any]] = [[] for _ in range(world)]
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether ``flag`` is true on some rank (one all-reduce; ``flag`` itself without a process group)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)

@@ -10,14 +10,16 @@ T text tokens, V vocabulary.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmlm.distributed import gather_with_grad, rank_and_world
+from mmlm.distributed import gather_padded, gather_sizes, gather_with_grad, rank_and_world
 
 #: Label value that no loss counts (padding, prompts, image placeholders).
 IGNORE_INDEX = -100
@@ -39,6 +41,17 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- contrastive (ITC)
+
+
+def stable_id(text: str) -> int:
+    """A 63-bit id of ``text``, equal on every rank and run (Python's ``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def image_id_tensor(ids: Sequence[Any], device: torch.device | str) -> Tensor:
+    """``[B]`` long ids of the images named by ``ids`` (``Batch.ids`` of caption samples: image ids, of any type);
+    equal ids give equal values on every rank, so they mark ITC positives and identify images in retrieval."""
+    return torch.tensor([stable_id(str(i)) for i in ids], dtype=torch.long, device=device)
 
 
 class ContrastiveOutput(NamedTuple):
@@ -225,3 +238,36 @@ def matching_loss(logits: Tensor, labels: Tensor) -> Tensor:
         raise ValueError(f"matching_loss needs logits [N, 2] and labels [N], got {tuple(logits.shape)} "
                          f"and {tuple(labels.shape)}")
     return F.cross_entropy(logits.float(), labels.reshape(-1).long())
+
+
+#: ``itm_logits(images [P, …], ids [P, T], mask [P, T]) → [P, 2]``: a family's fusion pass + ITM head.
+ItmLogits = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def hard_negative_itm_loss(itm_logits: ItmLogits, images: Tensor, ids: Tensor, mask: Tensor, image_ids: Tensor,
+                           itc: ContrastiveOutput, pad_id: int) -> Tensor:
+    """ITM (ALBEF / BLIP-2 / VLMO) on ``B`` matching pairs, ``B`` (image, hard-negative text) and ``B`` (hard-negative
+    image, text) pairs; the negatives are drawn from every rank's batch by the ITC similarities of ``itc``.
+
+    Args:
+        itm_logits: the family's matching pass (BLIP-2: bidirectional Q-Former + head; VLMO: fusion encoder + head).
+        images: ``[B, …]`` what ``itm_logits`` reads for an image (frozen image tokens ``[B, N, Dv]``, or pixels).
+        ids, mask: ``[B, T]`` the texts (right-padded).
+        image_ids: ``[B]`` image ids of the samples (equal ids are positives, never negatives).
+        itc: the contrastive output of the same batch (``gather=True``).
+        pad_id: the text padding id.
+
+    Returns:
+        The matching cross-entropy; 0 when every gathered sample shows the same image (no negative exists; then
+        true on every rank alike, so the ranks stay in step).
+    """
+    if bool((itc.targets > 0).all()):
+        return itc.loss * 0.0
+    neg_text, neg_image = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, image_ids, gather=True)
+    width = max(gather_sizes(ids.shape[1], ids.device))
+    ids, mask = F.pad(ids, (0, width - ids.shape[1]), value=pad_id), F.pad(mask, (0, width - mask.shape[1]))
+    images_all = gather_with_grad(images.detach())
+    ids_all, mask_all = gather_padded(ids, pad_id, width), gather_padded(mask, 0, width)
+    logits = itm_logits(torch.cat([images, images, images_all[neg_image]]),
+                        torch.cat([ids, ids_all[neg_text], ids]), torch.cat([mask, mask_all[neg_text], mask]))
+    return matching_loss(logits, itm_labels(images.shape[0], device=images.device))

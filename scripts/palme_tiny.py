@@ -73,8 +73,9 @@ def per_type_accuracy(run_dir: Path, data_dir: Path) -> dict[str, float]:
     for sample in wds.WebDataset(sorted(str(p) for p in (data_dir / "val").glob("tabletop-*.tar")), shardshuffle=False):
         meta = json.loads(sample["json"])
         truth[meta["id"]] = (meta["question_type"], meta["target"])
-    files = [p for p in (run_dir / "predictions").glob("val-vqa-step*.json") if not p.name.endswith(".generation.json")]
-    rows = json.loads(max(files, key=lambda p: p.stat().st_mtime).read_text())
+    from mmlm.evaluation import result_file
+
+    rows = json.loads(result_file(run_dir, "val", "vqa").read_text())
     hits: dict[str, list[bool]] = defaultdict(list)
     for row in rows:
         qtype, answer = truth[row["question_id"]]

@@ -46,7 +46,7 @@ def test_predict_from_the_finetuned_checkpoint_writes_json_per_receipt(tmp_path,
     """``mmlm predict`` with the stage-2 config and checkpoint: the field tokens come back in their trained order
     (the datamodule adds them, the checkpoint checks them), one JSON per receipt and a JSONL of all."""
     from mmlm.cli import main
-    from mmlm.models.documents import file_name
+    from mmlm.evaluation.documents import file_name
 
     monkeypatch.setattr(sys, "argv", ["mmlm"])
     out, data = tmp_path / "out", tmp_path / "data"

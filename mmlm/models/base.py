@@ -1,33 +1,30 @@
-"""The LightningModule every family builds on: optimisation, logging, evaluation, predictions.
+"""The LightningModule every family builds on: optimisation, schedule, non-finite guard, compile, logging.
 
-A family implements :meth:`MultimodalModule.training_loss` and :meth:`MultimodalModule.generate_text`
-and sets ``self.tokenizer``; this class does the rest: optimisation, skipping of non-finite losses,
-optional ``torch.compile`` of the encoder and language model, cached frozen-encoder features, logging,
-evaluation and predictions. Shape legend: B batch, N image tokens, D width, T text tokens.
+A family implements :meth:`MultimodalModule.training_loss` (and, when it generates, ``generate_text``), sets
+``self.tokenizer`` and composes its evaluation in ``self.evaluation`` (:mod:`mmlm.evaluation`: evaluators for
+generated text, retrieval, classification, documents; the default logs the loss only). This class does the rest:
+optimisation, skipping of non-finite losses, optional ``torch.compile`` of the encoder and language model, cached
+frozen-encoder features and logging; its validation/test/predict hooks only forward to ``self.evaluation``.
+Shape legend: B batch, N image tokens, D width, T text tokens.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from torch import nn
-from torchmetrics import Metric
 
 from mmlm.batch import Batch
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
+from mmlm.evaluation import Evaluation, LossEvaluator
 from mmlm.fusion import prepend_placeholders, splice
 from mmlm.language.base import GenerationConfig, LanguageModel
-from mmlm.metrics import CaptionMetrics, VQAAccuracy
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +109,8 @@ def check_features(encoder: nn.Module, features: torch.Tensor) -> None:
                          f"[B, {tokens}, {width}]: were they cached with another encoder or layer?")
 
 
-def gather_objects(items: list[Any]) -> list[Any]:
-    """Concatenate a Python list across ranks (identity without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return items
-    out: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
-    dist.all_gather_object(out, items)
-    return [x for part in out for x in part]
-
-
 class MultimodalModule(pl.LightningModule):
-    """Shared training and evaluation logic.
+    """Shared training logic; evaluation is composed (``self.evaluation``).
 
     Args:
         lr: peak learning rate of AdamW.
@@ -130,8 +118,8 @@ class MultimodalModule(pl.LightningModule):
         warmup_steps: linear warmup steps.
         min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
         betas: AdamW betas.
-        generation: decoding settings used by validation, test and predict.
-        predictions_dir: where evaluation writes predictions (default: the trainer's log dir).
+        generation: decoding settings used by validation, test and predict (recorded beside predictions).
+        predictions_dir: where evaluation writes its result files (default: the trainer's log dir).
         max_nonfinite_steps: a training step whose loss is NaN/inf (on any rank) is skipped: its gradients are
             dropped before the optimizer step (no weight or optimizer-state update; with gradient accumulation the
             whole window is skipped), BatchNorm running statistics are restored; counted as
@@ -158,9 +146,7 @@ class MultimodalModule(pl.LightningModule):
         self.predictions_dir = predictions_dir
         self.max_nonfinite_steps = max_nonfinite_steps
         self.torch_compile, self.compile_options = torch_compile, dict(compile_options or {})
-        self.vqa_metric = VQAAccuracy()
-        self.caption_metric = CaptionMetrics()
-        self._predictions: dict[str, list[dict[str, Any]]] = {}  # task → prediction rows of this rank
+        self.evaluation = Evaluation(LossEvaluator())  # a family composes its own evaluators
         self._step_start = 0.0
         self.nonfinite_skipped = 0  # training steps skipped for a non-finite loss, over the run
         self._nonfinite_in_a_row = 0
@@ -338,7 +324,7 @@ class MultimodalModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
 
-    # --- evaluation ----------------------------------------------------------------------------
+    # --- evaluation: forwarded to the composed evaluators (mmlm.evaluation) -------------------------
     def on_validation_batch_start(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._use_cached_features(batch)
 
@@ -358,90 +344,26 @@ class MultimodalModule(pl.LightningModule):
         self._use_live_encoder()
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, "val")
+        self.evaluation.step(self, batch, "val")
 
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish_evaluation("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish_evaluation("test")
+        self.evaluation.step(self, batch, "test")
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        """Generated text for each example: ``[{"id", "task", "prediction"}]``; also written to
-        ``predictions/predict-{vqa,caption}-step{N}.json`` at the end of the epoch."""
-        texts = self.generate_text(batch)
-        self._record(batch, texts)
-        return [{"id": i, "task": t, "prediction": p} for i, t, p in zip(batch.ids, batch.tasks, texts)]
+        """The evaluators' prediction rows of ``batch`` (generative families: ``{"id", "task", "prediction"}``);
+        the result files are written at the end of the epoch."""
+        return self.evaluation.step(self, batch, "predict")
 
-    def on_predict_epoch_end(self) -> None:
-        self._write_predictions("predict")
-
-    def evaluation_metrics(self) -> dict[str, Metric]:
-        """``{task: metric}`` scoring the generated text of each task's rows; a family adds its own tasks
-        (PaLM-E: ``"plan"``). A metric returning a tensor is logged as ``{stage}/{task}_acc``, one returning a
-        dict as ``{stage}/{key}`` per key."""
-        return {"vqa": self.vqa_metric, "caption": self.caption_metric}
-
-    def prediction_row(self, task: str, sample_id: str, text: str, references: list[str]) -> dict[str, Any]:
-        """One row of the ``{stage}-{task}-step{N}.json`` predictions file: the official result formats
-        (VQAv2 ``question_id``/``answer``, COCO ``image_id``/``caption``)."""
-        if task == "vqa":
-            return {"question_id": sample_id, "answer": text}
-        return {"image_id": sample_id, "caption": text}
-
-    def _evaluate(self, batch: Batch, stage: str) -> None:
-        self.log(f"{stage}/loss", self.training_loss(batch), batch_size=len(batch), sync_dist=True)
-        texts = self.generate_text(batch)
-        self._record(batch, texts)
-        for task, metric in self.evaluation_metrics().items():
-            rows = [i for i, name in enumerate(batch.tasks) if name == task]
-            if rows:
-                metric.update([texts[i] for i in rows], [batch.references[i] for i in rows])
-
-    def _record(self, batch: Batch, texts: list[str]) -> None:
-        """Keep one :meth:`prediction_row` per example under its task (captions for any unknown task)."""
-        tasks = self.evaluation_metrics()
-        for i, task in enumerate(batch.tasks):
-            task = task if task in tasks else "caption"
-            references = batch.references[i] if batch.references else []
-            self._predictions.setdefault(task, []).append(self.prediction_row(task, batch.ids[i], texts[i], references))
-
-    def _finish_evaluation(self, stage: str) -> None:
-        metrics = self.evaluation_metrics()
-        used = torch.tensor([float(m.update_called) for m in metrics.values()], device=self.device)
-        used = self.all_gather(used).reshape(-1, len(metrics)).amax(0)  # every rank computes the same metrics
-        for (task, metric), any_rank in zip(metrics.items(), used.tolist()):
-            if any_rank:
-                self._log_metric(stage, task, metric.compute())
-            metric.reset()
-        self._write_predictions(stage)
+    def on_validation_epoch_end(self) -> None:
+        self.evaluation.finish(self, "val")
         self._log_skipped()
 
-    def _log_metric(self, stage: str, task: str, value: torch.Tensor | dict[str, torch.Tensor]) -> None:
-        """A tensor as ``{stage}/{task}_acc`` (on the progress bar), a dict as ``{stage}/{key}`` per key."""
-        if isinstance(value, dict):
-            for name, item in value.items():
-                self.log(f"{stage}/{name}", item)
-        else:
-            self.log(f"{stage}/{task}_acc", value, prog_bar=True)
+    def on_test_epoch_end(self) -> None:
+        self.evaluation.finish(self, "test")
+        self._log_skipped()
 
-    def _write_predictions(self, stage: str) -> None:
-        kinds = list(self.evaluation_metrics())  # the same on every rank, so the gathers pair up
-        gathered = {kind: gather_objects(self._predictions.get(kind, [])) for kind in kinds}
-        self._predictions = {}
-        out_dir = self.predictions_dir or (self.trainer.log_dir if self._trainer is not None else None)
-        if out_dir is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            return
-        for kind, rows in gathered.items():
-            if rows:
-                stem = Path(out_dir) / "predictions" / f"{stage}-{kind}-step{self.global_step}"
-                stem.parent.mkdir(parents=True, exist_ok=True)
-                stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-                settings = {"generation": asdict(self.generation), "count": len(rows)}
-                stem.with_suffix(".generation.json").write_text(json.dumps(settings, indent=1))
+    def on_predict_epoch_end(self) -> None:
+        self.evaluation.finish(self, "predict")
 
     def _log_skipped(self) -> None:
         """Log this rank's running count of skipped samples per reason as ``data/skipped_<reason>``."""

@@ -26,6 +26,7 @@ from mmlm.batch import Batch
 from mmlm.connectors.qformer import QFormer
 from mmlm.convert.blip2_hf import blip2_from_hf, blip2_to_hf
 from mmlm.encoders.base import VisionEncoder
+from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator
 from mmlm.freezing import freeze_
 from mmlm.language.base import GenerationConfig, LanguageModel, LMOutput
 from mmlm.language.hf_seq2seq import HFSeq2SeqLM
@@ -77,6 +78,7 @@ class Blip2(MultimodalModule):
             language_model.resize_token_embeddings(len(self.tokenizer))
         freeze_(language_model)
         self.seq2seq = is_seq2seq(language_model)
+        self.evaluation = Evaluation(LossEvaluator(), GenerationEvaluator())
 
     @classmethod
     def from_hf(cls, name_or_path: str, tokenizer: str | None = None, vision_dtype: str | None = None,

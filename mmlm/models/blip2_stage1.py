@@ -16,7 +16,6 @@ front. Shape legend: B batch, N image tokens, M queries, H Q-Former width, T tex
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,8 @@ from torch import nn
 
 from mmlm.batch import Batch
 from mmlm.connectors.qformer import QFormer
-from mmlm.distributed import gather_sizes, gather_with_grad
 from mmlm.encoders.base import VisionEncoder
+from mmlm.evaluation import Evaluation, RetrievalEvaluator, RetrievalStep
 from mmlm.freezing import freeze_
 from mmlm.losses import (
     IGNORE_INDEX,
@@ -36,15 +35,12 @@ from mmlm.losses import (
     Temperature,
     causal_lm_loss,
     contrastive_loss,
-    itm_labels,
-    matching_loss,
-    sample_hard_negatives,
+    hard_negative_itm_loss,
+    image_id_tensor,
 )
 from mmlm.masks import bidirectional_mask, multimodal_causal_mask, unimodal_mask
-from mmlm.metrics.retrieval import RetrievalRecall
 from mmlm.models.base import MultimodalModule
 from mmlm.models.blip2 import targets_only
-from mmlm.models.blip2_retrieval import EvalStore, check_single_process
 from mmlm.tokenizers import load_tokenizer
 
 DEC_TOKEN = "[DEC]"
@@ -68,11 +64,6 @@ class Stage1Output:
         return self.itc + self.itm + self.itg
 
 
-def stable_id(text: str) -> int:
-    """A 63-bit id of ``text``, equal on every rank and run (Python's ``hash`` is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
-
-
 def stage1_tokenizer(name_or_path: str) -> Any:
     """The Q-Former's tokenizer with ``[DEC]`` added; a BERT tokenizer gets bos = [CLS], eos = [SEP] (collate needs eos)."""
     tokenizer = load_tokenizer(name_or_path, [DEC_TOKEN])
@@ -90,11 +81,6 @@ def grow_embedding(embedding: nn.Embedding, size: int) -> nn.Embedding:
     with torch.no_grad():
         grown.weight[: embedding.num_embeddings] = embedding.weight
     return grown
-
-
-def gather_padded(x: torch.Tensor, pad: int | float, width: int) -> torch.Tensor:
-    """``x [B, T]`` right-padded to ``width`` and gathered over ranks → ``[B_all, width]`` (identity without DDP)."""
-    return gather_with_grad(F.pad(x, (0, width - x.shape[1]), value=pad))
 
 
 class TiedLMHead(nn.Module):
@@ -123,7 +109,7 @@ class Blip2Stage1(MultimodalModule):
         embed_dim: D of the contrastive space.
         itm_rerank_k: > 0: at the end of validation/test also re-rank each image's top-k texts (and each text's
             top-k images) by ITC with the ITM head and log ``{stage}/rerank_i2t_r1`` …; keeps the frozen image
-            tokens and caption ids of the evaluation set on the CPU (:mod:`mmlm.models.blip2_retrieval`).
+            tokens and caption ids of the evaluation set on the CPU (:mod:`mmlm.evaluation.retrieval`).
         **kwargs: optimisation settings of :class:`MultimodalModule`.
     """
 
@@ -146,8 +132,7 @@ class Blip2Stage1(MultimodalModule):
         self.cls_id = self.tokenizer.cls_token_id if self.tokenizer.cls_token_id is not None else self.tokenizer.bos_token_id
         self.dec_id = self.tokenizer.convert_tokens_to_ids(DEC_TOKEN)
         self.pad_id = self.tokenizer.pad_token_id
-        self.retrieval = RetrievalRecall()
-        self.itm_rerank_k, self._eval_store = itm_rerank_k, EvalStore()
+        self.evaluation = Evaluation(RetrievalEvaluator(rerank_k=itm_rerank_k))
 
     def _build_qformer(self, width: int, num_queries: int, options: dict[str, Any], bert: str | None) -> QFormer:
         if bert is None:
@@ -166,18 +151,23 @@ class Blip2Stage1(MultimodalModule):
         ids = torch.cat([start, target.masked_fill(~valid, self.pad_id)], dim=1)
         return ids, torch.cat([torch.ones_like(start), valid.long()], dim=1)
 
-    def image_ids(self, batch: Batch) -> torch.Tensor:
-        """``[B]`` ids of the images (``batch.ids``: image ids for captions): equal ids are ITC positives."""
-        return torch.tensor([stable_id(str(i)) for i in batch.ids], dtype=torch.long, device=batch.pixels.device)
+    def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(frozen image tokens [B, N, Dv], [CLS] text ids [B, T], mask [B, T], image ids [B])`` of ``batch``
+        (``batch.ids`` are the image ids of caption samples: equal ids are ITC positives)."""
+        with torch.no_grad():
+            image = self.encoder(batch.pixels)
+        ids, mask = self.text_inputs(batch.labels)
+        return image, ids, mask, image_id_tensor(batch.ids, batch.labels.device)
 
     def forward(self, batch: Batch) -> Stage1Output:
         """The three losses of ``batch`` and the ITC features."""
-        with torch.no_grad():
-            image = self.encoder(batch.pixels)  # [B, N, Dv]
-        ids, mask = self.text_inputs(batch.labels)
-        image_ids = self.image_ids(batch)
+        return self.objectives(*self.inputs(batch))
+
+    def objectives(self, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, image_ids: torch.Tensor
+                   ) -> Stage1Output:
+        """ITC, ITM and ITG of image tokens ``[B, N, Dv]`` and texts ``[B, T]``."""
         itc, image_feats, text_feats = self.itc(image, ids, mask, image_ids)
-        itm = self.itm(image, ids, mask, image_ids, itc)
+        itm = hard_negative_itm_loss(self.itm_logits, image, ids, mask, image_ids, itc, self.pad_id)
         return Stage1Output(itc.loss, itm, self.itg(image, ids, mask), image_feats, text_feats)
 
     def itc(self, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, image_ids: torch.Tensor,
@@ -193,21 +183,6 @@ class Blip2Stage1(MultimodalModule):
         """Bidirectional pass over ``image [P, N, Dv]`` and ``ids, mask [P, T]`` → match logits ``[P, 2]``."""
         out = self.qformer(image, input_ids=ids, self_attn_mask=bidirectional_mask(mask, self.qformer.num_query_tokens))
         return self.itm_head(out.query).mean(dim=1)
-
-    def itm(self, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, image_ids: torch.Tensor,
-            itc: ContrastiveOutput) -> torch.Tensor:
-        """ITM on B positives, B (image, hard-negative text) and B (hard-negative image, text) pairs; 0 when
-        every gathered sample shows the same image (no negative exists; then true on every rank alike)."""
-        if bool((itc.targets > 0).all()):
-            return itc.loss * 0.0
-        neg_text, neg_image = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, image_ids, gather=True)
-        width = max(gather_sizes(ids.shape[1], ids.device))
-        ids, mask = F.pad(ids, (0, width - ids.shape[1]), value=self.pad_id), F.pad(mask, (0, width - mask.shape[1]))
-        images_all = gather_with_grad(image.detach())
-        ids_all, mask_all = gather_padded(ids, self.pad_id, width), gather_padded(mask, 0, width)
-        logits = self.itm_logits(torch.cat([image, image, images_all[neg_image]]),
-                                 torch.cat([ids, ids_all[neg_text], ids]), torch.cat([mask, mask_all[neg_text], mask]))
-        return matching_loss(logits, itm_labels(image.shape[0], device=image.device))
 
     def itg_logits(self, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Multimodal-causal pass over ``[queries; [DEC] text]`` → next-token logits ``[B, T, V]``."""
@@ -225,57 +200,22 @@ class Blip2Stage1(MultimodalModule):
     def training_loss(self, batch: Batch) -> torch.Tensor:
         """ITC + ITM + ITG; logs each as ``train/itc``, ``train/itm``, ``train/itg``."""
         out = self(batch)
-        self._log_losses(out, "train", len(batch))
+        if self._trainer is not None:
+            for name in ("itc", "itm", "itg"):
+                self.log(f"train/{name}", getattr(out, name), batch_size=len(batch))
         return out.loss
-
-    def _log_losses(self, out: Stage1Output, stage: str, size: int) -> None:
-        if self._trainer is None:
-            return
-        for name in ("itc", "itm", "itg"):
-            self.log(f"{stage}/{name}", getattr(out, name), batch_size=size, sync_dist=stage != "train")
 
     def generate_text(self, batch: Batch) -> list[str]:
         raise NotImplementedError("Blip2Stage1 learns representations and has no language model to generate with; "
                                   "load its Q-Former into mmlm.models.Blip2 (load_stage1_qformer) for captions/VQA")
 
-    # --- evaluation: losses + retrieval R@K over caption samples (replaces the base's generation metrics) ---
-    def _evaluate(self, batch: Batch, stage: str) -> None:
-        out = self(batch)
-        self._log_losses(out, stage, len(batch))
-        self.log(f"{stage}/loss", out.loss, batch_size=len(batch), sync_dist=True)
-        rows = [i for i, task in enumerate(batch.tasks) if task == "caption"]
-        if rows:
-            ids = self.image_ids(batch)[rows]
-            self.retrieval.update(out.image_feats[rows], ids, out.text_feats[rows], ids)
-            if self.itm_rerank_k > 0:
-                check_single_process(self.itm_rerank_k)
-                text_ids, mask = self.text_inputs(batch.labels[rows])
-                self._eval_store.add(ids, self.encoder(batch.pixels[rows]), text_ids, mask)
-
-    def _finish_evaluation(self, stage: str) -> None:
-        used = torch.tensor([float(self.retrieval.update_called)], device=self.device)
-        if self.all_gather(used).amax() > 0:
-            for name, value in self.retrieval.compute().items():
-                self.log(f"{stage}/{name}", value, prog_bar=name == "r_mean")
-            if len(self._eval_store):
-                for name, value in self.rerank_recall().items():
-                    self.log(f"{stage}/rerank_{name}", value)
-        self.retrieval.reset()
-        self._eval_store.clear()
-        self._log_skipped()
-
-
-    @torch.no_grad()
-    def rerank_recall(self) -> dict[str, float]:
-        """R@K of the evaluation set so far after ITM re-ranking of the ITC top ``itm_rerank_k``."""
-        sim, txt2img, image_ids = self.retrieval.similarity()
-
-        def itm(image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            width = int(mask.sum(1).max())
-            return self.itm_logits(image.to(self.device), ids[:, :width].to(self.device), mask[:, :width].to(self.device))
-
-        return self._eval_store.rerank_recall(sim, txt2img, image_ids, self.itm_rerank_k, itm, self.pad_id,
-                                              self.retrieval.ks)
+    def retrieval_step(self, batch: Batch) -> RetrievalStep:
+        """Evaluation: the three losses (and their sum) and the ITC features, with the frozen image tokens and
+        texts that ITM re-ranking reads (:class:`~mmlm.evaluation.RetrievalEvaluator`)."""
+        image, ids, mask, image_ids = self.inputs(batch)
+        out = self.objectives(image, ids, mask, image_ids)
+        losses = {"itc": out.itc, "itm": out.itm, "itg": out.itg, "loss": out.loss}
+        return RetrievalStep(losses, out.image_feats, out.text_feats, image_ids, image, ids, mask)
 
 
 def qformer_state_for_stage2(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -158,19 +158,19 @@ class Donut(DocumentModule):
         return self(batch).loss
 
     @torch.no_grad()
-    def generate_text(self, batch: Batch) -> list[str]:
-        """Continue each row's prompt (``batch.prompt_ids [B, P]``, left-padded) → the generated sequences with
-        their tags (no eos/pad). Rows are decoded in groups of equal prompt length, so left padding never shifts
-        the decoder's learned positions (transformers' MBart takes no per-row position ids)."""
+    def generate_ids(self, batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Continue each row's prompt (``batch.prompt_ids [B, P]``, left-padded) → per row ``(prompt ids, generated
+        ids)`` (eos and padding included; :meth:`decode_rows` drops them). Rows are decoded in groups of equal prompt
+        length, so left padding never shifts the decoder's learned positions (MBart takes no per-row position ids)."""
         states = self.encode_images(batch.pixels)
-        texts: list[str] = [""] * len(batch)
+        out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(batch)  # type: ignore[list-item]
         for length, rows in prompt_groups(batch.prompt_mask).items():
             ids = batch.prompt_ids[rows, batch.prompt_ids.shape[1] - length:]
             new = self.decoder.generate(self.decoder.embed(ids), torch.ones_like(ids), self.generation,
                                         encoder_states=states[rows], **self._bad_words())
-            for row, text in zip(rows.tolist(), self.decode(new)):
-                texts[row] = text
-        return texts
+            for row, prompt, generated in zip(rows.tolist(), ids, new):
+                out[row] = (prompt, generated)
+        return out
 
     def _bad_words(self) -> dict[str, Any]:
         """``bad_words_ids`` keeping ``<unk>`` out of generations when ``suppress_unk``."""

@@ -11,12 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from mmlm.batch import Batch
 from mmlm.connectors import LinearPrefix
 from mmlm.encoders.base import VisionEncoder
+from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator
+from mmlm.fewshot import few_shot_rows
 from mmlm.freezing import freeze_
 from mmlm.fusion import left_pad, splice
 from mmlm.language.base import LanguageModel
@@ -52,6 +53,7 @@ class Frozen(MultimodalModule):
             language_model.resize_token_embeddings(len(self.tokenizer))
         freeze_(language_model)
         self.eval_shots = eval_shots
+        self.evaluation = Evaluation(LossEvaluator(), GenerationEvaluator())
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels [B, 3, H, W]`` → visual prefix ``[B, k, D]`` in the LM's dtype."""
@@ -75,42 +77,11 @@ class Frozen(MultimodalModule):
 
     @torch.no_grad()
     def generate_few_shot(self, batch: Batch, shots: int) -> list[str]:
-        """Interleave ``shots`` support examples before each query, in the training token layout.
-
-        Row ``i`` is ``[<image>×k, bos, prompt, target, eos]`` for each support example ``j`` (the
-        next ``shots`` examples of the batch showing another image: questions about the query's own
-        image would give its answers away), then ``[<image>×k, bos, prompt]`` for the query.
-
-        A query whose batch holds fewer than ``shots`` other images (a short last batch) gets fewer
-        support examples, with a warning.
-        """
+        """Interleave ``shots`` support examples before each query, in the training token layout
+        (:func:`mmlm.fewshot.few_shot_rows`: the next examples of the batch that show another image)."""
         prefix = self.encode_images(batch.pixels)
-        k = prefix.shape[1]
-        slots = torch.full((k,), self.image_token_id, dtype=batch.input_ids.dtype, device=self.device)
-        rows, order = [], []
-        for i in range(len(batch)):
-            support = support_examples(batch.pixels, i, shots)
-            if len(support) < shots:
-                rank_zero_warn(f"few-shot evaluation: a batch of {len(batch)} gave a query only {len(support)} of "
-                               f"{shots} support examples of other images (raise data.batch_size)")
-            parts = [torch.cat([slots, batch.input_ids[j][batch.attention_mask[j].bool()]]) for j in support]
-            parts.append(torch.cat([slots, batch.prompt_ids[i][batch.prompt_mask[i].bool()]]))
-            rows.append(torch.cat(parts))
-            order += support + [i]
-        ids, mask = left_pad(rows, self.tokenizer.pad_token_id)
-        images = prefix[torch.tensor(order, device=prefix.device)]
+        rows = few_shot_rows(batch, shots, prefix.shape[1], self.image_token_id)
+        ids, mask = left_pad(rows.ids, self.tokenizer.pad_token_id)
+        images = prefix[torch.tensor(rows.images, device=prefix.device)]
         embeds = splice(self.language_model.embed(ids), ids, self.image_token_id, images)
         return self.decode(self.language_model.generate(embeds, mask, self.generation))
-
-
-def support_examples(pixels: torch.Tensor, query: int, shots: int) -> list[int]:
-    """Up to ``shots`` indices after ``query`` (cyclically) whose image differs from the query's.
-
-    Args:
-        pixels: ``[B, 3, H, W]`` batch images.
-        query: index of the query example.
-        shots: support examples wanted.
-    """
-    size = pixels.shape[0]
-    others = [(query + s) % size for s in range(1, size)]
-    return [j for j in others if not torch.equal(pixels[j], pixels[query])][:shots]

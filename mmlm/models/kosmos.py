@@ -19,6 +19,7 @@ from torch import nn
 from mmlm.batch import SentenceBatch
 from mmlm.connectors import Resampler
 from mmlm.encoders.base import VisionEncoder
+from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator
 from mmlm.language.base import LanguageModel
 from mmlm.models.base import MultimodalModule
 from mmlm.sentences import Span, fill_spans, kosmos_image_marker, placeholder_ids, special_tokens
@@ -53,6 +54,7 @@ class Kosmos1(MultimodalModule):
             language_model.resize_token_embeddings(len(self.tokenizer))
         self.placeholder_ids = placeholder_ids(self.tokenizer, [self.image_marker])
         self.stop_strings = tuple(stop_strings)
+        self.evaluation = Evaluation(LossEvaluator(), GenerationEvaluator())
 
     def _connector_length(self) -> int:
         """M: the connector's output length on one probe image's tokens."""

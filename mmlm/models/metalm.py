@@ -26,11 +26,12 @@ from mmlm.batch import Batch
 from mmlm.connectors import MLP
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
 from mmlm.encoders.text import TextEncoder
+from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator
+from mmlm.fewshot import few_shot_rows
 from mmlm.fusion import left_pad, prepend_placeholders, splice
 from mmlm.language.base import LanguageModel
 from mmlm.losses import IGNORE_INDEX
 from mmlm.models.base import MultimodalModule
-from mmlm.models.frozen import support_examples
 from mmlm.semicausal import dock, pack_spans, runs_to_span_ids, sample_prefix_spans, sample_spans, span_labels
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
 
@@ -71,6 +72,7 @@ class MetaLM(MultimodalModule):
         self.vision_connector = None if vision_encoder is None else vision_connector(vision_encoder.width, width)
         self.text_connector = None if text_encoder is None else text_connector(text_encoder.width, width)
         self.eval_shots = eval_shots
+        self.evaluation = Evaluation(LossEvaluator(), GenerationEvaluator())
         if init_from is not None:
             self.load_state_dict(torch.load(init_from, map_location="cpu", weights_only=False)["state_dict"])
 
@@ -147,35 +149,13 @@ class MetaLM(MultimodalModule):
         """In-context learning: ``shots`` encoded demonstrations (image, input span, causal answer) before each query."""
         images = self.encode_images(batch.pixels)
         slots = images.shape[1] if images is not None else 0
-        rows, inputs, order = [], [], []
-        for i in range(len(batch)):
-            support = support_examples(batch.pixels, i, shots)
-            parts = [self._demonstration(batch, j, slots) for j in support] + [self._query(batch, i, slots)]
-            rows.append(torch.cat([p[0] for p in parts]))
-            inputs.append(torch.cat([p[1] for p in parts]))
-            order += support + [i]
-        ids, mask = left_pad(rows, self.tokenizer.pad_token_id)
-        is_input, _ = left_pad([flag.long() for flag in inputs], 0)
+        rows = few_shot_rows(batch, shots, slots, self.image_token_id)
+        ids, mask = left_pad(rows.ids, self.tokenizer.pad_token_id)
+        is_input, _ = left_pad([flag.long() for flag in rows.is_input], 0)
         spans = self.input_spans(ids, mask, is_input)
-        picked = None if images is None else images[torch.tensor(order, device=images.device)]
+        picked = None if images is None else images[torch.tensor(rows.images, device=images.device)]
         embeds = self.docked_embeddings(ids, spans, picked)
         return self.decode(self.language_model.generate(embeds, mask, self.generation))
-
-    def _demonstration(self, batch: Batch, j: int, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ids, is_input)`` of ``[<image>×M] bos prompt target eos`` for example ``j`` (the prompt is the input)."""
-        real = batch.attention_mask[j].bool()
-        ids, is_input = batch.input_ids[j][real], (batch.labels[j][real] == IGNORE_INDEX)
-        return self._with_slots(ids, is_input, slots)
-
-    def _query(self, batch: Batch, i: int, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ids, is_input)`` of ``[<image>×M] bos prompt`` for query ``i``."""
-        ids = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
-        return self._with_slots(ids, torch.ones_like(ids, dtype=torch.bool), slots)
-
-    def _with_slots(self, ids: torch.Tensor, is_input: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefix ``slots`` ``<image>`` ids (not input: images are docked by ``splice``)."""
-        image = ids.new_full((slots,), self.image_token_id)
-        return torch.cat([image, ids]), torch.cat([torch.zeros(slots, dtype=torch.bool, device=ids.device), is_input])
 
 
 class MetaLMPretraining(MetaLM):

@@ -20,14 +20,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchmetrics import Metric
 
 from mmlm.batch import SentenceBatch
 from mmlm.connectors import MLP
 from mmlm.connectors.state import ObjectTokens, StateTokens
 from mmlm.encoders.base import VisionEncoder
+from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator, PlanScorer, VQAScorer
 from mmlm.language.base import LanguageModel
-from mmlm.metrics.plans import PlanAccuracy
 from mmlm.models.base import MultimodalModule
 from mmlm.sentences import Marker, fill_spans, placeholder_ids, special_tokens
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
@@ -82,7 +81,7 @@ class PaLME(MultimodalModule):
         self.placeholder_ids = placeholder_ids(self.tokenizer, self.markers)
         if len(self.tokenizer) > language_model.vocab_size:
             language_model.resize_token_embeddings(len(self.tokenizer))  # a frozen LM stays frozen
-        self.plan_metric = PlanAccuracy()
+        self.evaluation = Evaluation(LossEvaluator(), GenerationEvaluator([VQAScorer(), PlanScorer()]))
 
     # --- modality embeddings ---------------------------------------------------------------------
     def modality_embeddings(self, batch: SentenceBatch) -> dict[str, torch.Tensor]:
@@ -117,14 +116,3 @@ class PaLME(MultimodalModule):
             raise ValueError("PaLME.generate_text needs prompt_ids (an evaluation batch)")
         embeds = self.sentence_embeddings(batch.prompt_ids, batch.prompt_spans, self.modality_embeddings(batch))
         return self.decode(self.language_model.generate(embeds, batch.prompt_mask, self.generation))
-
-    # --- evaluation: VQA rows and plan rows ------------------------------------------------------
-    def evaluation_metrics(self) -> dict[str, Metric]:
-        """VQA accuracy and plan exact match / step accuracy (``{stage}/plan_exact``, ``{stage}/plan_step_acc``)."""
-        return {"vqa": self.vqa_metric, "plan": self.plan_metric}
-
-    def prediction_row(self, task: str, sample_id: str, text: str, references: list[str]) -> dict[str, Any]:
-        """VQA rows in the VQAv2 result format; plan rows as ``{"id", "plan", "reference"}``."""
-        if task == "plan":
-            return {"id": sample_id, "plan": text, "reference": references[0] if references else ""}
-        return super().prediction_row(task, sample_id, text, references)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from mmlm.batch import Batch
+from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator
 from mmlm.language.base import LanguageModel
 from mmlm.models.base import MultimodalModule
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
@@ -40,6 +41,7 @@ class CausalLMPretraining(MultimodalModule):
         if len(self.tokenizer) > language_model.vocab_size:
             language_model.resize_token_embeddings(len(self.tokenizer))
         self.export_dir = export_dir
+        self.evaluation = Evaluation(LossEvaluator(), GenerationEvaluator())  # the blind-LM baseline
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
         """Next-token cross-entropy over all non-padding tokens of ``input_ids [B, T]``."""

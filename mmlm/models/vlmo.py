@@ -161,15 +161,9 @@ class VLMOModule(MultimodalModule):
         """BERT 80/10/10 masking (:func:`mmlm.masking.mask_tokens`) → ``(masked_ids, labels) [B, T]``."""
         return mask_tokens(ids, self.maskable(ids, mask), self.mask_id, len(self.tokenizer), prob)
 
-    # --- evaluation: losses only (tasks override) ------------------------------------------------------
+    # --- evaluation: the base's loss evaluator; stage 3 and the tasks compose their own --------------
     def generate_text(self, batch: Any) -> list[str]:
         raise NotImplementedError(f"{type(self).__name__} does not generate text (VLMO is an encoder)")
-
-    def _evaluate(self, batch: Any, stage: str) -> None:
-        self.log(f"{stage}/loss", self.training_loss(batch), batch_size=len(batch), sync_dist=True)
-
-    def _finish_evaluation(self, stage: str) -> None:
-        self._log_skipped()
 
     def log_terms(self, terms: dict[str, Tensor], stage: str, size: int) -> None:
         """Log each loss term as ``{stage}/{name}`` (no-op without a trainer)."""

@@ -16,10 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import BinaryAccuracy
 
-from mmlm.metrics.vqa import normalize_answer, vqa_accuracy
-from mmlm.models.base import MultimodalModule
+from mmlm.evaluation import ClassificationEvaluator, Evaluation, GenerationEvaluator, LossEvaluator, VQAScorer
+from mmlm.metrics.vqa import normalize_answer, vqa_accuracy_normalized
 from mmlm.models.vlmo import VLMOModule
 
 #: Pre-training heads a fine-tuning task drops when it starts from a stage-3 (or earlier) checkpoint.
@@ -44,12 +43,13 @@ def build_answer_vocab(answer_lists: Sequence[Sequence[str]], min_count: int = 1
 
 
 def vqa_soft_targets(references: Sequence[Sequence[str]], index: dict[str, int], device: Any = None) -> Tensor:
-    """``[B, A]`` VQA-score targets: entry ``(i, a)`` is the official VQA accuracy of answering ``a`` to question
-    ``i`` (leave-one-out over its human answers); answers outside the vocabulary get no target."""
+    """``[B, A]`` VQA-score targets: entry ``(i, a)`` is the VQA accuracy of answering ``a`` to question ``i``
+    (leave-one-out over its human answers, both sides normalised as the vocabulary is:
+    :func:`~mmlm.metrics.vqa.vqa_accuracy_normalized`); answers outside the vocabulary get no target."""
     targets = torch.zeros(len(references), len(index), device=device)
     for row, answers in enumerate(references):
         for answer in {normalize_answer(a) for a in answers} & index.keys():
-            targets[row, index[answer]] = vqa_accuracy(answer, answers)
+            targets[row, index[answer]] = vqa_accuracy_normalized(answer, answers)
     return targets
 
 
@@ -88,6 +88,7 @@ class VLMOVQA(VLMOModule):
         self.answer_index = {a: i for i, a in enumerate(self.answers)}
         dim = self.transformer.dim
         self.vqa_head = classifier_head(dim, len(self.answers), 2 * dim)
+        self.evaluation = Evaluation(LossEvaluator(), GenerationEvaluator([VQAScorer()]))
         self.finish_init()
 
     def logits(self, batch: Any) -> Tensor:
@@ -104,10 +105,6 @@ class VLMOVQA(VLMOModule):
     def generate_text(self, batch: Any) -> list[str]:
         """The highest-scoring answer of each question."""
         return [self.answers[i] for i in self.logits(batch).argmax(dim=-1).tolist()]
-
-    # Evaluation as every generative family: loss, predictions, official VQA accuracy, predictions files.
-    _evaluate = MultimodalModule._evaluate
-    _finish_evaluation = MultimodalModule._finish_evaluation
 
 
 class VLMONLVR2(VLMOModule):
@@ -126,7 +123,7 @@ class VLMONLVR2(VLMOModule):
         self.save_hyperparameters()
         dim = self.transformer.dim
         self.nlvr2_head = classifier_head(2 * dim, 2, 2 * dim)
-        self.accuracy = BinaryAccuracy()
+        self.evaluation = Evaluation(ClassificationEvaluator())
         self.finish_init()
 
     def logits(self, batch: Any) -> Tensor:
@@ -139,14 +136,6 @@ class VLMONLVR2(VLMOModule):
     def training_loss(self, batch: Any) -> Tensor:
         return F.cross_entropy(self.logits(batch).float(), batch.targets)
 
-    def _evaluate(self, batch: Any, stage: str) -> None:
-        logits = self.logits(batch)
-        self.log(f"{stage}/loss", F.cross_entropy(logits.float(), batch.targets), batch_size=len(batch),
-                 sync_dist=True)
-        self.accuracy.update(logits.argmax(dim=-1), batch.targets)
-
-    def _finish_evaluation(self, stage: str) -> None:
-        if self.accuracy.update_called:
-            self.log(f"{stage}/accuracy", self.accuracy.compute())
-        self.accuracy.reset()
-        self._log_skipped()
+    def classify(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(logits [B, 2], targets [B])`` for :class:`~mmlm.evaluation.ClassificationEvaluator`."""
+        return self.logits(batch), batch.targets

@@ -200,17 +200,23 @@ def test_bf16_autocast_training_step_is_finite(tokenizer_dir):
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_docvqa_answers_are_scored_beside_their_question(tokenizer_dir, monkeypatch):
-    """Generation returns only the answer; evaluation parses prompt + answer, so a right answer scores TED 1."""
+def test_docvqa_answers_are_parsed_beside_their_question_and_scored_alone(tokenizer_dir, monkeypatch, tmp_path):
+    """Generation returns only the answer; evaluation parses prompt + answer as Donut does and scores the answer
+    alone: ANLS and exact match 1 for the right answer, 0 for a wrong one (whole-JSON TED gave it 0.84)."""
+    from mmlm.evaluation import ResultFiles
+
     model = make_donut(tokenizer_dir)
     model.add_tokens(["<s_docvqa>", "<s_question>", "</s_question>", "<s_answer>", "</s_answer>"])
     tok = model.tokenizer
     prompt = tok("<s_docvqa><s_question>Total</s_question><s_answer>", add_special_tokens=False).input_ids
-    batch = doc_batch(model, [{"total": "12.50"}])
-    batch.prompt_ids, batch.prompt_mask = torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long)
-    batch.references = [[json.dumps({"question": "Total", "answer": "12.50"})]]
-    monkeypatch.setattr(model, "log", lambda *args, **kwargs: None)
-    monkeypatch.setattr(model, "generate_text", lambda batch: ["12.50</s_answer>"])
-    model._evaluate(batch, "val")
-    assert model._documents[-1]["prediction"] == {"question": "Total", "answer": "12.50"}
-    assert model.document_metric.compute()["ted_accuracy"].item() == pytest.approx(1.0)
+    batch = doc_batch(model, [{"total": "12.50"}] * 2)
+    batch.prompt_ids, batch.prompt_mask = torch.tensor([prompt] * 2), torch.ones(2, len(prompt), dtype=torch.long)
+    batch.references = [[json.dumps({"question": "Total", "answer": "12.50"})]] * 2
+    batch.tasks = ["docvqa"] * 2
+    answers = [tok(a, add_special_tokens=False, return_tensors="pt").input_ids[0] for a in ("12.50</s_answer>", "7")]
+    monkeypatch.setattr(model, "generate_ids", lambda b: [(b.prompt_ids[i], answers[i]) for i in range(2)])
+    (evaluator,) = [e for e in model.evaluation.evaluators if type(e).__name__ == "DocumentEvaluator"]
+    rows = evaluator.step(model, batch, "val").rows
+    assert rows[0]["prediction"] == {"question": "Total", "answer": "12.50"} and rows[1]["prediction"] == {"question": "Total"}
+    metrics = evaluator.finish(model, "val", ResultFiles(tmp_path, "val", 0))
+    assert metrics == {"anls": 0.5, "exact_match": 0.5}  # the unclosed answer of row 1 is no answer: 0, not 0.79

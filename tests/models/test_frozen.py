@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+import mmlm.fewshot as fewshot
 import mmlm.models.frozen as frozen_module
 from datamodules import ImageTextDataModule, Source
 from mmlm.connectors import MLP
@@ -156,9 +157,9 @@ def test_few_shot_with_too_few_other_images_warns_and_still_answers(make_frozen,
 
 def test_few_shot_support_never_shows_the_query_image():
     pixels = torch.stack([torch.zeros(3, 2, 2), torch.zeros(3, 2, 2), torch.ones(3, 2, 2), torch.ones(3, 2, 2) * 2])
-    assert frozen_module.support_examples(pixels, 0, shots=2) == [2, 3]  # 1 shows the same image as 0
-    assert frozen_module.support_examples(pixels, 2, shots=3) == [3, 0, 1]
-    assert frozen_module.support_examples(pixels[:2], 0, shots=1) == []
+    assert fewshot.support_examples(pixels, 0, shots=2) == [2, 3]  # 1 shows the same image as 0
+    assert fewshot.support_examples(pixels, 2, shots=3) == [3, 0, 1]
+    assert fewshot.support_examples(pixels[:2], 0, shots=1) == []
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -182,8 +183,12 @@ def test_validate_writes_predictions_in_the_official_formats(make_frozen, shapes
     assert vqa[0]["question_id"].startswith("val-") and captions[0]["image_id"].startswith("val-")
     for kind in ("vqa", "caption"):
         settings = json.loads((out / f"val-{kind}-step0.generation.json").read_text())
-        assert settings == {"generation": {"max_new_tokens": 3, "num_beams": 1, "length_penalty": 1.0,
-                                           "min_new_tokens": 0, "repetition_penalty": 1.0}, "count": 4}
+        assert settings["generation"] == {"max_new_tokens": 3, "num_beams": 1, "length_penalty": 1.0,
+                                          "min_new_tokens": 0, "repetition_penalty": 1.0} and settings["count"] == 4
+    assert json.loads((out / "val-caption-step0.generation.json").read_text())["tokenizer"] in ("ptb", "python")
+    accuracy = json.loads((out / "val-vqa-step0.accuracy.json").read_text())  # the official VQAEval.accuracy dict
+    assert set(accuracy) == {"overall", "perQuestionType", "perAnswerType"}
+    assert abs(accuracy["overall"] - 100 * metrics[0]["val/vqa_acc"]) <= 0.006  # rounded to 2 digits as VQAEval
 
 
 def test_predict_returns_and_writes_generated_text(make_frozen, shapes_data, tmp_path):

@@ -8,9 +8,9 @@ from torch.testing import assert_close
 
 from mmlm.encoders import TimmEncoder
 from mmlm.encoders.text import TransformerTextEncoder
+from mmlm.fewshot import support_examples
 from mmlm.language import GenerationConfig, HFCausalLM, SubLNDecoder
 from mmlm.losses import IGNORE_INDEX
-from mmlm.models.frozen import support_examples
 from mmlm.models.metalm import MetaLM, MetaLMPretraining
 from mmlm.semicausal import semicausal_mask
 

@@ -1,0 +1,132 @@
+"""Document understanding (Donut) scored as Donut's own evaluation scores it.
+
+Per batch the module's ``generate_sequences(batch)`` gives each document's decoded sequence, prompt included
+(``<s_cord-v2>…`` / ``<s_docvqa><s_question>…</s_question><s_answer>…</s_answer>``), the text Donut's inference
+parses. Validation and test parse it as Donut does (:func:`mmlm.json_tokens.donut_prediction`: first tag dropped,
+then ``token2json`` semantics; categorical leaves need the tokenizer's added vocabulary), ``predict`` with the
+lenient :func:`mmlm.json_tokens.tokens_to_json`. Scores by task (``batch.tasks``, the datamodule's task names):
+
+* ``docvqa``: the predicted ``answer`` only, against every ground-truth answer: ANLS (threshold 0.5, the DocVQA
+  definition) and exact match (Donut's ``test.py``) → ``anls``, ``exact_match``;
+* ``rvlcdip``: the predicted ``class`` equals the ground truth's (Donut's ``test.py``) → ``class_accuracy``, and TED;
+* every other task (extraction, reading): TED accuracy (Donut's ``JSONParseEvaluator.cal_acc``, best over the
+  ground-truth parses), field F1 (``cal_f1``, micro over the set) and normalised edit distance → ``ted_accuracy``,
+  ``f1``, ``ned``.
+
+Files (rank 0): ``{stage}-documents-step{N}.jsonl`` (one row per document: ``id``, ``key``, ``task``, ``text``,
+``prediction`` and, when known, ``references``), one JSON per document in ``{stage}-documents-step{N}/{id}.json``,
+the decoding settings in ``….generation.json`` and the scores in ``….scores.json``. Shape legend: B batch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from torch import Tensor
+
+from mmlm.distributed import gather_objects
+from mmlm.evaluation.base import Evaluator, ResultFiles, StepOutput
+from mmlm.json_tokens import donut_prediction, tokens_to_json
+from mmlm.metrics.documents import (
+    answer_text,
+    f1_from_counts,
+    reference_answers,
+    score_answer,
+    score_document,
+)
+
+#: Tasks scored on their answer (ANLS, exact match) rather than their whole JSON.
+ANSWER_TASKS = ("docvqa",)
+#: Tasks scored on their class (Donut's RVL-CDIP accuracy) as well as TED.
+CLASS_TASKS = ("rvlcdip",)
+
+
+def file_name(doc_id: Any) -> str:
+    """A safe file name for a document id (path separators and odd characters become ``_``)."""
+    return re.sub(r"[^\w.\-]+", "_", str(doc_id)).strip(".") or "_"
+
+
+def document_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """TED accuracy, field F1 and NED over the JSON-scored rows (``{}`` when there is none)."""
+    scored = [score_document(r["prediction"], r["references"]) for r in rows]
+    if not scored:
+        return {}
+    count = len(scored)
+    return {"ted_accuracy": sum(s.ted_accuracy for s in scored) / count,
+            "f1": f1_from_counts(sum(s.tp for s in scored), sum(s.fn_or_fp for s in scored)),
+            "ned": sum(s.ned for s in scored) / count}
+
+
+def answer_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean ANLS and exact match of the rows' predicted answers (``{}`` when there is none)."""
+    scored = [score_answer(answer_text(r["prediction"]), reference_answers(r["references"])) for r in rows]
+    if not scored:
+        return {}
+    return {name: sum(s[name] for s in scored) / len(scored) for name in ("anls", "exact_match")}
+
+
+def class_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Share of rows whose predicted ``class`` is the ground truth's (``{}`` when there is none)."""
+    if not rows:
+        return {}
+    hits = [answer_text(r["prediction"], "class") in reference_answers(r["references"], "class") for r in rows]
+    return {"class_accuracy": sum(hits) / len(hits)}
+
+
+def scores(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Every score of the labelled rows, each task by its protocol (see the module docstring)."""
+    labelled = [r for r in rows if r.get("references")]
+    answers = [r for r in labelled if r["task"] in ANSWER_TASKS]
+    documents = [r for r in labelled if r["task"] not in ANSWER_TASKS]
+    classes = [r for r in labelled if r["task"] in CLASS_TASKS]
+    return {**document_scores(documents), **answer_scores(answers), **class_scores(classes)}
+
+
+class DocumentEvaluator(Evaluator):
+    """Generate, parse and score documents as Donut (see the module docstring).
+
+    The module provides ``generate_sequences(batch) -> list[str]`` (prompt + generation, tags kept, no eos/pad) and a
+    ``tokenizer`` (its added vocabulary decides which ``<x/>`` leaves are categories).
+    """
+
+    main_metric = "ted_accuracy"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rows: list[dict[str, Any]] = []
+
+    def step(self, module: Any, batch: Any, stage: str) -> StepOutput:
+        sequences = module.generate_sequences(batch)
+        vocab = set(module.tokenizer.get_added_vocab())
+        rows = []
+        for i, sequence in enumerate(sequences):
+            parsed = tokens_to_json(sequence) if stage == "predict" else donut_prediction(sequence, vocab)
+            row = {"id": batch.ids[i] if batch.ids else batch.keys[i], "key": batch.keys[i] if batch.keys else "",
+                   "task": batch.tasks[i] if batch.tasks else "", "text": sequence, "prediction": parsed}
+            if batch.references and batch.references[i]:
+                row["references"] = [json.loads(r) for r in batch.references[i]]
+            rows.append(row)
+        self._rows += rows
+        return StepOutput(rows=[{"id": r["id"], "task": r["task"], "prediction": r["prediction"]} for r in rows])
+
+    def finish(self, module: Any, stage: str, files: ResultFiles) -> dict[str, Tensor | float]:
+        rows, self._rows = gather_objects(self._rows), []
+        if not rows:
+            return {}
+        files.write_jsonl("documents", rows)
+        folder = files.path("documents", "")
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            for row in rows:
+                (folder / f"{file_name(row['id'])}.json").write_text(
+                    json.dumps(row["prediction"], ensure_ascii=False, indent=1), encoding="utf-8")
+        files.write_settings("documents", len(rows), parser="tokens_to_json" if stage == "predict" else "token2json")
+        if stage == "predict":
+            return {}
+        metrics = scores(rows)
+        if metrics:
+            files.write_json("documents", metrics, ".scores.json")
+        self.main_metric = "ted_accuracy" if "ted_accuracy" in metrics else "anls"
+        return metrics
