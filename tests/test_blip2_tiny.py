@@ -40,7 +40,8 @@ def test_blip2_tiny_runs_both_stages_and_prints_the_table(tmp_path, capsys, monk
 
 
 def test_eval_vqav2_zeroshot_config_runs_from_hf_on_a_tiny_checkpoint(shapes_data, tmp_path, monkeypatch):
-    """The real-size zero-shot VQA config (``class_path: mmlm.models.Blip2.from_hf``, beam 5, length penalty 0 as LAVIS for OPT)
+    """The real-size zero-shot VQA config (``class_path: mmlm.models.Blip2.from_hf``, beam 5,
+    length penalty 0 as LAVIS for OPT)
     validated on CPU with a random tiny ``Blip2ForConditionalGeneration`` directory and the shapes VQA shards."""
     import torch
     import yaml
@@ -75,7 +76,8 @@ def test_eval_vqav2_zeroshot_config_runs_from_hf_on_a_tiny_checkpoint(shapes_dat
                  "--data.init_args.num_workers", "0"]) == 0
     settings = json.loads((root / "predictions" / "val-vqa-step0.generation.json").read_text())
     assert settings["generation"] == {"max_new_tokens": 10, "num_beams": 5, "length_penalty": 0.0,
-                                      "min_new_tokens": 1, "repetition_penalty": 1.0}
+                                      "min_new_tokens": 1, "repetition_penalty": 1.0, "do_sample": False,
+                                      "temperature": 1.0, "top_k": 0, "top_p": 1.0}
     rows = json.loads((root / "predictions" / "val-vqa-step0.json").read_text())
     assert len(rows) == 4 and all(isinstance(row["answer"], str) for row in rows)
     declared = yaml.safe_load((SCRIPT.parents[1] / "configs" / "blip2" / "eval_vqav2_zeroshot.yaml").read_text())

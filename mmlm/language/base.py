@@ -6,7 +6,7 @@ Shape legend: B batch, T text tokens, D width, V vocabulary.
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -30,12 +30,27 @@ class LMOutput:
 class GenerationConfig:
     """Decoding settings shared by every generator (saved next to predictions).
 
+    The defaults decode greedily. ``do_sample=True`` draws each token from the model's distribution after
+    ``temperature``, then ``top_k``, then ``top_p`` (transformers' order), one hypothesis per row. The draws use
+    torch's global random generator: ``seed_everything`` (the config's ``seed_everything:``) makes a run
+    reproducible for the same world size and batch order; every rank gets the same seed, which is harmless
+    because the ranks decode different prompts.
+
     Attributes:
         max_new_tokens: tokens generated after the prompt.
-        num_beams: 1 is greedy search.
+        num_beams: 1 is greedy search (or sampling); more is beam search, which cannot sample.
         length_penalty: beam-search length penalty (exponent on length).
         min_new_tokens: tokens generated before eos is allowed.
         repetition_penalty: 1.0 disables it.
+        do_sample: sample each token instead of taking the most likely one.
+        temperature: logits are divided by it before sampling (> 0; 1.0 leaves them as they are).
+        top_k: sample among the ``top_k`` most likely tokens only (0 keeps every token).
+        top_p: sample among the most likely tokens whose probabilities add up to ``top_p`` (nucleus sampling,
+            in ``(0, 1]``; 1.0 keeps every token).
+
+    Raises:
+        ValueError: a setting outside its range, a sampling setting without ``do_sample`` (it would be
+            ignored), or ``do_sample`` with ``num_beams > 1``; the message names the field.
     """
 
     max_new_tokens: int = 20
@@ -43,6 +58,73 @@ class GenerationConfig:
     length_penalty: float = 1.0
     min_new_tokens: int = 0
     repetition_penalty: float = 1.0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if (problem := sampling_problem(self)) is not None:
+            raise ValueError(f"GenerationConfig: {problem}")
+
+    @property
+    def sampling_settings(self) -> dict[str, float]:
+        """The :data:`SAMPLING_FIELDS` that differ from their default (which leaves the distribution as it is)."""
+        defaults = {field.name: field.default for field in fields(self)}
+        return {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) != defaults[name]}
+
+
+#: The settings that only act when :attr:`GenerationConfig.do_sample` is true.
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p")
+
+
+def sampling_problem(config: GenerationConfig) -> str | None:
+    """Why the sampling settings of ``config`` cannot be used as given (naming the field), else ``None``."""
+    if not config.temperature > 0:
+        return f"temperature={config.temperature} must be > 0 (the logits are divided by it)"
+    if config.top_k < 0:
+        return f"top_k={config.top_k} must be >= 0 (0 keeps every token)"
+    if not 0 < config.top_p <= 1:
+        return f"top_p={config.top_p} must be in (0, 1] (1.0 keeps every token)"
+    if config.do_sample and config.num_beams > 1:
+        return f"do_sample=True with num_beams={config.num_beams}: sampling draws one hypothesis per row; set num_beams: 1"
+    if not config.do_sample and config.sampling_settings:
+        named = ", ".join(f"{k}={v}" for k, v in config.sampling_settings.items())
+        return (f"{named}: sampling settings have no effect unless do_sample is true "
+                "(set do_sample: true, or leave them at their defaults)")
+    return None
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Sampling filters on ``logits [B, V]``: divide by ``temperature``, then keep the ``top_k`` largest (ties
+    kept), then the smallest set of most likely tokens whose probability reaches ``top_p``; every removed token
+    gets ``-inf``. Neutral values (1.0, 0, 1.0) skip their step. The most likely token is always kept."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        logits = logits.masked_fill(outside_nucleus(logits, top_p), float("-inf"))
+    return logits
+
+
+def outside_nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``[B, V]`` True where a token lies outside the nucleus: the probability of the tokens more likely than it
+    already reaches ``top_p``."""
+    ordered, order = logits.sort(dim=-1, descending=True)
+    probs = ordered.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    return torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
+
+
+def next_tokens(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """``logits [B, V]`` → token ids ``[B]``: the most likely one, or with ``config.do_sample`` a draw (global
+    torch generator) from the distribution left by :func:`filter_logits`."""
+    if not config.do_sample:
+        return logits.argmax(-1)
+    kept = filter_logits(logits.float(), config.temperature, config.top_k, config.top_p)
+    return torch.multinomial(kept.softmax(-1), num_samples=1).squeeze(-1)
 
 
 class LanguageModel(Freezable):

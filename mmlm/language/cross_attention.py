@@ -79,7 +79,7 @@ class CrossAttentionLM(HFLanguageModel):
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
                  encoder_states: torch.Tensor | None = None, **extra: Any) -> torch.Tensor:
-        """Greedy or beam search (KV cache) after the prompt ``inputs_embeds [B, P, D]`` → new ids ``[B, T_new]``.
+        """Greedy, sampled or beam search (KV cache) after the prompt ``inputs_embeds [B, P, D]`` → new ids ``[B, T_new]``.
 
         Positions count from the first prompt column (transformers' BART/MBart take no per-row positions), so
         rows of a batch should have prompts of equal length (``Donut`` groups them). ``extra``: further

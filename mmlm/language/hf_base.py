@@ -15,7 +15,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from mmlm.convert.keys import check_hf_loading_info
 from mmlm.freezing import freeze_, parse_dtype
-from mmlm.hub import require_local
+from mmlm.hub import config_kwargs, require_local
 from mmlm.language.base import GenerationConfig, LanguageModel
 
 SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
@@ -108,10 +108,15 @@ class HFLanguageModel(LanguageModel):
                  dtype: str | None = None, grad_checkpointing: bool = False) -> None:
         super().__init__()
         self.model = load_hf_model(self.auto_class, name_or_path, config, parse_dtype(dtype))
+        self.source = name_or_path
         self.check_model()
         if grad_checkpointing:
             self.model.activation_checkpointing_enable({"use_reentrant": False})
         self.setup_freezing(freeze, dtype)
+
+    def offline_args(self) -> dict[str, Any]:
+        """Built from the model's own config (``config``), no ``name_or_path`` to read weights from."""
+        return {"name_or_path": None, "config": config_kwargs(self.model.config)}
 
     def check_model(self) -> None:
         """Hook for subclasses: raise ``ValueError`` when ``self.model`` cannot serve this adapter."""
@@ -149,14 +154,20 @@ class HFLanguageModel(LanguageModel):
         self.model.save_pretrained(directory)
 
     def generation_kwargs(self, config: GenerationConfig) -> dict[str, Any]:
-        """``GenerationConfig`` → keyword arguments for ``transformers`` ``generate`` (no sampling).
+        """``GenerationConfig`` → keyword arguments for ``transformers`` ``generate``.
 
         Settings not in ``GenerationConfig`` (e.g. ``forced_eos_token_id``) come from the model's own
-        ``generation_config``. Finished rows are padded with the pad id, or eos where there is none.
+        ``generation_config``. With ``do_sample`` the three sampling settings are always passed, so the model's
+        own ``temperature``/``top_k``/``top_p`` (transformers defaults ``top_k`` to 50) never apply unseen;
+        without it they are left out (greedy or beam search, as before). Finished rows are padded with the pad
+        id, or eos where there is none.
         """
         eos = _as_list(self.model.generation_config.eos_token_id)
         pad = self.model.generation_config.pad_token_id
-        return {"max_new_tokens": config.max_new_tokens, "min_new_tokens": config.min_new_tokens,
-                "num_beams": config.num_beams, "length_penalty": config.length_penalty,
-                "repetition_penalty": config.repetition_penalty, "do_sample": False,
-                "num_return_sequences": 1, "pad_token_id": pad if pad is not None else (eos or [0])[0]}
+        kwargs = {"max_new_tokens": config.max_new_tokens, "min_new_tokens": config.min_new_tokens,
+                  "num_beams": config.num_beams, "length_penalty": config.length_penalty,
+                  "repetition_penalty": config.repetition_penalty, "do_sample": config.do_sample,
+                  "num_return_sequences": 1, "pad_token_id": pad if pad is not None else (eos or [0])[0]}
+        if config.do_sample:
+            kwargs |= {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p}
+        return kwargs

@@ -55,7 +55,7 @@ class HFCausalLM(HFLanguageModel):
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                  config: GenerationConfig) -> torch.Tensor:
-        """Greedy or beam search (KV cache) after left-padded ``inputs_embeds [B, T, D]``.
+        """Greedy, sampled or beam search (KV cache) after left-padded ``inputs_embeds [B, T, D]``.
 
         Returns the new token ids ``[B, T_new]`` only, ``T_new <= config.max_new_tokens`` (shorter
         when every row ended with eos); rows that ended early are padded with the pad id. Runs in

@@ -70,7 +70,7 @@ class HFSeq2SeqLM(HFLanguageModel):
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                  config: GenerationConfig) -> torch.Tensor:
-        """Greedy or beam search from encoder ``inputs_embeds [B, T, D]`` (any padding side).
+        """Greedy, sampled or beam search from encoder ``inputs_embeds [B, T, D]`` (any padding side).
 
         Returns the decoder tokens ``[B, T_new]`` without the decoder start token, ``T_new <=
         config.max_new_tokens``; rows that ended early are padded with the pad id. Runs in the

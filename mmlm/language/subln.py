@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmlm.freezing import freeze_
-from mmlm.language.base import GenerationConfig, LanguageModel, LMOutput
+from mmlm.language.base import GenerationConfig, LanguageModel, LMOutput, next_tokens
 from mmlm.language.hf_causal import positions_from_mask
 from mmlm.losses import causal_lm_loss
 from mmlm.masks import packed_causal_mask, segment_positions
@@ -179,7 +179,7 @@ class SubLNBlock(nn.Module):
 
 
 class SubLNDecoder(LanguageModel):
-    """A MAGNETO (Sub-LN) decoder-only LM trained from scratch, with its own greedy/beam generation.
+    """A MAGNETO (Sub-LN) decoder-only LM trained from scratch, with its own greedy/sampling/beam generation.
 
     Args:
         vocab_size: V, rows of the token embedding table.
@@ -354,7 +354,8 @@ class SubLNDecoder(LanguageModel):
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                  config: GenerationConfig) -> torch.Tensor:
-        """Greedy (``num_beams == 1``) or beam search with a KV cache after left-padded ``inputs_embeds [B, T, D]``.
+        """Greedy or sampled (``num_beams == 1``, :meth:`greedy_or_sample`) or beam search with a KV cache after
+        left-padded ``inputs_embeds [B, T, D]``.
 
         Returns the new token ids ``[B, T_new]`` only, ``T_new <= config.max_new_tokens`` (shorter when
         every row ended with eos, which is kept); positions after a row's eos hold ``pad_token_id``.
@@ -362,18 +363,20 @@ class SubLNDecoder(LanguageModel):
         """
         if config.num_beams > 1:
             return self.beam_search(inputs_embeds, attention_mask, config, config.num_beams)
-        return self.greedy_search(inputs_embeds, attention_mask, config)
+        return self.greedy_or_sample(inputs_embeds, attention_mask, config)
 
     @torch.no_grad()
-    def greedy_search(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                      config: GenerationConfig) -> torch.Tensor:
-        """Greedy decoding; arguments and result as :meth:`generate`."""
+    def greedy_or_sample(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                         config: GenerationConfig) -> torch.Tensor:
+        """One hypothesis per row: the most likely token at each step, or with ``config.do_sample`` a draw after
+        temperature, top-k and top-p (:func:`mmlm.language.base.next_tokens`, torch's global generator);
+        arguments and result as :meth:`generate`."""
         eos, pad = self.config["eos_token_id"], self.config["pad_token_id"]
         logits, past = self._prefill(inputs_embeds, attention_mask)
         generated = attention_mask.new_zeros(len(logits), 0, dtype=torch.long)
         done = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
         for step in range(config.max_new_tokens):
-            tokens = self._process(logits, generated, config).argmax(-1).masked_fill(done, pad)
+            tokens = next_tokens(self._process(logits, generated, config), config).masked_fill(done, pad)
             generated = torch.cat([generated, tokens[:, None]], dim=1)
             done |= tokens == eos
             if done.all() or step + 1 == config.max_new_tokens:

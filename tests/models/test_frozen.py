@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 import pytorch_lightning as pl
@@ -183,8 +184,7 @@ def test_validate_writes_predictions_in_the_official_formats(make_frozen, shapes
     assert vqa[0]["question_id"].startswith("val-") and captions[0]["image_id"].startswith("val-")
     for kind in ("vqa", "caption"):
         settings = json.loads((out / f"val-{kind}-step0.generation.json").read_text())
-        assert settings["generation"] == {"max_new_tokens": 3, "num_beams": 1, "length_penalty": 1.0,
-                                          "min_new_tokens": 0, "repetition_penalty": 1.0} and settings["count"] == 4
+        assert settings["generation"] == asdict(generation) and settings["count"] == 4
     assert json.loads((out / "val-caption-step0.generation.json").read_text())["tokenizer"] in ("ptb", "python")
     accuracy = json.loads((out / "val-vqa-step0.accuracy.json").read_text())  # the official VQAEval.accuracy dict
     assert set(accuracy) == {"overall", "perQuestionType", "perAnswerType"}
