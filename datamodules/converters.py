@@ -8,11 +8,14 @@
 - :func:`convert_karpathy`: Karpathy splits (``dataset_coco.json``, ``dataset_flickr30k.json``) →
   caption samples, one per image, all its captions kept (captioning and retrieval).
 
-Every converter writes ``{out}/00000.tar, …`` with keys ``f"{i:09d}"`` through
+Every converter writes ``{out}/00000.tar, …`` with keys ``f"{i:09d}"`` (``i``: the item's position in the input,
+so a skipped item leaves a gap) through
 :class:`~datamodules.shards.ShardWriter`, a ``jpg`` member per sample (JPEG files byte for byte,
 other formats re-encoded as RGB JPEG), a ``json`` member (plus ``txt`` for captions) and
 ``{out}/summary.json``; unusable inputs (missing image file, question without annotation, …) are
-skipped and counted by reason, never a crash. See ``docs/data-formats.md``.
+skipped and counted by reason, never a crash. The item builders (:func:`vqav2_items`, :func:`gqa_items`,
+:func:`karpathy_items`) and :func:`item_sample` also serve the raw files directly (:mod:`datamodules.raw`), giving
+the same samples byte for byte. See ``docs/data-formats.md``.
 """
 
 from __future__ import annotations
@@ -89,7 +92,11 @@ def image_member(path: Path) -> bytes:
 
 
 def item_sample(item: Item, read: Callable[[Path], bytes], index: int) -> tuple[dict[str, Any] | None, str, str]:
-    """``(sample, "", "")`` for a usable item, else ``(None, reason, detail)``."""
+    """``(sample, "", "")`` for a usable item, else ``(None, reason, detail)``.
+
+    The sample (key ``f"{index:09d}"``, ``index`` = the item's position in its input) is what a shard holds and
+    what :mod:`datamodules.raw` serves for the raw files, so both give the same bytes.
+    """
     if item.skip:
         return None, item.skip, item.detail
     try:
@@ -122,8 +129,8 @@ def write_items(items: Sequence[Item], out: str | Path, info: dict[str, Any], sh
     sink, skipped, examples = ShardWriter(out, shard_size), Counter(), []
     sink.remove_stale()
     read = functools.lru_cache(maxsize=IMAGE_CACHE)(image_member)
-    for item in track(items, description=f"writing shards to {out}", disable=not progress):
-        sample, reason, detail = item_sample(item, read, sink.count)
+    for index, item in enumerate(track(items, description=f"writing shards to {out}", disable=not progress)):
+        sample, reason, detail = item_sample(item, read, index)
         if sample is None:
             skipped[reason] += 1
             examples += [{"item": detail, "reason": reason}] if len(examples) < MAX_EXAMPLES else []
@@ -226,6 +233,16 @@ def convert_vqav2(questions_json: str | Path, annotations_json: str | Path | Non
         ``missing_annotation``, ``missing_question``, ``missing_image_id``.
     """
     data = load_json(questions_json, "VQA questions file")
+    items, info = vqav2_items(data, questions_json, annotations_json, image_dir, image_pattern, split)
+    return write_items(items, out, info, shard_size, progress)
+
+
+def vqav2_items(data: Any, questions_json: str | Path, annotations_json: str | Path | None, image_dir: str | Path,
+                image_pattern: str = VQA_IMAGE_PATTERN, split: str | None = None) -> tuple[list[Item], dict[str, Any]]:
+    """The items (one per question, in file order) and summary info of a parsed VQA questions file ``data``.
+
+    Arguments as :func:`convert_vqav2`; shared by it and the raw reader (:mod:`datamodules.raw`).
+    """
     rows = vqa_questions(data, questions_json)
     split = split if split is not None else vqa_image_split(str(data.get("data_subtype") or ""))
     if "{split" in image_pattern and not split:
@@ -236,7 +253,7 @@ def convert_vqav2(questions_json: str | Path, annotations_json: str | Path | Non
     info = {"format": "vqav2", "input": str(questions_json),
             "annotations": None if annotations_json is None else str(annotations_json),
             "image_root": str(root), "split": split}
-    return write_items(items, out, info, shard_size, progress)
+    return items, info
 
 
 # -- GQA --------------------------------------------------------------------------------------------
@@ -273,12 +290,17 @@ def convert_gqa(questions_json: str | Path, image_dir: str | Path, out: str | Pa
         The summary (see :func:`write_items`) with ``format``, ``input`` and ``image_root``.
     """
     data = load_json(questions_json, "GQA questions file")
+    items, info = gqa_items(data, questions_json, image_dir)
+    return write_items(items, out, info, shard_size, progress)
+
+
+def gqa_items(data: Any, questions_json: str | Path, image_dir: str | Path) -> tuple[list[Item], dict[str, Any]]:
+    """The items (one per question, in file order) and summary info of a parsed GQA questions file ``data``."""
     if not isinstance(data, dict):
         raise ValueError(f"GQA questions file {str(questions_json)!r} is not a {{question_id: question}} object")
     root = Path(image_dir)
     items = [gqa_item(str(qid), row, root) for qid, row in data.items()]
-    info = {"format": "gqa", "input": str(questions_json), "image_root": str(root)}
-    return write_items(items, out, info, shard_size, progress)
+    return items, {"format": "gqa", "input": str(questions_json), "image_root": str(root)}
 
 
 # -- Karpathy splits (COCO, Flickr30k) --------------------------------------------------------------
@@ -343,8 +365,18 @@ def convert_karpathy(karpathy_json: str | Path, image_root: str | Path, out: str
         The summary (see :func:`write_items`) with ``format``, ``input``, ``dataset``, ``image_root``
         and ``splits``. Skip reasons: ``missing_image``, ``bad_image``, ``no_captions``, ``missing_file_name``.
     """
-    splits = karpathy_splits(split)
     data = load_json(karpathy_json, "Karpathy split file")
+    items, info = karpathy_items(data, karpathy_json, image_root, split, per_caption)
+    return write_items(items, out, info, shard_size, progress)
+
+
+def karpathy_items(data: Any, karpathy_json: str | Path, image_root: str | Path, split: str | Sequence[str] = "test",
+                   per_caption: bool = False) -> tuple[list[Item], dict[str, Any]]:
+    """The items (images of the chosen splits, in file order) and summary info of a parsed Karpathy split file.
+
+    Arguments as :func:`convert_karpathy`; shared by it and the raw reader (:mod:`datamodules.raw`).
+    """
+    splits = karpathy_splits(split)
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise ValueError(f"Karpathy split file {str(karpathy_json)!r} has no 'images' list")
@@ -354,4 +386,4 @@ def convert_karpathy(karpathy_json: str | Path, image_root: str | Path, out: str
         items = [one for item in items for one in per_caption_items(item)]
     info = {"format": "karpathy", "input": str(karpathy_json), "dataset": data.get("dataset"),
             "image_root": str(root), "splits": list(splits), "per_caption": per_caption}
-    return write_items(items, out, info, shard_size, progress)
+    return items, info

@@ -1,8 +1,10 @@
 """Document understanding data (Donut): Donut folders or shards → :class:`mmlm.batch.Batch`.
 
-A source is a Donut folder (``metadata.jsonl`` + images; read directly), a folder of shards
-(``*.tar`` + ``special_tokens.json``) or shard urls (pattern, glob, list). Both kinds yield the
-same raw samples (see :mod:`datamodules.document_tools`), so they give identical batches.
+A source is a Donut folder (``metadata.jsonl`` + images; read directly), a plain folder of images
+(prediction: every image is a document with the bare task prompt), a folder of shards (``*.tar`` +
+``special_tokens.json``) or shard urls (pattern, glob, list). Folders are served to webdataset as chunk
+urls (:mod:`datamodules.raw`) and yield the same raw samples as the converted shards (see
+:mod:`datamodules.document_tools`), so they give identical batches.
 
 Shape legend: B batch, T text tokens, P prompt tokens, H/W the model's input size.
 
@@ -19,18 +21,15 @@ parse at random per sample (Donut); evaluation uses the first.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
-import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from webdataset.gopen import gopen_schemes
 
 from datamodules.base import ShardPipeline, SkipSample, WebDataModule, check_local_shards, expand_urls
 from datamodules.collate import Example, pad_id, pad_left, pad_right, sequence, token_ids
@@ -38,15 +37,13 @@ from datamodules.document_tools import (
     IMAGE_EXTENSIONS,
     METADATA,
     SPECIAL_TOKENS_FILE,
-    MetadataLine,
-    chunk_tar,
     parse_ground_truth,
     read_metadata,
-    read_span,
     record_parses,
 )
 from datamodules.document_transforms import DocumentTransform
 from datamodules.image_text import json_field
+from datamodules.raw import RawSpec, chunked, folder_images, raise_if_skipped
 from mmlm.batch import Batch
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.json_tokens import json_to_tokens, special_tokens, task_sequence
@@ -61,7 +58,8 @@ class DocumentSource:
     """One document data set.
 
     Attributes:
-        path: a Donut folder, a folder of shards, or shard urls (brace pattern, glob or list).
+        path: a Donut folder (``metadata.jsonl`` + images), a plain folder of images (no ground truth: prediction
+            with the bare task prompt), a folder of shards, or shard urls (brace pattern, glob or list).
         task: task name (``"cord-v2"`` → start token ``<s_cord-v2>``) or the start token itself.
         prompt_end: the prompt runs up to and including this tag (DocVQA: ``"<s_answer>"``).
         weight: mixing weight among training sources.
@@ -78,11 +76,26 @@ class DocumentSource:
         return self.task if self.task.startswith("<") else f"<s_{self.task}>"
 
     @property
+    def layout(self) -> str:
+        """``"donut-folder"`` (``metadata.jsonl`` inside), ``"image-folder"`` (images, no ``*.tar``) or ``"shards"``."""
+        if not isinstance(self.path, str) or not Path(self.path).is_dir():
+            return "shards"
+        folder = Path(self.path)
+        if (folder / METADATA).is_file():
+            return "donut-folder"
+        if not any(folder.glob("*.tar")) and folder_images(folder):
+            return "image-folder"
+        return "shards"
+
+    @property
     def folder(self) -> Path | None:
-        """The Donut folder, or ``None`` for shards."""
-        if isinstance(self.path, str) and (Path(self.path) / METADATA).is_file():
-            return Path(self.path)
-        return None
+        """The Donut folder, or ``None`` for shards and image folders."""
+        return Path(self.path) if self.layout == "donut-folder" else None
+
+    def raw_spec(self) -> RawSpec | None:
+        """How to read a Donut or image folder directly (:mod:`datamodules.raw`); ``None`` for shards."""
+        layout = self.layout
+        return None if layout == "shards" else RawSpec(layout, str(Path(str(self.path)).resolve()))
 
     @property
     def urls(self) -> str | list[str]:
@@ -96,36 +109,6 @@ def task_name(task_token: str) -> str:
     """The evaluation task of a task start token: ``"<s_cord-v2>"`` → ``"cord-v2"`` (``"docvqa"`` is scored on its
     answers, other tasks on their JSON; see :mod:`mmlm.evaluation.documents`)."""
     return task_token[3:-1] if task_token.startswith("<s_") and task_token.endswith(">") else task_token
-
-
-# --------------------------------------------------------------------------- folders as shards
-# A Donut folder is read through webdataset like shards: its metadata lines are cut into chunks, and
-# each chunk has a url ``donut-folder:///<folder>?first=<line>&start=<byte>&end=<byte>`` that the
-# ``donut-folder`` scheme (registered in webdataset's gopen table on import) serves as an in-memory
-# tar of the chunk's samples. So folders get the same rank/worker split, shuffling, mixing, skip
-# counting and resume positions as shards, without a conversion step.
-
-FOLDER_SCHEME = "donut-folder"
-
-
-def chunk_urls(folder: Path, lines: Sequence[MetadataLine], chunks: int) -> list[str]:
-    """Urls of ``chunks`` (at most one per line) consecutive chunks of a Donut folder's metadata ``lines``."""
-    count = max(1, min(chunks, len(lines)))
-    bounds = [round(i * len(lines) / count) for i in range(count + 1)]
-    path = urllib.parse.quote(str(folder.resolve()))
-    return [f"{FOLDER_SCHEME}://{path}?first={lines[a].line}&start={lines[a].start}&end={lines[b - 1].end}"
-            for a, b in zip(bounds, bounds[1:]) if b > a]
-
-
-def open_chunk(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> io.BytesIO:
-    """webdataset ``gopen`` handler of ``donut-folder://`` urls: the chunk's samples as a tar stream."""
-    parts = urllib.parse.urlparse(url)
-    query = {k: int(v[0]) for k, v in urllib.parse.parse_qs(parts.query).items()}
-    folder = urllib.parse.unquote(parts.path)
-    return io.BytesIO(chunk_tar(folder, read_span(folder, query["first"], query["start"], query["end"])))
-
-
-gopen_schemes[FOLDER_SCHEME] = open_chunk
 
 
 # --------------------------------------------------------------------------- examples and batches
@@ -177,6 +160,7 @@ class DocumentExampleBuilder:
     need_target: bool = True
 
     def __call__(self, sample: dict[str, Any], source: int) -> Example:
+        raise_if_skipped(sample)
         file_name, parses = sample_parses(sample, required=self.need_target)
         prompt, target = self.prompt_and_target(random.choice(parses) if self.train else parses[0] if parses else None,
                                                 source)
@@ -263,13 +247,16 @@ def shard_tokens(urls: str | list[str]) -> set[str]:
 
 
 def source_tokens(source: DocumentSource, categorical_fields: Sequence[str]) -> set[str]:
-    """The task token plus the special tokens of one source's ground truths."""
-    folder = source.folder
+    """The task token plus the special tokens of one source's ground truths (none for an image folder)."""
+    layout = source.layout
     try:
-        tokens = folder_tokens(folder, categorical_fields) if folder is not None else shard_tokens(source.urls)
+        if layout == "donut-folder":
+            tokens = folder_tokens(Path(str(source.path)), categorical_fields)
+        else:
+            tokens = set() if layout == "image-folder" else shard_tokens(source.urls)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"DocumentSource path {source.path!r} is neither a Donut folder (with {METADATA}) "
-                                f"nor readable shards: {err}") from err
+        raise FileNotFoundError(f"DocumentSource path {source.path!r} is neither a Donut folder (with {METADATA}), "
+                                f"an image folder nor readable shards: {err}") from err
     return tokens | {source.task_token} | ({source.prompt_end} if source.prompt_end else set())
 
 
@@ -316,7 +303,7 @@ class DocumentDataModule(WebDataModule):
         align_long_axis: rotate images whose orientation differs from ``image_size``'s; ``None`` takes the
             model's ``align_long_axis`` (a converted Donut checkpoint's processor setting), else ``False``.
         random_padding: random placement inside the padding when training (centred otherwise).
-        folder_chunk: metadata lines per pseudo shard of a Donut folder.
+        folder_chunk: entries (metadata lines, images) per chunk url of a Donut or image folder.
     """
 
     def __init__(
@@ -422,17 +409,11 @@ class DocumentDataModule(WebDataModule):
 
     def build_pipeline(self, stage: str, sources: Sequence[DocumentSource], *,
                        rank: int | None = None, world_size: int | None = None) -> ShardPipeline:
-        """The shard pipeline of ``sources``; a Donut folder becomes ``donut-folder://`` chunk urls, enough
-        for every rank and worker (at most ``folder_chunk`` lines each)."""
+        """The shard pipeline of ``sources``; a Donut or image folder is read through chunk urls
+        (:mod:`datamodules.raw`), enough for every rank and worker (at most ``folder_chunk`` entries each)."""
         if rank is None or world_size is None:
             rank, world_size = self.rank_and_world()
         needed = world_size * max(1, self.num_workers)
-        resolved = [s if s.folder is None else replace(s, path=self._folder_urls(s.folder, needed)) for s in sources]
+        resolved = [s if (spec := s.raw_spec()) is None else chunked(s, spec, needed, self.folder_chunk)
+                    for s in sources]
         return super().build_pipeline(stage, resolved, rank=rank, world_size=world_size)
-
-    def _folder_urls(self, folder: Path, needed: int) -> list[str]:
-        """Chunk urls of a folder: ``ceil(lines / folder_chunk)`` chunks, but at least ``needed``."""
-        lines = read_metadata(folder)
-        if not lines:
-            raise ValueError(f"Donut folder {str(folder)!r} has no samples in its {METADATA}")
-        return chunk_urls(folder, lines, max(needed, -(-len(lines) // self.folder_chunk)))

@@ -1,4 +1,8 @@
-"""Image + text shards (captions and VQA, img2dataset layout) → :class:`mmlm.batch.Batch`.
+"""Image + text shards (captions and VQA, img2dataset layout) or raw files → :class:`mmlm.batch.Batch`.
+
+A :class:`Source` is shards or one raw file read directly — the official VQAv2/OK-VQA or GQA questions JSON
+(+ annotations), a COCO captions JSON, a Karpathy split file, a captions jsonl/tsv — with its image folder;
+raw files give the same samples as the shards their converter writes (:mod:`datamodules.raw`).
 
 A caption sample ``{"jpg", "txt"?, "json"?}`` becomes ``prompt=caption_prompt``, ``target`` =
 the ``txt`` (else ``json["caption"]``), ``references`` = ``json["captions"]`` (else
@@ -19,43 +23,116 @@ import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from datamodules.base import SkipSample, WebDataModule
+from datamodules.base import ShardPipeline, SkipSample, WebDataModule
 from datamodules.collate import Collator, Example
+from datamodules.raw import (
+    CAPTION_FORMATS,
+    RAW_SUFFIXES,
+    VQA_FORMATS,
+    RawSpec,
+    chunked,
+    is_raw,
+    load_index,
+    raise_if_skipped,
+)
 from datamodules.transforms import MAX_IMAGE_PIXELS, ImageTransform
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.tokenizers import load_tokenizer
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 KINDS = ("caption", "vqa", "gqa")
+#: What a :class:`Source` reads: shards or one of the raw formats of image–text data.
+FORMATS = ("shards", *VQA_FORMATS, *CAPTION_FORMATS)
+#: Source fields that only raw files take.
+RAW_FIELDS = ("images", "annotations", "split", "image_pattern")
 #: The shard member holding a sample's cached encoder features (``{key}.features.npy``: ``[N, D]`` fp16/fp32).
 FEATURES = "features.npy"
 
 
 @dataclass
 class Source:
-    """One set of shards.
+    """One data set: shards, or raw files read directly (no conversion step; :mod:`datamodules.raw`).
 
     Attributes:
-        urls: brace pattern (``"data/{00000..00009}.tar"``) or list of shard paths/urls.
+        urls: shards — a brace pattern (``"data/{00000..00009}.tar"``), glob or list of shard paths/urls — or one
+            raw file: a VQAv2/OK-VQA or GQA questions ``.json``, a COCO captions ``.json``, a Karpathy split
+            ``.json`` (``dataset_coco.json``, ``dataset_flickr30k.json``), or a captions ``.jsonl``/``.tsv``.
         kind: ``"caption"``, ``"vqa"`` (scored by VQAv2's leave-one-out accuracy over the human answers) or
             ``"gqa"`` (VQA samples with one answer, scored by exact match as GQA).
         weight: relative sampling weight when several training sources are mixed.
         prompt: this source's prompt (``None``: the datamodule's ``caption_prompt``/``vqa_prompt``).
+        images: raw files only: the folder their image paths are relative to (VQA: the split's images, e.g.
+            ``val2014/``; Karpathy COCO: the folder holding ``train2014/`` and ``val2014/``; jsonl/tsv: default the
+            file's folder).
+        annotations: VQAv2/OK-VQA only: the annotations file (``None``: no answers, e.g. test-dev for predict).
+        format: ``None`` infers it (``.json`` by its layout, ``.jsonl``, ``.tsv``, anything else shards); or one of
+            :data:`FORMATS` (``"shards"``, ``"vqav2"``, ``"gqa"``, ``"coco"``, ``"karpathy"``, ``"folder-jsonl"``,
+            ``"folder-tsv"``); a ``.json`` must then have that layout.
+        split: Karpathy: ``"test"`` (default), ``"val"``, ``"train"`` (= train + restval) or a list of split names
+            (exactly those); VQA: the ``{split}`` of ``image_pattern`` (default: the file's ``data_subtype``).
+        image_pattern: VQA image file name under ``images`` (default ``"COCO_{split}_{image_id:012d}.jpg"``; COCO
+            2017 names: ``"{image_id:012d}.jpg"``).
     """
 
     urls: str | list[str]
     kind: str = "caption"
     weight: float = 1.0
     prompt: str | None = None
+    images: str | None = None
+    annotations: str | None = None
+    format: str | None = None
+    split: str | list[str] | None = None
+    image_pattern: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"Source kind {self.kind!r} is not one of {KINDS} (urls {self.urls!r})")
+        if self.format is not None and self.format not in FORMATS:
+            raise ValueError(f"Source format {self.format!r} is not one of {FORMATS} (urls {self.urls!r})")
+        if not self.raw:
+            given = [name for name in RAW_FIELDS if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"Source field {given[0]!r} is for raw files (urls ending in {', '.join(RAW_SUFFIXES)}"
+                                 f" or a raw format), but urls {self.urls!r} are shards")
+            return
+        if not isinstance(self.urls, str):
+            raise ValueError(f"Source urls of a raw source (format {self.format!r}) is one file, got {self.urls!r}")
+        if self.format is not None:
+            check_kind(self.kind, self.format, self.urls)
+
+    @property
+    def raw(self) -> bool:
+        """Whether ``urls`` is a raw file (read directly) rather than shards."""
+        return is_raw(self.urls, self.format)
+
+    def raw_spec(self) -> RawSpec | None:
+        """How to read the raw file (absolute paths), ``None`` for shards."""
+        if not self.raw:
+            return None
+        split = tuple(self.split) if isinstance(self.split, list) else self.split
+        return RawSpec(self.format or "auto", absolute(self.urls), absolute(self.images), absolute(self.annotations),
+                       split, self.image_pattern)
+
+
+def absolute(path: Any) -> Any:
+    """``path`` made absolute (``None`` stays ``None``)."""
+    return None if path is None else str(Path(path).resolve())
+
+
+def check_kind(kind: str, fmt: str, path: Any) -> None:
+    """``ValueError`` naming the file when a source of ``kind`` cannot read the raw format ``fmt``."""
+    if fmt not in VQA_FORMATS + CAPTION_FORMATS:
+        raise ValueError(f"Source {path!r} is a {fmt} file: image-text sources read {FORMATS}")
+    allowed = ("vqa", "gqa") if fmt in VQA_FORMATS else ("caption",)
+    if kind not in allowed:
+        raise ValueError(f"Source {path!r} is a {fmt} file, which kind {kind!r} cannot read: set kind to one of "
+                         f"{allowed}")
 
 
 def text_field(sample: dict[str, Any], ext: str) -> str | None:
@@ -150,6 +227,7 @@ class ExampleBuilder:
     features: bool = False
 
     def __call__(self, sample: dict[str, Any], source: int) -> Example:
+        raise_if_skipped(sample)
         key = sample["__key__"]
         if self.kinds[source] in ("vqa", "gqa"):
             text = self.vqa_text(sample, self.prompts[source], self.kinds[source])
@@ -200,7 +278,7 @@ class FeatureCollator:
 
 
 class ImageTextDataModule(WebDataModule):
-    """Caption and VQA shards (mixable) for every image → text model.
+    """Caption and VQA shards or raw files (mixable) for every image → text model.
 
     Tokenizer and image preprocessing come from the arguments, or — when ``tokenizer`` /
     ``image_size`` is ``None`` — from the trainer's LightningModule in :meth:`setup`
@@ -230,6 +308,8 @@ class ImageTextDataModule(WebDataModule):
         cached_features: read each sample's cached frozen-encoder features (``features.npy``, written by
             ``mmlm data cache-features``) instead of decoding its image; the model's frozen encoder is then skipped.
             Samples without features are skipped and counted as ``missing_features``.
+        raw_chunk: entries (questions, images or caption lines) per chunk url of a raw source; a source gets at
+            least ranks × workers chunks (see :mod:`datamodules.raw`).
     """
 
     def __init__(
@@ -252,6 +332,7 @@ class ImageTextDataModule(WebDataModule):
         vqa_prompt: str = "Question: {} Answer:",
         train_crop_scale: float = 0.9,
         cached_features: bool = False,
+        raw_chunk: int = 64,
     ) -> None:
         super().__init__(train=train, val=val, test=test, predict=predict, batch_size=batch_size,
                          num_workers=num_workers, epoch_samples=epoch_samples,
@@ -261,6 +342,9 @@ class ImageTextDataModule(WebDataModule):
         self.max_text_tokens, self.train_crop_scale = max_text_tokens, train_crop_scale
         self.caption_prompt, self.vqa_prompt = caption_prompt, vqa_prompt
         self.cached_features = cached_features
+        if raw_chunk < 1:
+            raise ValueError(f"raw_chunk must be ≥ 1, got {raw_chunk}")
+        self.raw_chunk = raw_chunk
         self.tokenizer: Any = None
         self.preprocess: ImagePreprocess | None = None
 
@@ -281,6 +365,25 @@ class ImageTextDataModule(WebDataModule):
             return getattr(module, attr)
         arg = "tokenizer" if attr == "tokenizer" else "image_size"
         raise ValueError(f"{type(self).__name__} needs {arg}=… or a trainer whose LightningModule has .{attr}")
+
+    def build_pipeline(self, stage: str, sources: Sequence[Source], *,
+                       rank: int | None = None, world_size: int | None = None) -> ShardPipeline:
+        """The shard pipeline of ``sources``; a raw source is read through chunk urls, enough for every rank and
+        worker (at most ``raw_chunk`` entries each)."""
+        if rank is None or world_size is None:
+            rank, world_size = self.rank_and_world()
+        needed = world_size * max(1, self.num_workers)
+        readable = [self._readable(s, needed) for s in sources]
+        return super().build_pipeline(stage, readable, rank=rank, world_size=world_size)
+
+    def _readable(self, source: Source, needed: int) -> Any:
+        """``source`` itself for shards; for raw files its chunk urls, after checking that its kind reads the file's
+        format (the index is read here, once per process)."""
+        spec = source.raw_spec()
+        if spec is None:
+            return source
+        check_kind(source.kind, load_index(spec).format, source.urls)
+        return chunked(source, spec, needed, self.raw_chunk)
 
     def example_fn(self, stage: str, sources: Sequence[Source]) -> ExampleBuilder:
         if self.preprocess is None:

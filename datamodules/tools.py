@@ -2,14 +2,19 @@
 
 ``make_shards`` reads one of three inputs and writes ``{out}/00000.tar, 00001.tar, …`` with
 samples ``{key}.jpg``, ``{key}.txt`` (first caption), ``{key}.json`` (``key``, ``caption``,
-``captions``, ``image_id``, ``file_name``, ``width``, ``height``), keys ``f"{i:09d}"``, plus
-``{out}/summary.json``. ``image_id`` is the source's own id with its type (COCO: the integer ``id``; a jsonl line's
-``image_id``), else the image file's stem, so caption results are keyed by the source's image ids. Inputs that cannot be used (missing or unreadable image, bad line, image
-without caption) are skipped and counted by reason, never a crash.
+``captions``, ``image_id``, ``file_name``, ``width``, ``height``), keys ``f"{i:09d}"`` (``i``: the
+record's position in the input), plus ``{out}/summary.json``. ``image_id`` is the source's own id with
+its type (COCO: the integer ``id``; a jsonl line's ``image_id``), else the image file's stem, so caption
+results are keyed by the source's image ids. Inputs that cannot be used (missing or unreadable image,
+bad line, image without caption) are skipped and counted by reason, never a crash. ``val_fraction``
+holds out a deterministic share of the images (by a stable hash of the file name) as ``{out}/val/``
+beside ``{out}/train/``. The same readers and :func:`record_problem` serve these inputs directly,
+without shards (:mod:`datamodules.raw`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections import Counter
@@ -79,7 +84,11 @@ def read_tsv(path: Path) -> Iterator[Record]:
 
 def read_coco(path: Path) -> Iterator[Record]:
     """One record per image of a COCO captions JSON (``images`` + ``annotations``), all captions kept."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    return coco_records(json.loads(path.read_text(encoding="utf-8")))
+
+
+def coco_records(data: dict[str, Any]) -> Iterator[Record]:
+    """One record per image of a parsed COCO captions JSON, in ``images`` order, with all its captions."""
     captions: dict[Any, list[str]] = {}
     for ann in data.get("annotations", []):
         caption = ann.get("caption")
@@ -143,7 +152,8 @@ def record_problem(record: Record, image_root: Path, index: int) -> tuple[dict[s
 
 
 def make_shards(input: str | Path, out: str | Path, fmt: str, shard_size: int = 1000,
-                progress: bool = True, image_root: str | Path | None = None) -> dict[str, Any]:
+                progress: bool = True, image_root: str | Path | None = None,
+                val_fraction: float = 0.0) -> dict[str, Any]:
     """Convert captions + images into img2dataset-style shards under ``out`` and write ``summary.json``.
 
     Args:
@@ -153,28 +163,56 @@ def make_shards(input: str | Path, out: str | Path, fmt: str, shard_size: int = 
         shard_size: samples per shard.
         progress: show a rich progress bar.
         image_root: directory image file names are relative to (default: the input file's directory).
+        val_fraction: hold out about this fraction of the images as a validation split (``0``: none): an image goes
+            to ``{out}/val/`` when a stable hash of its file name falls below it (:func:`held_out`), so every run puts
+            the same images there and no image is in both splits; the others go to ``{out}/train/``.
 
     Returns:
         The summary: ``format``, ``input``, ``samples``, ``shards``, ``urls`` (brace pattern),
-        ``skipped`` (reason → count) and ``skipped_examples`` (first 20 ``{item, reason}``).
+        ``skipped`` (reason → count) and ``skipped_examples`` (first 20 ``{item, reason}``). With
+        ``val_fraction``: ``format``, ``input``, ``val_fraction`` and the summaries ``train`` and ``val`` (each also
+        written as ``{out}/{split}/summary.json``).
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be ≥ 1, got {shard_size}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     path, out = Path(input), Path(out)
     root = Path(image_root) if image_root is not None else path.parent
-    records = read_records(path, fmt)
+    records = list(enumerate(read_records(path, fmt)))
+    info = {"format": fmt, "input": str(path)}
+    if not val_fraction:
+        return write_records(records, root, out, info, shard_size, progress)
+    parts = {"train": [r for r in records if not held_out(r[1].file_name, val_fraction)],
+             "val": [r for r in records if held_out(r[1].file_name, val_fraction)]}
+    summary = {**info, "val_fraction": val_fraction,
+               **{name: write_records(part, root, out / name, {**info, "split": name}, shard_size, progress)
+                  for name, part in parts.items()}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    return summary
+
+
+def held_out(file_name: str, fraction: float) -> bool:
+    """Whether the image ``file_name`` belongs to the validation split: the first 8 bytes of its name's SHA-256 as a
+    number in ``[0, 1)`` fall below ``fraction`` (the same on every run, machine and Python version)."""
+    digest = hashlib.sha256(file_name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def write_records(records: list[tuple[int, Record]], image_root: Path, out: Path, info: dict[str, Any],
+                  shard_size: int, progress: bool) -> dict[str, Any]:
+    """Write ``(index, record)`` pairs as shards (key ``f"{index:09d}"``) under ``out`` plus ``summary.json``."""
     out.mkdir(parents=True, exist_ok=True)
     sink, skipped, examples = ShardWriter(out, shard_size), Counter(), []
-    for record in track(records, description=f"writing shards to {out}", disable=not progress):
-        sample, reason, detail = record_problem(record, root, sink.count)
+    for index, record in track(records, description=f"writing shards to {out}", disable=not progress):
+        sample, reason, detail = record_problem(record, image_root, index)
         if sample is None:
             skipped[reason] += 1
             examples += [{"item": detail, "reason": reason}] if len(examples) < 20 else []
             continue
         sink.write(sample)
     sink.close()
-    summary = {"format": fmt, "input": str(path), "samples": sink.count, "shards": sink.shards,
-               "urls": sink.url(),
+    summary = {**info, "samples": sink.count, "shards": sink.shards, "urls": sink.url(),
                "skipped": dict(skipped), "skipped_examples": examples}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     return summary

@@ -52,8 +52,9 @@ def single_kind_scene(rng: np.random.Generator) -> Scene:
 
 
 def attribute(scene: Scene, name: str) -> str:
-    """The scene's ``colour``, ``shape`` or ``count`` (a number word)."""
-    return {"colour": scene[0].colour, "shape": scene[0].shape, "count": NUMBER_WORDS[len(scene)]}[name]
+    """The scene's ``colour``, ``shape`` or ``count`` — a count as digits, as VQAv2's answers are written (the official
+    scorer turns a predicted "two" into "2" but leaves ten agreeing human answers as they are)."""
+    return {"colour": scene[0].colour, "shape": scene[0].shape, "count": str(len(scene))}[name]
 
 
 def _image(rng: np.random.Generator) -> tuple[bytes, Scene]:
@@ -147,7 +148,7 @@ def write_interleaved(out: str | Path, docs: int, pairs: int, texts: int, val: i
                           (q for i in range(support) for q in queries(i, seed, "support"))),
     }
     words = [DEMO_TEMPLATE.format(prompt=QUESTION, target=w)
-             for w in [*COLOURS, *SHAPES, *NUMBER_WORDS.values()]]
+             for w in [*COLOURS, *SHAPES, *map(str, NUMBER_WORDS)]]
     tokenizer = train_word_tokenizer(words + coverage_texts(), out / "tokenizer")
     summary = {"seed": seed, "layout": layout, "urls": urls, "tokenizer": str(out / "tokenizer"),
                "vocab_size": len(tokenizer), "counts": {"docs": docs, "pairs": pairs, "texts": texts,

@@ -104,7 +104,8 @@ def test_convert_vqav2_val_writes_questions_with_ten_answers(tmp_path, vqav2, to
     metas = [e["json"] for e in info["examples"]]
     assert [m["question_id"] for m in metas] == [1000, 1001, 2000, 3000, 3001]
     assert [m["image_id"] for m in metas] == [1, 1, 2, 3, 3]
-    assert [e["__key__"] for e in info["examples"]] == [f"{i:09d}" for i in range(5)]
+    # keys are the questions' positions in the file: the skipped question 2001 (position 3) leaves a gap
+    assert [e["__key__"] for e in info["examples"]] == [f"{i:09d}" for i in (0, 1, 2, 4, 5)]
     assert all(len(m["answers"]) == 10 and all(isinstance(a, str) for a in m["answers"]) for m in metas)
     assert metas[0]["question_type"] == "what is the" and metas[0]["answer_type"] == "other"
     gray = vqav2["images"] / f"COCO_val2014_{3:012d}.jpg"
