@@ -13,14 +13,17 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 from pytorch_lightning import Callback, LightningDataModule, Trainer
 from pytorch_lightning.cli import LightningCLI
 
 from datamodules.synthetic.shapes import DEFAULT_TRAIN_IMAGES, DEFAULT_VAL_IMAGES
+from mmlm.language.base import GenerationConfig
 from mmlm.models.base import MultimodalModule
-from mmlm.reliability import add_trainer_defaults, config_problem, last_checkpoint
+from mmlm.reliability import TRAINER_ARGUMENT_DEFAULTS, add_trainer_defaults, config_problem, last_checkpoint
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Modules that add ``mmlm data`` tools. Each has ``add_data_tools(sub)``, which adds subparsers to ``sub`` and sets
@@ -38,18 +41,86 @@ USAGE = """usage: mmlm COMMAND [options]
 
   fit | validate | test | predict --config FILE.yaml [--key value ...]
                       LightningCLI over every mmlm model and datamodule (mmlm fit --help)
+  validate | test | predict --model DIR [--data …]
+                      evaluate an exported model (mmlm export) without its training config
+  export --ckpt_path X --out DIR [--config FILE.yaml] [--format auto|hf|mmlm]
+                      a checkpoint as Hugging Face files (BLIP-2, Donut) or a self-contained mmlm directory
   data TOOL ...       make, convert and inspect WebDataset shards (mmlm data --help lists the tools)
   quickstart          the main job: synthetic data, tiny Frozen on CPU, evaluation (mmlm quickstart --help)
 """
 
 
+#: The model settings of :class:`MultimodalModule`'s own optimiser and schedule (named when ``--optimizer`` is refused).
+MODEL_OPTIMIZER_SETTINGS = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "betas")
+#: Strategies Lightning runs on GPUs only (its FSDPStrategy refuses a CPU accelerator; DeepSpeed needs CUDA).
+GPU_ONLY_STRATEGIES = ("fsdp", "deepspeed")
+
+
+def optimizer_problem(config: Any) -> str | None:
+    """Why LightningCLI's ``--optimizer``/``--lr_scheduler`` are refused when given, else ``None``.
+
+    Lightning would replace the model's ``configure_optimizers`` by them, silently dropping the model's AdamW with
+    decay/no-decay groups and its warmup + cosine schedule; the model's own settings are named instead.
+    """
+    given = [f"--{key}" for key in ("optimizer", "lr_scheduler") if config.get(key) is not None]
+    if not given:
+        return None
+    settings = ", ".join(f"--model.init_args.{name}" for name in MODEL_OPTIMIZER_SETTINGS)
+    return (f"{' and '.join(given)} would replace the model's own optimiser (AdamW over decay/no-decay parameter "
+            f"groups) and its warmup + cosine schedule; mmlm refuses them. Set the model's settings instead: {settings}")
+
+
+def strategy_label(strategy: Any) -> str:
+    """A strategy as written in a parsed config: its name, or the ``class_path`` of ``class_path`` + ``init_args``."""
+    return str(strategy.get("class_path") if hasattr(strategy, "get") else strategy)
+
+
+def device_problem(config: Any) -> str | None:
+    """Why the parsed ``trainer`` section cannot run on this machine for want of a GPU, else ``None``.
+
+    Checked before the model is built (which may download gigabytes), for an explicit GPU accelerator or a
+    GPU-only strategy on a machine without CUDA.
+    """
+    if torch.cuda.is_available():
+        return None
+    accelerator = str(config.get("trainer.accelerator") or "auto").lower()
+    if accelerator in ("gpu", "cuda"):
+        return (f"trainer.accelerator={accelerator} but this machine has no CUDA GPU; use --trainer.accelerator=auto "
+                "(every visible GPU, else the CPU) or cpu")
+    strategy = strategy_label(config.get("trainer.strategy") or "auto")
+    if any(name in strategy.lower() for name in GPU_ONLY_STRATEGIES):
+        return (f"trainer.strategy={strategy} runs on GPUs only and this machine has none; to run on the CPU use "
+                "--trainer.strategy=ddp (or leave the strategy config out)")
+    return None
+
+
+def generation_problem(config: Any) -> str | None:
+    """Why ``model.init_args.generation`` cannot become a :class:`GenerationConfig` (naming the field), else ``None``;
+    checked before the model's parts are built."""
+    settings = config.get("model.init_args.generation")
+    if settings is None or not hasattr(settings, "as_dict"):
+        return None
+    try:
+        GenerationConfig(**settings.as_dict())
+    except (TypeError, ValueError) as err:
+        return f"model.init_args.generation: {err}"
+    return None
+
+
 class MMLMCLI(LightningCLI):
-    """LightningCLI that checks shard and checkpoint paths before building anything and adds the
-    reliability defaults (atomic checkpoint writes, end-of-run data report; ``mmlm.reliability``)."""
+    """LightningCLI that checks the config before building anything (``--optimizer``/``--lr_scheduler`` refused,
+    GPU settings on a machine without one, decoding settings, missing shard and checkpoint paths), changes the
+    trainer defaults of :data:`mmlm.reliability.TRAINER_ARGUMENT_DEFAULTS` and adds the reliability defaults
+    (atomic checkpoint writes, end-of-run data report; ``mmlm.reliability``)."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        """Trainer defaults of mmlm (a config file or the command line still overrides them)."""
+        parser.set_defaults({f"trainer.{key}": value for key, value in TRAINER_ARGUMENT_DEFAULTS.items()})
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if problem := config_problem(config):
+        if problem := (optimizer_problem(config) or device_problem(config) or generation_problem(config)
+                       or config_problem(config)):
             self._parser(self.subcommand).error(problem)
         if (found := last_checkpoint(config)) is not None:
             print(f"mmlm: --ckpt_path last → {found}", file=sys.stderr)
@@ -58,6 +129,18 @@ class MMLMCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         add_trainer_defaults(config, callbacks)
         return super()._instantiate_trainer(config, callbacks)
+
+    def _parse_ckpt_path(self) -> None:
+        """The model of ``--ckpt_path``'s hyperparameters only when the user gave none.
+
+        Lightning merges a checkpoint's hyperparameters over the parsed config, so they would silently win over the
+        user's config file and command line (``--model.init_args.generation…`` for an evaluation). With a model
+        config given it is the truth (the weights load strictly, so a mismatch is named); without one, the model is
+        rebuilt from the checkpoint's recorded config (``mmlm validate --ckpt_path X --data …``)."""
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else self.config
+        if config is None or config.get("model") is None:
+            super()._parse_ckpt_path()
 
 
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:
@@ -96,6 +179,9 @@ def data_parser() -> argparse.ArgumentParser:
     make.add_argument("--out", required=True, help="output directory for {00000..N}.tar")
     make.add_argument("--format", choices=["folder-jsonl", "folder-tsv", "coco"], required=True)
     make.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    make.add_argument("--val-fraction", type=float, default=0.0,
+                      help="hold out this fraction of the images (by a stable hash of the file name) as OUT/val/, "
+                           "the rest in OUT/train/ (default 0: no split)")
     inspect = sub.add_parser("inspect", help="counts, keys and first samples of a shard set")
     inspect.add_argument("urls", help="brace pattern, glob or single .tar")
     inspect.add_argument("-n", type=int, default=3, help="samples to show")
@@ -158,7 +244,7 @@ def data_main(argv: Sequence[str]) -> int:
         from datamodules.tools import make_shards
 
         summary = make_shards(args.input, args.out, fmt=args.format, shard_size=args.shard_size,
-                              image_root=args.images)
+                              image_root=args.images, val_fraction=args.val_fraction)
         print(json.dumps(summary, indent=1))
     elif args.tool.startswith("convert-"):
         print(json.dumps(convert_main(args), indent=1, ensure_ascii=False))
@@ -167,6 +253,51 @@ def data_main(argv: Sequence[str]) -> int:
 
         print_inspection(inspect(args.urls, n=args.n))
     return 0
+
+
+def export_main(argv: Sequence[str]) -> int:
+    """``mmlm export``: write a checkpoint's module as Hugging Face files or a self-contained mmlm directory."""
+    parser = argparse.ArgumentParser(prog="mmlm export", description="Export a checkpoint (mmlm.models.exported).")
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint of mmlm fit")
+    parser.add_argument("--out", required=True, help="output directory (must not hold an export already)")
+    parser.add_argument("--config", default=None,
+                        help="the model's config, for a checkpoint that does not record it (built in Python)")
+    parser.add_argument("--format", default="auto", choices=["auto", "hf", "mmlm"],
+                        help="hf: transformers' format (BLIP-2, Donut); mmlm: model.yaml + safetensors; auto: hf "
+                             "where the family has it")
+    args = parser.parse_args(list(argv))
+    from mmlm.models.exported import export
+
+    try:
+        summary = export(args.ckpt_path, args.out, args.config, args.format)
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
+        parser.error(str(err))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def expand_exported_model(argv: list[str]) -> list[str]:
+    """``--model DIR`` of an export → the model's ``class_path``/``init_args`` (and, for the mmlm format, a callback
+    that loads its weights); other arguments unchanged."""
+    from mmlm.models.exported import INFO_FILE, MODEL_FILE, model_config
+
+    for i, arg in enumerate(argv):
+        value, span = (argv[i + 1], 2) if arg == "--model" and i + 1 < len(argv) else (
+            (arg.split("=", 1)[1], 1) if arg.startswith("--model=") else (None, 0))
+        if value is None or not Path(value).is_dir():
+            continue
+        directory = Path(value).resolve()
+        if (directory / MODEL_FILE).is_file():
+            loader = {"class_path": "mmlm.models.exported.LoadExportedWeights", "init_args": {"directory": str(directory)}}
+            replacement = ["--model", json.dumps(model_config(directory)), f"--trainer.callbacks+={json.dumps(loader)}"]
+        elif (directory / INFO_FILE).is_file():  # a Hugging Face export: the family's importer reads it
+            family = json.loads((directory / INFO_FILE).read_text())["family"]
+            replacement = ["--model", json.dumps({"class_path": f"{family}.from_hf",
+                                                  "init_args": {"name_or_path": str(directory)}})]
+        else:
+            continue
+        return argv[:i] + replacement + argv[i + span:]
+    return argv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -183,11 +314,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mmlm.quickstart import quickstart_main
 
         return quickstart_main(argv[1:])
+    if argv[0] == "export":
+        return export_main(argv[1:])
     if argv[0] not in LIGHTNING_COMMANDS:
         print(f"mmlm: unknown command {argv[0]!r}; expected one of "
-              f"{', '.join(LIGHTNING_COMMANDS + ('data', 'quickstart'))}", file=sys.stderr)
+              f"{', '.join(LIGHTNING_COMMANDS + ('export', 'data', 'quickstart'))}", file=sys.stderr)
         return 2
-    lightning_cli(None if from_shell else argv)
+    expanded = expand_exported_model(argv)
+    lightning_cli(None if from_shell and expanded == argv else expanded)
     return 0
 
 

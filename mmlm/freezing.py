@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -33,10 +35,23 @@ def freeze_(module: nn.Module) -> nn.Module:
 class Freezable(nn.Module):
     """Base for parts that may be frozen: a frozen part stays in eval mode through ``fit``.
 
-    Subclasses call ``self.setup_freezing(freeze, dtype)`` at the end of ``__init__``.
+    Subclasses call ``self.setup_freezing(freeze, dtype)`` at the end of ``__init__`` and set ``source`` when their
+    weights are read from a hub id, a directory or a weights file (a frozen part with a source can be left out of
+    checkpoints and re-read on load: :mod:`mmlm.checkpoint_state`).
+
+    Attributes:
+        frozen: no gradients, eval mode kept.
+        source: where the weights were read from; ``None`` for a randomly initialised part.
     """
 
     frozen: bool = False
+    source: str | None = None
+
+    def offline_args(self) -> dict[str, Any]:
+        """Init arguments that rebuild this part's architecture without reading any weights (an exported model's
+        weights come from its own file): overrides of the arguments it was built with; ``{}`` when those already
+        read nothing."""
+        return {}
 
     def setup_freezing(self, freeze: bool, dtype: str | torch.dtype | None = None) -> None:
         """Freeze (no grads, eval mode kept) and/or cast to ``dtype``."""

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+#: Keys of a transformers config's ``to_dict`` that are not architecture (``AutoConfig.for_model`` takes the rest).
+CONFIG_NOISE = ("architectures", "transformers_version", "_name_or_path", "model_type", "dtype", "torch_dtype")
 
 
 def looks_local(name_or_path: str | Path) -> bool:
@@ -15,6 +19,13 @@ def looks_local(name_or_path: str | Path) -> bool:
     parts = Path(text).parts
     return Path(text).is_absolute() or text.startswith(".") or len(parts) > 2 or (
         len(parts) > 1 and Path(parts[0]).exists())
+
+
+def config_kwargs(config: Any, with_type: bool = True) -> dict[str, Any]:
+    """A transformers config as ``{"model_type": …, **architecture}`` (``with_type=False``: without the type): what
+    ``AutoConfig.for_model`` rebuilds it from (a part's ``config`` argument, without reading any weights)."""
+    kwargs = {k: v for k, v in config.to_dict().items() if k not in CONFIG_NOISE}
+    return {"model_type": config.model_type, **kwargs} if with_type else kwargs
 
 
 def require_local(name_or_path: str | Path, what: str) -> None:

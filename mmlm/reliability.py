@@ -4,10 +4,12 @@
   counts of skipped and converted samples over all ranks at the end of fit/validate/test, logs
   them (``data/total_skipped_<reason>``, ``data/total_converted_<kind>``), prints a table and
   writes ``data_report-<stage>.json`` into the trainer's log directory.
-* :func:`config_problem` finds missing local shard paths and ``--ckpt_path`` files in a parsed
+* :func:`config_problem` finds missing local shard paths, raw source files and folders (questions,
+  annotations, captions files, image folders, Donut folders) and ``--ckpt_path`` files in a parsed
   config, before any model, datamodule or trainer is built.
 * :func:`add_trainer_defaults` adds the atomic checkpoint writer and the data report to the
-  trainer's arguments unless the config already chose them.
+  trainer's arguments unless the config already chose them; :data:`TRAINER_ARGUMENT_DEFAULTS` are the
+  trainer defaults the CLI changes (validation every N steps across epochs).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
 from datamodules.base import CONVERTED, check_local_shards, expand_urls
+from datamodules.document_tools import METADATA
+from datamodules.raw import folder_images, is_raw, path_problem
 from mmlm.checkpointing import AtomicCheckpointIO, is_local
 
 log = logging.getLogger(__name__)
@@ -115,19 +119,25 @@ def as_plain(value: Any) -> Any:
     return value
 
 
-def url_entries(node: Any, key: str = "data") -> Iterator[tuple[str, Any]]:
-    """``(dotted key, value)`` of every ``urls`` / ``*_urls`` entry under ``node``."""
+def is_path_key(name: str) -> bool:
+    """Whether a config key names data to read: ``urls``, ``*_urls``, ``path``, ``*_path`` (not ``class_path``)."""
+    return name in ("urls", "path") or (name.endswith(("_urls", "_path")) and name != "class_path")
+
+
+def path_entries(node: Any, key: str = "data") -> Iterator[tuple[str, Any, dict[str, Any]]]:
+    """``(dotted key, value, the dict holding it)`` of every ``urls`` / ``*_urls`` / ``path`` / ``*_path`` entry
+    under ``node``."""
     node = as_plain(node)
     if isinstance(node, dict):
         for name, value in node.items():
             dotted = f"{key}.{name}"
-            if (name == "urls" or name.endswith("_urls")) and value is not None:
-                yield dotted, value
+            if is_path_key(name) and value is not None:
+                yield dotted, value, node
             else:
-                yield from url_entries(value, dotted)
+                yield from path_entries(value, dotted)
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            yield from url_entries(value, f"{key}[{i}]")
+            yield from path_entries(value, f"{key}[{i}]")
 
 
 def shard_problem(key: str, urls: Any) -> str | None:
@@ -139,11 +149,46 @@ def shard_problem(key: str, urls: Any) -> str | None:
     return None
 
 
+def raw_source_problem(key: str, urls: str, source: dict[str, Any]) -> str | None:
+    """Why the raw source whose ``urls`` is at ``key`` cannot be read: its file, ``annotations`` file or ``images``
+    folder is missing (named with its key), else ``None``."""
+    prefix = key.rsplit(".", 1)[0]
+    for name, value, folder in (("urls", urls, False), ("annotations", source.get("annotations"), False),
+                                ("images", source.get("images"), True)):
+        if problem := path_problem(value, folder):
+            return f"{prefix}.{name}={value!r}: {problem}"
+    return None
+
+
+def document_path_problem(key: str, path: Any) -> str | None:
+    """Why a document source ``path`` (Donut folder, image folder, shard folder or shard pattern) cannot be read."""
+    if not isinstance(path, str) or any(c in path for c in "*?[{") or "://" in path:
+        return shard_problem(key, path)
+    folder = Path(path)
+    if not folder.exists():
+        return f"{key}={path!r}: no such folder or shard"
+    if folder.is_dir() and not ((folder / METADATA).is_file() or any(folder.glob("*.tar")) or folder_images(folder)):
+        return f"{key}={path!r}: the folder holds no {METADATA}, no images and no *.tar shards"
+    return None
+
+
+def entry_problem(key: str, value: Any, holder: dict[str, Any]) -> str | None:
+    """Why the path entry at ``key`` cannot be read (see :func:`config_problem`), else ``None``."""
+    name = key.rsplit(".", 1)[-1]
+    if name == "path" or name.endswith("_path"):
+        return document_path_problem(key, value)
+    if name == "urls" and is_raw(value, holder.get("format")):
+        return raw_source_problem(key, value, holder)
+    return shard_problem(key, value)
+
+
 def config_problem(config: Any) -> str | None:
-    """The first missing path in a parsed ``fit/validate/test/predict`` config, named with its key."""
+    """The first missing path in a parsed ``fit/validate/test/predict`` config, named with its key: shards
+    (``urls``, ``*_urls``), raw sources (their file, ``annotations`` file and ``images`` folder), document paths
+    (``path``, ``*_path``) and ``ckpt_path``. Only existence is checked here (no file is parsed)."""
     config = as_plain(config)
-    for key, urls in url_entries(config.get("data")):
-        if problem := shard_problem(key, urls):
+    for key, value, holder in path_entries(config.get("data")):
+        if problem := entry_problem(key, value, holder):
             return problem
     ckpt = config.get("ckpt_path")
     if ckpt is not None and str(ckpt) not in SPECIAL_CKPT_PATHS and is_local(ckpt) and not Path(ckpt).exists():
@@ -181,9 +226,46 @@ def strategy_name(strategy: Any) -> str:
     return (strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
 
 
+#: Trainer arguments whose default the ``mmlm`` CLI changes (set as parser defaults, so a config file or the command
+#: line still overrides them and ``--print_config`` shows them). ``check_val_every_n_epoch: null`` makes an integer
+#: ``val_check_interval`` count training batches over the whole run (Lightning 2.6: its ``total_batch_idx``; with
+#: ``accumulate_grad_batches: 1`` these are the optimizer steps), so validation runs every N steps whatever the
+#: epoch length; Lightning's default 1 counts within each epoch and refuses an interval longer than an epoch.
+TRAINER_ARGUMENT_DEFAULTS: dict[str, Any] = {"check_val_every_n_epoch": None}
+
+
+def epoch_fraction_validation(config: dict[str, Any]) -> None:
+    """A fractional ``val_check_interval`` (a float: part of an epoch) is counted within epochs: put
+    ``check_val_every_n_epoch`` back to Lightning's 1 where the step-counting default (``None``) would make
+    Lightning refuse the fraction. Integer and time-based intervals are left alone."""
+    if config.get("check_val_every_n_epoch") is None and isinstance(config.get("val_check_interval"), float):
+        config["check_val_every_n_epoch"] = 1
+
+
+class FinalCheckpoint(pl.Callback):
+    """Save a checkpoint of the last step when a run ends without one.
+
+    Lightning's ``ModelCheckpoint`` saves after validation (and, with validation every epoch, at epoch ends); a run
+    that validates every N steps across epochs, never reaches its next validation or has validation turned off would
+    otherwise end with its trained weights unsaved. The file is named and placed as ``ModelCheckpoint`` names its
+    own (``epoch=E-step=S.ckpt`` in its folder); nothing is written when a checkpoint of that step exists.
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        callback = trainer.checkpoint_callback
+        if callback is None or trainer.global_step == 0 or callback.dirpath is None:
+            return
+        if any(Path(callback.dirpath).glob(f"*step={trainer.global_step}*.ckpt")):
+            return
+        path = callback.format_checkpoint_name({"epoch": trainer.current_epoch, "step": trainer.global_step})
+        trainer.save_checkpoint(path)
+
+
 def add_trainer_defaults(config: dict[str, Any], callbacks: list[pl.Callback]) -> None:
     """Add :class:`AtomicCheckpointIO` (unless a ``CheckpointIO`` plugin is given or the strategy
-    writes its own sharded checkpoints) and :class:`DataReport` (unless present), in place."""
+    writes its own sharded checkpoints), :class:`DataReport` and :class:`FinalCheckpoint` (unless present), and count a fractional
+    ``val_check_interval`` per epoch (:func:`epoch_fraction_validation`), in place."""
+    epoch_fraction_validation(config)
     plugins = config.get("plugins") or []
     plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
     own_io = any(name in strategy_name(config.get("strategy", "auto")) for name in OWN_CHECKPOINT_IO)
@@ -192,3 +274,5 @@ def add_trainer_defaults(config: dict[str, Any], callbacks: list[pl.Callback]) -
     given = list(config.get("callbacks") or []) + list(callbacks)
     if not any(isinstance(c, DataReport) for c in given):
         callbacks.append(DataReport())
+    if not any(isinstance(c, FinalCheckpoint) for c in given):
+        callbacks.append(FinalCheckpoint())

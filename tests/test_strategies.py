@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningArgumentParser
@@ -85,6 +86,17 @@ def test_fsdp_config_wraps_and_checkpoints_transformer_blocks_in_bf16():  # Ligh
     assert isinstance(checkpointed, ModuleWrapPolicy) and {OPTDecoderLayer, QFormerLayer} <= set(checkpointed._module_classes)
     assert strategy.kwargs["use_orig_params"] is True  # frozen and trained parameters may share a unit
     assert strategy.sharding_strategy.name == "FULL_SHARD" and arguments["precision"] == "bf16-mixed"
+
+
+@pytest.mark.parametrize("stem", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_gpu_only_strategy_without_a_gpu_is_named_before_anything_is_built(stem, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(MODEL), "--config", str(ROOT / "configs" / "strategies" / f"{stem}.yaml")])
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert f"trainer.strategy=pytorch_lightning.strategies.{'FSDP' if stem == 'fsdp' else 'DeepSpeed'}Strategy" in err
+    assert "GPUs only" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("stem", ["deepspeed_zero2", "deepspeed_zero3"])

@@ -129,6 +129,7 @@ def blip2_from_hf(cls: type[Blip2], name_or_path: str, tokenizer: str | None = N
     encoder.preprocess = image_preprocess(directory, config.vision_config.image_size)
     lm = _language_model(config.text_config, not config.use_decoder_only_language_model, lm_dtype)
     load_part(lm.model, parts["language_model."], f"{name_or_path} language_model.*")
+    encoder.source = lm.source = name_or_path  # their weights are re-read from the checkpoint
     qformer = qformer_kwargs_from_hf(config.qformer_config, config.num_query_tokens)
     for key in ("encoder_width", "num_query_tokens", "with_text", "vocab_size", "max_position_embeddings"):
         qformer.pop(key)

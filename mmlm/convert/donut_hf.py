@@ -97,6 +97,7 @@ def donut_from_hf(cls: type[Donut], name_or_path: str, tokenizer: str | None = N
     decoder = CrossAttentionLM(config={"model_type": config.decoder.model_type, **config_dict(config.decoder)},
                                grad_checkpointing=grad_checkpointing)
     load_part(decoder.model, parts["decoder."], f"{name_or_path} decoder.*")
+    encoder.source = decoder.source = name_or_path  # their weights are re-read from the checkpoint
     model = cls(encoder=encoder, decoder=decoder, tokenizer=tokenizer or str(directory), align_long_axis=align,
                 **kwargs)
     projection = model.enc_to_dec_proj if model.enc_to_dec_proj is not None else torch.nn.Module()

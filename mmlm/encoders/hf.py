@@ -5,6 +5,9 @@ Shape legend: B batch, N image tokens, D width.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 import transformers
 from torch import nn
@@ -25,6 +28,7 @@ from mmlm.convert.keys import check_hf_loading_info
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
 from mmlm.encoders.common import as_image_size, grad_context, probe_output_shape
 from mmlm.freezing import parse_dtype
+from mmlm.hub import config_kwargs
 
 
 def _from_config(config: PretrainedConfig) -> PreTrainedModel:
@@ -121,6 +125,8 @@ class HFVisionEncoder(VisionEncoder):
         freeze: no grads, eval mode kept, forward under ``no_grad``.
         grad_checkpointing: enable transformers' gradient checkpointing.
         dtype: parameter dtype (``"bfloat16"``, ``"fp16"``, …); inputs are cast to it.
+        preprocess: the image preprocessing (``ImagePreprocess`` fields: ``size``, ``mean``, ``std``, ``resize``,
+            ``interpolation``) instead of the one read from the config and the checkpoint's image processor.
     """
 
     def __init__(
@@ -132,6 +138,7 @@ class HFVisionEncoder(VisionEncoder):
         freeze: bool = False,
         grad_checkpointing: bool = False,
         dtype: str | None = None,
+        preprocess: dict | None = None,
     ) -> None:
         super().__init__()
         self.layer = layer
@@ -139,12 +146,20 @@ class HFVisionEncoder(VisionEncoder):
         if grad_checkpointing:  # renamed in transformers 5.x; the old name warns
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
-        self.preprocess = _preprocess(model.config, name_or_path)
+        self.preprocess = _preprocess(model.config, name_or_path) if preprocess is None else ImagePreprocess(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in preprocess.items()})
+        self.source = name_or_path
         self.model = _vision_tower(model)
         if any(p.requires_grad for p in getattr(self.model, "pooler", nn.Identity()).parameters()):
             self.model.pooler = None  # unused, would only trip DDP's unused-parameter check
         self.num_tokens, self.width = probe_output_shape(self, self.preprocess.size)
         self.setup_freezing(freeze, dtype)
+
+    def offline_args(self) -> dict[str, Any]:
+        """The tower rebuilt from its own config, with its preprocessing (which may have come from the source's
+        image processor) spelled out."""
+        return {"name_or_path": None, "config": config_kwargs(self.model.config, with_type=False),
+                "model_type": self.model.config.model_type, "preprocess": dataclasses.asdict(self.preprocess)}
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels [B, 3, H, W]`` → ``tokens [B, N, D]``."""

@@ -6,6 +6,7 @@ Shape legend: B batch, N image tokens, D width.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import open_clip
 import torch
@@ -108,12 +109,17 @@ class OpenClipEncoder(VisionEncoder):
             if pretrained is not None:
                 load_visual_weights(self.visual, pretrained)
         _match_timm_size(self.visual)
+        self.source = None if pretrained is None else f"open_clip:{name}:{pretrained}" if name else pretrained
         self._take = self._prune(layer)
         self._with_prefix = prefix_tokens and self._has_prefix()
         self.visual.set_grad_checkpointing(grad_checkpointing)
         self.preprocess = _preprocess(cfg)
         self.num_tokens, self.width = probe_output_shape(self, self.preprocess.size)
         self.setup_freezing(freeze, dtype)
+
+    def offline_args(self) -> dict[str, Any]:
+        """The same tower without pretrained weights."""
+        return {"pretrained": None}
 
     def _prune(self, layer: int) -> list[int]:
         """Drop the pooling/projection head (and blocks after ``layer``) where the tower allows.

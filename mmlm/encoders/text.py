@@ -10,12 +10,14 @@ Shape legend: K rows (spans), L tokens per row, D width, V vocabulary.
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoModel
 
 from mmlm.freezing import Freezable, freeze_, parse_dtype
+from mmlm.hub import config_kwargs
 from mmlm.language.hf_base import load_hf_model
 from mmlm.language.hf_causal import positions_from_mask
 
@@ -123,10 +125,15 @@ class HFTextEncoder(TextEncoder):
                  dtype: str | None = None) -> None:
         super().__init__()
         self.model = load_hf_model(AutoModel, name_or_path, config, parse_dtype(dtype))
+        self.source = name_or_path
         pooler = getattr(self.model, "pooler", None)
         if isinstance(pooler, nn.Module):  # unused (last_hidden_state only): no grads, so DDP finds no unused weights
             pooler.requires_grad_(False)
         self.setup_freezing(freeze, dtype)
+
+    def offline_args(self) -> dict[str, Any]:
+        """Built from the model's own config (``config``), no ``name_or_path`` to read weights from."""
+        return {"name_or_path": None, "config": config_kwargs(self.model.config)}
 
     @property
     def width(self) -> int:

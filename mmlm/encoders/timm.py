@@ -5,6 +5,8 @@ Shape legend: B batch, N image tokens, D width, C channels, h/w feature-map heig
 
 from __future__ import annotations
 
+from typing import Any
+
 import timm
 import torch
 from timm.data import resolve_model_data_config
@@ -76,12 +78,17 @@ class TimmEncoder(VisionEncoder):
         self.model = timm.create_model(name, pretrained=pretrained is True, num_classes=0, **kwargs)
         if isinstance(pretrained, str):
             load_timm_weights(self.model, pretrained)
+        self.source = pretrained if isinstance(pretrained, str) else f"timm:{name}" if pretrained else None
         self._take = self._prune(layer)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.preprocess = self._preprocess(img_size or kwargs.get("img_size"))
         self.num_tokens, self.width = probe_output_shape(self, self.preprocess.size)
         self.setup_freezing(freeze, dtype)
+
+    def offline_args(self) -> dict[str, Any]:
+        """The same timm architecture without pretrained weights."""
+        return {"pretrained": False}
 
     def _prune(self, layer: int) -> list[int] | None:
         """Drop the head (and blocks after ``layer``); → timm's absolute index of ``layer``."""

@@ -104,9 +104,11 @@ class Evaluator(nn.Module):
 
     Attributes:
         main_metric: the epoch metric shown on the progress bar (``None``: none).
+        predicts: whether it writes predictions in ``predict`` (losses and retrieval have none).
     """
 
     main_metric: str | None = None
+    predicts: bool = True
 
     def step(self, module: Any, batch: Any, stage: str) -> StepOutput:
         """Take what this evaluation needs from ``module`` for ``batch`` (``stage``: val, test or predict)."""
@@ -120,6 +122,8 @@ class Evaluator(nn.Module):
 
 class LossEvaluator(Evaluator):
     """Logs ``{stage}/loss``: the module's ``training_loss`` on evaluation batches (not in predict)."""
+
+    predicts = False
 
     def step(self, module: Any, batch: Any, stage: str) -> StepOutput:
         if stage == "predict":
@@ -155,7 +159,15 @@ class Evaluation(nn.Module):
         self.evaluators = nn.ModuleList(evaluators)
 
     def step(self, module: Any, batch: Any, stage: str) -> list[dict[str, Any]]:
-        """Run every evaluator on ``batch``; log their per-batch values (not in predict); return all rows."""
+        """Run every evaluator on ``batch``; log their per-batch values (not in predict); return all rows.
+
+        Raises:
+            ValueError: ``predict`` on a module none of whose evaluators writes predictions.
+        """
+        if stage == "predict" and not any(e.predicts for e in self.evaluators):
+            kinds = ", ".join(type(e).__name__ for e in self.evaluators)
+            raise ValueError(f"{type(module).__name__} has no predictions to write (its evaluation: {kinds}); use "
+                             "mmlm validate or test for its losses and scores")
         rows: list[dict[str, Any]] = []
         for evaluator in self.evaluators:
             out = evaluator.step(module, batch, stage)

@@ -106,6 +106,7 @@ class RetrievalEvaluator(Evaluator):
     """
 
     main_metric = "r_mean"
+    predicts = False
 
     def __init__(self, ks: tuple[int, ...] = (1, 5, 10), rerank_k: int = 0) -> None:
         super().__init__()
@@ -115,9 +116,6 @@ class RetrievalEvaluator(Evaluator):
         self._store = RerankStore()
 
     def step(self, module: Any, batch: Any, stage: str) -> StepOutput:
-        if stage == "predict":
-            raise ValueError(f"{type(module).__name__} learns representations: it has no predictions to write "
-                             "(use validate or test for retrieval R@K)")
         out = module.retrieval_step(batch)
         tasks = list(batch.tasks or [])
         rows = torch.tensor([i for i, t in enumerate(tasks) if t == "caption"] if tasks else range(len(batch)),

@@ -10,17 +10,23 @@ Shape legend: B batch, N image tokens, D width, T text tokens.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.data import AttributeDict
 from torch import nn
 
 from mmlm.batch import Batch
+from mmlm.checkpoint_state import BUILDER_KEY, FROZEN_WEIGHTS, leave_out_frozen, plain_hparams, restore_frozen
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
 from mmlm.evaluation import Evaluation, LossEvaluator
 from mmlm.fusion import prepend_placeholders, splice
@@ -128,6 +134,11 @@ class MultimodalModule(pl.LightningModule):
             :class:`~mmlm.encoders.base.VisionEncoder` or :class:`~mmlm.language.base.LanguageModel`) with
             ``torch.compile`` in ``configure_model``; parameter names and checkpoints are unchanged.
         compile_options: keyword arguments of ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``).
+        frozen_weights: whether checkpoints hold the frozen parts whose weights come from a source (a hub id, a
+            directory, a weights file): ``"auto"`` leaves them out when they hold more parameters than the trainable
+            parts (a frozen LM beside a small connector), ``"save"`` always keeps them, ``"source"`` always leaves
+            them out. Left-out parts are re-read from their source when the module is built and checked against
+            fingerprints on load (:mod:`mmlm.checkpoint_state`); resuming stays exact.
     """
 
     tokenizer: Any
@@ -136,10 +147,14 @@ class MultimodalModule(pl.LightningModule):
                  min_lr_ratio: float = 0.1, betas: tuple[float, float] = (0.9, 0.98),
                  generation: GenerationConfig | None = None, predictions_dir: str | None = None,
                  max_nonfinite_steps: int = 10, torch_compile: bool = False,
-                 compile_options: dict[str, Any] | None = None) -> None:
+                 compile_options: dict[str, Any] | None = None, frozen_weights: str = "auto") -> None:
         super().__init__()
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
+        if frozen_weights not in FROZEN_WEIGHTS:
+            raise ValueError(f"frozen_weights={frozen_weights!r} is not one of {FROZEN_WEIGHTS}")
+        self.frozen_weights = frozen_weights
+        self.builder: str | None = None  # the classmethod that built the module (record_builder), if not __init__
         self.lr, self.weight_decay, self.betas = lr, weight_decay, betas
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.generation = generation or GenerationConfig()
@@ -319,10 +334,76 @@ class MultimodalModule(pl.LightningModule):
         self._log_skipped()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record skipped steps and the builder; leave out frozen parts that can be re-read from their source."""
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
+        if self.builder is not None:
+            checkpoint[BUILDER_KEY] = self.builder
+        leave_out_frozen(self, checkpoint, self.frozen_weights)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore skipped steps; put back left-out frozen parts after checking their fingerprints."""
         self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
+        restore_frozen(self, checkpoint)
+
+    # --- hyperparameters and checkpoints --------------------------------------------------------
+    def save_hyperparameters(self, *args: Any, ignore: Any = None, frame: Any = None, logger: bool = True) -> None:
+        """Lightning's, keeping plain values only (:func:`mmlm.checkpoint_state.plain`): a module built by LightningCLI
+        records its whole config (parts as ``class_path``/``init_args``), so ``load_from_checkpoint`` rebuilds it;
+        dataclasses become dicts, part objects of a module built in Python are not recorded; checkpoints then load
+        with ``weights_only=True`` and ``hparams.yaml`` with ``yaml.safe_load``."""
+        frame = frame or inspect.currentframe().f_back
+        with warnings.catch_warnings():  # part objects are dropped below; Lightning's advice to ignore them is noise
+            warnings.filterwarnings("ignore", message=r"Attribute '.*' is an instance of `nn.Module`")
+            super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
+        self._set_plain_hparams(self._hparams)
+
+    def _set_plain_hparams(self, hparams: Any) -> None:
+        self._hparams = AttributeDict(plain_hparams(hparams))
+        self._hparams_initial = copy.deepcopy(self._hparams)
+
+    def record_builder(self, builder: str, arguments: dict[str, Any]) -> None:
+        """Record that the classmethod ``builder`` (e.g. ``"from_hf"``) made this module with ``arguments``: they
+        become the hyperparameters (so LightningCLI's ``--ckpt_path`` merge gives the builder its own arguments back)
+        and ``load_from_checkpoint`` calls the builder."""
+        self.builder = builder
+        owner = type(self)
+        self._set_plain_hparams({"_class_path": f"{owner.__module__}.{owner.__qualname__}.{builder}", **arguments})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> MultimodalModule:
+        """A module exported with ``mmlm export``: the self-contained mmlm format (``model.yaml`` + weights), or — for a
+        family with a Hugging Face importer (``from_hf``: BLIP-2, Donut) — a Hugging Face directory.
+
+        Raises:
+            TypeError: the directory holds another family's model.
+        """
+        from mmlm.models.exported import MODEL_FILE, load_exported
+
+        directory = Path(directory)
+        if not (directory / MODEL_FILE).is_file() and hasattr(cls, "from_hf"):
+            return cls.from_hf(str(directory))
+        model = load_exported(directory)
+        if not isinstance(model, cls):
+            raise TypeError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, **kwargs: Any) -> MultimodalModule:
+        """Lightning's ``load_from_checkpoint`` (``weights_only`` loading); a module made by a builder classmethod
+        (``Blip2.from_hf``…) is rebuilt by that builder from its recorded arguments (``kwargs`` override them)."""
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        builder = checkpoint.get(BUILDER_KEY)
+        if builder is None:
+            model = super().load_from_checkpoint(checkpoint_path, map_location=map_location,
+                                                 hparams_file=hparams_file, strict=strict, **kwargs)
+            model._set_plain_hparams({**checkpoint.get("hyper_parameters", {}), **kwargs})  # the config, as recorded
+            return model
+        recorded = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_class_path"}
+        model = getattr(cls, builder)(**{**recorded, **kwargs})
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"], strict=True if strict is None else strict)
+        return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
 
     # --- evaluation: forwarded to the composed evaluators (mmlm.evaluation) -------------------------
     def on_validation_batch_start(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:

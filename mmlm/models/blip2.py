@@ -67,7 +67,7 @@ class Blip2(MultimodalModule):
     def __init__(self, encoder: VisionEncoder, language_model: LanguageModel, tokenizer: str,
                  num_query_tokens: int = 32, qformer: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["encoder", "language_model"])
+        self.save_hyperparameters()
         self.encoder = freeze_(encoder)
         self.qformer = QFormer(encoder.width, num_query_tokens=num_query_tokens, with_text=False, **(qformer or {}))
         self.language_projection = nn.Linear(self.qformer.query_tokens.shape[-1], language_model.width)
@@ -95,8 +95,11 @@ class Blip2(MultimodalModule):
         named = dict(generation=generation, predictions_dir=predictions_dir, lr=lr, weight_decay=weight_decay,
                      warmup_steps=warmup_steps)
         kwargs |= {key: value for key, value in named.items() if value is not None}
-        return blip2_from_hf(cls, name_or_path, tokenizer=tokenizer, vision_dtype=vision_dtype, lm_dtype=lm_dtype,
-                             **kwargs)
+        model = blip2_from_hf(cls, name_or_path, tokenizer=tokenizer, vision_dtype=vision_dtype, lm_dtype=lm_dtype,
+                              **kwargs)
+        model.record_builder("from_hf", dict(name_or_path=name_or_path, tokenizer=tokenizer, vision_dtype=vision_dtype,
+                                             lm_dtype=lm_dtype, **kwargs))
+        return model
 
     def to_hf(self, directory: str | Path) -> None:
         """Write a directory that ``Blip2ForConditionalGeneration.from_pretrained`` (and ``Blip2Processor``) load."""

@@ -117,7 +117,7 @@ class Blip2Stage1(MultimodalModule):
                  qformer: dict[str, Any] | None = None, bert: str | None = None, embed_dim: int = 256,
                  itm_rerank_k: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["encoder"])
+        self.save_hyperparameters()
         self.encoder = freeze_(encoder)
         self.tokenizer = stage1_tokenizer(tokenizer)
         self.qformer = self._build_qformer(encoder.width, num_query_tokens, dict(qformer or {}), bert)

@@ -61,9 +61,7 @@ class Donut(DocumentModule):
                  align_long_axis: bool = False, suppress_unk: bool = True, export_dir: str | None = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        # No save_hyperparameters: LightningCLI re-applies checkpoint hparams to the YAML's model on --ckpt_path,
-        # which fails for `Donut.from_hf` (other signature) and for GenerationConfig (not a weights_only global).
-        # The run's config.yaml records every argument; checkpoints carry the added tokens (on_save_checkpoint).
+        self.save_hyperparameters()  # Donut.from_hf records its own arguments instead (record_builder)
         self.encoder, self.decoder = encoder, decoder
         self.enc_to_dec_proj = nn.Linear(encoder.width, decoder.width) if encoder.width != decoder.width else None
         self.align_long_axis, self.suppress_unk, self.export_dir = align_long_axis, suppress_unk, export_dir
@@ -91,6 +89,9 @@ class Donut(DocumentModule):
                               grad_checkpointing=grad_checkpointing, **kwargs)
         if align_long_axis is not None:
             model.align_long_axis = align_long_axis
+        model.record_builder("from_hf", dict(name_or_path=name_or_path, tokenizer=tokenizer, image_size=image_size,
+                                             grad_checkpointing=grad_checkpointing, align_long_axis=align_long_axis,
+                                             **kwargs))
         return model
 
     def to_hf(self, directory: str | Path) -> None:
@@ -126,6 +127,7 @@ class Donut(DocumentModule):
         generation.eos_token_id, generation.pad_token_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint[ADDED_TOKENS_KEY] = list(self.added_tokens)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -139,6 +141,7 @@ class Donut(DocumentModule):
             raise ValueError(f"the checkpoint's added tokens {saved[:8]}… differ from those already added "
                              f"{self.added_tokens[:8]}…: add the training tokens first, in the same order")
         self.add_tokens(saved)
+        super().on_load_checkpoint(checkpoint)
 
     # --- model ---------------------------------------------------------------------------------
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ class Frozen(MultimodalModule):
                  connector: Callable[[int, int], nn.Module] = LinearPrefix, eval_shots: int = 0,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["encoder", "language_model", "connector"])
+        self.save_hyperparameters()
         self.encoder = encoder
         self.language_model = language_model
         self.connector = connector(encoder.width, language_model.width)

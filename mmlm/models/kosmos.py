@@ -44,7 +44,7 @@ class Kosmos1(MultimodalModule):
                  connector: Callable[[int, int], nn.Module] = Resampler, stop_strings: Sequence[str] = (),
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["encoder", "language_model", "connector"])
+        self.save_hyperparameters()
         self.encoder, self.language_model = encoder, language_model
         self.connector = connector(encoder.width, language_model.width)
         self.image_tokens = self._connector_length()

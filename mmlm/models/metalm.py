@@ -60,8 +60,7 @@ class MetaLM(MultimodalModule):
                  text_connector: Callable[[int, int], nn.Module] = MLP, eval_shots: int = 0,
                  init_from: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["language_model", "vision_encoder", "text_encoder", "vision_connector",
-                                          "text_connector"])
+        self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer, [IMAGE_TOKEN])
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.language_model, self.vision_encoder, self.text_encoder = language_model, vision_encoder, text_encoder

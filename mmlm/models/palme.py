@@ -67,8 +67,7 @@ class PaLME(MultimodalModule):
                  state_connector: Callable[[int, int], nn.Module] = StateTokens,
                  object_connector: Callable[[int, int], nn.Module] = ObjectTokens, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["encoder", "language_model", "image_connector", "state_connector",
-                                          "object_connector"])
+        self.save_hyperparameters()
         self.encoder, self.language_model = encoder, language_model
         self.state_dim, self.object_dim = state_dim, object_dim
         width = language_model.width

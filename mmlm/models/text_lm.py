@@ -35,7 +35,7 @@ class CausalLMPretraining(MultimodalModule):
     def __init__(self, language_model: LanguageModel, tokenizer: str, export_dir: str | None = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["language_model"])
+        self.save_hyperparameters()
         self.language_model = language_model
         self.tokenizer = load_tokenizer(tokenizer, [IMAGE_TOKEN])
         if len(self.tokenizer) > language_model.vocab_size:

@@ -187,7 +187,7 @@ class VLMOStage1(VLMOModule):
 
     def __init__(self, mask_ratio: float = 0.4, visual_tokenizer: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["visual_tokenizer"])
+        self.save_hyperparameters()
         self.mask_ratio, self.visual_tokenizer = mask_ratio, visual_tokenizer
         if visual_tokenizer is not None:
             visual_tokenizer.requires_grad_(False)

@@ -14,6 +14,7 @@ import mmlm.models
 from mmlm.batch import Batch
 from mmlm.evaluation import (
     CaptionScorer,
+    Evaluation,
     GenerationEvaluator,
     GQAScorer,
     PlanScorer,
@@ -148,9 +149,9 @@ def test_gqa_is_exact_match_of_the_processed_prediction(tmp_path):
     assert read(tmp_path, "gqa")[0] == {"questionId": "a", "prediction": "The Dog."}
 
 
-def test_retrieval_refuses_predict_with_a_clear_message():
-    with pytest.raises(ValueError, match="no predictions"):
-        RetrievalEvaluator().step(SimpleNamespace(), batch(["caption"]), "predict")
+def test_predict_is_refused_by_name_where_no_evaluator_predicts():
+    with pytest.raises(ValueError, match="Blip2Stage1 has no predictions to write.*RetrievalEvaluator"):
+        Evaluation(RetrievalEvaluator()).step(type("Blip2Stage1", (), {})(), batch(["caption"]), "predict")
 
 
 def family_classes() -> list[type]:
