@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from reference.vqa_eval import official_vqa_accuracy
 
 import mmlm.models
 from mmlm.batch import Batch
@@ -26,7 +27,6 @@ from mmlm.evaluation import (
 from mmlm.evaluation import generation as generation_module
 from mmlm.metrics.captioning import caption_scores
 from mmlm.models.base import MultimodalModule
-from tests.reference.vqa_eval import official_vqa_accuracy
 
 
 def batch(tasks: list[str], ids: list | None = None, references: list[list[str]] | None = None, **extra) -> Batch:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from reference import donut_eval
 
 from mmlm.json_tokens import donut_prediction, donut_token2json, json_to_tokens
 from mmlm.metrics.documents import (
@@ -35,7 +36,6 @@ from mmlm.metrics.documents import (
     ted_accuracy,
     tree_edit_distance,
 )
-from tests.reference import donut_eval
 
 
 def tree(label: str, *children: Node) -> Node:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from reference import vqa_eval as reference
+from reference.vqa_eval import official_vqa_accuracy
 
 from mmlm.metrics import VQAAccuracy
 from mmlm.metrics.vqa import (
@@ -20,8 +22,6 @@ from mmlm.metrics.vqa import (
     vqa_accuracy_normalized,
     vqa_summary,
 )
-from tests.reference import vqa_eval as reference
-from tests.reference.vqa_eval import official_vqa_accuracy
 
 # --------------------------------------------------------------------------- literal expectations
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from reference.vqa_eval import official_vqa_accuracy
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     Blip2Config,
@@ -31,7 +32,6 @@ from transformers import (
 )
 
 from mmlm.cli import main
-from tests.reference.vqa_eval import official_vqa_accuracy
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "blip2"
 M = 4  # query tokens

@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from reference.donut_eval import cal_acc, cal_f1
 from transformers import (
     DonutImageProcessor,
     DonutProcessor,
@@ -32,7 +33,6 @@ from transformers import (
 
 from mmlm.cli import main
 from mmlm.piece_tokenizer import train_piece_tokenizer
-from tests.reference.donut_eval import cal_acc, cal_f1
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "donut"
 SIZE = (64, 48)  # (H, W) of the checkpoint and the processor
