@@ -18,6 +18,12 @@ raw samples drawn). The loader keeps the position of the last batch the trainer 
 worker and returns it from ``state_dict()`` (Lightning stores it in the checkpoint as the fit
 loop's ``combined_loader`` state); ``load_state_dict()`` makes the next ``iter()`` of the same
 epoch continue after the last consumed batch. See ``docs/reliability.md``.
+
+Never hang: a training epoch that yields no batch (an empty tar, only bad samples, fewer usable samples than a
+batch) raises :class:`EmptyEpochError` naming the sources and the epoch's skip counts, instead of letting the trainer
+start empty epochs forever; a local folder given as a shard url is refused (:func:`folder_problem`). When sources are
+mixed, each sample's key is prefixed by its source's label (:func:`source_labels`), so equal keys of different sets
+stay apart in logs and batches. See ``docs/data-formats.md``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import glob
 import itertools
 import logging
 import random
+import re
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -132,19 +140,50 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
 
     Raises:
         FileNotFoundError: a glob matches no file.
+        FolderAsShardError: a pattern is a local folder (:func:`folder_problem` names the patterns of its shards).
     """
     patterns = [urls] if isinstance(urls, str) else [str(u) for u in urls]
     return [u for pattern in patterns for u in _expand_one(pattern)]
 
 
 def _expand_one(pattern: str) -> list[str]:
-    """One brace pattern or local glob → shard list."""
+    """One brace pattern or local glob → shard list; a local folder is refused (:func:`folder_problem`)."""
+    if "://" not in pattern and not pattern.startswith("pipe:") and Path(pattern).is_dir():
+        raise FolderAsShardError(folder_problem(Path(pattern)))
     if "://" in pattern or pattern.startswith("pipe:") or not any(c in pattern for c in "*?["):
         return wds.shardlists.expand_urls(pattern)
     matches = sorted(glob.glob(pattern))
     if not matches:
         raise FileNotFoundError(f"no shard matches {pattern!r}")
     return matches
+
+
+class FolderAsShardError(IsADirectoryError, ValueError):
+    """A folder given where shard urls were expected (an ``OSError`` for the CLI tools, a ``ValueError`` for configs)."""
+
+
+def shard_families(folder: Path) -> dict[str, int]:
+    """The ``*.tar`` files directly in ``folder`` grouped by name without digits: ``{"vqa-*.tar": 2, "*.tar": 3}``."""
+    families: dict[str, int] = {}
+    for path in sorted(folder.glob("*.tar")):
+        family = re.sub(r"\d+", "*", path.stem) + ".tar"
+        families[family] = families.get(family, 0) + 1
+    return families
+
+
+def folder_problem(folder: Path) -> str:
+    """Why a folder cannot be a shard url, with the patterns that would name its shards.
+
+    A folder is never expanded implicitly: it may hold shards of several kinds (``captions-*.tar`` beside
+    ``vqa-*.tar``) or stale ones, and reading a folder as a tar used to yield nothing, forever.
+    """
+    families = shard_families(folder)
+    if families:
+        shown = ", ".join(f"{str(folder / name)!r} ({n} shard{'s' * (n > 1)})" for name, n in families.items())
+        return f"{str(folder)!r} is a folder, not a shard: name its shards with a pattern, e.g. {shown}"
+    below = sorted({p.parent.relative_to(folder).as_posix() for p in folder.glob("*/*.tar")})
+    hint = f"; its subfolders {', '.join(f'{b}/' for b in below[:5])} hold shards" if below else ""
+    return f"{str(folder)!r} is a folder without *.tar shards{hint}: name the shards with a pattern"
 
 
 def check_local_shards(urls: list[str]) -> None:
@@ -154,6 +193,39 @@ def check_local_shards(urls: list[str]) -> None:
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist: {shown}")
+
+
+def describe_urls(urls: str | Sequence[str]) -> str:
+    """A short name of a source's urls for messages: the pattern, or the first url (a raw chunk's file) and a count."""
+    if isinstance(urls, str):
+        return url_name(urls)
+    items = [str(u) for u in urls]
+    if not items:
+        return "[]"
+    names = list(dict.fromkeys(url_name(u) for u in items))
+    return names[0] if len(names) == 1 else f"{names[0]} (+{len(items) - 1} more)"
+
+
+def url_name(url: str) -> str:
+    """The file a url reads: its path, or the ``path`` of a raw chunk (``mmlm-raw://fmt?path=…``)."""
+    if "://" in url:
+        parts = urllib.parse.urlparse(url)
+        path = urllib.parse.parse_qs(parts.query).get("path")
+        if path:
+            return path[0]
+    return url
+
+
+def source_labels(sources: Sequence[str | Sequence[str]]) -> list[str]:
+    """Short, distinct labels of mixed sources (the pattern's file name without ``.tar``: ``vqa-*``,
+    ``dataset_coco.json``); the parent folder is added where names coincide, then the index."""
+    names = [Path(describe_urls(s).split(" (+")[0]) for s in sources]
+    labels = [n.name.removesuffix(".tar") for n in names]
+    if len(set(labels)) < len(labels):
+        labels = [f"{n.parent.name}/{label}" for n, label in zip(names, labels)]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label}#{i}" for i, label in enumerate(labels)]
+    return labels
 
 
 def split(items: list[str], index: int, count: int) -> list[str]:
@@ -232,6 +304,7 @@ class SourceStream:
                  counter: SkipCounter) -> None:
         self.pipeline, self.index, self.worker, self.num_workers = pipeline, index, worker, num_workers
         self.counter = counter
+        self.label = pipeline.labels[index] if len(pipeline.labels) > 1 else ""
         self.pass_, self.shard, self.offset = 0, 0, 0
         self.muted = self.shard_failed = False
 
@@ -272,6 +345,8 @@ class SourceStream:
                         continue
                     self.pass_, self.shard, self.offset = pass_, shard, n
                     sample["__source__"] = self.index
+                    if self.label:  # mixed sources: keys may collide, the source tells them apart
+                        sample["__key__"] = f"{self.label}/{sample.get('__key__')}"
                     yield sample
                 self.muted = False
             if self.pipeline.epoch_samples is None:
@@ -387,7 +462,10 @@ class ShardPipeline(IterableDataset):
         num_workers: int,
     ) -> None:
         super().__init__()
+        self.patterns = list(sources)
         self.urls = [expand_urls(s) for s in sources]
+        #: Key prefix per source when several are mixed (``"vqa-*"`` → keys ``"vqa-*/000000007"``).
+        self.labels = source_labels(self.patterns)
         self.weights = list(weights)
         self.to_example, self.collate = to_example, collate
         self.batch_size, self.train, self.resampled = batch_size, train, resampled and train
@@ -421,6 +499,22 @@ class ShardPipeline(IterableDataset):
                     f"{workers} worker(s) need at least {needed}: write it as ≥ {needed} "
                     "shards, lower num_workers, or use resampled=True for training"
                 )
+
+    def describe(self) -> str:
+        """The sources for messages: ``'data/x-*.tar' (3 shards), 'captions.jsonl' (2 chunks)``."""
+        parts = []
+        for pattern, urls in zip(self.patterns, self.urls):
+            unit = "chunk" if urls and urls[0].startswith("mmlm-raw://") else "shard"
+            parts.append(f"{describe_urls(pattern)!r} ({len(urls)} {unit}{'s' * (len(urls) != 1)})")
+        return ", ".join(parts)
+
+    def empty_epoch_message(self, skipped: dict[str, int]) -> str:
+        """Why a training epoch ended without a batch, naming the sources and this epoch's skip counts."""
+        counts = ", ".join(f"{reason} {n}" for reason, n in skipped.items()) or "none"
+        return (f"training epoch {self.epoch} on rank {self.rank} yielded no batch of {self.batch_size} usable "
+                f"samples from {self.describe()}; skipped or counted this epoch: {counts}. The run stops here "
+                "instead of starting empty epochs forever: check the shards (mmlm data inspect URLS), the source "
+                "kinds and batch_size")
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for ``epoch`` (shard order, buffer and mixing seeds depend on it)."""
@@ -512,6 +606,16 @@ def counting_handler(counter: SkipCounter) -> Callable[[Exception], bool]:
     return handler
 
 
+class EmptyEpochError(RuntimeError):
+    """A training epoch yielded no batch: the run stops instead of starting empty epochs forever."""
+
+
+def counts_since(before: dict[str, int], now: dict[str, int]) -> dict[str, int]:
+    """Per-reason counts added between two snapshots of a counter (zero deltas left out)."""
+    delta = {reason: n - before.get(reason, 0) for reason, n in now.items()}
+    return {reason: n for reason, n in sorted(delta.items()) if n}
+
+
 class SkipCountingLoader(DataLoader):
     """``DataLoader`` over a :class:`ShardPipeline`: unwraps :class:`CountedBatch`, tallies skips and
     keeps the data position for exact resume (``state_dict``/``load_state_dict``, which Lightning
@@ -561,11 +665,14 @@ class SkipCountingLoader(DataLoader):
             iterator = super().__iter__()  # workers (or the in-process iterator) take the resume point now
         finally:
             self.dataset.resume = None
+        before = dict(self.counter.skipped)
         for item in iterator:
             self.counter.update(item.skipped)
             if item.batch is not None:
                 self._record(item)
                 yield item.batch
+        if self.dataset.train and self._handed_out == 0:
+            raise EmptyEpochError(self.dataset.empty_epoch_message(counts_since(before, self.counter.skipped)))
 
     def _record(self, item: CountedBatch) -> None:
         """Remember which worker made the batch just handed out, and its position after it."""

@@ -32,6 +32,7 @@ from typing import Any
 from PIL import Image
 from rich.progress import track
 
+from datamodules.outputs import check_output, prepare_output, write_summary
 from datamodules.shards import ShardWriter
 from datamodules.tools import jpeg_bytes
 from datamodules.transforms import DECODE_ERRORS
@@ -114,8 +115,9 @@ def item_sample(item: Item, read: Callable[[Path], bytes], index: int) -> tuple[
 
 
 def write_items(items: Sequence[Item], out: str | Path, info: dict[str, Any], shard_size: int,
-                progress: bool) -> dict[str, Any]:
-    """Write ``items`` as shards under ``out`` (stale shards of an earlier run removed) and ``summary.json``.
+                progress: bool, overwrite: bool = False) -> dict[str, Any]:
+    """Write ``items`` as shards under ``out`` and ``summary.json``; ``out`` must be empty unless ``overwrite``
+    (then only an earlier run's own files are replaced: :func:`datamodules.outputs.prepare_output`).
 
     Returns:
         ``info`` plus ``items`` (inputs considered), ``samples``, ``shards``, ``urls`` (brace pattern,
@@ -124,10 +126,8 @@ def write_items(items: Sequence[Item], out: str | Path, info: dict[str, Any], sh
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be ≥ 1, got {shard_size}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output(out, overwrite)
     sink, skipped, examples = ShardWriter(out, shard_size), Counter(), []
-    sink.remove_stale()
     read = functools.lru_cache(maxsize=IMAGE_CACHE)(image_member)
     for index, item in enumerate(track(items, description=f"writing shards to {out}", disable=not progress)):
         sample, reason, detail = item_sample(item, read, index)
@@ -139,8 +139,7 @@ def write_items(items: Sequence[Item], out: str | Path, info: dict[str, Any], sh
     sink.close()
     summary = {**info, "items": len(items), "samples": sink.count, "shards": sink.shards, "urls": sink.url(),
                "skipped": dict(skipped), "skipped_examples": examples}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
-    return summary
+    return write_summary(out, summary)
 
 
 # -- VQAv2 / OK-VQA ---------------------------------------------------------------------------------
@@ -206,7 +205,7 @@ def vqa_item(row: Any, annotations: dict[Any, dict[str, Any]] | None, image_dir:
 
 def convert_vqav2(questions_json: str | Path, annotations_json: str | Path | None, image_dir: str | Path,
                   out: str | Path, shard_size: int = 1000, image_pattern: str = VQA_IMAGE_PATTERN,
-                  split: str | None = None, progress: bool = True) -> dict[str, Any]:
+                  split: str | None = None, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Convert VQAv2 or OK-VQA questions (+ annotations) and COCO images into VQA shards.
 
     One sample per question: ``jpg`` (the COCO image) and ``json`` ``{"key", "question", "answers"
@@ -226,15 +225,17 @@ def convert_vqav2(questions_json: str | Path, annotations_json: str | Path | Non
         split: the ``{split}`` of ``image_pattern`` (default: the questions file's ``data_subtype``,
             ``test-dev2015`` → ``test2015``).
         progress: show a rich progress bar.
+        overwrite: replace an earlier run's files in ``out`` (else ``out`` must be empty).
 
     Returns:
         The summary (see :func:`write_items`) with ``format``, ``input``, ``annotations``,
         ``image_root`` and ``split``. Skip reasons: ``missing_image``, ``bad_image``,
         ``missing_annotation``, ``missing_question``, ``missing_image_id``.
     """
+    check_output(out, overwrite)
     data = load_json(questions_json, "VQA questions file")
     items, info = vqav2_items(data, questions_json, annotations_json, image_dir, image_pattern, split)
-    return write_items(items, out, info, shard_size, progress)
+    return write_items(items, out, info, shard_size, progress, overwrite)
 
 
 def vqav2_items(data: Any, questions_json: str | Path, annotations_json: str | Path | None, image_dir: str | Path,
@@ -276,7 +277,7 @@ def gqa_item(question_id: str, row: Any, image_dir: Path) -> Item:
 
 
 def convert_gqa(questions_json: str | Path, image_dir: str | Path, out: str | Path, shard_size: int = 1000,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Convert GQA questions (``{qid: {"imageId", "question", "answer", "fullAnswer", "types", …}}``) and
     images (``{imageId}.jpg``) into VQA shards.
 
@@ -289,9 +290,10 @@ def convert_gqa(questions_json: str | Path, image_dir: str | Path, out: str | Pa
     Returns:
         The summary (see :func:`write_items`) with ``format``, ``input`` and ``image_root``.
     """
+    check_output(out, overwrite)
     data = load_json(questions_json, "GQA questions file")
     items, info = gqa_items(data, questions_json, image_dir)
-    return write_items(items, out, info, shard_size, progress)
+    return write_items(items, out, info, shard_size, progress, overwrite)
 
 
 def gqa_items(data: Any, questions_json: str | Path, image_dir: str | Path) -> tuple[list[Item], dict[str, Any]]:
@@ -341,7 +343,7 @@ def per_caption_items(item: Item) -> list[Item]:
 
 def convert_karpathy(karpathy_json: str | Path, image_root: str | Path, out: str | Path,
                      split: str | Sequence[str] = "test", shard_size: int = 1000,
-                     progress: bool = True, per_caption: bool = False) -> dict[str, Any]:
+                     progress: bool = True, per_caption: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Convert a Karpathy split file (``dataset_coco.json``, ``dataset_flickr30k.json``) into caption shards.
 
     One sample per image of the chosen split(s): ``jpg``, ``txt`` (first raw caption) and ``json``
@@ -360,14 +362,16 @@ def convert_karpathy(karpathy_json: str | Path, image_root: str | Path, out: str
         per_caption: one sample per caption instead of per image (``txt``/``caption`` = that caption,
             same ``image_id``): the standard retrieval protocol (COCO 5k images × 25k captions);
             retrieval metrics count each image once by its id.
+        overwrite: replace an earlier run's files in ``out`` (else ``out`` must be empty).
 
     Returns:
         The summary (see :func:`write_items`) with ``format``, ``input``, ``dataset``, ``image_root``
         and ``splits``. Skip reasons: ``missing_image``, ``bad_image``, ``no_captions``, ``missing_file_name``.
     """
+    check_output(out, overwrite)
     data = load_json(karpathy_json, "Karpathy split file")
     items, info = karpathy_items(data, karpathy_json, image_root, split, per_caption)
-    return write_items(items, out, info, shard_size, progress)
+    return write_items(items, out, info, shard_size, progress, overwrite)
 
 
 def karpathy_items(data: Any, karpathy_json: str | Path, image_root: str | Path, split: str | Sequence[str] = "test",

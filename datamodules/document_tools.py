@@ -203,7 +203,6 @@ class DonutWriter:
                 directory.mkdir(parents=True, exist_ok=True)
         if shard_dir is not None:
             self.shards = ShardWriter(shard_dir, shard_size, prefix)
-            self.shards.remove_stale()
 
     def write(self, file_name: str, image: bytes, ground_truth: dict[str, Any]) -> None:
         """Add one document: its image file name and bytes, and ``{"gt_parse": …}``/``{"gt_parses": […]}``."""
@@ -250,7 +249,6 @@ def convert_folder(folder: Path, out: Path, shard_size: int, prefix: str,
 
     out.mkdir(parents=True, exist_ok=True)
     sink, skipped, parses = ShardWriter(out, shard_size, prefix), Counter(), []
-    sink.remove_stale()
     for record in read_metadata(folder):
         sample, found = raw_sample(folder, record), record_parses(record)
         reason = "bad_ground_truth" if not found else "" if has_image(sample) else "missing_image"
@@ -266,20 +264,24 @@ def convert_folder(folder: Path, out: Path, shard_size: int, prefix: str,
 
 
 def convert_donut(input: str | Path, out: str | Path, shard_size: int = 1000, prefix: str = "",
-                  categorical_fields: Sequence[str] = ()) -> dict[str, Any]:
+                  categorical_fields: Sequence[str] = (), overwrite: bool = False) -> dict[str, Any]:
     """Convert a Donut folder (or a data set root with one folder per split) to shards.
 
     Writes ``out/{prefix}{i:05d}.tar`` + ``special_tokens.json`` (or ``out/<split>/…`` per split
-    folder of a root) and ``out/summary.json``; returns the summary.
+    folder of a root) and ``out/summary.json``; returns the summary. ``out`` must be empty unless ``overwrite``
+    (:func:`datamodules.outputs.prepare_output`).
     """
-    root, out = Path(input), Path(out)
+    from datamodules.outputs import prepare_output, write_summary
+
+    root = Path(input)
     if shard_size < 1:
         raise ValueError(f"shard_size must be ≥ 1, got {shard_size}")
+    folders = split_folders(root)
+    out = prepare_output(out, overwrite)
     splits = {name: convert_folder(folder, out / name, shard_size, prefix, categorical_fields)
-              for name, folder in split_folders(root).items()}
+              for name, folder in folders.items()}
     summary = splits[""] if "" in splits else {"splits": splits}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
-    return summary
+    return write_summary(out, summary, indent=1)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -304,13 +306,13 @@ def _run_synth(args: argparse.Namespace) -> dict[str, Any]:
     given = {k: getattr(args, k) for k in ("train", "val", "seed", "width", "height", "shard_size")
              if getattr(args, k) is not None}
     layouts = LAYOUTS if args.layout == "both" else (args.layout,)
-    return write_documents(args.out, kind=args.kind, layouts=layouts, **given)
+    return write_documents(args.out, kind=args.kind, layouts=layouts, overwrite=args.overwrite, **given)
 
 
 def _run_convert(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``convert-donut``."""
     return convert_donut(args.input, args.out, shard_size=args.shard_size, prefix=args.prefix,
-                         categorical_fields=args.categorical_fields)
+                         categorical_fields=args.categorical_fields, overwrite=args.overwrite)
 
 
 def add_data_tools(sub: argparse._SubParsersAction) -> None:

@@ -27,4 +27,5 @@ def synth_tabletop(args: argparse.Namespace) -> dict[str, Any]:
     """Run the generator with the parsed arguments; returns its summary."""
     from datamodules.synthetic.tabletop import write_tabletop
 
-    return write_tabletop(args.out, train=args.train, val=args.val, seed=args.seed, shard_size=args.shard_size)
+    return write_tabletop(args.out, train=args.train, val=args.val, seed=args.seed, shard_size=args.shard_size,
+                          overwrite=args.overwrite)

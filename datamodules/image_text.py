@@ -5,8 +5,9 @@ A :class:`Source` is shards or one raw file read directly — the official VQAv2
 raw files give the same samples as the shards their converter writes (:mod:`datamodules.raw`).
 
 A caption sample ``{"jpg", "txt"?, "json"?}`` becomes ``prompt=caption_prompt``, ``target`` =
-the ``txt`` (else ``json["caption"]``), ``references`` = ``json["captions"]`` (else
-``[target]``), ``id`` = ``json["image_id"]`` (else the key). A VQA sample ``{"jpg", "json"}``
+the ``txt`` (else ``json["caption"]``, or its first entry when it is a list as in LAVIS's evaluation files),
+``references`` = ``json["captions"]`` (else a ``json["caption"]`` list, else ``[target]``), ``id`` =
+``json["image_id"]`` (else the key). A VQA sample ``{"jpg", "json"}``
 becomes ``prompt=vqa_prompt.format(question)``, ``target`` = the most common of
 ``json["answers"]``, ``references`` = the answers, ``id`` = ``json["question_id"]``, with its
 ``question_type`` and ``answer_type``; a GQA sample (kind ``"gqa"``) the same, scored by GQA's protocol.
@@ -62,18 +63,19 @@ class Source:
     Attributes:
         urls: shards — a brace pattern (``"data/{00000..00009}.tar"``), glob or list of shard paths/urls — or one
             raw file: a VQAv2/OK-VQA or GQA questions ``.json``, a COCO captions ``.json``, a Karpathy split
-            ``.json`` (``dataset_coco.json``, ``dataset_flickr30k.json``), or a captions ``.jsonl``/``.tsv``.
+            ``.json`` (``dataset_coco.json``, ``dataset_flickr30k.json``), a LAVIS caption list ``.json``
+            (``coco_karpathy_*.json``), a captions ``.jsonl``/``.tsv``, or a LAION / img2dataset ``.parquet``.
         kind: ``"caption"``, ``"vqa"`` (scored by VQAv2's leave-one-out accuracy over the human answers) or
             ``"gqa"`` (VQA samples with one answer, scored by exact match as GQA).
         weight: relative sampling weight when several training sources are mixed.
         prompt: this source's prompt (``None``: the datamodule's ``caption_prompt``/``vqa_prompt``).
         images: raw files only: the folder their image paths are relative to (VQA: the split's images, e.g.
-            ``val2014/``; Karpathy COCO: the folder holding ``train2014/`` and ``val2014/``; jsonl/tsv: default the
-            file's folder).
+            ``val2014/``; Karpathy COCO and LAVIS: the folder holding ``train2014/`` and ``val2014/``; jsonl/tsv: default
+            the file's folder; a parquet of URLs: the img2dataset download folder).
         annotations: VQAv2/OK-VQA only: the annotations file (``None``: no answers, e.g. test-dev for predict).
-        format: ``None`` infers it (``.json`` by its layout, ``.jsonl``, ``.tsv``, anything else shards); or one of
-            :data:`FORMATS` (``"shards"``, ``"vqav2"``, ``"gqa"``, ``"coco"``, ``"karpathy"``, ``"folder-jsonl"``,
-            ``"folder-tsv"``); a ``.json`` must then have that layout.
+        format: ``None`` infers it (``.json`` by its layout, ``.jsonl``, ``.tsv``, ``.parquet``, anything else shards);
+            or one of :data:`FORMATS` (``"shards"``, ``"vqav2"``, ``"gqa"``, ``"coco"``, ``"karpathy"``, ``"lavis"``,
+            ``"folder-jsonl"``, ``"folder-tsv"``, ``"parquet"``); a ``.json`` must then have that layout.
         split: Karpathy: ``"test"`` (default), ``"val"``, ``"train"`` (= train + restval) or a list of split names
             (exactly those); VQA: the ``{split}`` of ``image_pattern`` (default: the file's ``data_subtype``).
         image_pattern: VQA image file name under ``images`` (default ``"COCO_{split}_{image_id:012d}.jpg"``; COCO
@@ -239,11 +241,13 @@ class ExampleBuilder:
     def caption_text(self, sample: dict[str, Any], prompt: str) -> dict[str, Any]:
         """Prompt, target, references, id and task of a caption sample."""
         meta = json_field(sample)
+        listed = as_strings(meta.get("caption"))  # LAVIS evaluation files: "caption" is the list of references
         json_caption = meta.get("caption")
         caption = text_field(sample, "txt") or (json_caption.strip() if isinstance(json_caption, str) else "")
+        caption = caption or (listed[0] if listed else "")
         if not caption:
             raise SkipSample("missing_caption", "no txt and no json caption")
-        references = as_strings(meta.get("captions")) or [caption]
+        references = as_strings(meta.get("captions")) or listed or [caption]
         image_id = meta.get("image_id")
         return dict(prompt=fill_prompt(prompt, meta), target=caption, references=references, task="caption",
                     id=image_id if image_id is not None else sample["__key__"])

@@ -96,6 +96,18 @@ def image_ref_bytes(ref: Any, sample: dict[str, Any]) -> bytes:
     raise SkipSample("missing_image", f"image reference {str(ref)[:80]!r} is neither a member nor base64")
 
 
+def available_image(ref: Any, sample: dict[str, Any]) -> bytes | None:
+    """The bytes of an image reference, or ``None`` (counted as ``converted_missing_image``) when it resolves to
+    nothing — an undownloaded URL, a member a download left out: the document keeps its text and other images."""
+    try:
+        return image_ref_bytes(ref, sample)
+    except SkipSample as skip:
+        if skip.reason != "missing_image":
+            raise
+        note("converted_missing_image")
+        return None
+
+
 def _b64(text: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
@@ -104,7 +116,8 @@ def _b64(text: str) -> bytes:
 
 
 def obelics_segments(doc: dict[str, Any], sample: dict[str, Any]) -> list[Segment]:
-    """OBELICS layout: ``texts[i]`` or ``images[i]`` (exactly one non-null) in reading order."""
+    """OBELICS layout: ``texts[i]`` or ``images[i]`` (exactly one non-null) in reading order; an image that is not
+    available is left out (:func:`available_image`)."""
     texts, images = doc.get("texts"), doc.get("images")
     if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
         raise SkipSample("bad_document", "OBELICS texts/images must be lists of equal length")
@@ -112,12 +125,15 @@ def obelics_segments(doc: dict[str, Any], sample: dict[str, Any]) -> list[Segmen
     for i, (text, image) in enumerate(zip(texts, images)):
         if (text is None) == (image is None):
             raise SkipSample("bad_document", f"position {i}: exactly one of texts/images must be null")
-        segments.append(text if text is not None else image_ref_bytes(image, sample))
+        segment = text if text is not None else available_image(image, sample)
+        if segment is not None:
+            segments.append(segment)
     return segments
 
 
 def mmc4_segments(doc: dict[str, Any], sample: dict[str, Any], min_similarity: float) -> list[Segment]:
-    """MMC4 layout: each image (``matched_sim >= min_similarity``) goes before its matched sentence."""
+    """MMC4 layout: each image (``matched_sim >= min_similarity``) goes before its matched sentence; an image that is
+    not available is left out (:func:`available_image`), the rest of the document kept."""
     texts, infos = doc.get("text_list"), doc.get("image_info") or []
     if not isinstance(texts, list) or not isinstance(infos, list):
         raise SkipSample("bad_document", "MMC4 text_list/image_info must be lists")
@@ -132,7 +148,8 @@ def mmc4_segments(doc: dict[str, Any], sample: dict[str, Any], min_similarity: f
         before.setdefault(index, []).append(info)
     segments: list[Segment] = []
     for i, text in enumerate(texts):
-        segments += [image_ref_bytes(info, sample) for info in before.get(i, [])]
+        found = [available_image(info, sample) for info in before.get(i, [])]
+        segments += [data for data in found if data is not None]
         segments.append(str(text))
     return segments
 

@@ -1,15 +1,19 @@
 """``mmlm data convert-obelics | convert-mmc4 | synth-interleaved``: interleaved documents → shards.
 
-Both converters read one document per jsonl line and write ``{out}/docs-{i:05d}.tar`` with samples
-``{key}.json`` (the document in its own layout) + ``{key}.{j}.{ext}`` (each image found locally, the
-reference in the JSON replaced by the member name ``"{j}.{ext}"``), plus ``{out}/summary.json``.
+Both converters read documents as released — ``.jsonl`` (one per line), MMC4's ``.jsonl.zip``, or a ``.parquet``
+(OBELICS: one row per document) — and write ``{out}/docs-{i:05d}.tar`` with samples ``{key}.json`` (the document in
+its own layout) + ``{key}.{j}.{ext}`` (each image found locally, the reference in the JSON replaced by the member name
+``"{j}.{ext}"``), plus ``{out}/summary.json``.
 
-* OBELICS: ``{"texts": [...], "images": [...], ...}``; an image is a path (relative to ``--images``
-  or the jsonl's folder), a ``data:image/…;base64,`` URI, or a URL. Images that are not available
-  locally (URLs were never downloaded here) are removed with their position and counted.
-* MMC4: ``{"text_list": [...], "image_info": [{"image_name", "matched_text_index", "matched_sim",
-  "raw_url"}, ...], ...}``; ``image_name`` is looked up under ``--images``; an entry that already
-  holds ``image_base64`` keeps it in the JSON (the reader decodes it). Missing images are removed.
+* OBELICS: ``{"texts": [...], "images": [...], "metadata": "<JSON list>", "general_metadata": "<JSON object>"}``;
+  an image is a path (relative to ``--images`` or the input's folder), a ``data:image/…;base64,`` URI, or a URL
+  found through an img2dataset download folder (``--images``) or a url → file map (``--image-map``). Images that
+  are not available locally are removed with their position — and their ``metadata`` entry, so the three lists stay
+  aligned — and counted.
+* MMC4: ``{"text_list": [...], "image_info": [{"image_name", "raw_url", "matched_text_index", "matched_sim"}, ...],
+  ...}``; ``image_name`` is looked up under ``--images``, else ``raw_url`` through the download map; an entry that
+  already holds ``image_base64`` keeps it in the JSON (the reader decodes it). Missing images are removed; the
+  document keeps its text and its other images.
 
 A line that is not JSON, not in the layout, or has no text left is skipped and counted.
 """
@@ -19,10 +23,15 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import zipfile
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datamodules.downloads import UrlImages, is_parquet, parquet_rows, url_images
+from datamodules.outputs import check_output, prepare_output, write_summary
 from datamodules.shards import ShardWriter
 
 IMAGE_TYPES = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp"}
@@ -33,9 +42,14 @@ def add_data_tools(sub: argparse._SubParsersAction) -> None:
     for name, layout in (("convert-obelics", "OBELICS (texts/images lists)"),
                          ("convert-mmc4", "MMC4 (text_list + image_info)")):
         tool = sub.add_parser(name, help=f"interleaved documents in the {layout} jsonl layout → shards")
-        tool.add_argument("input", help="jsonl file, one document per line")
+        tool.add_argument("input", help="documents: .jsonl (one per line), .jsonl.zip (MMC4's release) or .parquet "
+                                        "(OBELICS' release)")
         tool.add_argument("--out", required=True, help="output directory")
-        tool.add_argument("--images", default=None, help="folder of the documents' images (default: the jsonl's)")
+        tool.add_argument("--images", default=None,
+                          help="folder of the documents' images (default: the input's), or the img2dataset download "
+                               "folder of their URLs")
+        tool.add_argument("--image-map", default=None,
+                          help="url → file map (.json object, .jsonl/.parquet with url and path, or .tsv)")
         tool.add_argument("--shard-size", type=int, default=1000, help="documents per shard")
         tool.set_defaults(run=convert_obelics if name == "convert-obelics" else convert_mmc4)
     synth = sub.add_parser("synth-interleaved", help="synthetic interleaved shapes documents for KOSMOS-1 (k-shot)")
@@ -52,48 +66,114 @@ def synth_interleaved(args: argparse.Namespace) -> dict[str, Any]:
     from datamodules.synthetic.interleaved import write_interleaved
 
     return write_interleaved(args.out, docs=args.docs, pairs=args.docs // 2, texts=args.docs // 4, val=args.val,
-                             support=max(50, args.val // 2), seed=args.seed, shard_size=args.shard_size)
+                             support=max(50, args.val // 2), seed=args.seed, shard_size=args.shard_size,
+                             overwrite=args.overwrite)
+
+
+def document_rows(path: Path) -> Iterator[Any]:
+    """The documents of an input, one JSON value (or a ``ValueError`` for a bad line) each: a ``.jsonl``, the
+    ``.jsonl.zip`` MMC4 ships (every ``.jsonl`` member), or a ``.parquet`` (OBELICS: one row per document)."""
+    if is_parquet(path):
+        yield from parquet_rows(path)
+    elif zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for member in sorted(n for n in archive.namelist() if n.endswith(".jsonl")):
+                yield from json_lines(archive.read(member).decode("utf-8"))
+    else:
+        yield from json_lines(path.read_text(encoding="utf-8"))
+
+
+def json_lines(text: str) -> Iterator[Any]:
+    """The parsed non-blank lines of ``text`` (a line that is not JSON comes as its ``ValueError``)."""
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exn:
+                yield exn
+
+
+def input_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a documents input (a folder or missing file), else ``None``."""
+    if path.is_dir():
+        return (f"input {str(path)!r} is a folder: expected a .jsonl, .jsonl.zip or .parquet of documents (images go "
+                "to --images)")
+    if not path.is_file():
+        return f"input {str(path)!r}: no such file"
+    return None
+
+
+@dataclass
+class ImageFinder:
+    """Finds a document's image: a ``data:`` URI, a local path (under ``folder``), or a URL downloaded beforehand
+    (``urls``: an img2dataset folder or url → file map, :mod:`datamodules.downloads`)."""
+
+    folder: Path
+    urls: UrlImages | None = None
+
+    def load(self, ref: Any) -> tuple[bytes, str] | None:
+        """``(bytes, ext)`` of an image reference; ``None`` when it is not available here."""
+        if not isinstance(ref, str) or not ref:
+            return None
+        if ref.startswith("data:image/") and ";base64," in ref:
+            kind = ref[len("data:image/"):ref.index(";")]
+            return base64.b64decode(ref.split(",", 1)[1]), IMAGE_TYPES.get(kind, "jpg")
+        if "://" in ref:
+            location = self.urls.get(ref) if self.urls is not None else None
+            return None if location is None else (location.read(), IMAGE_TYPES.get(location.suffix, "jpg"))
+        path = Path(ref) if Path(ref).is_absolute() else self.folder / ref
+        if not path.is_file():
+            return None
+        return path.read_bytes(), IMAGE_TYPES.get(path.suffix.lower().lstrip("."), "jpg")
 
 
 def load_image(ref: Any, folder: Path) -> tuple[bytes, str] | None:
     """``(bytes, ext)`` of a local path or data URI; ``None`` when not available here (URL, missing file)."""
-    if not isinstance(ref, str) or not ref:
-        return None
-    if ref.startswith("data:image/") and ";base64," in ref:
-        kind = ref[len("data:image/"):ref.index(";")]
-        return base64.b64decode(ref.split(",", 1)[1]), IMAGE_TYPES.get(kind, "jpg")
-    if "://" in ref:
-        return None
-    path = Path(ref) if Path(ref).is_absolute() else folder / ref
-    if not path.is_file():
-        return None
-    return path.read_bytes(), IMAGE_TYPES.get(path.suffix.lower().lstrip("."), "jpg")
+    return ImageFinder(folder).load(ref)
 
 
-def obelics_document(doc: dict[str, Any], folder: Path, counts: Counter) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The document with local images as members (unavailable images removed and counted)."""
+def aligned_metadata(metadata: Any, keep: list[bool]) -> Any:
+    """OBELICS ``metadata`` (a JSON string of a list as long as ``texts``, or that list) with the positions of
+    ``keep`` only, in the same form; left unchanged when it is not such a list."""
+    parsed = json.loads(metadata) if isinstance(metadata, str) else metadata
+    if not isinstance(parsed, list) or len(parsed) != len(keep):
+        return metadata
+    kept = [entry for entry, k in zip(parsed, keep) if k]
+    return json.dumps(kept, ensure_ascii=False) if isinstance(metadata, str) else kept
+
+
+def obelics_document(doc: dict[str, Any], finder: ImageFinder | Path, counts: Counter
+                     ) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The document with its available images as members; unavailable images are removed with their position (and
+    their ``metadata`` entry) and counted as ``images_missing``."""
+    finder = finder if isinstance(finder, ImageFinder) else ImageFinder(finder)
     texts, images = doc["texts"], doc["images"]
     if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
         raise ValueError("texts/images must be lists of equal length")
-    kept_texts, kept_images, members = [], [], {}
+    kept_texts, kept_images, keep, members = [], [], [], {}
     for text, image in zip(texts, images):
-        if image is None:
-            kept_texts.append(text)
-            kept_images.append(None)
-            continue
-        loaded = load_image(image, folder)
-        if loaded is None:
+        loaded = None if image is None else finder.load(image)
+        if image is not None and loaded is None:
             counts["images_missing"] += 1
+            keep.append(False)
             continue
-        name = f"{len(members)}.{loaded[1]}"
-        members[name] = loaded[0]
-        kept_texts.append(None)
+        keep.append(True)
+        name = None if loaded is None else f"{len(members)}.{loaded[1]}"
+        if loaded is not None:
+            members[name] = loaded[0]
+        kept_texts.append(text if loaded is None else None)
         kept_images.append(name)
-    return {**doc, "texts": kept_texts, "images": kept_images}, members
+    out = {**doc, "texts": kept_texts, "images": kept_images}
+    if "metadata" in doc:
+        out["metadata"] = aligned_metadata(doc["metadata"], keep)
+    return out, members
 
 
-def mmc4_document(doc: dict[str, Any], folder: Path, counts: Counter) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The document with local images as members, base64 ones kept, the rest removed and counted."""
+def mmc4_document(doc: dict[str, Any], finder: ImageFinder | Path, counts: Counter
+                  ) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The document with local images as members (``image_name`` under the folder, else ``raw_url`` through the
+    download map), base64 ones kept, the rest removed and counted; its text is always kept."""
+    finder = finder if isinstance(finder, ImageFinder) else ImageFinder(finder)
     if not isinstance(doc["text_list"], list):
         raise ValueError("text_list must be a list")
     infos, members = [], {}
@@ -101,7 +181,9 @@ def mmc4_document(doc: dict[str, Any], folder: Path, counts: Counter) -> tuple[d
         if isinstance(info, dict) and isinstance(info.get("image_base64"), str):
             infos.append(info)
             continue
-        loaded = load_image(info.get("image_name") if isinstance(info, dict) else None, folder)
+        loaded = None
+        if isinstance(info, dict):
+            loaded = finder.load(info.get("image_name")) or finder.load(info.get("raw_url"))
         if loaded is None:
             counts["images_missing"] += 1
             continue
@@ -117,20 +199,35 @@ def has_text(doc: dict[str, Any]) -> bool:
 
 
 def convert(path: str | Path, out: str | Path, layout: str, images: str | Path | None = None,
-            shard_size: int = 1000) -> dict[str, Any]:
-    """Convert one jsonl file of ``layout`` (``"obelics"`` or ``"mmc4"``) to shards; returns the summary."""
-    path, out = Path(path), Path(out)
+            shard_size: int = 1000, image_map: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Convert one documents file of ``layout`` (``"obelics"`` or ``"mmc4"``: ``.jsonl``, ``.jsonl.zip`` or
+    ``.parquet``) to shards; returns the summary.
+
+    Args:
+        path: the input file.
+        out: output folder; must be empty unless ``overwrite`` (:mod:`datamodules.outputs`).
+        layout: ``"obelics"`` or ``"mmc4"``.
+        images: folder that image paths are relative to (default: the input's folder), or an img2dataset download
+            folder whose parquet maps image URLs to the downloaded files.
+        shard_size: documents per shard.
+        image_map: a url → file map (:mod:`datamodules.downloads`), read before ``images``.
+        overwrite: replace an earlier run's files in ``out``.
+    """
+    path = Path(path)
+    if problem := input_problem(path):
+        raise (IsADirectoryError if path.is_dir() else FileNotFoundError)(problem)
+    check_output(out, overwrite)
     folder = Path(images) if images is not None else path.parent
+    finder = ImageFinder(folder, url_images(folder, image_map))
     convert_one = obelics_document if layout == "obelics" else mmc4_document
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output(out, overwrite)
     writer, counts = ShardWriter(out, shard_size, "docs-"), Counter()
-    writer.remove_stale()
     try:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
+        for row in document_rows(path):
             try:
-                doc, members = convert_one(json.loads(line), folder, counts)
+                if isinstance(row, Exception):
+                    raise row
+                doc, members = convert_one(row, finder, counts)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
                 counts["skipped_bad_line"] += 1
                 continue
@@ -138,21 +235,21 @@ def convert(path: str | Path, out: str | Path, layout: str, images: str | Path |
                 counts["skipped_no_text"] += 1
                 continue
             counts["images"] += len(members)
-            writer.write({"__key__": f"{writer.count:09d}", "json": json.dumps(doc).encode(),
+            writer.write({"__key__": f"{writer.count:09d}", "json": json.dumps(doc, ensure_ascii=False).encode(),
                           **{name: data for name, data in members.items()}})
     finally:
         writer.close()
     summary = {"input": str(path), "layout": layout, "documents": writer.count, "shards": writer.shards,
-               "urls": writer.url(), **dict(sorted(counts.items()))}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+               "urls": writer.url(), "url_images": None if finder.urls is None else finder.urls.source,
+               **dict(sorted(counts.items()))}
+    return write_summary(out, summary)
 
 
 def convert_obelics(args: argparse.Namespace) -> dict[str, Any]:
     """``mmlm data convert-obelics``."""
-    return convert(args.input, args.out, "obelics", args.images, args.shard_size)
+    return convert(args.input, args.out, "obelics", args.images, args.shard_size, args.image_map, args.overwrite)
 
 
 def convert_mmc4(args: argparse.Namespace) -> dict[str, Any]:
     """``mmlm data convert-mmc4``."""
-    return convert(args.input, args.out, "mmc4", args.images, args.shard_size)
+    return convert(args.input, args.out, "mmc4", args.images, args.shard_size, args.image_map, args.overwrite)

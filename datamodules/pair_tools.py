@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 
@@ -20,12 +19,13 @@ def read_vqa_answers(urls: str) -> list[list[str]]:
 
 def vqa_answers_main(args: argparse.Namespace) -> dict[str, Any]:
     """Write the answer vocabulary of ``args.urls`` to ``args.out`` (a JSON list, most frequent first)."""
+    from datamodules.outputs import prepare_output_file
     from mmlm.models.vlmo_tasks import build_answer_vocab
 
+    out = prepare_output_file(args.out, args.overwrite)
     answers = read_vqa_answers(args.urls)
     vocab = build_answer_vocab(answers, min_count=args.min_count, max_size=args.max_size)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(vocab, indent=0) + "\n")
+    out.write_text(json.dumps(vocab, indent=0) + "\n")
     return {"questions": len(answers), "answers": len(vocab), "out": str(args.out), "first": vocab[:10]}
 
 
@@ -33,7 +33,8 @@ def synth_pairs_main(args: argparse.Namespace) -> dict[str, Any]:
     """Write the synthetic pairs data set (:func:`datamodules.synthetic.pairs.write_pairs`)."""
     from datamodules.synthetic.pairs import write_pairs
 
-    return write_pairs(args.out, train=args.train, val=args.val, seed=args.seed, shard_size=args.shard_size)
+    return write_pairs(args.out, train=args.train, val=args.val, seed=args.seed, shard_size=args.shard_size,
+                       overwrite=args.overwrite)
 
 
 def add_data_tools(sub: argparse._SubParsersAction) -> None:
@@ -50,4 +51,4 @@ def add_data_tools(sub: argparse._SubParsersAction) -> None:
     answers.add_argument("--out", required=True, help="output .json file")
     answers.add_argument("--min-count", type=int, default=1, help="drop answers given fewer times")
     answers.add_argument("--max-size", type=int, default=None, help="keep at most this many answers")
-    answers.set_defaults(run=vqa_answers_main)
+    answers.set_defaults(run=vqa_answers_main, output="file")  # --out is a file (datamodules.outputs)

@@ -1,7 +1,8 @@
 """Raw data sets read like shards: official files and folders served to webdataset as chunk urls.
 
 A raw source is an index file — a VQAv2/OK-VQA or GQA questions JSON (+ VQA annotations), a COCO captions
-JSON, a Karpathy split file, a captions jsonl/tsv, a Donut ``metadata.jsonl`` — or a plain image folder,
+JSON, a Karpathy split file, a LAVIS caption list, a captions jsonl/tsv, a LAION / img2dataset parquet (images from
+an img2dataset download folder), a Donut ``metadata.jsonl`` — or a plain image folder,
 with the folder of its images. Its entries are cut into consecutive chunks; chunk ``[start, end)`` has the
 url ::
 
@@ -50,24 +51,25 @@ from datamodules.converters import (
     vqav2_items,
 )
 from datamodules.document_tools import METADATA, MetadataLine, image_extension, raw_sample, read_metadata
-from datamodules.tools import Record, coco_records, read_records, record_problem
+from datamodules.tools import Record, coco_records, lavis_records, read_records, record_problem
 
 SCHEME = "mmlm-raw"
 Sample = dict[str, Any]
 
 #: Formats of image–text sources, by the kinds that may read them.
 VQA_FORMATS = ("vqav2", "gqa")
-CAPTION_FORMATS = ("coco", "karpathy", "folder-jsonl", "folder-tsv")
+CAPTION_FORMATS = ("coco", "karpathy", "lavis", "folder-jsonl", "folder-tsv", "parquet")
 #: Formats of document (Donut) sources.
 FOLDER_FORMATS = ("donut-folder", "image-folder")
 FORMATS = (*VQA_FORMATS, *CAPTION_FORMATS, *FOLDER_FORMATS)
 #: File name endings that make a source raw without ``format``.
-RAW_SUFFIXES = (".json", ".jsonl", ".tsv")
+RAW_SUFFIXES = (".json", ".jsonl", ".tsv", ".parquet")
 #: Image files of a plain image folder (by extension, case-insensitive).
 FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 LAYOUTS = ("a VQAv2/OK-VQA questions file {'questions': [{'image_id', 'question', 'question_id'}, …]}, "
            "a COCO captions file {'images': [{'id', 'file_name'}], 'annotations': [{'image_id', 'caption'}]}, "
-           "a Karpathy split file {'images': [{'filename', 'split', 'sentences': [{'raw'}]}]} "
+           "a Karpathy split file {'images': [{'filename', 'split', 'sentences': [{'raw'}]}]}, "
+           "a LAVIS caption list [{'image', 'caption': str or [str, …], 'image_id'?}, …] "
            "or a GQA questions file {question_id: {'imageId', 'question', …}}")
 
 
@@ -278,11 +280,11 @@ def file_format(path: str) -> str:
     ``donut-folder`` / ``image-folder`` for a folder; ``ValueError`` naming the file otherwise."""
     if Path(path).is_dir():
         return "donut-folder" if (Path(path) / METADATA).is_file() else "image-folder"
-    suffixes = {".jsonl": "folder-jsonl", ".tsv": "folder-tsv", ".json": "json"}
+    suffixes = {".jsonl": "folder-jsonl", ".tsv": "folder-tsv", ".json": "json", ".parquet": "parquet"}
     found = suffixes.get(Path(path).suffix.lower())
     if found is None:
         raise ValueError(f"cannot tell the format of raw source {path!r}: expected a .json ({LAYOUTS}), a captions "
-                         f".jsonl or .tsv, or set format to one of {FORMATS}")
+                         f".jsonl, .tsv or .parquet, or set format to one of {FORMATS}")
     return found
 
 
@@ -291,12 +293,20 @@ def captioned(annotations: Any) -> bool:
     return isinstance(annotations, list) and all(isinstance(a, dict) and "caption" in a for a in annotations[:10])
 
 
+def lavis_list(data: Any) -> bool:
+    """Whether ``data`` is a LAVIS caption list: a JSON array of objects with ``image`` and ``caption``."""
+    head = data[:10] if isinstance(data, list) else []
+    return bool(head) and all(isinstance(row, dict) and "image" in row and "caption" in row for row in head)
+
+
 def json_layout(data: Any, path: str) -> str:
-    """The format of a parsed JSON index file: ``vqav2``, ``coco``, ``karpathy`` or ``gqa``.
+    """The format of a parsed JSON index file: ``vqav2``, ``coco``, ``karpathy``, ``lavis`` or ``gqa``.
 
     Raises:
         ValueError: none of these layouts, naming the file, its top-level keys and the layouts expected.
     """
+    if lavis_list(data):
+        return "lavis"
     if isinstance(data, dict):
         images = data.get("images")
         if isinstance(data.get("questions"), list):
@@ -337,6 +347,8 @@ def json_index(spec: RawSpec, data: Any, layout: str) -> RawIndex:
     images = need_images(spec, layout)
     if layout == "coco":
         return RecordIndex("coco", list(coco_records(data)), Path(images))
+    if layout == "lavis":
+        return RecordIndex("lavis", list(lavis_records(data)), Path(images))
     if layout == "gqa":
         return ItemIndex.of("gqa", gqa_items(data, spec.path, images)[0])
     if layout == "karpathy":
@@ -364,10 +376,10 @@ def open_index(spec: RawSpec) -> RawIndex:
         return DonutIndex(Path(spec.path), read_metadata(spec.path))
     if fmt == "image-folder":
         return ImageFolderIndex(Path(spec.path), folder_images(Path(spec.path)))
-    if fmt in ("folder-jsonl", "folder-tsv"):
+    if fmt in ("folder-jsonl", "folder-tsv", "parquet"):
         refuse_fields(spec, fmt)
         root = Path(spec.images) if spec.images is not None else Path(spec.path).parent
-        return RecordIndex(fmt, read_records(Path(spec.path), fmt), root)
+        return RecordIndex(fmt, read_records(Path(spec.path), fmt, root), root)
     data = load_json(spec.path, "raw source file")
     layout = json_layout(data, spec.path)
     if fmt not in ("json", layout):

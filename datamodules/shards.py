@@ -1,4 +1,8 @@
-"""Writing shard sets: the one writer shared by the converters and the synthetic generators."""
+"""Writing shard sets: the one writer shared by the converters and the synthetic generators.
+
+The writer never deletes anything: a tool's output folder is checked and emptied of that tool's own earlier files
+by :mod:`datamodules.outputs` (a folder of someone else's shards is refused, not cleaned).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ class ShardWriter:
     same samples give byte-identical shards.
 
     Args:
-        directory: output folder (must exist).
+        directory: output folder (must exist; prepared by :func:`datamodules.outputs.prepare_output`).
         shard_size: samples per shard.
         prefix: shard name prefix, e.g. ``"vqa-"`` → ``vqa-00000.tar``.
     """
@@ -41,11 +45,6 @@ class ShardWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-    def remove_stale(self) -> None:
-        """Delete this writer's shard names left by an earlier run (a glob would otherwise pick them up)."""
-        for path in self.directory.glob(f"{self.prefix}[0-9][0-9][0-9][0-9][0-9].tar"):
-            path.unlink()
 
     def url(self) -> str | None:
         """Brace pattern of every shard written (``out/vqa-{00000..00003}.tar``), ``None`` if none."""

@@ -21,6 +21,7 @@ import torch
 from datamodules.base import SkipSample, WebDataModule
 from datamodules.collate import Collator, Example
 from datamodules.image_text import Source, text_field, url_sources
+from datamodules.outputs import prepare_output, write_summary
 from datamodules.shards import ShardWriter
 from mmlm.tokenizers import load_tokenizer
 
@@ -33,17 +34,25 @@ def documents(path: str | Path) -> Iterator[str]:
             yield " ".join(block.split())
 
 
-def write_text_shards(paths: Iterable[str | Path], out_dir: str | Path, shard_size: int = 1000) -> int:
-    """Write the documents of plain text files as ``{out_dir}/text-{i:05d}.tar`` shards (``txt`` members).
+def write_text_shards(paths: Iterable[str | Path], out_dir: str | Path, shard_size: int = 1000,
+                      overwrite: bool = False) -> int:
+    """Write the documents of plain text files as ``{out_dir}/text-{i:05d}.tar`` shards (``txt`` members) and
+    ``{out_dir}/summary.json``; ``out_dir`` must be empty unless ``overwrite`` (:mod:`datamodules.outputs`).
 
     Returns the number of documents written.
     """
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(Path(out_dir), shard_size=shard_size, prefix="text-")
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"text-shards input {str(path)!r} is not a file: expected UTF-8 text files")
+    out = prepare_output(out_dir, overwrite)
+    writer = ShardWriter(out, shard_size=shard_size, prefix="text-")
     for path in paths:
         for doc in documents(path):
             writer.write({"__key__": f"{writer.count:09d}", "txt": doc.encode("utf-8")})
     writer.close()
+    write_summary(out, {"inputs": [str(p) for p in paths], "documents": writer.count, "shards": writer.shards,
+                        "urls": writer.url()})
     return writer.count
 
 
@@ -53,8 +62,8 @@ def add_data_tools(sub: argparse._SubParsersAction) -> None:
     tool.add_argument("files", nargs="+", help="UTF-8 text files")
     tool.add_argument("--out", required=True, help="output directory for text-{00000..N}.tar")
     tool.add_argument("--shard-size", type=int, default=1000, help="documents per shard")
-    tool.set_defaults(run=lambda args: {"documents": write_text_shards(args.files, args.out, args.shard_size),
-                                        "out": str(args.out)})
+    tool.set_defaults(run=lambda args: {"documents": write_text_shards(args.files, args.out, args.shard_size,
+                                                                       args.overwrite), "out": str(args.out)})
 
 
 @dataclass(frozen=True)

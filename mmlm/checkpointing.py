@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +92,41 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         atomic_torch_save(checkpoint, path)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (missing, empty, truncated, not a checkpoint, unsafe to unpickle)."""
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with the checkpoint file ``path`` at a glance (no tensor is read), else ``None``: missing, empty,
+    or not a complete zip archive (``torch.save`` writes one; a write cut short by a full disk or a kill loses the
+    archive's central directory, which sits at its end)."""
+    path = Path(path)
+    if not path.is_file():
+        return "no such checkpoint file"
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if not zipfile.is_zipfile(path):
+        return (f"not a complete checkpoint ({path.stat().st_size:,} bytes without the end of a torch.save archive: "
+                "truncated by a full disk or a kill, or not a checkpoint)")
+    return None
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` (never unpickling arbitrary objects), with one message naming the file
+    and what is wrong with it instead of a traceback.
+
+    Raises:
+        CheckpointError: see :func:`checkpoint_problem`, or an archive that does not load (damaged inside, or holding
+            objects that are not plain data).
+    """
+    if problem := checkpoint_problem(path):
+        raise CheckpointError(f"checkpoint {str(path)!r}: {problem}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds objects that are not plain data and is not unpickled "
+                              f"(mmlm loads checkpoints with weights_only=True): {str(err).splitlines()[0]}") from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: {str(err).splitlines()[0]}") from err

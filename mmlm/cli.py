@@ -19,12 +19,23 @@ from typing import Any
 import torch
 from pytorch_lightning import Callback, LightningDataModule, Trainer
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from datamodules.base import EmptyEpochError
 from datamodules.synthetic.shapes import DEFAULT_TRAIN_IMAGES, DEFAULT_VAL_IMAGES
+from mmlm.checkpointing import CheckpointError, checkpoint_problem, is_local
 from mmlm.language.base import GenerationConfig
 from mmlm.models.base import MultimodalModule
-from mmlm.reliability import TRAINER_ARGUMENT_DEFAULTS, add_trainer_defaults, config_problem, last_checkpoint
+from mmlm.reliability import (
+    SPECIAL_CKPT_PATHS,
+    TRAINER_ARGUMENT_DEFAULTS,
+    add_trainer_defaults,
+    config_problem,
+    last_checkpoint,
+)
 
+#: Exit status of a preempted run (128 + SIGTERM): a scheduler must not take it for a finished job.
+PREEMPTED_EXIT = 143
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Modules that add ``mmlm data`` tools. Each has ``add_data_tools(sub)``, which adds subparsers to ``sub`` and sets
 # ``run=callable(args) -> dict`` with ``set_defaults``; the returned summary is printed as JSON. Keep their
@@ -122,7 +133,17 @@ class MMLMCLI(LightningCLI):
         if problem := (optimizer_problem(config) or device_problem(config) or generation_problem(config)
                        or config_problem(config)):
             self._parser(self.subcommand).error(problem)
-        if (found := last_checkpoint(config)) is not None:
+        if "weights_only" in config:  # how Lightning loads --ckpt_path: never by unpickling arbitrary objects
+            if config.weights_only is False:
+                self._parser(self.subcommand).error(
+                    "--weights_only=false: mmlm loads checkpoints with torch.load(weights_only=True) only (unpickling "
+                    "an untrusted checkpoint runs its code); mmlm's own checkpoints hold plain data")
+            config.weights_only = True
+        try:
+            found = last_checkpoint(config)
+        except CheckpointError as err:
+            self._parser(self.subcommand).error(str(err))
+        if found is not None:
             print(f"mmlm: --ckpt_path last → {found}", file=sys.stderr)
             config.ckpt_path = str(found)
 
@@ -173,22 +194,51 @@ def data_parser() -> argparse.ArgumentParser:
     synth.add_argument("--val", type=int, default=DEFAULT_VAL_IMAGES, help="validation images")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    make = sub.add_parser("make-shards", help="convert an image folder + captions or COCO JSON to shards")
-    make.add_argument("input", help="captions .jsonl/.tsv file or COCO captions .json")
-    make.add_argument("--images", default=None, help="folder the image paths are relative to (default: the input file's folder)")
-    make.add_argument("--out", required=True, help="output directory for {00000..N}.tar")
-    make.add_argument("--format", choices=["folder-jsonl", "folder-tsv", "coco"], required=True)
-    make.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    make.add_argument("--val-fraction", type=float, default=0.0,
-                      help="hold out this fraction of the images (by a stable hash of the file name) as OUT/val/, "
-                           "the rest in OUT/train/ (default 0: no split)")
+    add_make_shards_parser(sub)
     inspect = sub.add_parser("inspect", help="counts, keys and first samples of a shard set")
     inspect.add_argument("urls", help="brace pattern, glob or single .tar")
     inspect.add_argument("-n", type=int, default=3, help="samples to show")
     add_converter_parsers(sub)
     for name in DATA_TOOL_MODULES:
         importlib.import_module(name).add_data_tools(sub)
+    add_overwrite_flags(sub)
     return parser
+
+
+def add_make_shards_parser(sub: argparse._SubParsersAction) -> None:
+    """``make-shards``: captions files (jsonl/tsv, COCO or LAVIS JSON, LAION/img2dataset parquet) + images → shards."""
+    from datamodules.tools import FORMATS
+    from datamodules.transforms import MAX_IMAGE_PIXELS
+
+    make = sub.add_parser("make-shards", help="convert captions (jsonl/tsv, COCO or LAVIS JSON, parquet) + images to "
+                                              "shards")
+    make.add_argument("input", help="captions .jsonl/.tsv, COCO captions or LAVIS caption-list .json, or a LAION / "
+                                    "img2dataset .parquet")
+    make.add_argument("--images", default=None,
+                      help="folder the image paths are relative to (default: the input file's folder); for URLs, the "
+                           "img2dataset download folder")
+    make.add_argument("--image-map", default=None, help="url → file map for URL inputs (.json, .jsonl, .parquet, .tsv)")
+    make.add_argument("--out", required=True, help="output directory for {00000..N}.tar")
+    make.add_argument("--format", choices=FORMATS, default=None,
+                      help="input format (default: from the file: .jsonl, .tsv, .parquet; a .json by its content)")
+    make.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    make.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                      help="downsize larger images to this many pixels, keeping the aspect (the readers skip larger "
+                           "ones); 0: no limit")
+    make.add_argument("--val-fraction", type=float, default=0.0,
+                      help="hold out this fraction of the images (by a stable hash of the file name) as OUT/val/, "
+                           "the rest in OUT/train/ (default 0: no split)")
+
+
+def add_overwrite_flags(sub: argparse._SubParsersAction) -> None:
+    """``--overwrite`` for every tool with an ``--out``: without it a non-empty output folder (or an existing output
+    file) is refused; with it only the files an earlier run listed in its ``summary.json`` are replaced
+    (:mod:`datamodules.outputs`)."""
+    for tool in sub.choices.values():
+        if any(action.dest == "out" for action in tool._actions):
+            tool.add_argument("--overwrite", action="store_true",
+                              help="replace an earlier run's output in --out (only the files its summary.json lists; "
+                                   "anything else there is refused); default: refuse a non-empty --out")
 
 
 def add_converter_parsers(sub: argparse._SubParsersAction) -> None:
@@ -222,36 +272,62 @@ def convert_main(args: argparse.Namespace) -> dict:
     if args.tool == "convert-vqav2":
         return converters.convert_vqav2(args.questions, args.annotations, args.images, args.out,
                                         shard_size=args.shard_size, image_pattern=args.image_pattern,
-                                        split=args.split)
+                                        split=args.split, overwrite=args.overwrite)
     if args.tool == "convert-gqa":
-        return converters.convert_gqa(args.questions, args.images, args.out, shard_size=args.shard_size)
+        return converters.convert_gqa(args.questions, args.images, args.out, shard_size=args.shard_size,
+                                      overwrite=args.overwrite)
     split = args.split[0] if len(args.split) == 1 else args.split
     return converters.convert_karpathy(args.karpathy_json, args.images, args.out, split=split,
-                                       shard_size=args.shard_size, per_caption=args.per_caption)
+                                       shard_size=args.shard_size, per_caption=args.per_caption,
+                                       overwrite=args.overwrite)
+
+
+#: Errors of a data tool that are the user's to fix (a path, an output folder; with
+#: ``datamodules.outputs.InputError``, a format): one line, no traceback.
+DATA_TOOL_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, FileExistsError, NotADirectoryError,
+                                                 IsADirectoryError)
+
+
+def run_data_tool(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Run the parsed ``mmlm data`` tool; returns its summary (``None`` for ``inspect``, which prints)."""
+    if getattr(args, "out", None) is not None and getattr(args, "output", "folder") == "folder":
+        from datamodules.outputs import check_output
+
+        check_output(args.out, args.overwrite)  # before any work (e.g. before cache-features builds the model)
+    if hasattr(args, "run"):
+        return args.run(args)
+    if args.tool == "synth-shapes":
+        from datamodules.synthetic.shapes import write_shapes
+
+        return write_shapes(args.out, train=args.train, val=args.val, seed=args.seed, shard_size=args.shard_size,
+                            overwrite=args.overwrite)
+    if args.tool == "make-shards":
+        from datamodules.tools import make_shards
+
+        return make_shards(args.input, args.out, fmt=args.format, shard_size=args.shard_size, image_root=args.images,
+                           val_fraction=args.val_fraction, max_pixels=args.max_pixels or None,
+                           image_map=args.image_map, overwrite=args.overwrite)
+    if args.tool.startswith("convert-"):
+        return convert_main(args)
+    from datamodules.tools import inspect, print_inspection
+
+    print_inspection(inspect(args.urls, n=args.n))
+    return None
 
 
 def data_main(argv: Sequence[str]) -> int:
-    """Run one ``mmlm data`` tool; prints its JSON summary."""
+    """Run one ``mmlm data`` tool; prints its JSON summary. A path, format or output-folder problem is printed as
+    one ``mmlm data TOOL: error: …`` line (exit status 2), without a traceback."""
+    from datamodules.outputs import InputError
+
     args = data_parser().parse_args(list(argv))
-    if hasattr(args, "run"):
-        print(json.dumps(args.run(args), indent=1, ensure_ascii=False))
-    elif args.tool == "synth-shapes":
-        from datamodules.synthetic.shapes import write_shapes
-
-        summary = write_shapes(args.out, train=args.train, val=args.val, seed=args.seed, shard_size=args.shard_size)
-        print(json.dumps(summary, indent=1))
-    elif args.tool == "make-shards":
-        from datamodules.tools import make_shards
-
-        summary = make_shards(args.input, args.out, fmt=args.format, shard_size=args.shard_size,
-                              image_root=args.images, val_fraction=args.val_fraction)
-        print(json.dumps(summary, indent=1))
-    elif args.tool.startswith("convert-"):
-        print(json.dumps(convert_main(args), indent=1, ensure_ascii=False))
-    else:
-        from datamodules.tools import inspect, print_inspection
-
-        print_inspection(inspect(args.urls, n=args.n))
+    try:
+        summary = run_data_tool(args)
+    except (*DATA_TOOL_ERRORS, InputError) as err:
+        print(f"mmlm data {args.tool}: error: {err}", file=sys.stderr)
+        return 2
+    if summary is not None:
+        print(json.dumps(summary, indent=1, ensure_ascii=False))
     return 0
 
 
@@ -300,6 +376,43 @@ def expand_exported_model(argv: list[str]) -> list[str]:
     return argv
 
 
+def option_value(argv: list[str], name: str) -> str | None:
+    """The value of ``--name V`` or ``--name=V`` in ``argv`` (the last one given), else ``None``."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(f"{name}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def expand_checkpoint_model(argv: list[str]) -> list[str]:
+    """``validate/test/predict/fit --ckpt_path FILE`` without ``--model`` or ``--config``: the model section the
+    checkpoint records, as ``--model {class_path, init_args}`` (LightningCLI needs a model before it reads the
+    checkpoint). A checkpoint file that cannot be read stops here with one message naming it.
+
+    Raises:
+        SystemExit: status 2, with the message on stderr.
+    """
+    from mmlm.models.exported import checkpoint_model_config
+
+    ckpt = option_value(argv, "--ckpt_path")
+    given = any(arg in ("--model", "--config", "-c") or arg.startswith(("--model=", "--config=", "--model."))
+                for arg in argv)
+    if ckpt is None or given or ckpt in SPECIAL_CKPT_PATHS or not is_local(ckpt):
+        return argv
+    if problem := checkpoint_problem(ckpt):
+        print(f"mmlm {argv[0]}: error: ckpt_path={ckpt!r}: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        config = checkpoint_model_config(ckpt)
+    except ValueError as err:
+        print(f"mmlm {argv[0]}: error: ckpt_path={ckpt!r}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return [argv[0], "--model", json.dumps(config), *argv[1:]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mmlm`` console script."""
     from_shell = argv is None
@@ -320,8 +433,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mmlm: unknown command {argv[0]!r}; expected one of "
               f"{', '.join(LIGHTNING_COMMANDS + ('export', 'data', 'quickstart'))}", file=sys.stderr)
         return 2
-    expanded = expand_exported_model(argv)
-    lightning_cli(None if from_shell and expanded == argv else expanded)
+    expanded = expand_checkpoint_model(expand_exported_model(argv))
+    try:
+        lightning_cli(None if from_shell and expanded == argv else expanded)
+    except EmptyEpochError as err:  # data that yields no batch: one message naming the sources, not a traceback
+        print(f"mmlm {argv[0]}: error: {err}", file=sys.stderr)
+        return 1
+    except SIGTERMException:
+        print("mmlm: stopped by SIGTERM; the step it stopped at is saved as last.ckpt (resume with --ckpt_path last)",
+              file=sys.stderr)
+        return PREEMPTED_EXIT
     return 0
 
 

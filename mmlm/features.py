@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,7 +46,8 @@ def cache_main(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.config, args.set, args.ckpt)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return cache_features(model, args.urls, args.out, batch_size=args.batch_size, dtype=args.dtype, device=device,
-                          provenance={"config": args.config, "set": args.set, "ckpt": args.ckpt})
+                          provenance={"config": args.config, "set": args.set, "ckpt": args.ckpt},
+                          overwrite=args.overwrite)
 
 
 def load_model(config: str | Path, overrides: list[str] | None = None, ckpt: str | Path | None = None) -> Any:
@@ -72,8 +72,11 @@ def load_model(config: str | Path, overrides: list[str] | None = None, ckpt: str
     if isinstance(section.get("seed_everything"), int) and not isinstance(section["seed_everything"], bool):
         seed_everything(section["seed_everything"], verbose=False)
     model = parser.instantiate_classes(parser.parse_object(model_config)).model
-    if ckpt is not None:  # a checkpoint you wrote (full pickle: Lightning stores hyperparameters in it)
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if ckpt is not None:
+        from mmlm.checkpointing import load_checkpoint_file
+
+        state = load_checkpoint_file(ckpt)
+        model.on_load_checkpoint(state)  # added tokens, frozen parts left out of the checkpoint
         model.load_state_dict(state["state_dict"], strict=True)
     return model
 
@@ -105,30 +108,35 @@ def frozen_encoder(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def cache_features(model: Any, urls: str, out: str | Path, *, batch_size: int = 64, dtype: str = "float32",
-                   device: torch.device | str = "cpu", provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+                   device: torch.device | str = "cpu", provenance: dict[str, Any] | None = None,
+                   overwrite: bool = False) -> dict[str, Any]:
     """Write ``out/<shard name>`` for every shard of ``urls`` with each sample's ``features.npy`` added.
+
+    ``out`` must be empty unless ``overwrite``, which replaces only an earlier run's files there
+    (:mod:`datamodules.outputs`).
 
     Returns:
         The summary also written to ``out/summary.json``: shard pattern, sample and skip counts, feature shape.
     """
     from datamodules.base import expand_urls
+    from datamodules.outputs import check_output, prepare_output, write_summary
 
     shards = expand_urls(urls)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     targets = [out / Path(url.split("://")[-1]).name for url in shards]
     clashes = [str(t) for t, url in zip(targets, shards) if t.resolve() == Path(url).resolve()]
     if clashes or len(set(targets)) != len(targets):
         raise ValueError(f"output shards would overwrite inputs or each other ({clashes or 'same names'}): use another --out")
+    check_output(out, overwrite)
     encoder = frozen_encoder(model).to(device).eval()
     encode = FeatureEncoder(encoder, model.image_preprocess, batch_size, FEATURE_DTYPES[dtype], torch.device(device))
+    prepare_output(out, overwrite)
     for url, target in zip(shards, targets):
         encode.shard(url, target)
     summary = {"urls": str(out / "*.tar"), "shards": len(shards), "samples": encode.samples, "skipped": encode.skipped,
                "shape": list(encode.shape) if encode.shape else None, "dtype": dtype,
                "encoder": type(encoder).__name__, "preprocess": encode.preprocess_info(), **(provenance or {})}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    return write_summary(out, summary, indent=1)
 
 
 class FeatureEncoder:

@@ -33,7 +33,7 @@ def ensure_data(data_dir: Path, train: int, val: int, seed: int) -> dict[str, An
         summary = json.loads(summary_file.read_text())
         if summary.get("images") == {"train": train, "val": val} and summary.get("seed") == seed:
             return summary
-    return write_shapes(data_dir, train=train, val=val, seed=seed)
+    return write_shapes(data_dir, train=train, val=val, seed=seed, overwrite=True)  # only files it wrote before
 
 
 def sources(config: str, split: str, data_dir: Path) -> str:

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,11 +27,14 @@ import pytorch_lightning as pl
 import torch.distributed as dist
 from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from datamodules.base import CONVERTED, check_local_shards, expand_urls
+from datamodules.config_checks import source_problem
 from datamodules.document_tools import METADATA
 from datamodules.raw import folder_images, is_raw, path_problem
-from mmlm.checkpointing import AtomicCheckpointIO, is_local
+from mmlm.checkpointing import AtomicCheckpointIO, CheckpointError, checkpoint_problem, is_local
+from mmlm.hub import looks_local
 
 log = logging.getLogger(__name__)
 
@@ -182,40 +188,124 @@ def entry_problem(key: str, value: Any, holder: dict[str, Any]) -> str | None:
     return shard_problem(key, value)
 
 
+#: Files of which a saved tokenizer folder holds at least one (``save_pretrained`` of a fast or slow tokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model",
+                   "tokenizer.model", "sentencepiece.bpe.model")
+
+
+def tokenizer_entries(node: Any, key: str) -> Iterator[tuple[str, str]]:
+    """``(dotted key, value)`` of every string ``tokenizer`` / ``*_tokenizer`` entry under ``node``."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            if (name == "tokenizer" or name.endswith("_tokenizer")) and isinstance(value, str):
+                yield f"{key}.{name}", value
+            else:
+                yield from tokenizer_entries(value, f"{key}.{name}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from tokenizer_entries(value, f"{key}[{i}]")
+
+
+def tokenizer_problem(config: dict[str, Any]) -> str | None:
+    """Why a tokenizer folder named in the model or data section cannot be loaded: a local path that does not
+    exist, or a folder without any tokenizer file (an empty folder); hub ids are left to the hub."""
+    for section in ("model", "data"):
+        for key, value in tokenizer_entries(config.get(section), section):
+            path = Path(value)
+            if looks_local(value) and not path.exists():
+                return f"{key}={value!r}: no such tokenizer folder"
+            if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+                what = "an empty folder" if not any(path.iterdir()) else "a folder without tokenizer files"
+                return (f"{key}={value!r} is {what}: expected a tokenizer saved with save_pretrained (one of "
+                        f"{', '.join(TOKENIZER_FILES[:2])}, …), e.g. the tokenizer/ of mmlm data synth-shapes")
+    return None
+
+
+def is_fit_config(config: dict[str, Any]) -> bool:
+    """Whether a parsed config is that of ``fit`` (a subcommand's config has ``ckpt_path``; validate and test add
+    ``verbose``, predict ``return_predictions``; ``LightningCLI(run=False)`` has none of them and runs nothing)."""
+    return "ckpt_path" in config and "verbose" not in config and "return_predictions" not in config
+
+
+def schedule_problem(config: dict[str, Any]) -> str | None:
+    """Why ``fit`` cannot size the warmup + cosine schedule (``MultimodalModule.configure_optimizers`` needs the
+    run's length in steps): no ``trainer.max_steps``, no integer ``limit_train_batches`` and a data module making one
+    pass of unknown length (its ``epoch_samples`` unset), so ``max_epochs`` cannot be turned into steps."""
+    trainer, data = config.get("trainer") or {}, config.get("data") or {}
+    init_args = data.get("init_args") if isinstance(data, dict) else None
+    if not is_fit_config(config) or not isinstance(init_args, dict) or "epoch_samples" not in init_args:
+        return None
+    if trainer.get("max_steps") not in (None, -1) or init_args.get("epoch_samples") is not None:
+        return None
+    limit = trainer.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool):  # an epoch of `limit` batches: a known length
+        return None
+    epochs = trainer.get("max_epochs")
+    given = f"trainer.max_epochs={epochs} without trainer.max_steps" if epochs is not None else "no trainer.max_steps"
+    return (f"{given}, and data.init_args.epoch_samples is not set: the learning-rate "
+            "schedule (warmup + cosine) needs the run's length in steps, and a one-pass epoch over shards has no "
+            "known length. Set --trainer.max_steps=N, or --data.init_args.epoch_samples=N (with max_epochs)")
+
+
 def config_problem(config: Any) -> str | None:
-    """The first missing path in a parsed ``fit/validate/test/predict`` config, named with its key: shards
-    (``urls``, ``*_urls``), raw sources (their file, ``annotations`` file and ``images`` folder), document paths
-    (``path``, ``*_path``) and ``ckpt_path``. Only existence is checked here (no file is parsed)."""
+    """The first problem of a parsed ``fit/validate/test/predict`` config, named with its key, found before anything
+    is built: a data source its own class refuses (wrong ``kind`` or ``format``, :func:`datamodules.config_checks.
+    source_problem`); missing paths — shards (``urls``, ``*_urls``; a folder is refused, naming the patterns of the
+    shards in it), raw sources (their file, ``annotations`` file and ``images`` folder), document paths (``path``,
+    ``*_path``); ``ckpt_path``; a tokenizer folder that is missing or empty; ``fit`` without a known length for the
+    LR schedule. Only existence is checked for paths (no file is parsed)."""
     config = as_plain(config)
+    if problem := source_problem(config.get("data")):
+        return problem
     for key, value, holder in path_entries(config.get("data")):
         if problem := entry_problem(key, value, holder):
             return problem
     ckpt = config.get("ckpt_path")
-    if ckpt is not None and str(ckpt) not in SPECIAL_CKPT_PATHS and is_local(ckpt) and not Path(ckpt).exists():
-        return f"ckpt_path={str(ckpt)!r}: no such checkpoint file"
-    return None
+    if ckpt is not None and str(ckpt) not in SPECIAL_CKPT_PATHS and is_local(ckpt):
+        if problem := checkpoint_problem(ckpt):
+            return f"ckpt_path={str(ckpt)!r}: {problem}"
+    return tokenizer_problem(config) or schedule_problem(config)
 
 
 def newest_checkpoint(root: Path) -> Path | None:
-    """The newest ``last*.ckpt`` under ``root`` (any depth), else the newest ``*.ckpt``; ``None`` when none."""
+    """The newest readable checkpoint under ``root`` (any depth; ``last*.ckpt`` before others of the same age);
+    ``None`` when none. A newer file that is not a complete checkpoint (a save cut short) is passed over with a
+    warning naming it and what is wrong."""
     files = [p for p in root.rglob("*.ckpt") if p.is_file()] if root.is_dir() else []
-    pool = [p for p in files if p.name.startswith("last")] or files
-    return max(pool, key=lambda p: p.stat().st_mtime) if pool else None
+    for path in sorted(files, key=lambda p: (p.stat().st_mtime, p.name.startswith("last")), reverse=True):
+        if (problem := checkpoint_problem(path)) is None:
+            return path
+        log.warning("skipping checkpoint %s for --ckpt_path last: %s", path, problem)
+    return None
 
 
 def last_checkpoint(config: Any) -> Path | None:
-    """For ``ckpt_path: last`` without a ``ModelCheckpoint(dirpath=…)`` in the config: the newest checkpoint under
-    the trainer's ``default_root_dir`` (Lightning alone would look only in the new run's empty version folder and
-    start from scratch); ``None`` when Lightning's own lookup applies or nothing was saved yet."""
+    """For ``ckpt_path: last``: the newest readable checkpoint (:func:`newest_checkpoint`, which passes over files
+    cut short with a warning) in the ``dirpath`` of the config's checkpoint callbacks, else under the trainer's
+    ``default_root_dir`` (Lightning alone would look only in the new run's empty version folder and start from
+    scratch, and would take a truncated ``last.ckpt`` as it is); ``None`` when nothing was saved yet.
+
+    Raises:
+        CheckpointError: checkpoints are there but none can be read.
+    """
     config = as_plain(config)
     if config.get("ckpt_path") != "last":
         return None
     trainer = config.get("trainer") or {}
     callbacks = trainer.get("callbacks") or []
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-    if any(isinstance(c, dict) and (c.get("init_args") or {}).get("dirpath") for c in callbacks):
-        return None
-    return newest_checkpoint(Path(trainer.get("default_root_dir") or "."))
+    folders = [Path(c["init_args"]["dirpath"]) for c in callbacks
+               if isinstance(c, dict) and (c.get("init_args") or {}).get("dirpath")]
+    folders = folders or [Path(trainer.get("default_root_dir") or ".")]
+    found = [path for folder in folders if (path := newest_checkpoint(folder)) is not None]
+    if found:
+        return max(found, key=lambda p: p.stat().st_mtime)
+    broken = [path for folder in folders if folder.is_dir() for path in folder.rglob("*.ckpt") if path.is_file()]
+    if broken:  # Lightning's own lookup would load one of them and fail with a traceback
+        raise CheckpointError(f"--ckpt_path last: none of the {len(broken)} checkpoint(s) under "
+                              f"{', '.join(map(str, folders))} can be read (each is named in a warning above); "
+                              "move them away to start from scratch, or give --ckpt_path a readable file")
+    return None
 
 
 # -- trainer defaults ----------------------------------------------------------------------------
@@ -258,12 +348,57 @@ class FinalCheckpoint(pl.Callback):
         if any(Path(callback.dirpath).glob(f"*step={trainer.global_step}*.ckpt")):
             return
         path = callback.format_checkpoint_name({"epoch": trainer.current_epoch, "step": trainer.global_step})
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
+
+
+class Preemption(pl.Callback):
+    """A preempted run (SIGTERM; SIGUSR1 where nothing else handles it, e.g. SLURM's ``--signal=USR1@…`` outside
+    Lightning's own SLURM requeueing) saves a checkpoint of the step it stopped at — the exact data position
+    included — as ``last.ckpt`` in the checkpoint folder, so ``--ckpt_path last`` continues batch for batch. The
+    ``mmlm`` command then exits with status 143 (128 + SIGTERM), never 0, so a scheduler sees the job unfinished.
+
+    Lightning stops a run that received SIGTERM after the batch in flight (``SIGTERMException`` in every rank, after a
+    broadcast); this callback saves in ``on_exception``, on every rank as a checkpoint save requires.
+    """
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Turn SIGUSR1 into SIGTERM when the signal is not handled already (its default would kill the process)."""
+        usr1 = getattr(signal, "SIGUSR1", None)
+        if usr1 is not None and threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(usr1) in (signal.SIG_DFL, None):
+            self._previous = signal.signal(usr1, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+        if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
+            path = preemption_path(trainer)
+            trainer.save_checkpoint(str(path), weights_only=False)
+            rank_zero_only(log.warning)("preempted (SIGTERM) at global step %d: saved %s; resume with "
+                                        "--ckpt_path last", trainer.global_step, path)
+
+    def _restore(self) -> None:
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None
+
+
+def preemption_path(trainer: pl.Trainer) -> Path:
+    """``last.ckpt`` in the checkpoint callback's folder (else the trainer's ``default_root_dir``)."""
+    callback = trainer.checkpoint_callback
+    folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(trainer.default_root_dir)
+    return folder / "last.ckpt"
 
 
 def add_trainer_defaults(config: dict[str, Any], callbacks: list[pl.Callback]) -> None:
     """Add :class:`AtomicCheckpointIO` (unless a ``CheckpointIO`` plugin is given or the strategy
-    writes its own sharded checkpoints), :class:`DataReport` and :class:`FinalCheckpoint` (unless present), and count a fractional
+    writes its own sharded checkpoints), :class:`DataReport`, :class:`FinalCheckpoint` and :class:`Preemption` (unless
+    present), and count a fractional
     ``val_check_interval`` per epoch (:func:`epoch_fraction_validation`), in place."""
     epoch_fraction_validation(config)
     plugins = config.get("plugins") or []
@@ -276,3 +411,5 @@ def add_trainer_defaults(config: dict[str, Any], callbacks: list[pl.Callback]) -
         callbacks.append(DataReport())
     if not any(isinstance(c, FinalCheckpoint) for c in given):
         callbacks.append(FinalCheckpoint())
+    if not any(isinstance(c, Preemption) for c in given):
+        callbacks.append(Preemption())

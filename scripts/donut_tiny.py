@@ -40,7 +40,7 @@ def ensure_documents(out: Path, kind: str, train: int, val: int, seed: int) -> P
         if (found.get("seed"), splits.get("train", {}).get("samples"), splits.get("validation", {}).get("samples")) \
                 == (seed, train, val):
             return out
-    write_documents(out, kind, train=train, val=val, seed=seed, layouts=("shards",))
+    write_documents(out, kind, train=train, val=val, seed=seed, layouts=("shards",), overwrite=True)
     return out
 
 

@@ -40,7 +40,7 @@ def ensure_data(data_dir: Path, docs: int, val: int, seed: int) -> dict[str, Any
         summary = json.loads(summary_file.read_text())
         if summary.get("counts") == wanted and summary.get("seed") == seed:
             return summary
-    return write_interleaved(data_dir, seed=seed, shard_size=max(8, docs // 8), **wanted)
+    return write_interleaved(data_dir, seed=seed, shard_size=max(8, docs // 8), overwrite=True, **wanted)
 
 
 def cli_args(data_dir: Path, out_dir: Path, steps: int, batch_size: int, workers: int) -> list[str]:

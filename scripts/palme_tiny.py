@@ -44,7 +44,7 @@ def ensure_data(data_dir: Path, train: int, val: int, seed: int) -> dict[str, An
         counts = {split: block["samples"] for split, block in summary["splits"].items()}
         if counts == {"train": train, "val": val} and summary.get("seed") == seed:
             return summary
-    return write_tabletop(data_dir, train=train, val=val, seed=seed)
+    return write_tabletop(data_dir, train=train, val=val, seed=seed, overwrite=True)
 
 
 def variant_args(data_dir: Path, run_dir: Path, modalities: list[str], steps: int, val_batches: int,

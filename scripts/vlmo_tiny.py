@@ -72,7 +72,7 @@ def ensure_pairs(pairs_dir: Path, train: int, val: int, seed: int) -> None:
         splits = json.loads(summary.read_text())["splits"]
         if (splits["train"]["pairs"], splits["val"]["pairs"]) == (train, val):
             return
-    write_pairs(pairs_dir, train, val, seed)
+    write_pairs(pairs_dir, train, val, seed, overwrite=True)
 
 
 def write_answer_vocab(data_dir: Path, out: Path) -> Path:

@@ -83,3 +83,77 @@ def test_mmlm_fit_writes_checkpoints_atomically_by_default(tmp_path):
     assert isinstance(lightning_cli(args, run=False).trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     plain = "--trainer.plugins=lightning_fabric.plugins.io.torch_io.TorchCheckpointIO"
     assert type(lightning_cli([*args, plain], run=False).trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO"
+
+
+class NotPlainData:
+    """An object ``weights_only=True`` refuses to unpickle (a checkpoint could run code through it)."""
+
+
+def test_load_checkpoint_file_names_the_file_and_what_is_wrong(tmp_path):
+    from mmlm.checkpointing import CheckpointError, checkpoint_problem, load_checkpoint_file
+
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(3)}, "global_step": 7}, good)
+    assert checkpoint_problem(good) is None
+    assert load_checkpoint_file(good)["global_step"] == 7
+    cut, empty, unsafe = tmp_path / "cut.ckpt", tmp_path / "empty.ckpt", tmp_path / "unsafe.ckpt"
+    cut.write_bytes(good.read_bytes()[:300])
+    empty.touch()
+    torch.save({"state_dict": {}, "extra": NotPlainData()}, unsafe)
+    cases = {tmp_path / "missing.ckpt": "no such checkpoint file", empty: "the file is empty",
+             cut: "not a complete checkpoint (300 bytes", unsafe: "not plain data and is not unpickled"}
+    for path, expected in cases.items():
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint_file(path)
+        assert str(err.value).startswith(f"checkpoint {str(path)!r}") and expected in str(err.value)
+
+
+def test_newest_checkpoint_passes_over_cut_files_with_a_warning(tmp_path, caplog):
+    from mmlm.reliability import newest_checkpoint
+
+    old, mid, new = (tmp_path / "v0" / "a.ckpt", tmp_path / "v1" / "b.ckpt", tmp_path / "v1" / "last.ckpt")
+    for age, path in enumerate([old, mid, new]):
+        path.parent.mkdir(exist_ok=True)
+        torch.save({"global_step": age}, path)
+        os.utime(path, (1_000_000 + age, 1_000_000 + age))
+    assert newest_checkpoint(tmp_path) == new
+    new.write_bytes(new.read_bytes()[:100])
+    mid.write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        assert newest_checkpoint(tmp_path) == old
+    assert f"skipping checkpoint {new} for --ckpt_path last: not a complete checkpoint" in caplog.text
+    assert f"skipping checkpoint {mid} for --ckpt_path last: the file is empty" in caplog.text
+    old.unlink()
+    assert newest_checkpoint(tmp_path) is None
+
+
+def test_validate_by_a_cut_checkpoint_path_stops_with_one_message(tmp_path, capsys):
+    """No model config given: the model would come from the checkpoint itself, which is named, not unpickled."""
+    from mmlm.cli import main
+
+    cut = tmp_path / "epoch=0-step=9.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(64)}}, cut)
+    cut.write_bytes(cut.read_bytes()[:-40])
+    with pytest.raises(SystemExit):
+        main(["validate", f"--ckpt_path={cut}"])
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"mmlm validate: error: ckpt_path={str(cut)!r}: not a complete checkpoint "
+                                        f"({cut.stat().st_size:,} bytes without the end of a torch.save archive: "
+                                        "truncated by a full disk or a kill, or not a checkpoint)"]
+    assert "Traceback" not in err
+
+
+def test_ckpt_path_last_with_only_broken_checkpoints_is_refused_not_started_over(tmp_path):
+    from mmlm.checkpointing import CheckpointError
+    from mmlm.reliability import last_checkpoint
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    config = {"ckpt_path": "last", "trainer": {"default_root_dir": str(tmp_path), "callbacks": [
+        {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(folder)}}]}}
+    assert last_checkpoint(config) is None  # nothing saved yet: the first launch starts from scratch
+    (folder / "last.ckpt").write_bytes(b"PK\x03\x04 cut")
+    with pytest.raises(CheckpointError, match=rf"none of the 1 checkpoint\(s\) under {folder} can be read"):
+        last_checkpoint(config)
+    torch.save({"global_step": 2}, folder / "epoch=0-step=2.ckpt")
+    assert last_checkpoint(config) == folder / "epoch=0-step=2.ckpt"

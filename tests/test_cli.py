@@ -152,6 +152,16 @@ def test_fit_text_lm_then_frozen_and_rerun_into_the_same_directory(shapes_data, 
     checkpoint = root / "checkpoints" / "epoch=0-step=3.ckpt"
     validate = ["validate", *frozen[1:], "--ckpt_path", str(checkpoint)]
     assert main(validate) == 0  # the checkpoint (with its GenerationConfig hyperparameter) loads weights-only
+    # Without a model config the model is the one the checkpoint records: the same predictions.
+    val = data_overrides(shapes_data)[2:4]
+    bare = ["validate", "--ckpt_path", str(checkpoint), "--data", "datamodules.ImageTextDataModule", *val,
+            "--data.init_args.tokenizer", str(shapes_data / "tokenizer"), "--data.init_args.batch_size", "8",
+            "--data.init_args.num_workers", "0", "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "bare")]
+    assert main(bare) == 0
+    predictions = sorted((root / "predictions").glob("val-vqa-step3*.json"))
+    bare_predictions = sorted((tmp_path / "bare" / "predictions").glob("val-vqa-step3*.json"))
+    assert bare_predictions and json.loads(bare_predictions[-1].read_text()) == json.loads(predictions[-1].read_text())
 
     assert main([*frozen, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]) == 0  # same directory
     assert yaml.safe_load((root / "config.yaml").read_text())["trainer"]["max_steps"] == 2

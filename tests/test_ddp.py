@@ -112,7 +112,7 @@ def ddp_run(tmp_path_factory) -> dict:
                for split in ("train", "val")}
     import torch
 
-    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint = torch.load(ckpt, weights_only=True)
     return {"ranks": ranks, "single": json.loads((tmp / "probe1" / "rank0.json").read_text()),
             "preds2": json.loads(preds2.read_text()), "preds1": json.loads(preds1.read_text()),
             "members": members, "position": checkpoint["ImageTextDataModule"]["train_position"],
@@ -120,7 +120,8 @@ def ddp_run(tmp_path_factory) -> dict:
 
 
 def samples(record: list[list[str]], task: str) -> list[tuple[str, str]]:
-    return [(t, k) for t, k in record if t == task]
+    """``(task, shard key)`` of one task's records (mixed training sources prefix keys with their source label)."""
+    return [(t, k.rsplit("/", 1)[-1]) for t, k in record if t == task]
 
 
 def answers_by_id(rows: list[dict]) -> dict[str, str]:

@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "donut_tiny.py"
 
 
@@ -63,7 +65,9 @@ def test_predict_from_the_finetuned_checkpoint_writes_json_per_receipt(tmp_path,
                  "--data.init_args.train_path", str(data / "receipts" / "shards" / "train"),
                  "--data.init_args.val_path", str(data / "receipts" / "shards" / "validation"),
                  "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"]) == 0
-    stem = tmp_path / "predict" / "predictions" / "predict-documents-step0"
+    step = torch.load(checkpoint, weights_only=True)["global_step"]  # files are named by the weights' step
+    assert step == 2
+    stem = tmp_path / "predict" / "predictions" / f"predict-documents-step{step}"
     rows = [json.loads(line) for line in stem.with_suffix(".jsonl").read_text().splitlines()]
     assert len(rows) == 4 and len(list(stem.glob("*.json"))) == 4
     for row in rows:

@@ -158,55 +158,41 @@ REPO = TESTS.parent
 BATCH, EPOCH_SAMPLES, CKPT_EVERY, KILL_AFTER = 4, 48, 3, 5
 
 
-def fit_args(data: Path, root: Path, keys: Path, kill_after: int = -1) -> list[str]:
-    """``mmlm fit`` of ``resume_probe.KeyModel`` on mixed caption + VQA shapes shards, 2 workers, a
-    shuffle buffer, a checkpoint (``last.ckpt``) every ``CKPT_EVERY`` steps and the key recorder."""
-    import json
-    import sys
+def fit_args(data: Path, root: Path, keys: Path, kill_after: int = -1, kill_signal: str = "SIGKILL",
+             top_k: int = 1) -> list[str]:
+    """``resume_probe.fit_command`` with this file's sizes: batch 4, 48 samples, a checkpoint every 3 steps."""
+    from resume_probe import fit_command
 
-    train = [{"urls": f"{data}/train/vqa-*.tar", "kind": "vqa"},
-             {"urls": f"{data}/train/captions-*.tar", "kind": "caption", "weight": 0.5}]
-    checkpoint = {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-                  "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": CKPT_EVERY, "save_last": True}}
-    recorder = {"class_path": "resume_probe.KeyRecorder", "init_args": {"path": str(keys), "kill_after_step": kill_after}}
-    return [sys.executable, "-m", "mmlm.cli", "fit", "--seed_everything=0", "--model=resume_probe.KeyModel",
-            "--data=datamodules.ImageTextDataModule", f"--data.init_args.train={json.dumps(train)}",
-            f"--data.init_args.tokenizer={data / 'tokenizer'}", "--data.init_args.image_size=8",
-            f"--data.init_args.batch_size={BATCH}", f"--data.init_args.epoch_samples={EPOCH_SAMPLES}",
-            "--data.init_args.num_workers=2", "--data.init_args.shuffle_buffer=8",
-            "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.max_epochs=1", "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-            f"--trainer.default_root_dir={root}", f"--trainer.callbacks+={json.dumps(checkpoint)}",
-            f"--trainer.callbacks+={json.dumps(recorder)}"]
+    return fit_command(data, root, keys, batch=BATCH, samples=EPOCH_SAMPLES, every=CKPT_EVERY, kill_after=kill_after,
+                       kill_signal=kill_signal, top_k=top_k)
 
 
-def run(args: list[str]) -> int:
+def run(args: list[str], stderr: list[str] | None = None) -> int:
+    """Exit status of the command (0, -9 for SIGKILL, 143 for a preempted run); its stderr is appended to
+    ``stderr`` when given. Any other status fails the test with the output's tail."""
     import os
     import subprocess
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    if proc.returncode not in (0, -9):
+    if stderr is not None:
+        stderr.append(proc.stderr)
+    if proc.returncode not in (0, -9, 143):
         pytest.fail(f"mmlm fit exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}")
     return proc.returncode
 
 
 def recorded(path: Path) -> list[tuple[int, list[str]]]:
-    """``(global_step after the batch, keys)`` per training batch the recorder saw."""
-    rows = [line.split("\t") for line in path.read_text().splitlines()]
-    return [(int(step), keys.split()) for step, keys in rows]
+    from resume_probe import recorded
+
+    return recorded(path)
 
 
 def uninterrupted_epoch(data: Path) -> list[list[str]]:
-    """Keys per batch of epoch 0 with the same data settings, straight from the datamodule."""
-    from datamodules import ImageTextDataModule, Source
+    from resume_probe import uninterrupted_epoch
 
-    train = [Source(f"{data}/train/vqa-*.tar", kind="vqa"), Source(f"{data}/train/captions-*.tar", weight=0.5)]
-    dm = ImageTextDataModule(train=train, tokenizer=str(data / "tokenizer"), image_size=8, batch_size=BATCH,
-                             epoch_samples=EPOCH_SAMPLES, num_workers=2, shuffle_buffer=8, seed=0)
-    dm.setup("fit")
-    return [batch.keys for batch in dm.train_dataloader()]
+    return uninterrupted_epoch(data, BATCH, EPOCH_SAMPLES)
 
 
 def test_kill_9_mid_epoch_then_resume_from_last_sees_each_sample_once_in_order(tmp_path):
@@ -219,7 +205,7 @@ def test_kill_9_mid_epoch_then_resume_from_last_sees_each_sample_once_in_order(t
     keys1, keys2 = tmp_path / "keys1.tsv", tmp_path / "keys2.tsv"
     assert run(fit_args(data, tmp_path / "run", keys1, kill_after=KILL_AFTER)) == -9
     last = tmp_path / "run" / "ckpt" / "last.ckpt"
-    saved_step = torch.load(last, weights_only=False)["global_step"]
+    saved_step = torch.load(last, weights_only=True)["global_step"]
     assert saved_step == CKPT_EVERY  # killed after step 5: steps 4 and 5 were lost with the process
     before = [keys for step, keys in recorded(keys1) if step <= saved_step]
     assert len(recorded(keys1)) == KILL_AFTER
@@ -228,6 +214,61 @@ def test_kill_9_mid_epoch_then_resume_from_last_sees_each_sample_once_in_order(t
     assert [step for step, _ in after] == list(range(saved_step + 1, EPOCH_SAMPLES // BATCH + 1))
     epoch = uninterrupted_epoch(data)
     assert before + [keys for _, keys in after] == epoch
+
+
+@pytest.mark.parametrize("kill_signal", ["SIGTERM", "SIGUSR1"])
+def test_preempted_fit_saves_the_step_it_stopped_at_exits_143_and_resumes_exactly(tmp_path, kill_signal):
+    """SIGTERM (or SLURM's SIGUSR1) after step 5, between checkpoints of steps 3 and 6: the run saves
+    step 5 as last.ckpt on the way out and exits 143, not 0; resuming trains steps 6.. and the keys
+    trained before and after are exactly one uninterrupted epoch (nothing lost, nothing repeated)."""
+    import torch
+
+    from datamodules.synthetic.shapes import write_shapes
+
+    data = tmp_path / "data"
+    write_shapes(data, train=24, val=0, seed=0, shard_size=4, progress=False)
+    keys1, keys2, err = tmp_path / "keys1.tsv", tmp_path / "keys2.tsv", []
+    assert run(fit_args(data, tmp_path / "run", keys1, KILL_AFTER, kill_signal), err) == 143
+    assert "stopped by SIGTERM" in err[0] and "--ckpt_path last" in err[0]
+    assert torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == KILL_AFTER
+    before = recorded(keys1)
+    assert [step for step, _ in before] == list(range(1, KILL_AFTER + 1))
+    assert run(fit_args(data, tmp_path / "run", keys2) + ["--ckpt_path=last"]) == 0
+    after = recorded(keys2)
+    assert [step for step, _ in after] == list(range(KILL_AFTER + 1, EPOCH_SAMPLES // BATCH + 1))
+    assert [keys for _, keys in before + after] == uninterrupted_epoch(data)
+
+
+def test_ckpt_path_last_passes_over_truncated_checkpoints_with_a_warning(tmp_path, capsys):
+    """Killed after step 7 with checkpoints of steps 3 and 6 kept: last.ckpt and the step-6 file are cut
+    short (a full disk); `--ckpt_path last` warns naming each, resumes from step 3 and still trains
+    exactly one epoch of keys. A truncated checkpoint given by path stops with one message."""
+    from datamodules.synthetic.shapes import write_shapes
+    from mmlm.cli import main
+
+    data = tmp_path / "data"
+    write_shapes(data, train=24, val=0, seed=0, shard_size=4, progress=False)
+    keys1, keys2, err = tmp_path / "keys1.tsv", tmp_path / "keys2.tsv", []
+    assert run(fit_args(data, tmp_path / "run", keys1, kill_after=7, top_k=-1)) == -9
+    ckpt = tmp_path / "run" / "ckpt"
+    broken = [ckpt / "last.ckpt", *ckpt.glob("*step=6*.ckpt")]
+    assert len(broken) == 2 and (ckpt / "epoch=0-step=3.ckpt").is_file()
+    for path in broken:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert run(fit_args(data, tmp_path / "run", keys2, top_k=-1) + ["--ckpt_path=last"], err) == 0
+    for path in broken:
+        assert f"skipping checkpoint {path}" in err[0] and "not a complete checkpoint" in err[0]
+    before = [keys for step, keys in recorded(keys1) if step <= 3]
+    after = recorded(keys2)
+    assert after[0][0] == 4
+    assert before + [keys for _, keys in after] == uninterrupted_epoch(data)
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(fit_args(data, tmp_path / "run2", tmp_path / "keys3.tsv")[3:] + [f"--ckpt_path={broken[0]}"])
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith(f"error: ckpt_path={str(broken[0])!r}: not a complete checkpoint (")
+    assert not (tmp_path / "keys3.tsv").exists()
 
 
 @pytest.mark.skipif(not __import__("os").environ.get("MMLM_SLOW_TESTS"),
@@ -249,7 +290,7 @@ def test_ddp_kill_9_then_resume_is_exact_on_every_rank(tmp_path):
         return [*args, "--trainer.devices=2", "--trainer.strategy=ddp"]
 
     assert run(ddp_args(tmp_path / "k1.tsv", kill_after=3)) == -9
-    saved_step = torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=False)["global_step"]
+    saved_step = torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
     assert saved_step == 2
     assert run([*ddp_args(tmp_path / "k2.tsv"), "--ckpt_path=last"]) == 0
     train = [Source(f"{data}/train/vqa-*.tar", kind="vqa"), Source(f"{data}/train/captions-*.tar", weight=0.5)]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from datamodules.document_tools import LAYOUTS, DonutWriter
+from datamodules.outputs import prepare_output, write_summary
 from mmlm.json_tokens import json_to_tokens
 from mmlm.piece_tokenizer import train_piece_tokenizer
 
@@ -278,14 +278,15 @@ def write_split(out: Path, kind: str, split: str, count: int, seed: int, size: t
 
 def write_documents(out: str | Path, kind: str = "docs", train: int = 2000, val: int = 200, seed: int = 0,
                     width: int = 128, height: int = 96, shard_size: int = 500,
-                    layouts: Sequence[str] = LAYOUTS) -> dict[str, Any]:
+                    layouts: Sequence[str] = LAYOUTS, overwrite: bool = False) -> dict[str, Any]:
     """Write synthetic ``docs`` or ``receipts`` for the train and validation splits; returns the summary.
 
     Layout: ``out/shards/{train,validation}/{kind}-{i:05d}.tar`` + ``special_tokens.json`` and/or the
     Donut folders ``out/donut/{train,validation}/`` (images + ``metadata.jsonl``), a small tokenizer
     ``out/tokenizer/`` (:func:`mmlm.piece_tokenizer.train_piece_tokenizer` on the texts; the JSON tags are
     added later as special tokens by the model's ``add_tokens``) and ``out/summary.json``. Byte-identical for a seed. Use one ``out`` per kind (the folders and
-    ``special_tokens.json`` of a second kind would replace the first one's).
+    ``special_tokens.json`` of a second kind would replace the first one's): ``out`` must be empty unless
+    ``overwrite`` (:func:`datamodules.outputs.prepare_output`).
 
     Raises:
         ValueError: unknown ``kind`` or layout, negative counts, or ``shard_size`` < 1.
@@ -293,7 +294,7 @@ def write_documents(out: str | Path, kind: str = "docs", train: int = 2000, val:
     if kind not in KINDS or not set(layouts) <= set(LAYOUTS) or min(train, val) < 0 or shard_size < 1:
         raise ValueError(f"write_documents: kind in {KINDS}, layouts in {LAYOUTS}, counts ≥ 0, shard_size ≥ 1; "
                          f"got {kind!r}, {layouts}, {train}, {val}, {shard_size}")
-    out = Path(out)
+    out = prepare_output(out, overwrite)
     written = {split: write_split(out, kind, split, n, seed, (width, height), shard_size, layouts)
                for split, n in zip(SPLITS, (train, val))}
     texts = [re.sub(r"<[^<>]+>", " ", t) for t in written["train"][1]] + [" ".join(WORDS), " ".join(m[0] for m in MENU),
@@ -302,5 +303,4 @@ def write_documents(out: str | Path, kind: str = "docs", train: int = 2000, val:
     summary = {"kind": kind, "seed": seed, "width": width, "height": height, "fonts": len(system_fonts()) + 1,
                "tokenizer": str(out / "tokenizer"), "vocab_size": len(tokenizer),
                "splits": {split: block for split, (block, _) in written.items()}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+    return write_summary(out, summary, indent=1)

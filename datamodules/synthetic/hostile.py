@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from datamodules.outputs import prepare_output, write_summary
 from datamodules.shards import ShardWriter
 from mmlm.tokenizers import train_word_tokenizer
 
@@ -122,7 +123,6 @@ def write_set(out: Path, prefix: str, count: int, kinds: tuple[str, ...], period
               rng: random.Random) -> tuple[list[str], list[str]]:
     """Write one shard set; returns the hostile kind per hostile sample and the keys a reader uses."""
     writer = ShardWriter(out, shard_size, prefix=f"{prefix}-")
-    writer.remove_stale()
     make = caption_sample if prefix == "captions" else vqa_sample
     written, used, truncated = [], [], []
     for i in range(count):
@@ -143,7 +143,7 @@ def write_set(out: Path, prefix: str, count: int, kinds: tuple[str, ...], period
 
 
 def write_hostile(out: str | Path, captions: int = 200, vqa: int = 40, period: int = 20,
-                  shard_size: int = 20, seed: int = 0) -> dict[str, Any]:
+                  shard_size: int = 20, seed: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """Write the hostile shard set and a word tokenizer into ``out``.
 
     Args:
@@ -153,18 +153,19 @@ def write_hostile(out: str | Path, captions: int = 200, vqa: int = 40, period: i
         period: one hostile sample per ``period`` (20 → 5 %).
         shard_size: samples per shard; with the defaults each ``truncated_tar`` sample ends a shard.
         seed: random seed of colours and garbage bytes.
+        overwrite: replace an earlier run's files in ``out`` (else ``out`` must be empty; ``datamodules.outputs``).
 
     Returns:
         ``{"captions", "vqa"}`` shard patterns, ``max_image_pixels``, ``samples``, ``hostile``,
         ``expected`` (count per reason), ``used_keys`` (samples a reader turns into examples).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output(out, overwrite)
     rng = random.Random(seed)
     cap_kinds, cap_used = write_set(out, "captions", captions, CAPTION_KINDS, period, shard_size, rng)
     vqa_kinds, vqa_used = write_set(out, "vqa", vqa, VQA_KINDS, period, shard_size, rng)
     hostile = cap_kinds + vqa_kinds
     train_word_tokenizer([WORDS], out_dir=out / "tokenizer")
-    return {"captions": str(out / "captions-*.tar"), "vqa": str(out / "vqa-*.tar"),
-            "max_image_pixels": MAX_IMAGE_PIXELS, "samples": captions + vqa, "hostile": len(hostile),
-            "expected": dict(Counter(COUNTED_AS[k] for k in hostile)), "used_keys": cap_used + vqa_used}
+    return write_summary(out, {
+        "captions": str(out / "captions-*.tar"), "vqa": str(out / "vqa-*.tar"), "max_image_pixels": MAX_IMAGE_PIXELS,
+        "samples": captions + vqa, "hostile": len(hostile), "expected": dict(Counter(COUNTED_AS[k] for k in hostile)),
+        "used_keys": cap_used + vqa_used})

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from datamodules.outputs import prepare_output, write_summary
 from datamodules.shards import ShardWriter
 from datamodules.synthetic.shapes import (
     COLOURS,
@@ -118,7 +119,6 @@ def queries(index: int, seed: int, part: str) -> list[dict[str, bytes]]:
 def _write(directory: Path, prefix: str, shard_size: int, samples) -> str | None:
     directory.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(directory, shard_size, prefix)
-    writer.remove_stale()
     try:
         for sample in samples:
             writer.write(sample)
@@ -128,16 +128,18 @@ def _write(directory: Path, prefix: str, shard_size: int, samples) -> str | None
 
 
 def write_interleaved(out: str | Path, docs: int, pairs: int, texts: int, val: int, support: int,
-                      seed: int = 0, shard_size: int = 500, layout: str = "mixed") -> dict[str, Any]:
+                      seed: int = 0, shard_size: int = 500, layout: str = "mixed",
+                      overwrite: bool = False) -> dict[str, Any]:
     """Write the synthetic interleaved data set under ``out``; returns (and writes) ``summary.json``.
 
     Layout: ``train/docs-*.tar`` (interleaved documents), ``train/captions-*.tar``,
     ``train/text-*.tar``, ``val/vqa-*.tar`` (one query per image, spread over 8 shards),
-    ``support/vqa-*.tar`` (each image asked all three ways), ``tokenizer/`` (word level).
+    ``support/vqa-*.tar`` (each image asked all three ways), ``tokenizer/`` (word level). ``out`` must be empty
+    unless ``overwrite`` (:func:`datamodules.outputs.prepare_output`).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"write_interleaved: layout {layout!r} is not one of {LAYOUTS}")
-    out = Path(out)
+    out = prepare_output(out, overwrite)
     val_size = max(1, min(shard_size, -(-val // VAL_SHARDS)))
     urls = {
         "docs": _write(out / "train", "docs-", shard_size, (document(i, seed, layout) for i in range(docs))),
@@ -154,5 +156,4 @@ def write_interleaved(out: str | Path, docs: int, pairs: int, texts: int, val: i
                "vocab_size": len(tokenizer), "counts": {"docs": docs, "pairs": pairs, "texts": texts,
                                                         "val": val, "support": support},
                "vqa_prompt": "{}", "demo_template": DEMO_TEMPLATE}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return write_summary(out, summary)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from datamodules.outputs import prepare_output, write_summary
 from datamodules.shards import ShardWriter
 from datamodules.synthetic.shapes import (
     COLOURS,
@@ -86,23 +87,23 @@ def _write_pair(idx: int, split: str, seed: int, writer: ShardWriter) -> bool:
     return label
 
 
-def write_pairs(out: str | Path, train: int, val: int, seed: int = 0, shard_size: int = 1000) -> dict[str, Any]:
+def write_pairs(out: str | Path, train: int, val: int, seed: int = 0, shard_size: int = 1000,
+                overwrite: bool = False) -> dict[str, Any]:
     """Write ``out/{train,val}/pairs-{i:05d}.tar``, ``out/tokenizer`` and ``out/summary.json``; returns the summary.
 
-    Validation is spread over at least 8 shards (as the shapes data) so evaluation ranks each get one.
+    Validation is spread over at least 8 shards (as the shapes data) so evaluation ranks each get one. ``out`` must
+    be empty unless ``overwrite`` (:func:`datamodules.outputs.prepare_output`).
     """
     if train < 0 or val < 0 or shard_size < 1:
         raise ValueError(f"write_pairs: need train, val >= 0 and shard_size >= 1, got {train}, {val}, {shard_size}")
-    out, summary = Path(out), {"seed": seed, "splits": {}}
+    out, summary = prepare_output(out, overwrite), {"seed": seed, "splits": {}}
     for split, count in zip(SPLITS, (train, val)):
         (out / split).mkdir(parents=True, exist_ok=True)
         size = shard_size if split == "train" else max(1, min(shard_size, -(-count // 8)))
         writer = ShardWriter(out / split, size, "pairs-")
-        writer.remove_stale()
         true = sum(_write_pair(i, split, seed, writer) for i in range(count))
         writer.close()
         summary["splits"][split] = {"pairs": count, "true": true, "shards": writer.shards, "urls": writer.url()}
     train_word_tokenizer(pair_statement_texts() + coverage_texts(), out / "tokenizer")
     summary["tokenizer"] = str(out / "tokenizer")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return write_summary(out, summary)

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from rich.progress import Progress
 
+from datamodules.outputs import prepare_output, write_summary
 from datamodules.shards import ShardWriter
 from mmlm.tokenizers import train_word_tokenizer
 
@@ -327,8 +328,6 @@ def _write_split(out: Path, split: str, count: int, seed: int, shard_size: int, 
     directory = out / split
     directory.mkdir(parents=True, exist_ok=True)
     shards = (ShardWriter(directory, shard_size, "captions-"), ShardWriter(directory, shard_size, "vqa-"))
-    for writer in shards:
-        writer.remove_stale()
     stats = _SplitStats()
     try:
         for idx in range(count):
@@ -362,7 +361,7 @@ def split_shard_size(split: str, images: int, shard_size: int) -> int:
 
 
 def write_shapes(out: str | Path, train: int, val: int, seed: int = 0, shard_size: int = 1000,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Write the shapes data set (shards, tokenizer, summary) under ``out``; returns the summary.
 
     Layout: ``out/{train,val}/captions-{i:05d}.tar`` (one sample per image: ``jpg``, ``txt``,
@@ -371,14 +370,16 @@ def write_shapes(out: str | Path, train: int, val: int, seed: int = 0, shard_siz
     ``question_id``, ``image_id``, ``question_type``), ``out/tokenizer/`` (word-level, loads with
     ``mmlm.tokenizers.load_tokenizer``) and ``out/summary.json``. Byte-identical for a seed. Validation
     images go ``ceil(val / 8)`` to a shard (at most ``shard_size``), so up to 8 evaluation ranks work.
-    Shards of these names already in ``out/{train,val}`` are deleted first.
+    ``out`` must be empty unless ``overwrite`` (:func:`datamodules.outputs.prepare_output`: an earlier run's files,
+    as listed in its ``summary.json``, are replaced; nothing else is touched).
 
     Raises:
         ValueError: a count is negative or ``shard_size`` < 1.
+        OutputExistsError: ``out`` holds files (see above).
     """
     if train < 0 or val < 0 or shard_size < 1:
         raise ValueError(f"write_shapes: need train, val >= 0 and shard_size >= 1, got {train}, {val}, {shard_size}")
-    out = Path(out)
+    out = prepare_output(out, overwrite)
     texts: set[str] = set()
     with Progress(disable=not progress) as bar:
         advance = partial(bar.advance, bar.add_task("writing shapes", total=train + val))
@@ -390,6 +391,5 @@ def write_shapes(out: str | Path, train: int, val: int, seed: int = 0, shard_siz
                "questions": {split: block["questions"] for split, block in splits.items()}, "splits": splits,
                "tokenizer": str(out / "tokenizer"), "vocab_size": len(tokenizer),
                "prompts": {"vqa": VQA_PROMPT, "caption": CAPTION_PROMPT}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return write_summary(out, summary)
 

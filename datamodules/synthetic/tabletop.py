@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from rich.progress import Progress
 
+from datamodules.outputs import prepare_output, write_summary
 from datamodules.shards import ShardWriter
 from mmlm.tokenizers import train_word_tokenizer
 
@@ -352,7 +353,6 @@ def _write_split(out: Path, split: str, count: int, seed: int, shard_size: int,
     directory = out / split
     directory.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(directory, shard_size, "tabletop-")
-    writer.remove_stale()
     kinds: Counter = Counter()
     answers: Counter = Counter()
     try:
@@ -369,20 +369,22 @@ def _write_split(out: Path, split: str, count: int, seed: int, shard_size: int,
 
 
 def write_tabletop(out: str | Path, train: int, val: int, seed: int = 0,
-                   shard_size: int = 1000, progress: bool = True) -> dict[str, Any]:
+                   shard_size: int = 1000, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Write the tabletop data set under ``out``; returns the summary (also ``out/summary.json``).
 
     Layout: ``out/{train,val}/tabletop-{i:05d}.tar`` (one sample per sentence: ``img1.png``, ``img2.png``
     for before/after samples, ``json`` with ``task``, ``prompt`` (with markers), ``target``, ``answers``,
     ``question``, ``question_type``, ``id``, ``blocks``, ``state``, ``objects``), ``out/tokenizer/``
-    (word-level) and ``out/summary.json``. Byte-identical for a seed; validation spread over ≥ 8 shards.
+    (word-level) and ``out/summary.json``. Byte-identical for a seed; validation spread over ≥ 8 shards. ``out`` must
+    be empty unless ``overwrite`` (:func:`datamodules.outputs.prepare_output`).
 
     Raises:
         ValueError: a count is negative or ``shard_size`` < 1.
+        OutputExistsError: ``out`` holds files (see above).
     """
     if train < 0 or val < 0 or shard_size < 1:
         raise ValueError(f"write_tabletop: need train, val >= 0 and shard_size >= 1, got {train}, {val}, {shard_size}")
-    out = Path(out)
+    out = prepare_output(out, overwrite)
     with Progress(disable=not progress) as bar:
         advance = partial(bar.advance, bar.add_task("writing tabletop", total=train + val))
         splits = {split: _write_split(out, split, n, seed, _shard_size(split, n, shard_size), advance)
@@ -390,8 +392,7 @@ def write_tabletop(out: str | Path, train: int, val: int, seed: int = 0,
     tokenizer = train_word_tokenizer(coverage_texts(), out / "tokenizer")
     summary = {"seed": seed, "image_size": IMAGE_SIZE, "state_dim": STATE_DIM, "object_dim": OBJECT_DIM,
                "splits": splits, "tokenizer": str(out / "tokenizer"), "vocab_size": len(tokenizer)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return write_summary(out, summary)
 
 
 def _shard_size(split: str, count: int, shard_size: int) -> int:

@@ -143,8 +143,18 @@ def result_files(module: Any, stage: str) -> ResultFiles:
     trainer = module._trainer
     out_dir = module.predictions_dir or (trainer.log_dir if trainer is not None else None)
     writing = trainer is not None and trainer.is_global_zero and not trainer.sanity_checking
-    return ResultFiles(Path(out_dir) if out_dir is not None and writing else None, stage, module.global_step,
+    return ResultFiles(Path(out_dir) if out_dir is not None and writing else None, stage, evaluated_step(module),
                        settings_of(module))
+
+
+def evaluated_step(module: Any) -> int:
+    """The training step of the weights being evaluated: the trainer's step while fitting; else the step of the
+    checkpoint or export the weights came from (``validate --ckpt_path``: Lightning restores no loop state, so
+    its ``global_step`` reads 0), else 0."""
+    trainer = module._trainer
+    fitting = trainer is not None and trainer.state.fn == "fit"
+    loaded = getattr(module, "weights_step", None)
+    return module.global_step if fitting or loaded is None else loaded
 
 
 class Evaluation(nn.Module):

@@ -27,6 +27,7 @@ from torch import nn
 
 from mmlm.batch import Batch
 from mmlm.checkpoint_state import BUILDER_KEY, FROZEN_WEIGHTS, leave_out_frozen, plain_hparams, restore_frozen
+from mmlm.checkpointing import load_checkpoint_file
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
 from mmlm.evaluation import Evaluation, LossEvaluator
 from mmlm.fusion import prepend_placeholders, splice
@@ -164,6 +165,7 @@ class MultimodalModule(pl.LightningModule):
         self.evaluation = Evaluation(LossEvaluator())  # a family composes its own evaluators
         self._step_start = 0.0
         self.nonfinite_skipped = 0  # training steps skipped for a non-finite loss, over the run
+        self.weights_step: int | None = None  # training step of loaded weights (checkpoint or export)
         self._nonfinite_in_a_row = 0
         self._skipped_step = False  # this micro-batch's loss was not finite on some rank
         self._nonfinite_window = False  # some micro-batch since the last optimizer step was not finite
@@ -343,6 +345,7 @@ class MultimodalModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore skipped steps; put back left-out frozen parts after checking their fingerprints."""
         self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
+        self.weights_step = int(checkpoint.get("global_step", 0))
         restore_frozen(self, checkpoint)
 
     # --- hyperparameters and checkpoints --------------------------------------------------------
@@ -392,7 +395,7 @@ class MultimodalModule(pl.LightningModule):
                              strict: bool | None = None, **kwargs: Any) -> MultimodalModule:
         """Lightning's ``load_from_checkpoint`` (``weights_only`` loading); a module made by a builder classmethod
         (``Blip2.from_hf``…) is rebuilt by that builder from its recorded arguments (``kwargs`` override them)."""
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint_file(checkpoint_path)
         builder = checkpoint.get(BUILDER_KEY)
         if builder is None:
             model = super().load_from_checkpoint(checkpoint_path, map_location=map_location,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmlm.batch import Batch
+from mmlm.checkpointing import load_checkpoint_file
 from mmlm.connectors.qformer import QFormer
 from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, RetrievalEvaluator, RetrievalStep
@@ -232,5 +233,5 @@ def load_stage1_qformer(stage2: nn.Module, checkpoint: str | Path | dict[str, to
     """Load a stage-1 Q-Former (a ``.ckpt`` path or a state dict) into ``stage2.qformer`` strictly
     (every key must match: same sizes and number of queries)."""
     if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+        checkpoint = load_checkpoint_file(checkpoint)["state_dict"]
     stage2.qformer.load_state_dict(qformer_state_for_stage2(checkpoint), strict=True)

@@ -32,6 +32,7 @@ import torch
 import yaml
 from safetensors.torch import load_model, save_model
 
+from mmlm.checkpointing import load_checkpoint_file
 from mmlm.freezing import Freezable
 from mmlm.hub import looks_local
 
@@ -197,6 +198,9 @@ class LoadExportedWeights(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         load_weights(pl_module, self.directory)
+        info = Path(self.directory) / INFO_FILE
+        if info.is_file():
+            pl_module.weights_step = int(json.loads(info.read_text()).get("source", {}).get("global_step", 0))
 
 
 def build_from_config(config_file: str | Path) -> Any:
@@ -215,6 +219,24 @@ def build_from_config(config_file: str | Path) -> Any:
     return model
 
 
+def checkpoint_model_config(checkpoint_path: str | Path) -> dict[str, Any]:
+    """The ``model`` section (``class_path`` + ``init_args``) a checkpoint of ``mmlm fit`` records: the module's
+    class, or the classmethod that built it (``…Blip2.from_hf``) with that builder's arguments.
+
+    Raises:
+        CheckpointError: the file cannot be read (:func:`mmlm.checkpointing.load_checkpoint_file`).
+        ValueError: the checkpoint records no config (a module built in Python with part objects).
+    """
+    from mmlm.checkpoint_state import BUILDER_KEY
+
+    checkpoint = load_checkpoint_file(checkpoint_path)
+    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    class_path, init_args = split_config(hparams)
+    if BUILDER_KEY not in checkpoint and "." not in class_path:
+        raise ValueError(f"records class {class_path!r}, which is not importable")
+    return {"class_path": class_path, "init_args": init_args}
+
+
 def load_checkpoint(checkpoint_path: str | Path, config_file: str | Path | None = None) -> Any:
     """A trained module from a Lightning checkpoint: rebuilt from the checkpoint's recorded config (or from
     ``config_file``'s model section) with its weights loaded (``weights_only`` loading, strict)."""
@@ -222,10 +244,8 @@ def load_checkpoint(checkpoint_path: str | Path, config_file: str | Path | None 
     from mmlm.models.base import MultimodalModule
 
     checkpoint_path = Path(checkpoint_path)
-    if not checkpoint_path.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist")
     if config_file is None:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint_file(checkpoint_path)
         hparams = checkpoint.get("hyper_parameters", {})
         class_path = split_config(hparams)[0] if BUILDER_KEY not in checkpoint else hparams["_class_path"]
         owner = class_path.rsplit(".", 1)[0] if BUILDER_KEY in checkpoint else class_path
@@ -235,7 +255,7 @@ def load_checkpoint(checkpoint_path: str | Path, config_file: str | Path | None 
             raise ValueError(f"{checkpoint_path} records {class_path!r}, not an mmlm model")
         return cls.load_from_checkpoint(str(checkpoint_path)).eval()
     model = build_from_config(config_file)
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint_file(checkpoint_path)
     model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"], strict=True)
     return model.eval()
@@ -252,7 +272,7 @@ def export(checkpoint_path: str | Path, out: str | Path, config_file: str | Path
     if fmt not in ("auto", "hf", "mmlm"):
         raise ValueError(f"--format {fmt!r} is not one of auto, hf, mmlm")
     model = load_checkpoint(checkpoint_path, config_file)
-    step = int(torch.load(checkpoint_path, map_location="cpu", weights_only=True).get("global_step", 0))
+    step = int(load_checkpoint_file(checkpoint_path).get("global_step", 0))
     source = {"checkpoint": str(Path(checkpoint_path).resolve()), "global_step": step}
     use_hf = fmt == "hf" or (fmt == "auto" and hasattr(model, "to_hf"))
     out = Path(out)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from mmlm.batch import Batch
+from mmlm.checkpointing import load_checkpoint_file
 from mmlm.connectors import MLP
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
 from mmlm.encoders.text import TextEncoder
@@ -73,7 +74,7 @@ class MetaLM(MultimodalModule):
         self.eval_shots = eval_shots
         self.evaluation = Evaluation(LossEvaluator(), GenerationEvaluator())
         if init_from is not None:
-            self.load_state_dict(torch.load(init_from, map_location="cpu", weights_only=False)["state_dict"])
+            self.load_state_dict(load_checkpoint_file(init_from)["state_dict"])
 
     @property
     def image_preprocess(self) -> ImagePreprocess | None:

@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from datamodules.base import SkipSample
+from datamodules.base import _NOTES, SkipSample
 from datamodules.interleaved import InterleavedDataModule, MixSource, document_segments
 from datamodules.interleaved_tools import convert
 from datamodules.synthetic.interleaved import write_interleaved
@@ -83,7 +83,6 @@ def test_labels_only_on_text_tokens(synth):
 
 
 @pytest.mark.parametrize("doc, reason", [
-    (obelics(["a", None], [None, "0.jpg"]), "missing_image"),
     (obelics(["a", None], ["0.jpg", None], **{"0.jpg": RED}), "bad_document"),
     ({"__key__": "x", "json": b'{"title": "no layout"}'}, "bad_document"),
 ])
@@ -91,6 +90,14 @@ def test_bad_documents_are_skipped_with_a_reason(doc, reason):
     with pytest.raises(SkipSample) as err:
         document_segments(doc)
     assert err.value.reason == reason
+
+
+def test_a_missing_image_is_left_out_and_the_document_kept():
+    """An undownloaded image (no member, no base64) drops that image only, counted as a conversion."""
+    _NOTES.take()
+    doc = obelics(["a", None, "b", None], [None, "0.jpg", None, "1.jpg"], **{"1.jpg": RED})
+    assert document_segments(doc) == ["a", "b", RED]
+    assert _NOTES.take() == {"converted_missing_image": 1}
 
 
 def test_max_images_and_max_tokens_never_cut_an_image(synth):

@@ -196,7 +196,9 @@ def test_tokenizer_covers_every_text(shapes_dir: Path) -> None:
 
 def test_rewrite_removes_stale_shards_and_empty_split(tmp_path: Path) -> None:
     write_shapes(tmp_path, train=6, val=2, seed=0, shard_size=2, progress=False)
-    summary = write_shapes(tmp_path, train=2, val=0, seed=0, shard_size=2, progress=False)
+    with pytest.raises(FileExistsError, match="--overwrite"):  # never into a folder holding files by default
+        write_shapes(tmp_path, train=2, val=0, seed=0, shard_size=2, progress=False)
+    summary = write_shapes(tmp_path, train=2, val=0, seed=0, shard_size=2, progress=False, overwrite=True)
     assert sorted(p.name for p in (tmp_path / "train").glob("captions-*.tar")) == ["captions-00000.tar"]
     assert not list((tmp_path / "val").glob("*.tar"))
     assert summary["splits"]["val"]["urls"] == {"captions": None, "vqa": None}

@@ -13,7 +13,8 @@ def test_text_files_round_trip_through_shards_into_batches(shapes_data, tmp_path
     (tmp_path / "b.txt").write_text("two triangles.")
     assert list(documents(tmp_path / "a.txt")) == ["a red circle.", "three shapes: a blue square."]
     assert write_text_shards([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "shards", shard_size=2) == 3
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["text-00000.tar", "text-00001.tar"]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["summary.json", "text-00000.tar",
+                                                                        "text-00001.tar"]
     dm = TextDataModule(val_urls=str(tmp_path / "shards" / "text-*.tar"), tokenizer=str(shapes_data / "tokenizer"),
                         batch_size=8)
     dm.setup("validate")

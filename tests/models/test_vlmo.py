@@ -185,7 +185,7 @@ def test_stage1_config_fits_and_stage2_config_starts_from_its_checkpoint(shapes_
     assert torch.isfinite(stage1.trainer.callback_metrics["val/loss"])
     checkpoint = stage1.trainer.checkpoint_callback.best_model_path
     stage2 = fit("vlmo_stage2.yaml", "--model.init_args.init_from", checkpoint)
-    weights = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    weights = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     torch.testing.assert_close(stage2.model.transformer.blocks[0].attn.qkv.weight,
                                weights["transformer.blocks.0.attn.qkv.weight"])  # frozen in stage 2: unchanged
 
