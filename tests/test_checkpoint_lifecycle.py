@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_runs import write_workspace
 
 from mmlm.cli import main
 
@@ -65,24 +66,8 @@ ORDER = list(CASES)
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """Small synthetic data sets at the ``data/…`` paths the tiny configs name."""
-    from datamodules.synthetic.documents import write_documents
-    from datamodules.synthetic.interleaved import write_interleaved
-    from datamodules.synthetic.pairs import write_pairs
-    from datamodules.synthetic.shapes import write_shapes
-    from datamodules.synthetic.tabletop import write_tabletop
-
-    root = tmp_path_factory.mktemp("workspace")
-    data = root / "data"
-    write_shapes(data / "shapes", train=32, val=16, seed=0, shard_size=4, progress=False)
-    write_interleaved(data / "interleaved", docs=16, pairs=8, texts=8, val=8, support=6, shard_size=4)
-    write_tabletop(data / "tabletop", train=16, val=16, seed=0, shard_size=4, progress=False)
-    write_pairs(data / "shapes_pairs", train=16, val=8, seed=0, shard_size=4)
-    for kind in ("docs", "receipts"):
-        write_documents(data / "donut" / kind, kind, train=8, val=8, seed=0, shard_size=2, layouts=("shards",))
-    assert main(["data", "vqa-answers", str(data / "shapes" / "train" / "vqa-*.tar"), "--out",
-                 str(data / "shapes" / "answers.json")]) == 0
-    return root
+    """Small synthetic data sets at the ``data/…`` paths the tiny configs name (shared with test_ddp_contract.py)."""
+    return write_workspace(tmp_path_factory.mktemp("workspace"))
 
 
 def family_class(config: str) -> type:

@@ -2,7 +2,8 @@
 
 * :class:`VLMOModule`: the MoME transformer (:mod:`mmlm.connectors.mome`), the tokenizer (with ``[MASK]``),
   image preprocessing, per-stage freezing, ``init_from`` (strict load of the previous stage, named allow-lists),
-  optional timm ViT initialisation, text inputs ``[CLS] text [SEP]`` built from any batch.
+  optional timm ViT initialisation, text inputs ``[CLS] text [SEP]`` built from any batch. Parameters that the
+  stage's passes never reach (:func:`unused_by_modes`) are frozen too, so DDP runs without ``find_unused_parameters``.
 * :class:`VLMOStage1`: image-only masked image modelling (SimMIM-style patch regression by default; a discrete
   visual tokenizer can be plugged in as the target, as BEiT/VLMO do).
 * :class:`VLMOStage2`: text-only masked language modelling with attention, V-FFN and the image side frozen.
@@ -13,6 +14,7 @@ Shape legend: B batch, N image tokens (1 + P patches), T text tokens, D width, V
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mmlm.checkpointing import load_checkpoint_file
 from mmlm.connectors.mome import MoMETransformer
 from mmlm.convert.keys import load_state_dict_strict
 from mmlm.convert.vlmo_timm import load_timm_into_mome
@@ -71,6 +74,22 @@ def freeze_matching(module: nn.Module, patterns: tuple[str, ...] | list[str], st
     return frozen
 
 
+def unused_by_modes(transformer: MoMETransformer, modes: Collection[str], masks_patches: bool = False) -> list[str]:
+    """``fnmatch`` patterns (relative to ``transformer``) of the parameters that no pass in ``modes`` reaches: image
+    embeddings without an image, text embeddings without text, the mask token without patch masking, and per block
+    the experts its routing never picks (fusion: V/L-FFN in blocks without a VL-FFN, the VL-FFN in the others).
+    Attention, ``norm1`` and the final norm serve every mode."""
+    modes, fusion = set(modes), "fusion" in modes
+    unused = [*(() if modes & {"image", "fusion"} else ("patch_embed.*", "cls_token", "pos_embed")),
+              *(() if modes & {"text", "fusion"} else ("word_embed.*", "text_pos_embed")),
+              *(() if masks_patches else ("mask_token",))]
+    for i, block in enumerate(transformer.blocks):
+        below_vl = fusion and not block.with_vl
+        used = {"v": "image" in modes or below_vl, "l": "text" in modes or below_vl, "vl": fusion}
+        unused += [f"blocks.{i}.experts.{name}.*" for name in block.experts if not used[name]]
+    return unused
+
+
 class VLMOModule(MultimodalModule):
     """What every VLMO stage and task shares. Subclasses build their heads, then call :meth:`finish_init`.
 
@@ -83,7 +102,8 @@ class VLMOModule(MultimodalModule):
         init_allow_unexpected: further patterns of ``init_from`` keys that may be ignored.
         timm_init: a timm ViT name or local state-dict file for attention, image embeddings and V-FFNs
             (:func:`mmlm.convert.vlmo_timm.load_timm_into_mome`); applied before ``init_from``.
-        frozen: ``fnmatch`` patterns of parameters to freeze (``None``: the stage's ``FROZEN``).
+        frozen: ``fnmatch`` patterns of parameters to freeze (``None``: the stage's ``FROZEN``). Whatever it says,
+            the parameters :meth:`unused_patterns` names are frozen as well (listed in ``unused_parameters``).
         image_mean: per-channel mean of the image normalisation.
         image_std: per-channel std.
         **kwargs: optimisation settings of :class:`MultimodalModule`.
@@ -92,6 +112,9 @@ class VLMOModule(MultimodalModule):
     NEW_KEYS: tuple[str, ...] = ()
     DROPPED_KEYS: tuple[str, ...] = ()
     FROZEN: tuple[str, ...] = ()
+    #: the MoME modes the training loss runs and whether it masks patches (:meth:`unused_patterns`)
+    MODES: tuple[str, ...] = ("image", "text", "fusion")
+    MASKS_PATCHES: bool = False
 
     def __init__(self, tokenizer: str, transformer: dict[str, Any] | None = None, init_from: str | None = None,
                  init_allow_missing: list[str] | None = None, init_allow_unexpected: list[str] | None = None,
@@ -112,17 +135,24 @@ class VLMOModule(MultimodalModule):
                                                tok.sep_token_id) if i is not None})
 
     def finish_init(self) -> None:
-        """Load ``timm_init`` then ``init_from`` (strict, allow-listed), then freeze the stage's parts."""
+        """Load ``timm_init`` then ``init_from`` (strict, allow-listed), then freeze what the stage never uses and
+        the stage's frozen parts (both stay in the state dict, so checkpoints keep every key)."""
         init_from, allow_missing, allow_unexpected, timm_init = self._init
         if timm_init is not None:
             load_timm_into_mome(self.transformer, timm_init)
         if init_from is not None:
             if not Path(init_from).is_file():
                 raise FileNotFoundError(f"init_from checkpoint {init_from} does not exist")
-            state = torch.load(init_from, map_location="cpu", weights_only=False)["state_dict"]
+            state = load_checkpoint_file(init_from)["state_dict"]
             load_state_dict_strict(self, state, init_from, allow_missing=[*self.NEW_KEYS, *allow_missing],
                                    allow_unexpected=[*self.DROPPED_KEYS, *allow_unexpected])
+        self.unused_parameters = freeze_matching(self, self.unused_patterns(), strict=False)
         self.frozen_parameters = freeze_matching(self, self._frozen_patterns, self._strict_frozen)
+
+    def unused_patterns(self) -> list[str]:
+        """Parameters the training loss can never reach (:func:`unused_by_modes` over ``MODES``): they would get no
+        gradient, which DDP without ``find_unused_parameters`` refuses. Subclasses add heads a setting leaves idle."""
+        return [f"transformer.{p}" for p in unused_by_modes(self.transformer, self.MODES, self.MASKS_PATCHES)]
 
     @property
     def image_preprocess(self) -> ImagePreprocess:
@@ -173,7 +203,9 @@ class VLMOModule(MultimodalModule):
 
 
 class VLMOStage1(VLMOModule):
-    """Stage 1, image only: masked image modelling on the V-FFN path.
+    """Stage 1, image only: masked image modelling on the V-FFN path. Text embeddings, L-FFNs and VL-FFNs are never
+    reached by an image-only pass and stay frozen (``unused_parameters``): stage 2 trains the text side, stage 3 the
+    VL-FFNs.
 
     Args:
         mask_ratio: fraction of patches replaced by the mask token.
@@ -184,6 +216,7 @@ class VLMOStage1(VLMOModule):
     """
 
     NEW_KEYS = ("mim_head.*",)
+    MODES, MASKS_PATCHES = ("image",), True
 
     def __init__(self, mask_ratio: float = 0.4, visual_tokenizer: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -228,6 +261,7 @@ class VLMOStage2(VLMOModule):
     NEW_KEYS = ("mlm_head.*",)
     DROPPED_KEYS = ("mim_head.*",)
     FROZEN = (*IMAGE_SIDE, "transformer.blocks.*.experts.vl.*")
+    MODES = ("text",)
 
     def __init__(self, mlm_prob: float = 0.15, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -28,7 +28,7 @@ from mmlm.losses import (
     token_cross_entropy,
 )
 from mmlm.models.blip2_stage1 import TiedLMHead
-from mmlm.models.vlmo import VLMOModule
+from mmlm.models.vlmo import VLMOModule, unused_by_modes
 
 
 def pooler_head(dim: int, out: int) -> nn.Sequential:
@@ -49,6 +49,9 @@ class Stage3Output:
 
 class VLMOStage3(VLMOModule):
     """Stage 3 on image–text pairs (also retrieval fine-tuning: ``itm_weight: 0, mlm_weight: 0``).
+
+    With the default weights every parameter but the mask token (masked image modelling's) trains: the image-only
+    and text-only ITC passes run the V/L experts of every block, the ITM and MLM fusion passes the VL-FFNs.
 
     Args:
         embed_dim: E of the contrastive space.
@@ -76,6 +79,13 @@ class VLMOStage3(VLMOModule):
         self.mlm_prob, self.weights = mlm_prob, {"itc": itc_weight, "itm": itm_weight, "mlm": mlm_weight}
         self.evaluation = Evaluation(RetrievalEvaluator(rerank_k=itm_rerank_k))
         self.finish_init()
+
+    def unused_patterns(self) -> list[str]:
+        """The mask token always; without ITM and MLM (ITC only: retrieval fine-tuning) no fusion pass runs, so the
+        VL-FFNs, the ITM head and the MLM head's own layers idle; a zero-weight head alone idles too."""
+        modes = ("image", "text", "fusion") if self.weights["itm"] or self.weights["mlm"] else ("image", "text")
+        heads = [f"{name}_head.*" for name in ("itm", "mlm") if not self.weights[name]]
+        return [*(f"transformer.{p}" for p in unused_by_modes(self.transformer, modes)), *heads]
 
     def embed_pair(self, pixels: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Dual-encoder features: image-only and text-only passes → ``(image [B, E], text [B, E])``, L2-normalised."""

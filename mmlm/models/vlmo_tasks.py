@@ -80,6 +80,7 @@ class VLMOVQA(VLMOModule):
 
     NEW_KEYS = ("vqa_head.*",)
     DROPPED_KEYS = PRETRAINING_HEADS
+    MODES = ("fusion",)  # V/L-FFNs of the blocks with a VL-FFN and the mask token stay frozen (never reached)
 
     def __init__(self, answers: str | list[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -117,6 +118,7 @@ class VLMONLVR2(VLMOModule):
 
     NEW_KEYS = ("nlvr2_head.*",)
     DROPPED_KEYS = PRETRAINING_HEADS
+    MODES = ("fusion",)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
