@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from coco_images import write_coco_val_images
 from PIL import Image
 
 from mmlm.cli import main
@@ -38,7 +39,6 @@ TINY_RESNET = {"channels": [8, 16, 16, 16], "stem_width": 8, "output_stride": 16
 
 QUESTIONS = ["what colour is the circle?", "how many shapes are there?", "what shape is the red object?",
              "how many squares are there?", "what colour is the square?", "what shape is the blue object?"]
-SIZES = [(50, 30), (30, 70), (64, 40), (45, 45), (90, 33), (20, 60)]  # (width, height): non-square JPEGs
 MAX_NEW_TOKENS = 3
 PROMPT = "Question: {} Answer:"  # the datamodule's vqa_prompt, written by the task's doc_to_text
 TASK = "mmlm_tiny_vqa"
@@ -88,13 +88,7 @@ def frozen(exported):
 def images(tmp_path_factory) -> tuple[Path, list[int]]:
     """Non-square random JPEGs named as COCO val2014 images; the folder and the image ids."""
     folder = tmp_path_factory.mktemp("coco") / "val2014"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    ids = [391895 + 7 * i for i in range(len(SIZES))]
-    for image_id, (width, height) in zip(ids, SIZES):
-        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"COCO_val2014_{image_id:012d}.jpg", quality=90)
-    return folder, ids
+    return folder, write_coco_val_images(folder)
 
 
 def image_path(folder: Path, image_id: int) -> Path:

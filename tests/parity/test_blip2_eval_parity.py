@@ -16,10 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
+from coco_images import write_coco_val_images
 from PIL import Image
 from reference.vqa_eval import official_vqa_accuracy
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -39,7 +39,6 @@ CORPUS = ["Question: what color is the cat? Short answer: red", "a photo of a do
           "How many cats are there? two cats and one dog", "Is it sunny? yes no blue green\n"] * 20
 QUESTIONS = ["What color is the cat?", "How many dogs are there?", "Is it sunny?", "What is on the couch?",
              "Where is the dog?", "What color is the sky?"]
-SIZES = [(50, 30), (30, 70), (64, 40), (45, 45), (90, 33), (20, 60)]  # (width, height): non-square JPEGs
 
 
 def opt_like_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
@@ -89,13 +88,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def coco_images(tmp_path_factory) -> tuple[Path, list[int]]:
     """Non-square JPEGs named as COCO val2014 images; returns the folder and the image ids."""
     folder = tmp_path_factory.mktemp("coco") / "val2014"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    ids = [391895 + 7 * i for i in range(len(SIZES))]
-    for image_id, (width, height) in zip(ids, SIZES):
-        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"COCO_val2014_{image_id:012d}.jpg", quality=90)
-    return folder, ids
+    return folder, write_coco_val_images(folder)
 
 
 class Reference:
