@@ -20,7 +20,7 @@ def read_vqa_answers(urls: str) -> list[list[str]]:
 def vqa_answers_main(args: argparse.Namespace) -> dict[str, Any]:
     """Write the answer vocabulary of ``args.urls`` to ``args.out`` (a JSON list, most frequent first)."""
     from datamodules.outputs import prepare_output_file
-    from mmlm.models.vlmo_tasks import build_answer_vocab
+    from mmlm.metrics.vqa import build_answer_vocab
 
     out = prepare_output_file(args.out, args.overwrite)
     answers = read_vqa_answers(args.urls)

@@ -78,7 +78,7 @@ def ensure_pairs(pairs_dir: Path, train: int, val: int, seed: int) -> None:
 def write_answer_vocab(data_dir: Path, out: Path) -> Path:
     """The answer vocabulary of the training VQA shards as a JSON list."""
     from datamodules.pair_tools import read_vqa_answers
-    from mmlm.models.vlmo_tasks import build_answer_vocab
+    from mmlm.metrics.vqa import build_answer_vocab
 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(build_answer_vocab(read_vqa_answers(str(data_dir / "train" / "vqa-*.tar")))))

@@ -121,6 +121,18 @@ def normalize_answer(text: str) -> str:
     return process_digit_article(process_punctuation(text))
 
 
+def build_answer_vocab(answer_lists: Sequence[Sequence[str]], min_count: int = 1,
+                       max_size: int | None = None) -> list[str]:
+    """Normalised answers (:func:`normalize_answer`) of the training questions, most frequent first.
+
+    Every human answer counts once; answers seen fewer than ``min_count`` times are dropped, at most
+    ``max_size`` are kept; ties keep first-seen order.
+    """
+    counts = Counter(normalize_answer(a) for answers in answer_lists for a in answers)
+    ranked = [a for a, n in counts.most_common() if n >= min_count and a]
+    return ranked[:max_size] if max_size is not None else ranked
+
+
 def _leave_one_out(prediction: str, answers: Sequence[str]) -> float:
     """Mean over "leave human i out" of ``min(1, #other answers equal to prediction / 3)``."""
     matches = [answer == prediction for answer in answers]

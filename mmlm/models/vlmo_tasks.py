@@ -8,7 +8,6 @@ Shape legend: B batch, T text tokens, D width, A answers.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmlm.evaluation import ClassificationEvaluator, Evaluation, GenerationEvaluator, LossEvaluator, VQAScorer
-from mmlm.metrics.vqa import normalize_answer, vqa_accuracy_normalized
+from mmlm.metrics.vqa import build_answer_vocab, normalize_answer, vqa_accuracy_normalized  # noqa: F401 (re-export)
 from mmlm.models.vlmo import VLMOModule
 
 #: Pre-training heads a fine-tuning task drops when it starts from a stage-3 (or earlier) checkpoint.
@@ -28,18 +27,6 @@ PRETRAINING_HEADS = ("mim_head.*", "mlm_head.*", "itc_image_proj.*", "itc_text_p
 def classifier_head(dim: int, out: int, hidden: int) -> nn.Sequential:
     """ViLT/VLMO task head: ``Linear(dim, hidden) → LayerNorm → GELU → Linear(hidden, out)``."""
     return nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out))
-
-
-def build_answer_vocab(answer_lists: Sequence[Sequence[str]], min_count: int = 1,
-                       max_size: int | None = None) -> list[str]:
-    """Normalised answers (:func:`normalize_answer`) of the training questions, most frequent first.
-
-    Every human answer counts once; answers seen fewer than ``min_count`` times are dropped, at most
-    ``max_size`` are kept; ties keep first-seen order.
-    """
-    counts = Counter(normalize_answer(a) for answers in answer_lists for a in answers)
-    ranked = [a for a, n in counts.most_common() if n >= min_count and a]
-    return ranked[:max_size] if max_size is not None else ranked
 
 
 def vqa_soft_targets(references: Sequence[Sequence[str]], index: dict[str, int], device: Any = None) -> Tensor:
