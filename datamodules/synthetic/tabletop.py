@@ -51,6 +51,8 @@ BLOCK = 12  # pixels per block side
 TABLE_TOP = 56  # y of the table surface
 SPLITS = ("train", "val")
 TASKS = ("vqa", "moved", "plan")
+#: Reference answers per question: VQAv2 has ten annotators per question.
+HUMAN_ANSWERS = 10
 TASK_WEIGHTS = (0.5, 0.15, 0.35)
 NOTHING = "nothing"
 OBJECT_DIM = 2 + len(COLOURS)  # column, level, colour one-hot
@@ -321,11 +323,17 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def answers_of(sample: Sample) -> list[str]:
+    """The reference answers: a question's answer ten times, as ten agreeing VQAv2 annotators (the official scorer's
+    leave-one-out gives a question with one answer 0 whatever is predicted); a plan's one plan."""
+    return [sample.target] * (HUMAN_ANSWERS if sample.task == "vqa" else 1)
+
+
 def shard_sample(sample: Sample, split: str, index: int) -> dict[str, Any]:
     """The shard members of ``sample``: ``img1.png`` (and ``img2.png``) and ``json`` (text and ground truth)."""
     first = sample.scenes[0]
     meta = {
-        "task": sample.task, "prompt": sample.prompt, "target": sample.target, "answers": [sample.target],
+        "task": sample.task, "prompt": sample.prompt, "target": sample.target, "answers": answers_of(sample),
         "question": sample.question, "question_type": sample.question_type, "id": f"{split}-{index:09d}",
         "blocks": [[b.colour, b.column, b.level] for b in first],
         "state": state_vector(first), "objects": [object_vector(b) for b in first],

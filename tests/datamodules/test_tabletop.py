@@ -11,6 +11,7 @@ import webdataset as wds
 
 from datamodules.synthetic import tabletop as tt
 from mmlm.metrics.plans import parse_plan
+from mmlm.metrics.vqa import vqa_accuracy
 from mmlm.tokenizers import load_tokenizer
 
 
@@ -147,6 +148,10 @@ def test_shard_samples_hold_sentences_and_ground_truth(written):
         assert len(meta["state"]) == tt.STATE_DIM and len(meta["objects"]) == len(meta["blocks"])
         assert all(len(o) == tt.OBJECT_DIM for o in meta["objects"])
         assert re.search(r"<img1>|<state>|<obj>", meta["prompt"])
+        if meta["task"] == "vqa":  # ten agreeing answers: the official VQAv2 scorer gives the right answer 1.0
+            assert meta["answers"] == [meta["target"]] * 10 and vqa_accuracy(meta["target"], meta["answers"]) == 1.0
+        else:
+            assert meta["answers"] == [meta["target"]]
         text = re.sub(r"<\w+>", " ", meta["prompt"] + " " + meta["target"])
         assert tokenizer.unk_token_id not in tokenizer(text, add_special_tokens=False)["input_ids"], text
     assert {"moved", "clear", "direct"} <= kinds
