@@ -102,3 +102,12 @@ def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     starts = segment_ids != torch.nn.functional.pad(segment_ids, (1, 0), value=-1)[:, :-1]
     first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
     return (index - first).masked_fill(segment_ids == 0, 0)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``attention_mask [B, T]`` → ``position_ids [B, T]`` counting real tokens only (0 under padding).
+
+    With left padding the first real token of every row gets position 0, as without padding.
+    """
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)

@@ -1,5 +1,5 @@
-"""Strict weight import: key checks shared by every loader, and key maps to and from upstream formats."""
+"""Key maps to and from upstream formats (the strict key checks every loader shares are core: :mod:`mmlm.hub`)."""
 
-from mmlm.convert.keys import check_hf_loading_info, check_keys, load_state_dict_strict
+from mmlm.convert.keys import load_part, read_checkpoint, split_by_prefix, tied_aliases
 
-__all__ = ["check_hf_loading_info", "check_keys", "load_state_dict_strict"]
+__all__ = ["load_part", "read_checkpoint", "split_by_prefix", "tied_aliases"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mmlm.convert.keys import check_hf_loading_info, check_keys, load_state_dict_strict
+from mmlm.hub import check_hf_loading_info, check_keys, load_state_dict_strict
 
 if TYPE_CHECKING:
     from mmlm.connectors.qformer import QFormer

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from mmlm.connectors.mome import MoMETransformer
-from mmlm.convert.keys import check_keys
-from mmlm.hub import looks_local
+from mmlm.hub import check_keys, looks_local
 
 #: timm keys with no place in MoME (the ImageNet classifier).
 DROPPED_TIMM_KEYS = ("head.*", "fc_norm.*")

@@ -24,11 +24,10 @@ from transformers.models.auto.image_processing_auto import (
     get_image_processor_class_from_name,
 )
 
-from mmlm.convert.keys import check_hf_loading_info
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
 from mmlm.encoders.common import as_image_size, grad_context, probe_output_shape
 from mmlm.freezing import parse_dtype
-from mmlm.hub import config_kwargs
+from mmlm.hub import check_hf_loading_info, config_kwargs
 
 
 def _from_config(config: PretrainedConfig) -> PreTrainedModel:

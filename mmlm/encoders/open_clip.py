@@ -16,9 +16,9 @@ from open_clip.timm_model import TimmModel
 from open_clip.utils import feature_take_indices
 from torch import nn
 
-from mmlm.convert.keys import load_state_dict_strict
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
 from mmlm.encoders.common import as_image_size, grad_context, map_to_tokens, probe_output_shape
+from mmlm.hub import load_state_dict_strict
 
 _VISUAL = "visual."
 

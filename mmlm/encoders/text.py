@@ -17,9 +17,8 @@ from torch import nn
 from transformers import AutoModel
 
 from mmlm.freezing import Freezable, freeze_, parse_dtype
-from mmlm.hub import config_kwargs
-from mmlm.language.hf_base import load_hf_model
-from mmlm.language.hf_causal import positions_from_mask
+from mmlm.hub import config_kwargs, load_hf_model
+from mmlm.masks import positions_from_mask
 
 
 class TextEncoder(Freezable):

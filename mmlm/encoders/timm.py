@@ -14,9 +14,9 @@ from timm.models import get_pretrained_cfg
 from timm.models import load_state_dict as timm_load_state_dict
 from torch import nn
 
-from mmlm.convert.keys import load_state_dict_strict
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
 from mmlm.encoders.common import as_image_size, grad_context, map_to_tokens, probe_output_shape
+from mmlm.hub import load_state_dict_strict
 
 
 def _classifier_patterns(model: nn.Module) -> tuple[str, ...]:

@@ -11,78 +11,10 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from mmlm.convert.keys import check_hf_loading_info
 from mmlm.freezing import freeze_, parse_dtype
-from mmlm.hub import config_kwargs, require_local
+from mmlm.hub import config_kwargs, id_list, load_hf_model
 from mmlm.language.base import GenerationConfig, LanguageModel
-
-SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-
-
-def _as_list(ids: int | list[int] | None) -> list[int]:
-    """A special-token id field (``None``, an int or a list of ints) as a list."""
-    if ids is None:
-        return []
-    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
-
-
-def check_special_ids(config: PretrainedConfig) -> None:
-    """Raise when a special-token id of ``config`` falls outside its vocabulary.
-
-    Catches e.g. GPT2Config's default bos/eos 50256 kept with a small ``vocab_size``; such an id
-    would make generation never stop and padding index past the embedding table.
-
-    Raises:
-        ValueError: naming the key, its value and ``vocab_size``.
-    """
-    vocab_size = getattr(config, "vocab_size", None)
-    if vocab_size is None:
-        return
-    for key in SPECIAL_ID_KEYS:
-        value = getattr(config, key, None)
-        if any(not 0 <= i < vocab_size for i in _as_list(value)):
-            raise ValueError(
-                f"{config.model_type} config: {key}={value} is outside the vocabulary (vocab_size={vocab_size}); "
-                f"set {key!r} in the config dict (e.g. to your tokenizer's id)")
-
-
-def build_hf_config(config: dict[str, Any]) -> PretrainedConfig:
-    """``{"model_type": "gpt2", "n_layer": 2, …}`` → a transformers config (``AutoConfig.for_model``).
-
-    Raises:
-        ValueError: no ``model_type`` key, or a special-token id outside the vocabulary.
-    """
-    kwargs = dict(config)
-    model_type = kwargs.pop("model_type", None)
-    if model_type is None:
-        raise ValueError(f"config dict needs a 'model_type' key (e.g. 'gpt2', 't5'); got keys {sorted(config)}")
-    hf_config = AutoConfig.for_model(model_type, **kwargs)
-    check_special_ids(hf_config)
-    return hf_config
-
-
-def load_hf_model(auto_class: Any, name_or_path: str | None, config: dict[str, Any] | None,
-                  dtype: torch.dtype | None) -> PreTrainedModel:
-    """Load ``name_or_path`` (hub id or local dir) strictly, or build a randomly initialised model from ``config``.
-
-    Raises:
-        ValueError: neither or both of ``name_or_path`` and ``config`` are given.
-        FileNotFoundError: ``name_or_path`` is a local path that does not exist.
-        RuntimeError: the checkpoint misses weights the model has (or has extra or misshapen ones),
-            naming the keys; transformers' own tied-weight and ignore lists apply first.
-    """
-    if (name_or_path is None) == (config is None):
-        raise ValueError("give exactly one of name_or_path (hub id or local directory) and config "
-                         f"(dict with 'model_type'); got name_or_path={name_or_path!r}, config={config!r}")
-    dtype_kwargs = {} if dtype is None else {"dtype": dtype}
-    if name_or_path is not None:
-        require_local(name_or_path, "language model directory")
-        model, info = auto_class.from_pretrained(name_or_path, output_loading_info=True, **dtype_kwargs)
-        check_hf_loading_info(info, name_or_path)
-        return model
-    return auto_class.from_config(build_hf_config(config), **dtype_kwargs)
 
 
 class HFLanguageModel(LanguageModel):
@@ -162,7 +94,7 @@ class HFLanguageModel(LanguageModel):
         without it they are left out (greedy or beam search, as before). Finished rows are padded with the pad
         id, or eos where there is none.
         """
-        eos = _as_list(self.model.generation_config.eos_token_id)
+        eos = id_list(self.model.generation_config.eos_token_id)
         pad = self.model.generation_config.pad_token_id
         kwargs = {"max_new_tokens": config.max_new_tokens, "min_new_tokens": config.min_new_tokens,
                   "num_beams": config.num_beams, "length_penalty": config.length_penalty,

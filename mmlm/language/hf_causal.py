@@ -13,15 +13,7 @@ from transformers import AutoModelForCausalLM
 from mmlm.language.base import GenerationConfig, LMOutput
 from mmlm.language.hf_base import HFLanguageModel
 from mmlm.losses import causal_lm_loss
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``attention_mask [B, T]`` → ``position_ids [B, T]`` counting real tokens only (0 under padding).
-
-    With left padding the first real token of every row gets position 0, as without padding.
-    """
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)
+from mmlm.masks import positions_from_mask
 
 
 class HFCausalLM(HFLanguageModel):

@@ -32,9 +32,8 @@ from torch import nn
 
 from mmlm.freezing import freeze_
 from mmlm.language.base import GenerationConfig, LanguageModel, LMOutput, next_tokens
-from mmlm.language.hf_causal import positions_from_mask
 from mmlm.losses import causal_lm_loss
-from mmlm.masks import packed_causal_mask, segment_positions
+from mmlm.masks import packed_causal_mask, positions_from_mask, segment_positions
 
 #: One layer's cached keys and values, each ``[B, H, S, D / H]``.
 LayerCache = tuple[torch.Tensor, torch.Tensor]

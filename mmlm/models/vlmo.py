@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from mmlm.checkpointing import load_checkpoint_file
 from mmlm.connectors.mome import MoMETransformer
-from mmlm.convert.keys import load_state_dict_strict
 from mmlm.convert.vlmo_timm import load_timm_into_mome
 from mmlm.encoders.base import ImagePreprocess
+from mmlm.hub import load_state_dict_strict
 from mmlm.losses import IGNORE_INDEX, token_cross_entropy
 from mmlm.masking import mask_tokens, masked_patch_regression_loss, patchify, random_patch_mask
 from mmlm.models.base import MultimodalModule

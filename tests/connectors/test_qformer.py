@@ -14,7 +14,7 @@ from torch import nn
 
 from mmlm.connectors import QFormer, QFormerConnector
 from mmlm.convert.blip2 import qformer_from_bert, qformer_from_hf, qformer_kwargs_from_hf, qformer_to_hf
-from mmlm.convert.keys import load_state_dict_strict
+from mmlm.hub import load_state_dict_strict
 from mmlm.masks import (
     bidirectional_mask,
     causal_mask,
