@@ -85,3 +85,21 @@ def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
         ids[i, width - len(row):] = row
         mask[i, width - len(row):] = 1
     return ids, mask
+
+
+def move_to_front(values: torch.Tensor, keep: torch.Tensor, fill: int, min_width: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept tokens of each row of ``values [B, T]`` (``keep [B, T]`` bool) moved to the front, in order →
+    ``(values [B, T'], kept [B, T'] bool)``, right-filled with ``fill``; ``T'`` the longest kept row (at least
+    ``min_width``)."""
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    width = max(min_width, int(keep.sum(1).max()))
+    kept = keep.gather(1, order)[:, :width]
+    return values.gather(1, order)[:, :width].masked_fill(~kept, fill), kept
+
+
+def targets_only(labels: torch.Tensor) -> torch.Tensor:
+    """``labels [B, T]`` (``-100`` on prompt and padding) → decoder labels ``[B, T']``: each row's target
+    tokens moved to the front, ``-100`` after, ``T'`` the longest target."""
+    return move_to_front(labels, labels != -100, -100)[0]
+

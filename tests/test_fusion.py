@@ -100,3 +100,16 @@ def test_prepend_placeholders_to_an_empty_prompt():
     ids = torch.zeros(2, 0, dtype=torch.long)
     out_ids, out_mask, _ = prepend_placeholders(ids, torch.zeros(2, 0, dtype=torch.long), placeholder_id=9, count=3)
     assert out_ids.tolist() == [[9, 9, 9]] * 2 and out_mask.tolist() == [[1, 1, 1]] * 2
+
+
+def test_move_to_front_keeps_order_fills_and_honours_min_width():
+    from mmlm.fusion import move_to_front, targets_only
+
+    values = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
+    keep = torch.tensor([[False, True, False, True], [False, False, False, False]])
+    moved, kept = move_to_front(values, keep, fill=0)
+    assert moved.tolist() == [[6, 8], [0, 0]] and kept.tolist() == [[True, True], [False, False]]
+    moved, kept = move_to_front(values, torch.zeros_like(keep), fill=9, min_width=1)
+    assert moved.tolist() == [[9], [9]] and not kept.any()
+    labels = torch.tensor([[-100, -100, 3, 4], [-100, 7, -100, -100]])
+    assert targets_only(labels).tolist() == [[3, 4], [7, -100]]

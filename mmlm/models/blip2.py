@@ -28,6 +28,7 @@ from mmlm.convert.blip2_hf import blip2_from_hf, blip2_to_hf
 from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator
 from mmlm.freezing import freeze_
+from mmlm.fusion import targets_only
 from mmlm.language.base import GenerationConfig, LanguageModel, LMOutput
 from mmlm.language.hf_seq2seq import HFSeq2SeqLM
 from mmlm.models.base import MultimodalModule
@@ -39,13 +40,7 @@ def is_seq2seq(language_model: LanguageModel) -> bool:
     return isinstance(language_model, HFSeq2SeqLM)
 
 
-def targets_only(labels: torch.Tensor) -> torch.Tensor:
-    """``labels [B, T]`` (``-100`` on prompt and padding) → decoder labels ``[B, T']``: each row's target
-    tokens moved to the front, ``-100`` after, ``T'`` the longest target."""
-    ignored = labels == -100
-    order = torch.argsort(ignored.to(torch.int8), dim=1, stable=True)
-    width = int((~ignored).sum(1).max())
-    return labels.gather(1, order)[:, :width].contiguous()
+
 
 
 class Blip2(MultimodalModule):

@@ -30,6 +30,8 @@ from mmlm.connectors.qformer import QFormer
 from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, RetrievalEvaluator, RetrievalStep
 from mmlm.freezing import freeze_
+from mmlm.fusion import targets_only
+from mmlm.heads import TiedLMHead
 from mmlm.losses import (
     IGNORE_INDEX,
     ContrastiveOutput,
@@ -41,7 +43,6 @@ from mmlm.losses import (
 )
 from mmlm.masks import bidirectional_mask, multimodal_causal_mask, unimodal_mask
 from mmlm.models.base import MultimodalModule
-from mmlm.models.blip2 import targets_only
 from mmlm.tokenizers import load_tokenizer
 
 DEC_TOKEN = "[DEC]"
@@ -82,19 +83,6 @@ def grow_embedding(embedding: nn.Embedding, size: int) -> nn.Embedding:
     with torch.no_grad():
         grown.weight[: embedding.num_embeddings] = embedding.weight
     return grown
-
-
-class TiedLMHead(nn.Module):
-    """BERT's LM head: ``gelu(dense(h))`` → LayerNorm → ``· word_embeddings^T + bias``; ``[B, T, H]`` → ``[B, T, V]``."""
-
-    def __init__(self, hidden_size: int, vocab_size: int, eps: float = 1e-12) -> None:
-        super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
-        self.norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
-
-    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.norm(F.gelu(self.dense(hidden))), word_embeddings, self.bias)
 
 
 class Blip2Stage1(MultimodalModule):

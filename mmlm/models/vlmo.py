@@ -26,11 +26,12 @@ from mmlm.checkpointing import load_checkpoint_file
 from mmlm.connectors.mome import MoMETransformer
 from mmlm.convert.vlmo_timm import load_timm_into_mome
 from mmlm.encoders.base import ImagePreprocess
+from mmlm.fusion import move_to_front
+from mmlm.heads import TiedLMHead
 from mmlm.hub import load_state_dict_strict
 from mmlm.losses import IGNORE_INDEX, token_cross_entropy
 from mmlm.masking import mask_tokens, masked_patch_regression_loss, patchify, random_patch_mask
 from mmlm.models.base import MultimodalModule
-from mmlm.models.blip2_stage1 import TiedLMHead
 from mmlm.tokenizers import load_tokenizer
 
 MASK_TOKEN = "[MASK]"
@@ -49,13 +50,7 @@ def vlmo_tokenizer(name_or_path: str) -> Any:
     return tokenizer
 
 
-def compact(ids: Tensor, keep: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
-    """The kept tokens of each row of ``ids [B, T]`` (``keep [B, T]`` bool) moved to the front, in order →
-    ``(ids [B, T'], mask [B, T'])`` right-padded with ``pad_id``; ``T'`` the longest kept row."""
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-    width = max(1, int(keep.sum(1).max()))
-    kept = keep.gather(1, order)[:, :width]
-    return ids.gather(1, order)[:, :width].masked_fill(~kept, pad_id), kept.long()
+
 
 
 def freeze_matching(module: nn.Module, patterns: tuple[str, ...] | list[str], strict: bool = True) -> list[str]:
@@ -170,7 +165,8 @@ class VLMOModule(MultimodalModule):
         """``[CLS] text [SEP]`` of a caption :class:`~mmlm.batch.Batch` (its target span) or of a text-only
         batch (its ``input_ids``) → ``(ids, mask) [B, T]``."""
         if getattr(batch, "labels", None) is not None:
-            ids, mask = compact(batch.input_ids, batch.labels != IGNORE_INDEX, self.pad_id)
+            ids, kept = move_to_front(batch.input_ids, batch.labels != IGNORE_INDEX, self.pad_id, min_width=1)
+            mask = kept.long()
         else:
             ids, mask = batch.input_ids, batch.attention_mask
         return self.with_cls(ids, mask)
@@ -180,7 +176,8 @@ class VLMOModule(MultimodalModule):
         keep = (batch.labels == IGNORE_INDEX) & (batch.attention_mask == 1)
         if self.tokenizer.bos_token_id is not None:
             keep[:, 0] = False  # the collator's bos; [CLS] takes its place
-        return self.with_cls(*compact(batch.input_ids, keep, self.pad_id))
+        ids, kept = move_to_front(batch.input_ids, keep, self.pad_id, min_width=1)
+        return self.with_cls(ids, kept.long())
 
     def maskable(self, ids: Tensor, mask: Tensor) -> Tensor:
         """``[B, T]`` bool: real tokens that MLM may mask (no cls/sep/pad/bos/eos)."""

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmlm.evaluation import Evaluation, RetrievalEvaluator, RetrievalStep
+from mmlm.heads import TiedLMHead
 from mmlm.losses import (
     Temperature,
     contrastive_loss,
@@ -27,7 +28,6 @@ from mmlm.losses import (
     image_id_tensor,
     token_cross_entropy,
 )
-from mmlm.models.blip2_stage1 import TiedLMHead
 from mmlm.models.vlmo import VLMOModule, unused_by_modes
 
 

@@ -14,9 +14,9 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Proces
 
 from mmlm.batch import Batch
 from mmlm.encoders import HFVisionEncoder
+from mmlm.fusion import targets_only
 from mmlm.language import GenerationConfig, HFCausalLM
 from mmlm.models import Blip2
-from mmlm.models.blip2 import targets_only
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
 
 M = 4  # query tokens
