@@ -3,7 +3,7 @@
 :func:`source_problem` builds every source entry (``Source``, ``MixSource``, ``DocumentSource``, …: any dataclass an
 ``__init__`` argument of the datamodule is a list of) from its parsed dict, so a wrong ``kind``, ``format`` or a raw
 field on shards is named with its key (``data.init_args.train[0]: Source kind 'captions' is not one of …``) instead of
-surfacing as nested tracebacks when the datamodule is instantiated. Used by :func:`mmlm.reliability.config_problem`.
+surfacing as nested tracebacks when the datamodule is instantiated. Used by :func:`mmlm.app.reliability.config_problem`.
 """
 
 from __future__ import annotations

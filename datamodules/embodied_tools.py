@@ -1,6 +1,6 @@
 """``mmlm data synth-tabletop``: write the synthetic embodied (tabletop) data set for PaLM-E.
 
-Registered in ``mmlm.cli.DATA_TOOL_MODULES``; the generator is imported only when the tool runs.
+Registered in ``mmlm.app.data.DATA_TOOL_MODULES``; the generator is imported only when the tool runs.
 """
 
 from __future__ import annotations

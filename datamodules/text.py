@@ -57,7 +57,7 @@ def write_text_shards(paths: Iterable[str | Path], out_dir: str | Path, shard_si
 
 
 def add_data_tools(sub: argparse._SubParsersAction) -> None:
-    """Add ``text-shards`` to the ``mmlm data`` subparsers (registered in ``mmlm.cli.DATA_TOOL_MODULES``)."""
+    """Add ``text-shards`` to the ``mmlm data`` subparsers (registered in ``mmlm.app.data.DATA_TOOL_MODULES``)."""
     tool = sub.add_parser("text-shards", help="plain text files (blank-line-separated documents) → txt shards")
     tool.add_argument("files", nargs="+", help="UTF-8 text files")
     tool.add_argument("--out", required=True, help="output directory for text-{00000..N}.tar")

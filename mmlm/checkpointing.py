@@ -6,7 +6,7 @@ onto another filesystem (the usual case: ``/tmp`` local, checkpoints on a shared
 so a kill during that copy leaves a truncated ``last.ckpt``, and nothing is fsync'ed.
 :class:`AtomicCheckpointIO` streams ``torch.save`` into a temporary file *in the target directory*,
 fsyncs it, renames it over the target with ``os.replace`` (atomic on POSIX) and fsyncs the
-directory. ``mmlm fit`` uses it by default (``mmlm.cli.lightning_cli``).
+directory. ``mmlm fit`` uses it by default (``mmlm.app.lightning.lightning_cli``).
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file: make mmlm/ and datamodules/ importable
     sys.path.insert(0, str(ROOT))
 
-from mmlm.quickstart import CONFIGS, _answers, ensure_data, sources, stage_args  # noqa: E402
-from mmlm.recipes import recipe_main  # noqa: E402
+from mmlm.app.quickstart import CONFIGS, _answers, ensure_data, sources, stage_args  # noqa: E402
+from mmlm.app.recipes import recipe_main  # noqa: E402
 
 
 def save_vit(out: Path, seed: int) -> Path:
@@ -69,7 +69,7 @@ def run_blip2_tiny(data_dir: str | Path = "data/shapes", out_dir: str | Path = "
                    stage2_steps: int = 400, val_batches: int = 8, itm_rerank_k: int = 8, workers: int = 1,
                    seed: int = 0) -> dict[str, float]:
     """Run the four steps; returns (and writes to ``out_dir/results.json``) the numbers of the table."""
-    from mmlm.cli import lightning_cli
+    from mmlm.app.lightning import lightning_cli
     from mmlm.metrics import majority_answer_baseline
     from mmlm.models.blip2_stage1 import load_stage1_qformer
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmlm.recipes import recipe_main
+from mmlm.app.recipes import recipe_main
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file: make mmlm/ and datamodules/ importable
@@ -71,7 +71,7 @@ def run_donut_tiny(data_dir: str | Path = "data/donut", out_dir: str | Path = "r
     import torch
 
     from datamodules.document_tools import read_ground_truths
-    from mmlm.cli import lightning_cli
+    from mmlm.app.lightning import lightning_cli
     from mmlm.metrics.documents import most_common_json_baseline
 
     torch.set_num_threads(threads)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmlm.recipes import recipe_main
+from mmlm.app.recipes import recipe_main
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file: make mmlm/ and datamodules/ importable
@@ -92,7 +92,7 @@ def run_kosmos_tiny(data_dir: str | Path = "data/interleaved", out_dir: str | Pa
     """
     import torch
 
-    from mmlm.cli import lightning_cli
+    from mmlm.app.lightning import lightning_cli
 
     torch.set_num_threads(threads)
     data_dir, out_dir = Path(data_dir), Path(out_dir)

@@ -26,8 +26,8 @@ if str(ROOT) not in sys.path:  # run as a file: make mmlm/ and datamodules/ impo
 
 import yaml  # noqa: E402
 
-from mmlm.quickstart import CONFIGS, DEFAULT_DATA, _answers, ensure_data  # noqa: E402
-from mmlm.recipes import recipe_main  # noqa: E402
+from mmlm.app.quickstart import CONFIGS, DEFAULT_DATA, _answers, ensure_data  # noqa: E402
+from mmlm.app.recipes import recipe_main  # noqa: E402
 
 
 def stage_args(config: str, data_dir: Path, run_dir: Path, steps: int, val_batches: int, workers: int,
@@ -51,7 +51,7 @@ def pretrain(data_dir: Path, out_dir: Path, steps: int, workers: int, batch_size
     """Semi-causal pretraining; → (checkpoint of its weights for ``init_from``, validation loss)."""
     import torch
 
-    from mmlm.cli import lightning_cli
+    from mmlm.app.lightning import lightning_cli
 
     cli = lightning_cli(["fit", *stage_args("metalm_pretrain.yaml", data_dir, out_dir / "pretrain", steps, 1,
                                             workers, batch_size)])
@@ -71,7 +71,7 @@ def run_metalm_tiny(data_dir: str | Path = "data/shapes", out_dir: str | Path = 
     """
     import torch
 
-    from mmlm.cli import lightning_cli
+    from mmlm.app.lightning import lightning_cli
     from mmlm.metrics import majority_answer_baseline
 
     torch.set_num_threads(threads)

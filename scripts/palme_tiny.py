@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:  # run as a file: make mmlm/ and datamodules/ impo
     sys.path.insert(0, str(ROOT))
 
 from datamodules.embodied_tools import DEFAULT_TRAIN, DEFAULT_VAL  # noqa: E402
-from mmlm.recipes import recipe_main  # noqa: E402
+from mmlm.app.recipes import recipe_main  # noqa: E402
 
 CONFIG = ROOT / "configs" / "tiny" / "palme.yaml"
 VARIANTS = {"palme": ["image", "state", "object"], "text_only": [], "image_only": ["image"],
@@ -89,7 +89,7 @@ def run_variant(name: str, data_dir: Path, out_dir: Path, steps: int, val_batche
     and wall time."""
     import torch
 
-    from mmlm.cli import lightning_cli
+    from mmlm.app.lightning import lightning_cli
 
     torch.set_num_threads(threads)
 

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file: make mmlm/ and datamodules/ importable
     sys.path.insert(0, str(ROOT))
 
-from mmlm.quickstart import CONFIGS, _answers, ensure_data  # noqa: E402
-from mmlm.recipes import recipe_main  # noqa: E402
+from mmlm.app.quickstart import CONFIGS, _answers, ensure_data  # noqa: E402
+from mmlm.app.recipes import recipe_main  # noqa: E402
 
 
 def stage_args(config: str, run_dir: Path, tokenizer: Path, steps: int, loader: tuple[int, int, int],
@@ -88,7 +88,7 @@ def write_answer_vocab(data_dir: Path, out: Path) -> Path:
 def finetune(config: str, out_dir: Path, tokenizer: Path, steps: int, loader: tuple[int, int, int],
              data: dict[str, str], init_from: str, extra: list[str] = ()) -> dict[str, float]:
     """Fine-tune one task from ``init_from``; returns its final validation metrics."""
-    from mmlm.cli import lightning_cli
+    from mmlm.app.lightning import lightning_cli
 
     run = out_dir / config.removeprefix("vlmo_").removesuffix(".yaml")
     args = stage_args(config, run, tokenizer, steps, loader, data, init_from)
@@ -108,7 +108,7 @@ def run_vlmo_tiny(data_dir: str | Path = "data/shapes", pairs_dir: str | Path = 
     import torch
 
     torch.set_num_threads(threads)
-    from mmlm.cli import lightning_cli
+    from mmlm.app.lightning import lightning_cli
     from mmlm.metrics import majority_answer_baseline
 
     data_dir, pairs_dir, out_dir = Path(data_dir), Path(pairs_dir), Path(out_dir)

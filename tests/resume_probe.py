@@ -69,7 +69,7 @@ def fit_command(data: Path, root: Path, keys: Path, *, batch: int, samples: int,
                                 "save_top_k": top_k}}
     recorder = {"class_path": "resume_probe.KeyRecorder",
                 "init_args": {"path": str(keys), "kill_after_step": kill_after, "kill_signal": kill_signal}}
-    return [sys.executable, "-m", "mmlm.cli", "fit", "--seed_everything=0", "--model=resume_probe.KeyModel",
+    return [sys.executable, "-m", "mmlm.app.cli", "fit", "--seed_everything=0", "--model=resume_probe.KeyModel",
             "--data=datamodules.ImageTextDataModule", f"--data.init_args.train={json.dumps(train)}",
             f"--data.init_args.tokenizer={data / 'tokenizer'}", "--data.init_args.image_size=8",
             f"--data.init_args.batch_size={batch}", f"--data.init_args.epoch_samples={samples}",

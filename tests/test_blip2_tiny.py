@@ -47,7 +47,7 @@ def test_eval_vqav2_zeroshot_config_runs_from_hf_on_a_tiny_checkpoint(shapes_dat
     import yaml
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
-    from mmlm.cli import main
+    from mmlm.app.cli import main
     from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
 
     monkeypatch.setattr(sys, "argv", ["mmlm"])

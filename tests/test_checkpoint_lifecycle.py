@@ -19,7 +19,7 @@ import torch
 import yaml
 from tiny_runs import write_workspace
 
-from mmlm.cli import main
+from mmlm.app.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICK = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",

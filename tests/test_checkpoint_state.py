@@ -159,7 +159,7 @@ def test_changed_frozen_source_is_refused_through_the_cli(hf_checkpoint, shapes_
     tensors["language_model.model.decoder.layers.0.fc1.weight"] += 0.01
     save_file(tensors, weights)
 
-    from mmlm.cli import main
+    from mmlm.app.cli import main
 
     monkeypatch.setattr(sys, "argv", ["mmlm"])
     val = f'[{{"urls": "{shapes_data}/val/vqa-*.tar", "kind": "vqa"}}]'
@@ -172,7 +172,7 @@ def test_changed_frozen_source_is_refused_through_the_cli(hf_checkpoint, shapes_
 
 
 def test_a_run_that_ends_between_validations_still_saves_its_last_step(hf_checkpoint, shapes_batch, tmp_path):
-    from mmlm.reliability import FinalCheckpoint
+    from mmlm.app.reliability import FinalCheckpoint
 
     batch = shapes_batch(kind="vqa", size=4, image_size=32)
     trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,

@@ -76,7 +76,7 @@ def test_an_exception_during_save_keeps_the_old_file_and_removes_the_temp(tmp_pa
 
 
 def test_mmlm_fit_writes_checkpoints_atomically_by_default(tmp_path):
-    from mmlm.cli import lightning_cli
+    from mmlm.app.lightning import lightning_cli
 
     args = ["--model=resume_probe.KeyModel", "--data=datamodules.ImageTextDataModule", "--trainer.accelerator=cpu",
             "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]
@@ -109,7 +109,7 @@ def test_load_checkpoint_file_names_the_file_and_what_is_wrong(tmp_path):
 
 
 def test_newest_checkpoint_passes_over_cut_files_with_a_warning(tmp_path, caplog):
-    from mmlm.reliability import newest_checkpoint
+    from mmlm.app.reliability import newest_checkpoint
 
     old, mid, new = (tmp_path / "v0" / "a.ckpt", tmp_path / "v1" / "b.ckpt", tmp_path / "v1" / "last.ckpt")
     for age, path in enumerate([old, mid, new]):
@@ -129,7 +129,7 @@ def test_newest_checkpoint_passes_over_cut_files_with_a_warning(tmp_path, caplog
 
 def test_validate_by_a_cut_checkpoint_path_stops_with_one_message(tmp_path, capsys):
     """No model config given: the model would come from the checkpoint itself, which is named, not unpickled."""
-    from mmlm.cli import main
+    from mmlm.app.cli import main
 
     cut = tmp_path / "epoch=0-step=9.ckpt"
     torch.save({"state_dict": {"w": torch.ones(64)}}, cut)
@@ -144,8 +144,8 @@ def test_validate_by_a_cut_checkpoint_path_stops_with_one_message(tmp_path, caps
 
 
 def test_ckpt_path_last_with_only_broken_checkpoints_is_refused_not_started_over(tmp_path):
+    from mmlm.app.reliability import last_checkpoint
     from mmlm.checkpointing import CheckpointError
-    from mmlm.reliability import last_checkpoint
 
     folder = tmp_path / "ckpt"
     folder.mkdir()

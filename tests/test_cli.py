@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from mmlm.cli import main
+from mmlm.app.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -168,7 +168,7 @@ def test_fit_text_lm_then_frozen_and_rerun_into_the_same_directory(shapes_data, 
 
 
 def test_bare_command_lists_every_command(capsys):
-    from mmlm.cli import main
+    from mmlm.app.cli import main
 
     assert main([]) == 0
     out = capsys.readouterr().out
@@ -193,7 +193,7 @@ def test_ckpt_path_last_finds_the_newest_checkpoint_of_an_earlier_run(shapes_dat
 INT_LIMIT_PROBE = """
 import sys
 if sys.argv[1] == "mmlm-first":
-    import mmlm.cli  # the console script's import order: Lightning before anything that imports rich
+    import mmlm.app.lightning  # the console script's import order: Lightning before anything that imports rich
 from rich.console import Console
 from jsonargparse import ArgumentParser
 from pytorch_lightning import Trainer
@@ -205,7 +205,7 @@ print(type(parser.parse_args(["--trainer.limit_val_batches", "1"]).trainer.limit
 
 def test_an_int_limit_stays_an_int_in_the_mmlm_command():
     """Importing rich before Lightning makes jsonargparse resolve Lightning's ``Optional[Union[int, float]]`` float
-    first, so ``--trainer.limit_val_batches 1`` became 1.0 (= every batch). ``mmlm.cli`` imports Lightning first;
+    first, so ``--trainer.limit_val_batches 1`` became 1.0 (= every batch). ``mmlm.app.lightning`` imports Lightning first;
     tests/conftest.py does the same for the test session."""
     import subprocess
 

@@ -14,8 +14,9 @@ import yaml
 from pytorch_lightning.accelerators import CPUAccelerator, CUDAAccelerator
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 
-import mmlm.cli
-from mmlm.cli import MMLMCLI, lightning_cli, main
+import mmlm.app.lightning
+from mmlm.app.cli import main
+from mmlm.app.lightning import MMLMCLI, lightning_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in ("tiny", "strategies"))
@@ -54,7 +55,7 @@ class TrainerOnlyCLI(MMLMCLI):
 
 def build_trainer(monkeypatch, *args: str):
     """The Trainer ``mmlm fit`` would build from ``args`` (``lightning_cli``'s own arguments, trainer only)."""
-    monkeypatch.setattr(mmlm.cli, "MMLMCLI", TrainerOnlyCLI)
+    monkeypatch.setattr(mmlm.app.lightning, "MMLMCLI", TrainerOnlyCLI)
     return lightning_cli([*args, "--trainer.logger", "false"], run=False).trainer
 
 

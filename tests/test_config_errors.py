@@ -15,7 +15,7 @@ import webdataset as wds
 
 from datamodules.config_checks import source_problem
 from datamodules.synthetic.hostile import write_hostile
-from mmlm.cli import main
+from mmlm.app.cli import main
 
 
 @pytest.fixture(scope="module")

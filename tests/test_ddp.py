@@ -50,7 +50,7 @@ def cli_args(command: str, data: Path, root: Path, probe: Path, devices: int) ->
     source = partial(shard_source, data)
     probe_cb = {"class_path": "ddp_probe.DDPProbe", "init_args": {"out_dir": str(probe)}}
     return [
-        sys.executable, "-m", "mmlm.cli", command, "--config", str(REPO / "configs/tiny/frozen.yaml"),
+        sys.executable, "-m", "mmlm.app.cli", command, "--config", str(REPO / "configs/tiny/frozen.yaml"),
         "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
         f"--trainer.strategy={'ddp' if devices > 1 else 'auto'}",
         "--trainer.max_steps=-1", "--trainer.max_epochs=1", "--trainer.val_check_interval=1.0",

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mmlm.cli import data_parser, main
+from mmlm.app.cli import main
+from mmlm.app.data import data_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

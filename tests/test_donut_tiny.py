@@ -47,7 +47,7 @@ def test_donut_tiny_runs_both_stages_and_prints_the_table(tmp_path, capsys, monk
 def test_predict_from_the_finetuned_checkpoint_writes_json_per_receipt(tmp_path, monkeypatch):
     """``mmlm predict`` with the stage-2 config and checkpoint: the field tokens come back in their trained order
     (the datamodule adds them, the checkpoint checks them), one JSON per receipt and a JSONL of all."""
-    from mmlm.cli import main
+    from mmlm.app.cli import main
     from mmlm.evaluation.documents import file_name
 
     monkeypatch.setattr(sys, "argv", ["mmlm"])

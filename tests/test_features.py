@@ -18,8 +18,8 @@ import yaml
 from datamodules import ImageTextDataModule, Source
 from datamodules.base import SkipSample
 from datamodules.image_text import cached_features
-from mmlm.cli import main
-from mmlm.features import load_model
+from mmlm.app.cli import main
+from mmlm.app.features import load_model
 
 TINY_VIT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
             "image_size": 32, "patch_size": 8, "initializer_range": 0.02}

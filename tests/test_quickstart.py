@@ -6,7 +6,7 @@ import json
 import math
 import sys
 
-from mmlm.cli import main
+from mmlm.app.cli import main
 
 
 def test_quickstart_runs_both_stages_and_prints_the_table(tmp_path, capsys, monkeypatch):

@@ -1,10 +1,10 @@
-"""mmlm.recipes: the tiny recipes' command lines come from their run functions' signatures."""
+"""mmlm.app.recipes: the tiny recipes' command lines come from their run functions' signatures."""
 
 from __future__ import annotations
 
 import pytest
 
-from mmlm.recipes import recipe_main, recipe_parser
+from mmlm.app.recipes import recipe_main, recipe_parser
 
 
 def run_toy(data_dir: str = "data/x", steps: int = 3, lr: float = 1e-3, packed: bool = True) -> dict:

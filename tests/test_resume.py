@@ -244,7 +244,7 @@ def test_ckpt_path_last_passes_over_truncated_checkpoints_with_a_warning(tmp_pat
     short (a full disk); `--ckpt_path last` warns naming each, resumes from step 3 and still trains
     exactly one epoch of keys. A truncated checkpoint given by path stops with one message."""
     from datamodules.synthetic.shapes import write_shapes
-    from mmlm.cli import main
+    from mmlm.app.cli import main
 
     data = tmp_path / "data"
     write_shapes(data, train=24, val=0, seed=0, shard_size=4, progress=False)

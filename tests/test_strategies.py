@@ -14,7 +14,7 @@ from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningArgumentParser
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 
-from mmlm.cli import main
+from mmlm.app.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = sorted((ROOT / "configs" / "strategies").glob("*.yaml"))

@@ -34,7 +34,7 @@ def write_workspace(root: Path) -> Path:
     from datamodules.synthetic.pairs import write_pairs
     from datamodules.synthetic.shapes import write_shapes
     from datamodules.synthetic.tabletop import write_tabletop
-    from mmlm.cli import main
+    from mmlm.app.cli import main
 
     data = root / "data"
     write_shapes(data / "shapes", train=32, val=16, seed=0, shard_size=4, progress=False)
@@ -100,7 +100,7 @@ def run_jobs(spec_file: Path) -> None:
     """Fit every job of ``spec_file`` (JSON ``{"out", "common": [args], "jobs": [{"name", "config", "strategy",
     "args"}]}``) in turn on this rank; after each, write ``out/<name>/status-rank{r}.json`` (``status`` "ok" or the
     error, ``seconds``), then wait for every rank."""
-    from mmlm.cli import main
+    from mmlm.app.cli import main
 
     spec = json.loads(spec_file.read_text())
     out, rank, world = Path(spec["out"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -3,7 +3,7 @@
 
 Model: blip2_step.py's sizes through mmlm's own ``Blip2`` (frozen 4-layer 64-wide ViT at 64 px, 2-layer
 Q-Former with 8 queries, frozen 4-layer 128-wide OPT), random weights, seed 0. Features are written by the
-production tool (``mmlm.features.cache_features``) from the shapes caption shards; both sides read their shards
+production tool (``mmlm.app.features.cache_features``) from the shapes caption shards; both sides read their shards
 through ``ImageTextDataModule`` (``num_workers=0``, same seed, so the same samples in the same order; the live
 side uses the evaluation centre crop so both see the same inputs) and train under ``pl.Trainer.fit``. Before
 timing, the first batch's loss must be the same on both sides. A step is timed from one batch start to the next
@@ -23,8 +23,8 @@ from common import Scale, alternate, captions_glob, median, row
 from lightning_overhead import StepClock
 
 from datamodules import ImageTextDataModule, Source
+from mmlm.app.features import cache_features
 from mmlm.encoders import HFVisionEncoder
-from mmlm.features import cache_features
 from mmlm.language import HFCausalLM
 from mmlm.models import Blip2
 

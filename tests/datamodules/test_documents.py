@@ -258,7 +258,7 @@ def test_document_transform_fits_aligns_and_pads():
 
 
 def test_cli_tools_and_most_common_json_baseline(tmp_path):
-    from mmlm.cli import main
+    from mmlm.app.cli import main
     from mmlm.metrics.documents import most_common_json_baseline
 
     assert main(["data", "synth-docs", "--out", str(tmp_path / "docs"), "--train", "6", "--val", "3",

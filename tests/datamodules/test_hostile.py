@@ -13,8 +13,8 @@ from PIL import Image
 from datamodules.base import _NOTES, SkipCounter, SkipSample
 from datamodules.synthetic.hostile import COUNTED_AS, write_hostile
 from datamodules.transforms import decode_image
-from mmlm.cli import main
-from mmlm.reliability import DataReport, format_report
+from mmlm.app.cli import main
+from mmlm.app.reliability import DataReport, format_report
 
 
 def png(image: Image.Image) -> bytes:
@@ -93,12 +93,12 @@ def test_hostile_set_trains_to_completion_and_reports_exact_counts(tmp_path, cap
 def test_data_report_is_a_default_callback_and_not_doubled(tmp_path):
     cli = main_cli(["--trainer.logger=false"])
     assert sum(isinstance(c, DataReport) for c in cli.trainer.callbacks) == 1
-    cli = main_cli(["--trainer.callbacks+=mmlm.reliability.DataReport"])
+    cli = main_cli(["--trainer.callbacks+=mmlm.app.reliability.DataReport"])
     assert sum(isinstance(c, DataReport) for c in cli.trainer.callbacks) == 1
 
 
 def main_cli(extra: list[str]):
-    from mmlm.cli import lightning_cli
+    from mmlm.app.lightning import lightning_cli
 
     return lightning_cli(["--model=resume_probe.KeyModel", "--data=datamodules.ImageTextDataModule",
                           "--trainer.accelerator=cpu", *extra], run=False)

@@ -31,7 +31,7 @@ from datamodules.interleaved import InterleavedDataModule, MixSource, document_s
 from datamodules.interleaved_tools import convert
 from datamodules.outputs import InputError
 from datamodules.tools import make_shards
-from mmlm.cli import main
+from mmlm.app.cli import main
 from mmlm.tokenizers import train_word_tokenizer
 
 WORDS = "a an the child woman man kitchen stove umbrella yak salad cat dog picture of red blue green intro middle end"

@@ -52,10 +52,10 @@ def fit_args(shapes_data: Path, urls: str, root: Path, tiny_gpt2: dict, tiny_res
 
 
 def run_cli(args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
-    """Run ``python -m mmlm.cli ARGS`` with :data:`LIMIT` (``TimeoutExpired`` fails the test); returns it and seconds."""
+    """Run ``python -m mmlm.app.cli ARGS`` with :data:`LIMIT` (``TimeoutExpired`` fails the test); returns it and seconds."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "mmlm.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "mmlm.app.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=LIMIT)
     return done, time.perf_counter() - start
 

@@ -13,7 +13,8 @@ from PIL import Image
 
 from datamodules.outputs import OutputExistsError, prepare_output, write_summary
 from datamodules.tools import inspect, make_shards
-from mmlm.cli import data_parser, main
+from mmlm.app.cli import main
+from mmlm.app.data import data_parser
 
 
 def img2dataset_folder(folder: Path) -> list[str]:

@@ -69,7 +69,7 @@ def test_other_labels_are_skipped(label):
 
 
 def test_data_tools_write_pairs_and_the_answer_vocabulary(shapes_data, tmp_path, capsys, monkeypatch):
-    from mmlm.cli import main
+    from mmlm.app.cli import main
 
     monkeypatch.setattr("sys.argv", ["mmlm"])
     assert main(["data", "synth-pairs", "--out", str(tmp_path / "p"), "--train", "4", "--val", "2"]) == 0

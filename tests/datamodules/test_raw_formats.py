@@ -21,7 +21,7 @@ from datamodules.documents import DocumentDataModule, DocumentSource
 from datamodules.image_text import ImageTextDataModule, Source
 from datamodules.raw import RawSpec, chunked, load_index
 from datamodules.tools import make_shards
-from mmlm.cli import main
+from mmlm.app.cli import main
 from mmlm.losses import IGNORE_INDEX
 from mmlm.piece_tokenizer import train_piece_tokenizer
 from mmlm.tokenizers import train_word_tokenizer
@@ -551,7 +551,7 @@ def test_every_raw_command_of_the_docs_parses_through_the_cli(capsys, monkeypatc
 
 
 def test_the_make_shards_command_of_the_docs_parses():
-    from mmlm.cli import data_parser
+    from mmlm.app.data import data_parser
 
     docs = (ROOT / "docs" / "data-formats.md").read_text()
     (command,) = [line for line in docs.splitlines() if line.startswith("mmlm data make-shards")]

@@ -158,7 +158,7 @@ def test_shard_samples_hold_sentences_and_ground_truth(written):
 
 
 def test_mmlm_data_synth_tabletop_prints_its_summary(tmp_path, capsys):
-    from mmlm.cli import main
+    from mmlm.app.cli import main
 
     out = tmp_path / "tabletop"
     assert main(["data", "synth-tabletop", "--out", str(out), "--train", "6", "--val", "2", "--shard-size", "3"]) == 0

@@ -50,7 +50,7 @@ def test_caption_shards_are_a_text_corpus_and_bad_samples_are_counted(shapes_dat
 def test_mmlm_data_text_shards_writes_the_documents(tmp_path, capsys):
     import json
 
-    from mmlm.cli import main
+    from mmlm.app.cli import main
 
     (tmp_path / "doc.txt").write_text("first document\nstill first.\n\nsecond one.\n")
     assert main(["data", "text-shards", str(tmp_path / "doc.txt"), "--out", str(tmp_path / "out")]) == 0

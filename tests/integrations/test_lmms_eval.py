@@ -24,7 +24,7 @@ import yaml
 from coco_images import write_coco_val_images
 from PIL import Image
 
-from mmlm.cli import main
+from mmlm.app.cli import main
 from mmlm.language.base import GenerationConfig
 
 os.environ["HF_HUB_OFFLINE"] = "1"

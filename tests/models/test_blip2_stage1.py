@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from mmlm.cli import main
+from mmlm.app.cli import main
 from mmlm.encoders import TimmEncoder
 from mmlm.language import HFCausalLM
 from mmlm.losses import image_id_tensor

@@ -166,7 +166,7 @@ def test_stage1_config_fits_and_stage2_config_starts_from_its_checkpoint(shapes_
     """The tiny stage configs through the real CLI: image-only MIM, then text-only MLM from its checkpoint."""
     from pathlib import Path
 
-    from mmlm.cli import lightning_cli
+    from mmlm.app.lightning import lightning_cli
 
     monkeypatch.setattr("sys.argv", ["mmlm"])
     configs = Path(__file__).resolve().parents[2] / "configs" / "tiny"

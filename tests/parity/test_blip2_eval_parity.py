@@ -31,7 +31,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from mmlm.cli import main
+from mmlm.app.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "blip2"
 M = 4  # query tokens

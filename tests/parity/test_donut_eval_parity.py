@@ -31,7 +31,7 @@ from transformers import (
     VisionEncoderDecoderModel,
 )
 
-from mmlm.cli import main
+from mmlm.app.cli import main
 from mmlm.piece_tokenizer import train_piece_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "donut"

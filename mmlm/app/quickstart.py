@@ -20,7 +20,7 @@ import yaml
 
 from datamodules.synthetic.shapes import DEFAULT_TRAIN_IMAGES, DEFAULT_VAL_IMAGES
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_DATA = Path("data/shapes")
 
 
@@ -70,7 +70,7 @@ def run_quickstart(data_dir: str | Path = "data/shapes", out_dir: str | Path = "
     ``lm_steps``, ``frozen_steps``, ``val_batches`` and ``workers`` override the tiny configs
     (``configs/tiny/text_lm.yaml``, ``frozen.yaml``); ``None`` keeps their values.
     """
-    from mmlm.cli import lightning_cli
+    from mmlm.app.lightning import lightning_cli
     from mmlm.metrics import majority_answer_baseline
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
