@@ -1,7 +1,7 @@
 """timm ViT → MoME transformer (VLMO's image path): a strict key map.
 
 Every key of a timm ``VisionTransformer`` state dict (class token, no registers, no layer scale) has one place
-in :class:`mmlm.connectors.mome.MoMETransformer`: attention, patch embedding, positions and final norm keep their
+in :class:`mmlm.encoders.mome.MoMETransformer`: attention, patch embedding, positions and final norm keep their
 names, each block's ``norm2``/``mlp`` become the vision expert ``experts.v.norm``/``experts.v.mlp``. Only the
 classifier (``head.*``, ``fc_norm.*``) is dropped. MoME keys that a ViT cannot provide (text embeddings, L/VL
 experts, the mask token) are the only ones allowed to stay as initialised; anything else raises.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mmlm.connectors.mome import MoMETransformer
+from mmlm.encoders.mome import MoMETransformer
 from mmlm.hub import check_keys, looks_local
 
 #: timm keys with no place in MoME (the ImageNet classifier).

@@ -1,6 +1,6 @@
 """VLMO (Bao et al. 2022): one MoME transformer, stagewise pre-training. Shared module + stages 1 and 2.
 
-* :class:`VLMOModule`: the MoME transformer (:mod:`mmlm.connectors.mome`), the tokenizer (with ``[MASK]``),
+* :class:`VLMOModule`: the MoME transformer (:mod:`mmlm.encoders.mome`), the tokenizer (with ``[MASK]``),
   image preprocessing, per-stage freezing, ``init_from`` (strict load of the previous stage, named allow-lists),
   optional timm ViT initialisation, text inputs ``[CLS] text [SEP]`` built from any batch. Parameters that the
   stage's passes never reach (:func:`unused_by_modes`) are frozen too, so DDP runs without ``find_unused_parameters``.
@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from mmlm.checkpointing import load_checkpoint_file
-from mmlm.connectors.mome import MoMETransformer
 from mmlm.convert.vlmo_timm import load_timm_into_mome
 from mmlm.encoders.base import ImagePreprocess
+from mmlm.encoders.mome import MoMETransformer
 from mmlm.fusion import move_to_front
 from mmlm.heads import TiedLMHead
 from mmlm.hub import load_state_dict_strict

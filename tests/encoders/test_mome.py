@@ -6,8 +6,8 @@ import pytest
 import timm
 import torch
 
-from mmlm.connectors.mome import MoMEBlock, MoMETransformer
 from mmlm.convert.vlmo_timm import NEW_MOME_KEYS, load_timm_into_mome, timm_key_to_mome
+from mmlm.encoders.mome import MoMEBlock, MoMETransformer
 
 SIZES = {"img_size": 32, "patch_size": 8, "dim": 32, "depth": 3, "num_heads": 2, "vl_start": 2, "vocab_size": 40,
          "max_text_len": 12}
