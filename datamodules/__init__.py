@@ -1,21 +1,98 @@
 """Data pipelines that turn webdataset shards, or raw data sets read directly (:mod:`datamodules.raw`), into typed
-:class:`mmlm.batch.Batch` objects."""
+batches (:mod:`mmlm.batch`).
 
-from datamodules.base import SkipCounter, SkipSample, WebDataModule
-from datamodules.collate import Example, collate_examples
-from datamodules.image_text import CaptionsDataModule, ImageTextDataModule, Source, VQADataModule
-from datamodules.raw import RawSpec, load_index
+Every public class is exported here (``datamodules.DocumentDataModule``), imported from its module on first use so
+that a data tool pays only for what it reads.
+"""
 
-__all__ = [
-    "CaptionsDataModule",
-    "Example",
-    "ImageTextDataModule",
-    "RawSpec",
-    "SkipCounter",
-    "SkipSample",
-    "Source",
-    "VQADataModule",
-    "WebDataModule",
-    "collate_examples",
-    "load_index",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Exported name → the module that defines it.
+_EXPORTS: dict[str, str] = {
+    "CaptionsDataModule": "datamodules.image_text",
+    "Chunked": "datamodules.raw",
+    "collate_examples": "datamodules.collate",
+    "Collator": "datamodules.collate",
+    "CountedBatch": "datamodules.skips",
+    "Demo": "datamodules.interleaved",
+    "DocumentCollator": "datamodules.documents",
+    "DocumentDataModule": "datamodules.documents",
+    "DocumentExampleBuilder": "datamodules.documents",
+    "DocumentSource": "datamodules.documents",
+    "DocumentTransform": "datamodules.document_transforms",
+    "DonutIndex": "datamodules.raw",
+    "DonutWriter": "datamodules.document_tools",
+    "EmbodiedDataModule": "datamodules.embodied",
+    "EmbodiedExampleBuilder": "datamodules.embodied",
+    "EmptyEpochError": "datamodules.loader",
+    "Encoded": "datamodules.tools",
+    "Example": "datamodules.collate",
+    "ExampleBuilder": "datamodules.image_text",
+    "FeatureCollator": "datamodules.image_text",
+    "FolderAsShardError": "datamodules.urls",
+    "ImageBatch": "datamodules.unimodal",
+    "ImageExample": "datamodules.unimodal",
+    "ImageFinder": "datamodules.interleaved_tools",
+    "ImageFolderIndex": "datamodules.raw",
+    "ImageLocation": "datamodules.downloads",
+    "ImageOnlyDataModule": "datamodules.unimodal",
+    "ImageTextDataModule": "datamodules.image_text",
+    "ImageTransform": "datamodules.transforms",
+    "InputError": "datamodules.outputs",
+    "InterleavedDataModule": "datamodules.interleaved",
+    "InterleavedExampleBuilder": "datamodules.interleaved",
+    "Item": "datamodules.converters",
+    "ItemIndex": "datamodules.raw",
+    "load_index": "datamodules.raw",
+    "MetadataLine": "datamodules.document_tools",
+    "MixSource": "datamodules.interleaved",
+    "Normalize": "datamodules.transforms",
+    "OutputExistsError": "datamodules.outputs",
+    "PairBatch": "datamodules.pairs",
+    "PairCollator": "datamodules.pairs",
+    "PairExample": "datamodules.pairs",
+    "PairsDataModule": "datamodules.pairs",
+    "RawIndex": "datamodules.raw",
+    "RawSpec": "datamodules.raw",
+    "Record": "datamodules.tools",
+    "RecordIndex": "datamodules.raw",
+    "SentenceCollator": "datamodules.packing",
+    "SentenceSample": "datamodules.packing",
+    "ShardPipeline": "datamodules.pipeline",
+    "ShardSource": "datamodules.base",
+    "ShardWriter": "datamodules.shards",
+    "SingleKindDataModule": "datamodules.image_text",
+    "SkipCounter": "datamodules.skips",
+    "SkipCountingLoader": "datamodules.loader",
+    "SkipSample": "datamodules.skips",
+    "Source": "datamodules.image_text",
+    "SourceStream": "datamodules.streams",
+    "TextBatch": "datamodules.unimodal",
+    "TextCollator": "datamodules.unimodal",
+    "TextDataModule": "datamodules.text",
+    "TextExampleBuilder": "datamodules.text",
+    "TextOnlyDataModule": "datamodules.unimodal",
+    "UrlImages": "datamodules.downloads",
+    "UrlSource": "datamodules.embodied",
+    "VQADataModule": "datamodules.image_text",
+    "WebDataModule": "datamodules.base",
+    "WorkerStream": "datamodules.streams",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module that defines ``name`` on first use."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'datamodules' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

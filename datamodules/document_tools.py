@@ -161,7 +161,7 @@ def read_ground_truths(path: str | Path | Sequence[str]) -> list[list[Any]]:
     else:
         import webdataset as wds
 
-        from datamodules.base import expand_urls
+        from datamodules.urls import expand_urls
 
         urls = str(Path(path) / "*.tar") if isinstance(path, (str, Path)) and Path(path).is_dir() else path
         samples = wds.tarfile_samples([{"url": u} for u in expand_urls(urls)])

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from datamodules.base import ShardPipeline, SkipSample, WebDataModule, check_local_shards, expand_urls
+from datamodules.base import WebDataModule
 from datamodules.collate import Example, pad_id, pad_left, pad_right, sequence, token_ids
 from datamodules.document_tools import (
     IMAGE_EXTENSIONS,
@@ -43,7 +43,10 @@ from datamodules.document_tools import (
 )
 from datamodules.document_transforms import DocumentTransform
 from datamodules.image_text import json_field
+from datamodules.pipeline import ShardPipeline
 from datamodules.raw import RawSpec, chunked, folder_images, raise_if_skipped
+from datamodules.skips import SkipSample
+from datamodules.urls import check_local_shards, expand_urls
 from mmlm.batch import Batch
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.json_tokens import json_to_tokens, special_tokens, task_sequence

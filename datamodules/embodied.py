@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from datamodules.base import SkipSample, WebDataModule
+from datamodules.base import WebDataModule
 from datamodules.collate import pad_id
 from datamodules.image_text import json_field
-from datamodules.packing import SentenceSample, collate_rows
+from datamodules.packing import SentenceCollator, SentenceSample
+from datamodules.skips import SkipSample
 from datamodules.transforms import ImageTransform
-from mmlm.batch import SentenceBatch
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.sentences import Marker, Sentence, SentenceBuilder, special_tokens
 from mmlm.tokenizers import load_tokenizer
@@ -83,7 +83,7 @@ def vectors(meta: dict[str, Any], key: str, width: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class SentenceExampleBuilder:
+class EmbodiedExampleBuilder:
     """Picklable ``(sample, source) -> SentenceSample`` for DataLoader workers.
 
     Attributes:
@@ -138,16 +138,6 @@ class SentenceExampleBuilder:
         if objects is not None:
             items["object"] = objects
         return items
-
-
-@dataclass(frozen=True)
-class SentenceCollator:
-    """Picklable ``list[SentenceSample] -> SentenceBatch`` (one sentence per row, right-padded)."""
-
-    pad_id: int
-
-    def __call__(self, samples: list[SentenceSample]) -> SentenceBatch:
-        return collate_rows([[s] for s in samples], self.pad_id)
 
 
 class EmbodiedDataModule(WebDataModule):
@@ -217,12 +207,12 @@ class EmbodiedDataModule(WebDataModule):
             return getattr(module, attr)
         raise ValueError(f"{type(self).__name__} needs {arg}=… or a trainer whose LightningModule has .{attr}")
 
-    def example_fn(self, stage: str, sources: Sequence[UrlSource]) -> SentenceExampleBuilder:
+    def example_fn(self, stage: str, sources: Sequence[UrlSource]) -> EmbodiedExampleBuilder:
         if self.preprocess is None or self.tokenizer is None:
             self.setup(stage)
         pre = self.preprocess
         image = ImageTransform.from_preprocess(pre, train=False)  # no crops: block positions are the content
-        return SentenceExampleBuilder(self.tokenizer, self.markers, image, self.modalities, self.max_text_tokens,
+        return EmbodiedExampleBuilder(self.tokenizer, self.markers, image, self.modalities, self.max_text_tokens,
                                       with_prompt=stage != "fit",
                                       widths={"state": self.state_dim, "object": self.object_dim})
 

@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from datamodules.base import ShardPipeline, SkipSample, WebDataModule
+from datamodules.base import WebDataModule
 from datamodules.collate import Collator, Example
+from datamodules.pipeline import ShardPipeline
 from datamodules.raw import (
     CAPTION_FORMATS,
     RAW_SUFFIXES,
@@ -42,6 +43,7 @@ from datamodules.raw import (
     load_index,
     raise_if_skipped,
 )
+from datamodules.skips import SkipSample
 from datamodules.transforms import MAX_IMAGE_PIXELS, ImageTransform
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.tokenizers import load_tokenizer

@@ -34,11 +34,12 @@ from typing import Any
 import torch
 import webdataset as wds
 
-from datamodules.base import SkipSample, WebDataModule, expand_urls, note
+from datamodules.base import WebDataModule
 from datamodules.image_text import ExampleBuilder, image_bytes, json_field, text_field
-from datamodules.packing import SentenceSample, collate_rows, pack_rows
+from datamodules.packing import SentenceCollator, SentenceSample
+from datamodules.skips import SkipSample, note
 from datamodules.transforms import ImageTransform
-from mmlm.batch import SentenceBatch
+from datamodules.urls import expand_urls
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.sentences import Marker, Sentence, SentenceBuilder, kosmos_image_marker, special_tokens
 from mmlm.tokenizers import load_tokenizer
@@ -229,7 +230,7 @@ def pick_demos(support: Sequence[Demo], query_ids: set[str], question_type: str,
 
 
 @dataclass(frozen=True)
-class SentenceExampleBuilder:
+class InterleavedExampleBuilder:
     """Picklable ``(sample, source_index) -> SentenceSample`` for DataLoader workers (built by
     :meth:`InterleavedDataModule.example_fn`, whose signature holds the defaults).
 
@@ -354,22 +355,6 @@ class SentenceExampleBuilder:
         return builder.build().as_prompt()
 
 
-@dataclass(frozen=True)
-class SentenceCollator:
-    """Picklable ``list[SentenceSample] -> SentenceBatch``: packed into rows of ``max_tokens`` when
-    ``pack``, else one sample per row padded to the longest."""
-
-    pad_id: int
-    max_tokens: int
-    pack: bool
-
-    def __call__(self, samples: list[SentenceSample]) -> SentenceBatch:
-        if self.pack:
-            rows = list(pack_rows(samples, self.max_tokens, open_rows=len(samples)))
-            return collate_rows(rows, self.pad_id)
-        return collate_rows([[s] for s in samples], self.pad_id)
-
-
 # --------------------------------------------------------------------------------- datamodule
 
 
@@ -489,13 +474,13 @@ class InterleavedDataModule(WebDataModule):
                                  f"fewer than shots={self.shots}")
         return self.resolved.support
 
-    def example_fn(self, stage: str, sources: Sequence[MixSource]) -> SentenceExampleBuilder:
+    def example_fn(self, stage: str, sources: Sequence[MixSource]) -> InterleavedExampleBuilder:
         self.setup(stage)
         pre, train = self.resolved.preprocess, stage == "fit"
         image = ImageTransform.from_preprocess(pre, train=train, min_crop_scale=self.train_crop_scale)
         defaults = {"caption": self.caption_prompt, "vqa": self.vqa_prompt, "interleaved": "", "text": ""}
         prompts = tuple(defaults[s.kind] if s.prompt is None else s.prompt for s in sources)
-        return SentenceExampleBuilder(
+        return InterleavedExampleBuilder(
             tokenizer=self.resolved.tokenizer, marker=self.resolved.marker, kinds=tuple(s.kind for s in sources),
             prompts=prompts, image=image, max_tokens=self.max_tokens, max_images=self.max_images,
             evaluate=not train, shots=0 if train else self.shots, support=() if train else self._support(sources),

@@ -141,3 +141,19 @@ def _add_prompts(batch: SentenceBatch, prompts: list[tuple[Sentence, dict[str, i
     width = batch.prompt_ids.shape[1]
     batch.prompt_spans = [[s.shifted(width - len(p), base.get(s.modality, 0)) for s in p.spans]
                           for p, base in prompts]
+
+
+@dataclass(frozen=True)
+class SentenceCollator:
+    """Picklable ``list[SentenceSample] -> SentenceBatch``: packed into rows of ``max_tokens`` when
+    ``pack``, else one sample per row padded to the longest."""
+
+    pad_id: int
+    max_tokens: int = 0
+    pack: bool = False
+
+    def __call__(self, samples: list[SentenceSample]) -> SentenceBatch:
+        if self.pack:
+            rows = list(pack_rows(samples, self.max_tokens, open_rows=len(samples)))
+            return collate_rows(rows, self.pad_id)
+        return collate_rows([[s] for s in samples], self.pad_id)

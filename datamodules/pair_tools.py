@@ -11,7 +11,7 @@ def read_vqa_answers(urls: str) -> list[list[str]]:
     """The human answers of every sample of VQA shards (brace pattern or glob), in shard order."""
     import webdataset as wds
 
-    from datamodules.base import expand_urls
+    from datamodules.urls import expand_urls
 
     return [json.loads(sample["json"]).get("answers", [])
             for sample in wds.WebDataset(expand_urls(urls), shardshuffle=False)]

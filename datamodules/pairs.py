@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from datamodules.base import SkipSample, WebDataModule
+from datamodules.base import WebDataModule
 from datamodules.image_text import IMAGE_EXTENSIONS, json_field, url_sources
+from datamodules.skips import SkipSample
 from datamodules.transforms import ImageTransform
 from datamodules.unimodal import TextCollator
 from mmlm.encoders.base import ImagePreprocess

@@ -38,7 +38,6 @@ from typing import Any, Protocol
 
 from webdataset.gopen import gopen_schemes
 
-from datamodules.base import SkipSample
 from datamodules.converters import (
     IMAGE_CACHE,
     VQA_IMAGE_PATTERN,
@@ -51,6 +50,7 @@ from datamodules.converters import (
     vqav2_items,
 )
 from datamodules.document_tools import METADATA, MetadataLine, image_extension, raw_sample, read_metadata
+from datamodules.skips import SkipSample
 from datamodules.tools import Record, coco_records, lavis_records, read_records, record_problem
 
 SCHEME = "mmlm-raw"

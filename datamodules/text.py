@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
-from datamodules.base import SkipSample, WebDataModule
+from datamodules.base import WebDataModule
 from datamodules.collate import Collator, Example
 from datamodules.image_text import Source, text_field, url_sources
 from datamodules.outputs import prepare_output, write_summary
 from datamodules.shards import ShardWriter
+from datamodules.skips import SkipSample
 from mmlm.tokenizers import load_tokenizer
 
 

@@ -35,11 +35,11 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from datamodules.base import expand_urls
 from datamodules.downloads import ImageLocation, UrlImages, is_parquet, parquet_rows, url_images
 from datamodules.outputs import InputError, check_output, prepare_output, write_summary
 from datamodules.shards import ShardWriter
 from datamodules.transforms import DECODE_ERRORS, MAX_IMAGE_PIXELS, to_rgb
+from datamodules.urls import expand_urls
 
 FORMATS = ("folder-jsonl", "folder-tsv", "coco", "lavis", "parquet")
 #: Input file endings and the format they imply (``.json`` is ``coco`` or ``lavis`` by its content).

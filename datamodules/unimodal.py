@@ -4,7 +4,7 @@
 * :class:`TextOnlyDataModule`: ``txt`` (else ``json["caption"]``) → :class:`TextBatch` (``text [SEP]``, right-padded);
   images are never decoded, so text-only epochs are cheap.
 
-Both read the same img2dataset-style shards as :class:`~datamodules.image_text.CaptionsDataModule`
+Both read the same img2dataset-style shards as :class:`~datamodules.CaptionsDataModule`
 (``train_urls``/``val_urls``/``test_urls``). Shape legend: B batch, T text tokens, H/W image height/width.
 """
 
@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from datamodules.base import SkipSample, WebDataModule
+from datamodules.base import WebDataModule
 from datamodules.collate import pad_id, pad_right, token_ids
 from datamodules.image_text import image_bytes, json_field, text_field, url_sources
+from datamodules.skips import SkipSample
 from datamodules.transforms import ImageTransform
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.tokenizers import load_tokenizer

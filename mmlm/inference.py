@@ -38,13 +38,12 @@ import torch
 from PIL import Image
 from pytorch_lightning.utilities import move_data_to_device
 
-from datamodules.base import SkipSample
 from datamodules.collate import Example, collate_examples, pad_id, pad_right, token_ids
 from datamodules.document_transforms import DocumentTransform
 from datamodules.documents import collate_documents
-from datamodules.embodied import SentenceExampleBuilder as EmbodiedBuilder
-from datamodules.embodied import rewrite_markers
+from datamodules.embodied import EmbodiedExampleBuilder, rewrite_markers
 from datamodules.packing import SentenceSample, collate_rows
+from datamodules.skips import SkipSample
 from datamodules.transforms import ImageTransform
 from mmlm.batch import Batch, SentenceBatch
 from mmlm.json_tokens import donut_prediction
@@ -262,7 +261,7 @@ def palme_prompt(model: PaLME, prompt: str, count: int, request: int) -> tuple[S
     used = max((int(k) for k in re.findall(r"<img(\d+)>", text)), default=0)
     if used > count:
         raise ValueError(f"request {request}: the prompt names <img{used}> but the request has {count} image(s)")
-    builder = EmbodiedBuilder(model.tokenizer, tuple(model.markers), None, ("image",), UNLIMITED, True,
+    builder = EmbodiedExampleBuilder(model.tokenizer, tuple(model.markers), None, ("image",), UNLIMITED, True,
                               {"state": model.state_dim, "object": model.object_dim})
     return builder.sentences(text, "")[0], used
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file: make mmlm/ and datamodules/ importable
     sys.path.insert(0, str(ROOT))
 
-from mmlm.app.quickstart import CONFIGS, _answers, ensure_data, sources, stage_args  # noqa: E402
+from mmlm.app.quickstart import CONFIGS, ensure_data, sources, stage_args, train_val_answers  # noqa: E402
 from mmlm.app.recipes import recipe_main  # noqa: E402
 
 
@@ -99,7 +99,7 @@ def run_blip2_tiny(data_dir: str | Path = "data/shapes", out_dir: str | Path = "
     results |= {"chance_r1": 100.0 / images, "val_images_retrieval": images, "itm_rerank_k": itm_rerank_k,
                 "vqa_acc": second.get("val/vqa_acc", float("nan")), "cider": second.get("val/cider", float("nan")),
                 "bleu4": second.get("val/bleu4", float("nan")),
-                "majority_vqa_acc": majority_answer_baseline(*_answers(data_dir)),
+                "majority_vqa_acc": majority_answer_baseline(*train_val_answers(data_dir)),
                 "blind_lm_vqa_acc": blind.get("val/vqa_acc", float("nan")),
                 "blind_lm_cider": blind.get("val/cider", float("nan")),
                 "steps": {"text_lm": lm_steps, "stage1": stage1_steps, "stage2": stage2_steps},

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:  # run as a file: make mmlm/ and datamodules/ impo
 
 import yaml  # noqa: E402
 
-from mmlm.app.quickstart import CONFIGS, DEFAULT_DATA, _answers, ensure_data  # noqa: E402
+from mmlm.app.quickstart import CONFIGS, DEFAULT_DATA, ensure_data, train_val_answers  # noqa: E402
 from mmlm.app.recipes import recipe_main  # noqa: E402
 
 
@@ -95,7 +95,7 @@ def run_metalm_tiny(data_dir: str | Path = "data/shapes", out_dir: str | Path = 
         results[f"{name}_val_loss"] = metrics.get("val/loss", float("nan"))
         results[f"{name}_per_type"] = {k.removeprefix("val/vqa_acc_qtype/"): v for k, v in sorted(metrics.items())
                                        if k.startswith("val/vqa_acc_qtype/")}  # the official per-type accuracy
-    results["majority_vqa_acc"] = majority_answer_baseline(*_answers(data_dir))
+    results["majority_vqa_acc"] = majority_answer_baseline(*train_val_answers(data_dir))
     results["val_questions"] = val_batches * batch_size
     results["finetune_seconds"] = seconds
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))

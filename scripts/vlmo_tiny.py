@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file: make mmlm/ and datamodules/ importable
     sys.path.insert(0, str(ROOT))
 
-from mmlm.app.quickstart import CONFIGS, _answers, ensure_data  # noqa: E402
+from mmlm.app.quickstart import CONFIGS, ensure_data, train_val_answers  # noqa: E402
 from mmlm.app.recipes import recipe_main  # noqa: E402
 
 
@@ -133,7 +133,7 @@ def run_vlmo_tiny(data_dir: str | Path = "data/shapes", pairs_dir: str | Path = 
         vqa = {"train_urls": str(data_dir / "train" / "vqa-*.tar"), "val_urls": str(data_dir / "val" / "vqa-*.tar")}
         results["vqa_acc"] = finetune("vlmo_vqa.yaml", out_dir, tokenizer, vqa_steps, common, vqa, checkpoint(stage3),
                                       ["--model.init_args.answers", str(answers)]).get("vqa_acc", float("nan"))
-        results["majority_vqa_acc"] = majority_answer_baseline(*_answers(data_dir))
+        results["majority_vqa_acc"] = majority_answer_baseline(*train_val_answers(data_dir))
     if nlvr2_steps:
         pairs = {"train_urls": str(pairs_dir / "train" / "pairs-*.tar"), "val_urls": str(pairs_dir / "val" / "pairs-*.tar")}
         results["nlvr2_acc"] = finetune("vlmo_nlvr2.yaml", out_dir, tokenizer, nlvr2_steps, common, pairs,

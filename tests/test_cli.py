@@ -215,3 +215,22 @@ def test_an_int_limit_stays_an_int_in_the_mmlm_command():
 
     assert probe("mmlm-first") == "int"
     assert probe("rich-first") in ("float", "int")  # "float" with the installed versions: the hazard guarded against
+
+
+def test_fit_help_lists_every_family_and_datamodule(capsys):
+    import inspect
+
+    import pytorch_lightning as pl
+
+    import datamodules
+    import mmlm.models
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    shown = capsys.readouterr().out
+    families = [name for name in mmlm.models.__all__ if inspect.isclass(value := getattr(mmlm.models, name))
+                and issubclass(value, mmlm.models.MultimodalModule) and not inspect.isabstract(value)]
+    modules = [name for name in datamodules.__all__ if inspect.isclass(value := getattr(datamodules, name))
+               and issubclass(value, pl.LightningDataModule)]
+    assert "VLMOStage1" in families and "DocumentDataModule" in modules
+    assert [name for name in families + modules if name not in shown] == []

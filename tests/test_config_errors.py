@@ -110,7 +110,7 @@ def test_a_wrong_source_kind_is_named_with_its_key(data, capsys):
 
 def test_a_wrong_mix_source_kind_is_named_for_the_interleaved_datamodule(data, capsys):
     err = error_line(data, [train(f"{data}/captions-*.tar", kind="pairs"), "--trainer.max_steps=2"], capsys,
-                    datamodule="datamodules.interleaved.InterleavedDataModule")
+                    datamodule="datamodules.InterleavedDataModule")
     assert "data.init_args.train[0]: MixSource kind 'pairs'" in err
 
 
@@ -161,7 +161,8 @@ def test_make_shards_given_a_folder_is_one_line(tmp_path, capsys):
 
 
 def test_colliding_keys_of_mixed_sources_are_prefixed_by_their_source(tmp_path, caplog):
-    from datamodules.base import ShardPipeline, SkipSample
+    from datamodules.pipeline import ShardPipeline
+    from datamodules.skips import SkipSample
 
     for name in ("laion", "coco"):
         (tmp_path / name).mkdir()
@@ -177,7 +178,7 @@ def test_colliding_keys_of_mixed_sources_are_prefixed_by_their_source(tmp_path, 
     mixed = ShardPipeline([str(tmp_path / "laion" / "00000.tar"), str(tmp_path / "coco" / "00000.tar")], [1, 1],
                           keys, list, batch_size=1, train=False, resampled=False, shuffle_buffer=0, seed=0,
                           epoch_samples=None, rank=0, world_size=1, num_workers=0)
-    with caplog.at_level(logging.WARNING, logger="datamodules.base"):
+    with caplog.at_level(logging.WARNING, logger="datamodules.skips"):
         seen = [key for item in mixed.iter_worker(0, 1) if item.batch for key in item.batch]
     assert set(seen) <= {"laion/00000/000000001", "laion/00000/000000002", "coco/00000/000000001",
                          "coco/00000/000000002"}

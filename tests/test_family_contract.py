@@ -257,3 +257,19 @@ def test_state_dict_round_trip_into_a_fresh_model_is_bitwise(families, name, tmp
     assert restored.keys() == state.keys()
     differ = [key for key, value in state.items() if tensor_digest(restored[key]) != tensor_digest(value)]
     assert not differ, f"{name}: not bitwise equal after the round trip: {differ[:10]}"
+
+
+def test_no_family_overrides_a_private_hook_of_the_base():
+    """A family composes the base (evaluators, ``training_loss``, public hooks); it never replaces a ``_name`` of
+    :class:`MultimodalModule` or of Lightning's module."""
+    import inspect
+
+    import mmlm.models
+    from mmlm.models import MultimodalModule
+
+    private = {name for klass in MultimodalModule.__mro__ for name in vars(klass)
+               if name.startswith("_") and not name.startswith("__")}
+    families = [getattr(mmlm.models, name) for name in mmlm.models.__all__]
+    overriding = {family.__name__: sorted(set(vars(family)) & private) for family in families
+                  if inspect.isclass(family) and issubclass(family, MultimodalModule) and family is not MultimodalModule}
+    assert len(overriding) >= 15 and {name: hooks for name, hooks in overriding.items() if hooks} == {}

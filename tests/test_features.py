@@ -16,8 +16,8 @@ import torch
 import yaml
 
 from datamodules import ImageTextDataModule, Source
-from datamodules.base import SkipSample
 from datamodules.image_text import cached_features
+from datamodules.skips import SkipSample
 from mmlm.app.cli import main
 from mmlm.app.features import load_model
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from datamodules.base import SkipSample, WebDataModule
+from datamodules.base import WebDataModule
+from datamodules.skips import SkipSample
 
 
 class KeysExample:

@@ -1,5 +1,6 @@
 """Generators that write synthetic webdataset shards (for tests, tiny recipes and the quickstart)."""
 
+from datamodules.synthetic.documents import Line, Style
 from datamodules.synthetic.shapes import (
     Question,
     Scene,
@@ -12,8 +13,13 @@ from datamodules.synthetic.shapes import (
     render_scene,
     write_shapes,
 )
+from datamodules.synthetic.tabletop import Block, TabletopSample
 
 __all__ = [
+    "Block",
+    "Line",
+    "Style",
+    "TabletopSample",
     "Question",
     "Scene",
     "Shape",

@@ -281,7 +281,7 @@ def _goal(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
 
 
 @dataclass
-class Sample:
+class TabletopSample:
     """One multimodal sentence with its ground truth (becomes a shard sample)."""
 
     task: str
@@ -296,7 +296,7 @@ def _fill(template: str, **fields: str) -> str:
     return template.format(**fields)
 
 
-def make_sample(rng: np.random.Generator) -> Sample:
+def make_sample(rng: np.random.Generator) -> TabletopSample:
     """Draw a scene and one task about it (see the module docstring)."""
     task = TASKS[int(rng.choice(len(TASKS), p=TASK_WEIGHTS))]
     scene = sample_scene(rng)
@@ -305,15 +305,15 @@ def make_sample(rng: np.random.Generator) -> Sample:
         steps, _ = plan(scene, a, b)
         template = PROMPTS["plan"][int(rng.integers(len(PROMPTS["plan"])))]
         kind = "clear" if len(steps) > 2 else "direct"
-        return Sample("plan", _fill(template, goal=GOAL.format(a=a, b=b)), format_plan(steps), kind, [scene])
+        return TabletopSample("plan", _fill(template, goal=GOAL.format(a=a, b=b)), format_plan(steps), kind, [scene])
     if task == "moved":
         after, colour = random_move(scene, rng)
         question = QUESTIONS["moved"]
-        return Sample("vqa", _fill(PROMPTS["moved"][0], question=question), colour, "moved", [scene, after], question)
+        return TabletopSample("vqa", _fill(PROMPTS["moved"][0], question=question), colour, "moved", [scene, after], question)
     qtype = list(QUESTION_MAKERS)[int(rng.integers(len(QUESTION_MAKERS)))]
     question, answer = QUESTION_MAKERS[qtype](scene, rng)
     template = PROMPTS["vqa"][int(rng.integers(len(PROMPTS["vqa"])))]
-    return Sample("vqa", _fill(template, question=question), answer, qtype, [scene], question)
+    return TabletopSample("vqa", _fill(template, question=question), answer, qtype, [scene], question)
 
 
 def _png(image: Image.Image) -> bytes:
@@ -323,13 +323,13 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def answers_of(sample: Sample) -> list[str]:
+def answers_of(sample: TabletopSample) -> list[str]:
     """The reference answers: a question's answer ten times, as ten agreeing VQAv2 annotators (the official scorer's
     leave-one-out gives a question with one answer 0 whatever is predicted); a plan's one plan."""
     return [sample.target] * (HUMAN_ANSWERS if sample.task == "vqa" else 1)
 
 
-def shard_sample(sample: Sample, split: str, index: int) -> dict[str, Any]:
+def shard_sample(sample: TabletopSample, split: str, index: int) -> dict[str, Any]:
     """The shard members of ``sample``: ``img1.png`` (and ``img2.png``) and ``json`` (text and ground truth)."""
     first = sample.scenes[0]
     meta = {

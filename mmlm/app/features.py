@@ -118,8 +118,8 @@ def cache_features(model: Any, urls: str, out: str | Path, *, batch_size: int = 
     Returns:
         The summary also written to ``out/summary.json``: shard pattern, sample and skip counts, feature shape.
     """
-    from datamodules.base import expand_urls
     from datamodules.outputs import check_output, prepare_output, write_summary
+    from datamodules.urls import expand_urls
 
     shards = expand_urls(urls)
     out = Path(out)
@@ -181,8 +181,8 @@ class FeatureEncoder:
         """Batches of ``(sample, pixels [3, H, W])``; undecodable samples are counted and left out."""
         import webdataset as wds
 
-        from datamodules.base import SkipSample
         from datamodules.image_text import image_bytes
+        from datamodules.skips import SkipSample
 
         chunk: list[tuple[dict[str, Any], torch.Tensor]] = []
         for sample in wds.tarfile_samples([{"url": url}], handler=self._count_tar_error):

@@ -124,6 +124,17 @@ class MMLMCLI(LightningCLI):
             super()._parse_ckpt_path()
 
 
+def import_every_family_and_datamodule() -> None:
+    """Import every class that ``mmlm.models`` and ``datamodules`` export, so ``mmlm fit --help`` lists each family
+    and datamodule as an accepted ``class_path`` (``datamodules`` imports its modules lazily)."""
+    import datamodules
+    import mmlm.models
+
+    for package in (mmlm.models, datamodules):
+        for name in package.__all__:
+            getattr(package, name)
+
+
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:
     """Build (and by default run) the LightningCLI over every ``MultimodalModule`` and datamodule.
 
@@ -133,6 +144,7 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> Lightn
     (:class:`mmlm.checkpointing.AtomicCheckpointIO`) and :class:`mmlm.app.reliability.DataReport`
     summarises skipped samples at the end.
     """
+    import_every_family_and_datamodule()
     return MMLMCLI(
         MultimodalModule,
         LightningDataModule,

@@ -83,7 +83,7 @@ def run_quickstart(data_dir: str | Path = "data/shapes", out_dir: str | Path = "
                                                workers),
                             "--model.init_args.language_model.init_args.name_or_path", str(lm_export)])
     final = {k: float(v) for k, v in frozen.trainer.callback_metrics.items() if k.startswith("val/")}
-    majority = majority_answer_baseline(*_answers(data_dir))
+    majority = majority_answer_baseline(*train_val_answers(data_dir))
     results = {"vqa_acc": final.get("val/vqa_acc", float("nan")), "cider": final.get("val/cider", float("nan")),
                "bleu4": final.get("val/bleu4", float("nan")), "blind_lm_vqa_acc": blind.get("val/vqa_acc", float("nan")),
                "blind_lm_cider": blind.get("val/cider", float("nan")), "majority_vqa_acc": majority,
@@ -92,15 +92,11 @@ def run_quickstart(data_dir: str | Path = "data/shapes", out_dir: str | Path = "
     return results
 
 
-def _answers(data_dir: Path) -> tuple[list[list[str]], list[list[str]]]:
-    """Human answers of the train and val VQA shards (from the JSON of every sample)."""
-    import webdataset as wds
+def train_val_answers(data_dir: Path) -> tuple[list[list[str]], list[list[str]]]:
+    """Human answers of the train and val VQA shards of a shapes data set (``data_dir/{train,val}/vqa-*.tar``)."""
+    from datamodules.pair_tools import read_vqa_answers
 
-    def read(split: str) -> list[list[str]]:
-        urls = sorted(str(p) for p in (data_dir / split).glob("vqa-*.tar"))
-        return [json.loads(s["json"])["answers"] for s in wds.WebDataset(urls, shardshuffle=False)]
-
-    return read("train"), read("val")
+    return tuple(read_vqa_answers(str(Path(data_dir) / split / "vqa-*.tar")) for split in ("train", "val"))
 
 
 def print_results(results: dict[str, float], seconds: float) -> None:

@@ -29,10 +29,11 @@ from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from datamodules.base import CONVERTED, check_local_shards, expand_urls
 from datamodules.config_checks import source_problem
 from datamodules.document_tools import METADATA
 from datamodules.raw import folder_images, is_raw, path_problem
+from datamodules.skips import CONVERTED
+from datamodules.urls import check_local_shards, expand_urls
 from mmlm.checkpointing import AtomicCheckpointIO, CheckpointError, checkpoint_problem, is_local
 from mmlm.hub import looks_local
 

@@ -39,7 +39,7 @@ class QFormerOutput:
     text: torch.Tensor | None
 
 
-class Attention(nn.Module):
+class QFormerAttention(nn.Module):
     """Multi-head attention + BERT's post-LN residual: ``norm(x + dropout(out(attn(x, context))))``.
 
     Keys and values come from ``context`` (width ``kv_dim``) for cross-attention, from ``x`` otherwise.
@@ -73,7 +73,7 @@ class Attention(nn.Module):
         return self.norm(x + self.drop(self.out(attended.transpose(1, 2).flatten(2))))
 
 
-class FeedForward(nn.Module):
+class QFormerFeedForward(nn.Module):
     """BERT's FFN + post-LN residual: ``norm(x + dropout(fc2(gelu(fc1(x)))))``, ``[B, L, H]`` → ``[B, L, H]``."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, eps: float, dropout: float) -> None:
@@ -94,10 +94,10 @@ class QFormerLayer(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, encoder_width: int,
                  cross_attention: bool, with_text: bool, eps: float, dropout: float) -> None:
         super().__init__()
-        self.self_attn = Attention(hidden_size, num_heads, hidden_size, eps, dropout)
-        self.cross_attn = Attention(hidden_size, num_heads, encoder_width, eps, dropout) if cross_attention else None
-        self.query_ffn = FeedForward(hidden_size, intermediate_size, eps, dropout)
-        self.text_ffn = FeedForward(hidden_size, intermediate_size, eps, dropout) if with_text else None
+        self.self_attn = QFormerAttention(hidden_size, num_heads, hidden_size, eps, dropout)
+        self.cross_attn = QFormerAttention(hidden_size, num_heads, encoder_width, eps, dropout) if cross_attention else None
+        self.query_ffn = QFormerFeedForward(hidden_size, intermediate_size, eps, dropout)
+        self.text_ffn = QFormerFeedForward(hidden_size, intermediate_size, eps, dropout) if with_text else None
 
     def forward(self, x: torch.Tensor, num_queries: int, self_mask: torch.Tensor | None,
                 image: torch.Tensor | None, image_mask: torch.Tensor | None) -> torch.Tensor:

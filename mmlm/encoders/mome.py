@@ -30,7 +30,7 @@ MODES: tuple[str, ...] = ("image", "text", "fusion")
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # timm ViT's
 
 
-class Expert(nn.Module):
+class MoMEExpert(nn.Module):
     """One modality expert: ``mlp(norm(x))``, ``[B, L, D] → [B, L, D]`` (the residual is added by the block)."""
 
     def __init__(self, dim: int, hidden: int) -> None:
@@ -59,7 +59,7 @@ class MoMEBlock(nn.Module):
         self.norm1 = LayerNorm(dim)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
         names = ("v", "l", "vl") if with_vl else ("v", "l")
-        self.experts = nn.ModuleDict({name: Expert(dim, int(dim * mlp_ratio)) for name in names})
+        self.experts = nn.ModuleDict({name: MoMEExpert(dim, int(dim * mlp_ratio)) for name in names})
 
     @property
     def with_vl(self) -> bool:

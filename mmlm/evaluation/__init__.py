@@ -14,7 +14,7 @@ from mmlm.evaluation.generation import (
     VQAScorer,
     text_scorers,
 )
-from mmlm.evaluation.retrieval import RetrievalEvaluator, RetrievalStep
+from mmlm.evaluation.retrieval import RerankStore, RetrievalEvaluator, RetrievalStep
 
 __all__ = [
     "CaptionScorer",
@@ -22,17 +22,18 @@ __all__ = [
     "DocumentEvaluator",
     "Evaluation",
     "Evaluator",
-    "GQAScorer",
     "GenerationEvaluator",
+    "GQAScorer",
     "LossEvaluator",
     "PlanScorer",
+    "RerankStore",
+    "result_file",
     "ResultFiles",
     "RetrievalEvaluator",
     "RetrievalStep",
     "Sample",
     "StepOutput",
     "TaskScorer",
-    "VQAScorer",
-    "result_file",
     "text_scorers",
+    "VQAScorer",
 ]

@@ -5,7 +5,19 @@ from mmlm.language.cross_attention import CrossAttentionLM
 from mmlm.language.hf_base import HFLanguageModel
 from mmlm.language.hf_causal import HFCausalLM
 from mmlm.language.hf_seq2seq import HFSeq2SeqLM
-from mmlm.language.subln import SubLNDecoder
+from mmlm.language.subln import RelativePositions, SubLNAttention, SubLNBlock, SubLNDecoder, SubLNFeedForward
 
-__all__ = ["CrossAttentionLM", "GenerationConfig", "HFCausalLM", "HFLanguageModel", "HFSeq2SeqLM", "LMOutput", "LanguageModel",
-           "SubLNDecoder"]
+__all__ = [
+    "CrossAttentionLM",
+    "GenerationConfig",
+    "HFCausalLM",
+    "HFLanguageModel",
+    "HFSeq2SeqLM",
+    "LanguageModel",
+    "LMOutput",
+    "RelativePositions",
+    "SubLNAttention",
+    "SubLNBlock",
+    "SubLNDecoder",
+    "SubLNFeedForward",
+]

@@ -82,12 +82,12 @@ def normalized_edit_distance(prediction: str, reference: str) -> float:
 
 
 @dataclass
-class Node:
+class TreeNode:
     """A labelled ordered tree node; ``leaf`` nodes carry text in ``label``."""
 
     label: str
     leaf: bool = False
-    children: list[Node] = field(default_factory=list)
+    children: list[TreeNode] = field(default_factory=list)
 
 
 def normalize_json(data: Any) -> Any:
@@ -108,27 +108,27 @@ def normalize_json(data: Any) -> Any:
     return [str(data).strip()]
 
 
-def json_tree(data: Any, label: str = ROOT) -> Node:
+def json_tree(data: Any, label: str = ROOT) -> TreeNode:
     """The tree of already normalised JSON (see :func:`normalize_json`).
 
     As in Donut, a label containing ``<leaf>`` is a leaf whose text is the label without ``<leaf>``: so is
     every scalar, and so is a key that happens to contain ``<leaf>`` (its children are kept).
     """
-    node = Node(label.replace(LEAF, ""), leaf=LEAF in label)
+    node = TreeNode(label.replace(LEAF, ""), leaf=LEAF in label)
     if isinstance(data, dict):
         node.children = [json_tree(value, str(key)) for key, value in data.items()]
     elif isinstance(data, list):
         node.children = [json_tree(item, SUBTREE) if isinstance(item, dict)
-                         else Node(str(item).replace(LEAF, ""), leaf=True) for item in data]
+                         else TreeNode(str(item).replace(LEAF, ""), leaf=True) for item in data]
     return node
 
 
-def insert_cost(node: Node) -> int:
+def insert_cost(node: TreeNode) -> int:
     """Cost of inserting (or removing) ``node``: its text length for a leaf, else 1."""
     return len(node.label) if node.leaf else 1
 
 
-def update_cost(a: Node, b: Node) -> int:
+def update_cost(a: TreeNode, b: TreeNode) -> int:
     """Cost of relabelling ``a`` as ``b`` (see the module docstring)."""
     if a.leaf and b.leaf:
         return edit_distance(a.label, b.label)
@@ -137,12 +137,12 @@ def update_cost(a: Node, b: Node) -> int:
     return int(a.label != b.label)
 
 
-def _postorder(root: Node) -> tuple[list[Node], list[int]]:
+def _postorder(root: TreeNode) -> tuple[list[TreeNode], list[int]]:
     """Nodes in post-order and, per node, the post-order index of its leftmost leaf descendant."""
-    nodes: list[Node] = []
+    nodes: list[TreeNode] = []
     leftmost: list[int] = []
 
-    def visit(node: Node) -> int:
+    def visit(node: TreeNode) -> int:
         first = None
         for child in node.children:
             child_leftmost = visit(child)
@@ -161,9 +161,9 @@ def _keyroots(leftmost: list[int]) -> list[int]:
     return sorted(last.values())
 
 
-def tree_edit_distance(a: Node, b: Node, insert: Callable[[Node], int] = insert_cost,
-                       remove: Callable[[Node], int] = insert_cost,
-                       update: Callable[[Node, Node], int] = update_cost) -> int:
+def tree_edit_distance(a: TreeNode, b: TreeNode, insert: Callable[[TreeNode], int] = insert_cost,
+                       remove: Callable[[TreeNode], int] = insert_cost,
+                       update: Callable[[TreeNode, TreeNode], int] = update_cost) -> int:
     """Zhang–Shasha ordered tree edit distance between ``a`` and ``b`` under the given costs."""
     nodes_a, left_a = _postorder(a)
     nodes_b, left_b = _postorder(b)
@@ -174,8 +174,8 @@ def tree_edit_distance(a: Node, b: Node, insert: Callable[[Node], int] = insert_
     return tree[-1][-1]
 
 
-def _forest_distance(i: int, j: int, side_a: tuple[list[Node], list[int]],
-                     side_b: tuple[list[Node], list[int]], tree: list[list[int]],
+def _forest_distance(i: int, j: int, side_a: tuple[list[TreeNode], list[int]],
+                     side_b: tuple[list[TreeNode], list[int]], tree: list[list[int]],
                      costs: tuple[Callable, Callable, Callable]) -> None:
     """Fill ``tree`` for the subtrees of key roots ``i`` (in ``a``) and ``j`` (in ``b``)."""
     (nodes_a, left_a), (nodes_b, left_b) = side_a, side_b

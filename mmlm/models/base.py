@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pytorch_lightning as pl
 import torch
@@ -114,6 +114,25 @@ def check_features(encoder: nn.Module, features: torch.Tensor) -> None:
             tokens is not None and features.shape[1] != tokens):
         raise ValueError(f"cached features have shape {tuple(features.shape)} but {type(encoder).__name__} gives "
                          f"[B, {tokens}, {width}]: were they cached with another encoder or layer?")
+
+
+class ModuleSettings(TypedDict, total=False):
+    """Every argument of :class:`MultimodalModule` (optimisation, schedule, evaluation output, non-finite guard,
+    compilation, checkpoint contents), for constructors that forward them: ``**settings: Unpack[ModuleSettings]``
+    lets LightningCLI see, type-check and document each key of a ``from_hf``-style classmethod from YAML. A test
+    keeps the keys equal to ``MultimodalModule.__init__``'s parameters."""
+
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    min_lr_ratio: float
+    betas: tuple[float, float]
+    generation: GenerationConfig | None
+    predictions_dir: str | None
+    max_nonfinite_steps: int
+    torch_compile: bool
+    compile_options: dict[str, Any] | None
+    frozen_weights: str
 
 
 class MultimodalModule(pl.LightningModule):

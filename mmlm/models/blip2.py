@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from mmlm.batch import Batch
 from mmlm.connectors.qformer import QFormer
@@ -29,9 +30,9 @@ from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator
 from mmlm.freezing import freeze_
 from mmlm.fusion import targets_only
-from mmlm.language.base import GenerationConfig, LanguageModel, LMOutput
+from mmlm.language.base import LanguageModel, LMOutput
 from mmlm.language.hf_seq2seq import HFSeq2SeqLM
-from mmlm.models.base import MultimodalModule
+from mmlm.models.base import ModuleSettings, MultimodalModule
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
 
 
@@ -77,19 +78,18 @@ class Blip2(MultimodalModule):
 
     @classmethod
     def from_hf(cls, name_or_path: str, tokenizer: str | None = None, vision_dtype: str | None = None,
-                lm_dtype: str | None = None, generation: GenerationConfig | None = None,
-                predictions_dir: str | None = None, lr: float | None = None, weight_decay: float | None = None,
-                warmup_steps: int | None = None, **kwargs: Any) -> Blip2:
+                lm_dtype: str | None = None, **settings: Unpack[ModuleSettings]) -> Blip2:
         """Build from a ``transformers.Blip2ForConditionalGeneration`` directory or hub id, strictly.
 
-        ``tokenizer`` (default: the checkpoint's), ``vision_dtype``, ``lm_dtype``: see
-        :func:`mmlm.convert.blip2_hf.blip2_from_hf`. The evaluation/optimisation arguments are named here so that
-        LightningCLI can build it from YAML (``class_path: mmlm.models.Blip2.from_hf``; jsonargparse does not see
-        through ``**kwargs``); ``None`` keeps :class:`MultimodalModule`'s default. ``kwargs``: any other argument.
+        Args:
+            name_or_path: the checkpoint's directory or hub id.
+            tokenizer: hub id or directory of the tokenizer (default: the checkpoint's).
+            vision_dtype: dtype of the ViT (see :func:`mmlm.convert.blip2_hf.blip2_from_hf`).
+            lm_dtype: dtype of the language model.
+            **settings: any :class:`~mmlm.models.base.ModuleSettings` key (``lr``, ``generation``, …); LightningCLI
+                checks each one from YAML (``class_path: mmlm.models.Blip2.from_hf``).
         """
-        named = dict(generation=generation, predictions_dir=predictions_dir, lr=lr, weight_decay=weight_decay,
-                     warmup_steps=warmup_steps)
-        kwargs |= {key: value for key, value in named.items() if value is not None}
+        kwargs = dict(settings)
         model = blip2_from_hf(cls, name_or_path, tokenizer=tokenizer, vision_dtype=vision_dtype, lm_dtype=lm_dtype,
                               **kwargs)
         model.record_builder("from_hf", dict(name_or_path=name_or_path, tokenizer=tokenizer, vision_dtype=vision_dtype,

@@ -21,12 +21,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from mmlm.batch import Batch
 from mmlm.convert.donut_hf import donut_from_hf, donut_to_hf
 from mmlm.encoders.base import VisionEncoder
-from mmlm.language.base import GenerationConfig, LMOutput
+from mmlm.language.base import LMOutput
 from mmlm.language.cross_attention import CrossAttentionLM
+from mmlm.models.base import ModuleSettings
 from mmlm.models.documents import DocumentModule
 from mmlm.tokenizers import load_tokenizer
 
@@ -71,20 +73,23 @@ class Donut(DocumentModule):
 
     @classmethod
     def from_hf(cls, name_or_path: str, tokenizer: str | None = None, image_size: tuple[int, int] | None = None,
-                grad_checkpointing: bool = False, align_long_axis: bool | None = None,
-                generation: GenerationConfig | None = None, predictions_dir: str | None = None,
-                lr: float | None = None, weight_decay: float | None = None, warmup_steps: int | None = None,
-                export_dir: str | None = None, **kwargs: Any) -> Donut:
+                grad_checkpointing: bool = False, align_long_axis: bool | None = None, suppress_unk: bool = True,
+                export_dir: str | None = None, **settings: Unpack[ModuleSettings]) -> Donut:
         """Build from a transformers ``VisionEncoderDecoderModel`` directory or hub id (naver-clova-ix/donut-base
         layout), strictly; see :func:`mmlm.convert.donut_hf.donut_from_hf`.
 
-        ``image_size``: ``(H, W)`` instead of the checkpoint's; ``align_long_axis``: ``None`` keeps the
-        processor's. The other arguments are named so that LightningCLI can build it from YAML
-        (``class_path: mmlm.models.Donut.from_hf``); ``None`` keeps :class:`MultimodalModule`'s default.
+        Args:
+            name_or_path: the checkpoint's directory or hub id.
+            tokenizer: hub id or directory of the tokenizer (default: the checkpoint's).
+            image_size: ``(H, W)`` instead of the checkpoint's.
+            grad_checkpointing: recompute the encoder's and decoder's activations in the backward pass.
+            align_long_axis: rotate portrait pages to landscape; ``None`` keeps the processor's setting.
+            suppress_unk: see :class:`Donut`.
+            export_dir: see :class:`Donut`.
+            **settings: any :class:`~mmlm.models.base.ModuleSettings` key (``lr``, ``generation``, …); LightningCLI
+                checks each one from YAML (``class_path: mmlm.models.Donut.from_hf``).
         """
-        named = dict(generation=generation, predictions_dir=predictions_dir, lr=lr, weight_decay=weight_decay,
-                     warmup_steps=warmup_steps, export_dir=export_dir)
-        kwargs |= {key: value for key, value in named.items() if value is not None}
+        kwargs = dict(settings, suppress_unk=suppress_unk, export_dir=export_dir)
         model = donut_from_hf(cls, name_or_path, tokenizer=tokenizer, image_size=image_size,
                               grad_checkpointing=grad_checkpointing, **kwargs)
         if align_long_axis is not None:

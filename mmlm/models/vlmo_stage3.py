@@ -61,7 +61,7 @@ class VLMOStage3(VLMOModule):
         mlm_weight: weight of the masked-language loss (0 skips its fusion pass).
         itm_rerank_k: > 0: evaluation also re-ranks each image's top-k texts (and each text's top-k images) by ITC
             with the ITM head (fusion passes over pixels) and logs ``{stage}/rerank_i2t_r1`` …; single process.
-        **kwargs: :class:`~mmlm.models.vlmo.VLMOModule` arguments (``init_from`` a stage-2 checkpoint).
+        **kwargs: :class:`~mmlm.models.VLMOModule` arguments (``init_from`` a stage-2 checkpoint).
     """
 
     NEW_KEYS = ("itc_image_proj.*", "itc_text_proj.*", "itm_head.*", "temperature.*")

@@ -1,6 +1,6 @@
 """VLMO fine-tuning tasks on the fusion encoder: VQA as answer classification, NLVR2-style pair reasoning.
 
-Retrieval fine-tuning is :class:`mmlm.models.vlmo_stage3.VLMOStage3` with ``itm_weight: 0, mlm_weight: 0``
+Retrieval fine-tuning is :class:`mmlm.models.VLMOStage3` with ``itm_weight: 0, mlm_weight: 0``
 (dual encoder, ITC only); its validation reports R@1/5/10 in both directions.
 Shape legend: B batch, T text tokens, D width, A answers.
 """
@@ -62,7 +62,7 @@ class VLMOVQA(VLMOModule):
 
     Args:
         answers: the answer vocabulary (a list, or a JSON file of one), built from the training answers.
-        **kwargs: :class:`~mmlm.models.vlmo.VLMOModule` arguments (``init_from`` a stage-3 checkpoint).
+        **kwargs: :class:`~mmlm.models.VLMOModule` arguments (``init_from`` a stage-3 checkpoint).
     """
 
     NEW_KEYS = ("vqa_head.*",)
@@ -100,7 +100,7 @@ class VLMONLVR2(VLMOModule):
     encoder, the two text ``[CLS]`` vectors concatenated → true/false. Reports ``{stage}/accuracy``.
 
     Args:
-        **kwargs: :class:`~mmlm.models.vlmo.VLMOModule` arguments (``init_from`` a stage-3 checkpoint).
+        **kwargs: :class:`~mmlm.models.VLMOModule` arguments (``init_from`` a stage-3 checkpoint).
     """
 
     NEW_KEYS = ("nlvr2_head.*",)

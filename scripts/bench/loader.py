@@ -22,8 +22,8 @@ from common import Scale, alternate, captions_glob, row
 from PIL import Image
 
 from datamodules import ImageTextDataModule, Source
-from datamodules.base import expand_urls
 from datamodules.transforms import ImageTransform
+from datamodules.urls import expand_urls
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.tokenizers import load_tokenizer
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.base import _NOTES, SkipCounter, SkipSample
+from datamodules.skips import SkipCounter, SkipSample, collecting_notes
 from datamodules.synthetic.hostile import COUNTED_AS, write_hostile
 from datamodules.transforms import decode_image
 from mmlm.app.cli import main
@@ -46,9 +46,24 @@ def test_pixel_limit_is_configurable_and_checked_before_decoding():
     (Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)), "16bit"), (Image.new("P", (4, 4), 1), "palette"),
 ])
 def test_conversions_are_noted(image, kind):
-    _NOTES.take()
-    decoded = decode_image(png(image))
-    assert decoded.mode == "RGB" and _NOTES.take() == {f"converted_{kind}": 1}
+    with collecting_notes() as notes:
+        decoded = decode_image(png(image))
+    assert decoded.mode == "RGB" and notes.skipped == {f"converted_{kind}": 1}
+
+
+def test_notes_go_to_the_innermost_open_collection_and_nowhere_outside_one():
+    """A note outside any ``collecting_notes`` block is dropped; blocks nest and restore the outer one on exit,
+    also when the inner block raises (a skipped sample)."""
+    gray = png(Image.new("L", (4, 4), 9))
+    decode_image(gray)  # no collection open: dropped, no error
+    with collecting_notes() as outer:
+        decode_image(gray)
+        with pytest.raises(SkipSample), collecting_notes() as inner:
+            decode_image(gray)
+            raise SkipSample("bad_sample")
+        decode_image(gray)
+    decode_image(gray)
+    assert outer.skipped == {"converted_grayscale": 2} and inner.skipped == {"converted_grayscale": 1}
 
 
 def test_report_table_separates_skips_and_conversions():

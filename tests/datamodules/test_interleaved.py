@@ -11,9 +11,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from datamodules.base import _NOTES, SkipSample
 from datamodules.interleaved import InterleavedDataModule, MixSource, document_segments
 from datamodules.interleaved_tools import convert
+from datamodules.skips import SkipSample, collecting_notes
 from datamodules.synthetic.interleaved import write_interleaved
 from mmlm.sentences import IGNORE_INDEX
 
@@ -94,10 +94,10 @@ def test_bad_documents_are_skipped_with_a_reason(doc, reason):
 
 def test_a_missing_image_is_left_out_and_the_document_kept():
     """An undownloaded image (no member, no base64) drops that image only, counted as a conversion."""
-    _NOTES.take()
     doc = obelics(["a", None, "b", None], [None, "0.jpg", None, "1.jpg"], **{"1.jpg": RED})
-    assert document_segments(doc) == ["a", "b", RED]
-    assert _NOTES.take() == {"converted_missing_image": 1}
+    with collecting_notes() as notes:
+        assert document_segments(doc) == ["a", "b", RED]
+    assert notes.skipped == {"converted_missing_image": 1}
 
 
 def test_max_images_and_max_tokens_never_cut_an_image(synth):

@@ -25,11 +25,11 @@ import webdataset as wds
 from PIL import Image
 
 from datamodules import ImageTextDataModule, Source
-from datamodules.base import _NOTES
 from datamodules.image_text import ExampleBuilder
 from datamodules.interleaved import InterleavedDataModule, MixSource, document_segments
 from datamodules.interleaved_tools import convert
 from datamodules.outputs import InputError
+from datamodules.skips import collecting_notes
 from datamodules.tools import make_shards
 from mmlm.app.cli import main
 from mmlm.tokenizers import train_word_tokenizer
@@ -320,10 +320,10 @@ def test_open_flamingo_style_mmc4_sample_with_a_missing_image_keeps_its_text_and
     for info, colour in zip(doc["image_info"], ["red", None, "blue"]):
         if colour is not None:
             info["image_base64"] = base64.b64encode(jpeg(colour)).decode()
-    _NOTES.take()
-    segments = document_segments({"__key__": "d", "json": json.dumps(doc).encode()})
+    with collecting_notes() as notes:
+        segments = document_segments({"__key__": "d", "json": json.dumps(doc).encode()})
     assert [type(s).__name__ for s in segments] == ["bytes", "str", "str", "bytes", "str"]
-    assert _NOTES.take() == {"converted_missing_image": 1}
+    assert notes.skipped == {"converted_missing_image": 1}
 
 
 # -- images the readers would skip ---------------------------------------------------------------------------------

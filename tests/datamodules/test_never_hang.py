@@ -19,7 +19,8 @@ import pytest
 import webdataset as wds
 import yaml
 
-from datamodules.base import EmptyEpochError, WebDataModule
+from datamodules.base import WebDataModule
+from datamodules.loader import EmptyEpochError
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Seconds one CLI case may take: startup and model building take ~10 s here; a hang is killed at this limit.
@@ -112,7 +113,7 @@ class Keys(WebDataModule):
 
 
 def key_of(sample: dict, source: int) -> str:
-    from datamodules.base import SkipSample
+    from datamodules.skips import SkipSample
 
     if "txt" not in sample:
         raise SkipSample("empty")

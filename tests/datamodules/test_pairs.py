@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from datamodules.base import SkipSample
 from datamodules.pairs import PairBatch, PairsDataModule, pair_label
+from datamodules.skips import SkipSample
 from datamodules.synthetic.pairs import statement_with_label, write_pairs
 from datamodules.synthetic.shapes import Shape, captions_for
 from mmlm.tokenizers import load_tokenizer

@@ -370,11 +370,11 @@ def test_missing_raw_paths_are_refused_at_config_time_naming_key_and_path(tmp_pa
         err = validate_error([f"--data.init_args.val={json.dumps([{**source, field: value}])}"], capsys)
         assert f"data.init_args.val[0].{field}={value!r}: {expected}" in err
     err = validate_error([f"--data.init_args.predict_path={tmp_path / 'scans'}"], capsys,
-                         data="datamodules.documents.DocumentDataModule")
+                         data="datamodules.DocumentDataModule")
     assert "data.init_args.predict_path=" in err and "scans" in err and "no such folder" in err
     (tmp_path / "empty").mkdir()
     err = validate_error([f"--data.init_args.predict_path={tmp_path / 'empty'}"], capsys,
-                         data="datamodules.documents.DocumentDataModule")
+                         data="datamodules.DocumentDataModule")
     assert "holds no metadata.jsonl, no images and no *.tar shards" in err
 
 
@@ -491,9 +491,9 @@ def test_predict_donut_on_a_plain_image_folder_through_the_cli(tmp_path, piece_t
                   "generation": {"max_new_tokens": 3},
                   "encoder": {"class_path": "mmlm.encoders.HFVisionEncoder",
                               "init_args": {"model_type": "donut-swin", "config": swin}},
-                  "decoder": {"class_path": "mmlm.language.cross_attention.CrossAttentionLM",
+                  "decoder": {"class_path": "mmlm.language.CrossAttentionLM",
                               "init_args": {"config": mbart}}}},
-              "data": {"class_path": "datamodules.documents.DocumentDataModule",
+              "data": {"class_path": "datamodules.DocumentDataModule",
                        "init_args": {"predict_path": str(folder), "task": "cord-v2", "batch_size": 2}}}
     assert main(["predict", "--config", write_config(tmp_path / "donut.yaml", config)]) == 0
     stem = tmp_path / "out" / "predictions" / "predict-documents-step0"

@@ -16,7 +16,7 @@ from mmlm.json_tokens import donut_prediction, donut_token2json, json_to_tokens
 from mmlm.metrics.documents import (
     AnswerMetrics,
     DocumentMetrics,
-    Node,
+    TreeNode,
     anls,
     answer_text,
     edit_distance,
@@ -38,15 +38,15 @@ from mmlm.metrics.documents import (
 )
 
 
-def tree(label: str, *children: Node) -> Node:
-    return Node(label, children=list(children))
+def tree(label: str, *children: TreeNode) -> TreeNode:
+    return TreeNode(label, children=list(children))
 
 
-def unit(a: Node, b: Node) -> int:
+def unit(a: TreeNode, b: TreeNode) -> int:
     return int(a.label != b.label)
 
 
-def one(_: Node) -> int:
+def one(_: TreeNode) -> int:
     return 1
 
 

@@ -136,3 +136,13 @@ def test_under_ddp_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp
     assert [r["skipped"] for r in ranks] == [1, 1]
     assert same(ranks[0]["params"], ranks[1]["params"])
     assert all(torch.isfinite(p).all() for p in ranks[0]["params"].values())
+
+
+def test_module_settings_name_every_argument_of_the_base():
+    """``ModuleSettings`` (the ``**settings`` of ``Blip2.from_hf``/``Donut.from_hf``) cannot drift from the base."""
+    import inspect
+
+    from mmlm.models.base import ModuleSettings, MultimodalModule
+
+    params = [name for name in inspect.signature(MultimodalModule.__init__).parameters if name != "self"]
+    assert list(ModuleSettings.__annotations__) == params

@@ -156,3 +156,21 @@ def test_config_of_the_export_has_tokenizer_ids(tokenizer_dir, tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (config["pad_token_id"], config["eos_token_id"], config["decoder_start_token_id"]) == (1, 2, 0)
     assert config["encoder"]["image_size"] == [64, 48]
+
+
+def test_every_base_setting_reaches_from_hf_from_yaml_and_a_typo_is_refused(tokenizer_dir, tmp_path, capsys):
+    """``Donut.from_hf`` takes every ``MultimodalModule`` argument through LightningCLI (``ModuleSettings``)."""
+    from mmlm.app.lightning import lightning_cli
+
+    save_hf(tmp_path / "hf", tokenizer_dir)
+    model = {"class_path": "mmlm.models.Donut.from_hf",
+             "init_args": {"name_or_path": str(tmp_path / "hf"), "min_lr_ratio": 0.5, "max_nonfinite_steps": 3,
+                           "betas": [0.8, 0.95], "generation": {"max_new_tokens": 7}}}
+    data = {"class_path": "datamodules.ImageTextDataModule", "init_args": {}}
+    cli = lightning_cli(["--model", json.dumps(model), "--data", json.dumps(data)], run=False)
+    assert (cli.model.min_lr_ratio, cli.model.max_nonfinite_steps, cli.model.betas) == (0.5, 3, (0.8, 0.95))
+    assert cli.model.generation.max_new_tokens == 7
+    model["init_args"]["min_lr_ration"] = 0.5
+    with pytest.raises(SystemExit):
+        lightning_cli(["--model", json.dumps(model), "--data", json.dumps(data)], run=False)
+    assert "min_lr_ration" in capsys.readouterr().err
