@@ -7,7 +7,7 @@ A sample is ``{"left.jpg", "right.jpg", "json"}`` (``png``/``jpeg``/``webp`` mem
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,41 +17,11 @@ from datamodules.image_text import IMAGE_EXTENSIONS, json_field, url_sources
 from datamodules.skips import SkipSample
 from datamodules.transforms import ImageTransform
 from datamodules.unimodal import TextCollator
+from mmlm.batch import PairBatch
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.tokenizers import load_tokenizer
 
 LABELS = {True: 1, False: 0, "true": 1, "false": 0}
-
-
-@dataclass
-class PairBatch:
-    """Two images and a statement per example.
-
-    Attributes:
-        pixels_left: ``[B, 3, H, W]``.
-        pixels_right: ``[B, 3, H, W]``.
-        input_ids: ``[B, T]`` statement + eos, right-padded.
-        attention_mask: ``[B, T]``.
-        targets: ``[B]`` long, 1 = the statement is true.
-        keys: sample keys.
-        ids: sample ids (``json["id"]``, else the key).
-    """
-
-    pixels_left: torch.Tensor
-    pixels_right: torch.Tensor
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    targets: torch.Tensor
-    keys: list[str] = field(default_factory=list)
-    ids: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return self.targets.shape[0]
-
-    def pin_memory(self) -> PairBatch:
-        for name in ("pixels_left", "pixels_right", "input_ids", "attention_mask", "targets"):
-            setattr(self, name, getattr(self, name).pin_memory())
-        return self
 
 
 def side_image(sample: dict[str, Any], side: str) -> bytes:

@@ -10,7 +10,7 @@ Both read the same img2dataset-style shards as :class:`~datamodules.CaptionsData
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,45 +20,9 @@ from datamodules.collate import pad_id, pad_right, token_ids
 from datamodules.image_text import image_bytes, json_field, text_field, url_sources
 from datamodules.skips import SkipSample
 from datamodules.transforms import ImageTransform
+from mmlm.batch import ImageBatch, TextBatch
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.tokenizers import load_tokenizer
-
-
-@dataclass
-class ImageBatch:
-    """Images only: ``pixels [B, 3, H, W]`` (normalised), sample ``keys`` and ``ids`` (``image_id`` else key)."""
-
-    pixels: torch.Tensor
-    keys: list[str] = field(default_factory=list)
-    ids: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return self.pixels.shape[0]
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        """``[B, 0]``: an image batch has no text tokens (the shared tokens/s logging reads 0)."""
-        return self.pixels.new_zeros(len(self), 0)
-
-    def pin_memory(self) -> ImageBatch:
-        self.pixels = self.pixels.pin_memory()
-        return self
-
-
-@dataclass
-class TextBatch:
-    """Text only: ``input_ids [B, T]`` (``text eos``, right-padded), ``attention_mask [B, T]`` and ``keys``."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    keys: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def pin_memory(self) -> TextBatch:
-        self.input_ids, self.attention_mask = self.input_ids.pin_memory(), self.attention_mask.pin_memory()
-        return self
 
 
 def caption_text(sample: dict[str, Any]) -> str:

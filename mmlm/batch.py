@@ -1,21 +1,47 @@
-"""Typed batches that flow from ``datamodules`` into every model.
+"""Typed batches that flow from ``datamodules`` into every model, all moved by one mixin (:class:`MovesTensors`).
 
 Shape legend: B batch, T text tokens, P prompt tokens, H/W image height/width.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
+from typing_extensions import Self
 
 if TYPE_CHECKING:
     from mmlm.sentences import Span
 
 
+class MovesTensors:
+    """Mixin of every batch dataclass: :meth:`to` and :meth:`pin_memory` apply to each tensor field, and to each
+    tensor of a ``dict`` field (``None`` and plain Python fields stay as they are). Lightning moves a batch to the
+    device with ``to``; ``DataLoader(pin_memory=True)`` calls ``pin_memory``."""
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Self:
+        """Replace every tensor field ``t`` with ``fn(t)`` in place; returns ``self``."""
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, item.name, fn(value))
+            elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+                setattr(self, item.name, {key: fn(v) for key, v in value.items()})
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> Self:
+        """Move every tensor (``Tensor.to`` arguments)."""
+        return self.apply(lambda t: t.to(*args, **kwargs))
+
+    def pin_memory(self) -> Self:
+        """Pin every tensor."""
+        return self.apply(lambda t: t.pin_memory())
+
+
 @dataclass
-class Batch:
+class Batch(MovesTensors):
     """One collated batch of image + text examples.
 
     Every example is ``image, prompt, target``: a caption sample has an empty (or fixed)
@@ -58,17 +84,9 @@ class Batch:
     def __len__(self) -> int:
         return self.pixels.shape[0]
 
-    def pin_memory(self) -> Batch:
-        """Pin the tensors (called by ``DataLoader(pin_memory=True)``)."""
-        for name in ("pixels", "input_ids", "attention_mask", "labels", "prompt_ids", "prompt_mask"):
-            setattr(self, name, getattr(self, name).pin_memory())
-        if self.features is not None:
-            self.features = self.features.pin_memory()
-        return self
-
 
 @dataclass
-class SentenceBatch:
+class SentenceBatch(MovesTensors):
     """A batch of multimodal sentences (KOSMOS-1 interleaved documents, PaLM-E prompts), padded or packed.
 
     Each row holds one sentence, or several packed ones (``segment_ids`` tells them apart; attention
@@ -136,22 +154,57 @@ class SentenceBatch:
         """Share of the ``B × T`` positions that are padding."""
         return 1.0 - float(self.attention_mask.float().mean()) if self.attention_mask.numel() else 0.0
 
-    TENSORS = ("input_ids", "attention_mask", "labels", "position_ids", "segment_ids", "images", "prompt_ids",
-               "prompt_mask")
 
-    def _apply(self, fn) -> SentenceBatch:
-        for name in self.TENSORS:
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, fn(value))
-        self.modalities = {k: fn(v) for k, v in self.modalities.items()}
-        return self
+@dataclass
+class ImageBatch(MovesTensors):
+    """Images only: ``pixels [B, 3, H, W]`` (normalised), sample ``keys`` and ``ids`` (``image_id`` else key)."""
 
-    def pin_memory(self) -> SentenceBatch:
-        """Pin the tensors (called by ``DataLoader(pin_memory=True)``)."""
-        return self._apply(lambda t: t.pin_memory())
+    pixels: torch.Tensor
+    keys: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
 
-    def to(self, *args, **kwargs) -> SentenceBatch:
-        """Move every tensor (``Tensor.to`` arguments); Lightning moves batches to the device with this,
-        the spans (plain Python records) stay as they are."""
-        return self._apply(lambda t: t.to(*args, **kwargs))
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """``[B, 0]``: an image batch has no text tokens (the shared tokens/s logging reads 0)."""
+        return self.pixels.new_zeros(len(self), 0)
+
+
+@dataclass
+class TextBatch(MovesTensors):
+    """Text only: ``input_ids [B, T]`` (``text eos``, right-padded), ``attention_mask [B, T]`` and ``keys``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    keys: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@dataclass
+class PairBatch(MovesTensors):
+    """Two images and a statement per example.
+
+    Attributes:
+        pixels_left: ``[B, 3, H, W]``.
+        pixels_right: ``[B, 3, H, W]``.
+        input_ids: ``[B, T]`` statement + eos, right-padded.
+        attention_mask: ``[B, T]``.
+        targets: ``[B]`` long, 1 = the statement is true.
+        keys: sample keys.
+        ids: sample ids (``json["id"]``, else the key).
+    """
+
+    pixels_left: torch.Tensor
+    pixels_right: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    targets: torch.Tensor
+    keys: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.targets.shape[0]

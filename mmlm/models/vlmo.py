@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mmlm.batch import Batch, ImageBatch, TextBatch
 from mmlm.checkpointing import load_checkpoint_file
 from mmlm.convert.vlmo_timm import load_timm_into_mome
 from mmlm.encoders.base import ImagePreprocess
@@ -161,7 +162,7 @@ class VLMOModule(MultimodalModule):
         start = torch.full_like(ids[:, :1], self.cls_id)
         return torch.cat([start, ids], 1)[:, :limit], torch.cat([torch.ones_like(start), mask], 1)[:, :limit]
 
-    def caption_inputs(self, batch: Any) -> tuple[Tensor, Tensor]:
+    def caption_inputs(self, batch: Batch | TextBatch) -> tuple[Tensor, Tensor]:
         """``[CLS] text [SEP]`` of a caption :class:`~mmlm.batch.Batch` (its target span) or of a text-only
         batch (its ``input_ids``) → ``(ids, mask) [B, T]``."""
         if getattr(batch, "labels", None) is not None:
@@ -171,7 +172,7 @@ class VLMOModule(MultimodalModule):
             ids, mask = batch.input_ids, batch.attention_mask
         return self.with_cls(ids, mask)
 
-    def prompt_inputs(self, batch: Any) -> tuple[Tensor, Tensor]:
+    def prompt_inputs(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """``[CLS] prompt`` (the question of a VQA :class:`~mmlm.batch.Batch`, never its answer) → ``[B, T]``."""
         keep = (batch.labels == IGNORE_INDEX) & (batch.attention_mask == 1)
         if self.tokenizer.bos_token_id is not None:
@@ -189,7 +190,7 @@ class VLMOModule(MultimodalModule):
         return mask_tokens(ids, self.maskable(ids, mask), self.mask_id, len(self.tokenizer), prob)
 
     # --- evaluation: the base's loss evaluator; stage 3 and the tasks compose their own --------------
-    def generate_text(self, batch: Any) -> list[str]:
+    def generate_text(self, batch: Batch) -> list[str]:
         raise NotImplementedError(f"{type(self).__name__} does not generate text (VLMO is an encoder)")
 
     def log_terms(self, terms: dict[str, Tensor], stage: str, size: int) -> None:
@@ -226,7 +227,7 @@ class VLMOStage1(VLMOModule):
         self.mim_head = nn.Linear(dim, outputs)
         self.finish_init()
 
-    def training_loss(self, batch: Any) -> Tensor:
+    def training_loss(self, batch: ImageBatch | Batch) -> Tensor:
         """Masked patch regression (or visual-token classification) loss of ``batch.pixels``."""
         pixels = batch.pixels
         patch_mask = random_patch_mask(pixels.shape[0], self.transformer.num_patches, self.mask_ratio,
@@ -272,7 +273,7 @@ class VLMOStage2(VLMOModule):
         hidden = self.transformer("text", text_ids=ids, text_mask=mask).text
         return self.mlm_head(hidden, self.transformer.word_embed.weight)
 
-    def training_loss(self, batch: Any) -> Tensor:
+    def training_loss(self, batch: TextBatch | Batch) -> Tensor:
         """MLM cross-entropy on the masked tokens of ``[CLS] text [SEP]``."""
         ids, mask = self.caption_inputs(batch)
         masked, labels = self.mask_text(ids, mask, self.mlm_prob)

@@ -19,6 +19,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmlm.batch import Batch
 from mmlm.evaluation import Evaluation, RetrievalEvaluator, RetrievalStep
 from mmlm.heads import TiedLMHead
 from mmlm.losses import (
@@ -97,7 +98,7 @@ class VLMOStage3(VLMOModule):
         """Fusion pass over ``pixels [P, 3, H, W]`` and ``ids, mask [P, T]`` → match logits ``[P, 2]``."""
         return self.itm_head(self.transformer("fusion", pixels, ids, mask).text[:, 0])
 
-    def forward(self, batch: Any) -> Stage3Output:
+    def forward(self, batch: Batch) -> Stage3Output:
         """The three loss terms of a caption batch and its ITC features."""
         ids, mask = self.caption_inputs(batch)
         image_ids = image_id_tensor(batch.ids, batch.pixels.device)
@@ -119,13 +120,13 @@ class VLMOStage3(VLMOModule):
         """The weighted sum of the terms."""
         return sum(self.weights[name] * getattr(out, name) for name in self.weights)
 
-    def training_loss(self, batch: Any) -> Tensor:
+    def training_loss(self, batch: Batch) -> Tensor:
         """Weighted ITC + ITM + MLM; each term logged as ``train/itc`` …"""
         out = self(batch)
         self.log_terms({"itc": out.itc, "itm": out.itm, "mlm": out.mlm}, "train", len(batch))
         return self.loss_of(out)
 
-    def retrieval_step(self, batch: Any) -> RetrievalStep:
+    def retrieval_step(self, batch: Batch) -> RetrievalStep:
         """Evaluation: the loss terms (and their weighted sum) and the ITC features of a caption batch, with the
         pixels and texts that ITM re-ranking reads (:class:`~mmlm.evaluation.RetrievalEvaluator`)."""
         out = self(batch)

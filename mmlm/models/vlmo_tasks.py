@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmlm.batch import Batch, PairBatch
 from mmlm.evaluation import ClassificationEvaluator, Evaluation, GenerationEvaluator, LossEvaluator, VQAScorer
 from mmlm.metrics.vqa import build_answer_vocab, normalize_answer, vqa_accuracy_normalized  # noqa: F401 (re-export)
 from mmlm.models.vlmo import VLMOModule
@@ -79,18 +80,18 @@ class VLMOVQA(VLMOModule):
         self.evaluation = Evaluation(LossEvaluator(), GenerationEvaluator([VQAScorer()]))
         self.finish_init()
 
-    def logits(self, batch: Any) -> Tensor:
+    def logits(self, batch: Batch) -> Tensor:
         """Fusion pass over question and image → answer logits ``[B, A]``."""
         ids, mask = self.prompt_inputs(batch)
         return self.vqa_head(self.transformer("fusion", batch.pixels, ids, mask).text[:, 0])
 
-    def training_loss(self, batch: Any) -> Tensor:
+    def training_loss(self, batch: Batch) -> Tensor:
         """Binary cross-entropy against the soft targets, summed over answers (× A, as ViLT/VLMO)."""
         logits = self.logits(batch)
         targets = vqa_soft_targets(batch.references, self.answer_index, logits.device)
         return F.binary_cross_entropy_with_logits(logits.float(), targets) * targets.shape[1]
 
-    def generate_text(self, batch: Any) -> list[str]:
+    def generate_text(self, batch: Batch) -> list[str]:
         """The highest-scoring answer of each question."""
         return [self.answers[i] for i in self.logits(batch).argmax(dim=-1).tolist()]
 
@@ -115,16 +116,16 @@ class VLMONLVR2(VLMOModule):
         self.evaluation = Evaluation(ClassificationEvaluator())
         self.finish_init()
 
-    def logits(self, batch: Any) -> Tensor:
+    def logits(self, batch: PairBatch) -> Tensor:
         """``[B, 2]`` (class 1 = the statement is true) from a :class:`~datamodules.pairs.PairBatch`."""
         ids, mask = self.with_cls(batch.input_ids, batch.attention_mask)
         left = self.transformer("fusion", batch.pixels_left, ids, mask).text[:, 0]
         right = self.transformer("fusion", batch.pixels_right, ids, mask).text[:, 0]
         return self.nlvr2_head(torch.cat([left, right], dim=-1))
 
-    def training_loss(self, batch: Any) -> Tensor:
+    def training_loss(self, batch: PairBatch) -> Tensor:
         return F.cross_entropy(self.logits(batch).float(), batch.targets)
 
-    def classify(self, batch: Any) -> tuple[Tensor, Tensor]:
+    def classify(self, batch: PairBatch) -> tuple[Tensor, Tensor]:
         """``(logits [B, 2], targets [B])`` for :class:`~mmlm.evaluation.ClassificationEvaluator`."""
         return self.logits(batch), batch.targets

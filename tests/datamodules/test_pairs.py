@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from datamodules.pairs import PairBatch, PairsDataModule, pair_label
+from datamodules.pairs import PairsDataModule, pair_label
 from datamodules.skips import SkipSample
 from datamodules.synthetic.pairs import statement_with_label, write_pairs
 from datamodules.synthetic.shapes import Shape, captions_for
+from mmlm.batch import PairBatch
 from mmlm.tokenizers import load_tokenizer
 
 LEFT = (Shape("red", "circle", 10, 10, 9), Shape("blue", "square", 40, 40, 9))

@@ -9,7 +9,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from datamodules.unimodal import ImageBatch, ImageOnlyDataModule, TextBatch, TextOnlyDataModule
+from datamodules.unimodal import ImageOnlyDataModule, TextOnlyDataModule
+from mmlm.batch import ImageBatch, TextBatch
 from mmlm.tokenizers import load_tokenizer
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from datamodules.unimodal import TextBatch
+from mmlm.batch import TextBatch
 from mmlm.metrics.retrieval import retrieval_recall
 from mmlm.models.vlmo import VLMOStage1, VLMOStage2
 from mmlm.models.vlmo_stage3 import VLMOStage3

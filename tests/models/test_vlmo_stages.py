@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodules.pairs import PairBatch
+from mmlm.batch import PairBatch
 from mmlm.models.base import param_groups
 from mmlm.models.vlmo import VLMOStage1, VLMOStage2
 from mmlm.models.vlmo_stage3 import VLMOStage3
