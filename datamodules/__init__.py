@@ -7,8 +7,7 @@ that a data tool pays only for what it reads.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mmlm.lazy import lazy_exports
 
 #: Exported name → the module that defines it.
 _EXPORTS: dict[str, str] = {
@@ -79,17 +78,4 @@ _EXPORTS: dict[str, str] = {
     "WorkerStream": "datamodules.streams",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    """Import the module that defines ``name`` on first use."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'datamodules' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datamodules.shard_tools import add_synthetic_arguments
+
 METADATA = "metadata.jsonl"
 SPECIAL_TOKENS_FILE = "special_tokens.json"
 #: Image extensions read from a Donut folder and written to shards (the first present is decoded).
@@ -289,13 +291,10 @@ def convert_donut(input: str | Path, out: str | Path, shard_size: int = 1000, pr
 
 def _synth_args(tool: argparse.ArgumentParser, what: str) -> None:
     """Arguments shared by ``synth-docs`` and ``synth-receipts``."""
-    tool.add_argument("--out", required=True, help=f"output folder: shards/{{train,validation}}/ and donut/{{…}}/ of {what}")
-    tool.add_argument("--train", type=int, default=None, help="training documents")
-    tool.add_argument("--val", type=int, default=None, help="validation documents")
-    tool.add_argument("--seed", type=int, default=None)
+    add_synthetic_arguments(tool, "documents", train=None, val=None, shard_size=None, seed=None,
+                            out_help=f"output folder: shards/{{train,validation}}/ and donut/{{…}}/ of {what}")
     tool.add_argument("--width", type=int, default=None, help="image width in pixels")
     tool.add_argument("--height", type=int, default=None, help="image height in pixels")
-    tool.add_argument("--shard-size", type=int, default=None, help="samples per shard")
     tool.add_argument("--layout", choices=[*LAYOUTS, "both"], default="both", help="shards, Donut folders or both")
 
 

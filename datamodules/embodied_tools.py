@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from datamodules.shard_tools import add_synthetic_arguments
+
 DEFAULT_TRAIN = 8000  # sentences; scripts/palme_tiny.py uses the same sizes
 DEFAULT_VAL = 400
 
@@ -15,11 +17,7 @@ DEFAULT_VAL = 400
 def add_data_tools(sub: argparse._SubParsersAction) -> None:
     """Add ``synth-tabletop`` to the ``mmlm data`` subparsers."""
     tool = sub.add_parser("synth-tabletop", help="render tabletop block scenes with state, questions and plans (PaLM-E)")
-    tool.add_argument("--out", required=True, help="output directory")
-    tool.add_argument("--train", type=int, default=DEFAULT_TRAIN, help="training sentences")
-    tool.add_argument("--val", type=int, default=DEFAULT_VAL, help="validation sentences")
-    tool.add_argument("--seed", type=int, default=0)
-    tool.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    add_synthetic_arguments(tool, "sentences", train=DEFAULT_TRAIN, val=DEFAULT_VAL)
     tool.set_defaults(run=synth_tabletop)
 
 

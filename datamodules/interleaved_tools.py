@@ -32,6 +32,7 @@ from typing import Any
 
 from datamodules.downloads import UrlImages, is_parquet, parquet_rows, url_images
 from datamodules.outputs import check_output, prepare_output, write_summary
+from datamodules.shard_tools import add_synthetic_arguments
 from datamodules.shards import ShardWriter
 
 IMAGE_TYPES = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp"}
@@ -53,11 +54,8 @@ def add_data_tools(sub: argparse._SubParsersAction) -> None:
         tool.add_argument("--shard-size", type=int, default=1000, help="documents per shard")
         tool.set_defaults(run=convert_obelics if name == "convert-obelics" else convert_mmc4)
     synth = sub.add_parser("synth-interleaved", help="synthetic interleaved shapes documents for KOSMOS-1 (k-shot)")
-    synth.add_argument("--out", required=True, help="output directory")
-    synth.add_argument("--docs", type=int, default=4000, help="interleaved documents")
-    synth.add_argument("--val", type=int, default=150, help="validation queries")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--shard-size", type=int, default=500, help="samples per shard")
+    add_synthetic_arguments(synth, "documents (validation: k-shot queries)", train=4000, val=150, shard_size=500,
+                            train_flag="--docs")
     synth.set_defaults(run=synth_interleaved)
 
 

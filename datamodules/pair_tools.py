@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from datamodules.shard_tools import add_synthetic_arguments
+
 
 def read_vqa_answers(urls: str) -> list[list[str]]:
     """The human answers of every sample of VQA shards (brace pattern or glob), in shard order."""
@@ -40,11 +42,7 @@ def synth_pairs_main(args: argparse.Namespace) -> dict[str, Any]:
 def add_data_tools(sub: argparse._SubParsersAction) -> None:
     """Add ``synth-pairs`` and ``vqa-answers`` to ``mmlm data``."""
     pairs = sub.add_parser("synth-pairs", help="render NLVR2-style pairs: two shapes images + a true/false statement")
-    pairs.add_argument("--out", required=True, help="output directory")
-    pairs.add_argument("--train", type=int, default=4000, help="training pairs")
-    pairs.add_argument("--val", type=int, default=500, help="validation pairs")
-    pairs.add_argument("--seed", type=int, default=0)
-    pairs.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    add_synthetic_arguments(pairs, "pairs", train=4000, val=500)
     pairs.set_defaults(run=synth_pairs_main)
     answers = sub.add_parser("vqa-answers", help="answer vocabulary (JSON list) from the answers of VQA shards")
     answers.add_argument("urls", help="VQA shards: brace pattern or glob")

@@ -234,3 +234,16 @@ def test_fit_help_lists_every_family_and_datamodule(capsys):
                and issubclass(value, pl.LightningDataModule)]
     assert "VLMOStage1" in families and "DocumentDataModule" in modules
     assert [name for name in families + modules if name not in shown] == []
+
+
+def test_every_data_tool_registers_one_way_and_synthetic_tools_share_their_arguments():
+    from mmlm.app.data import data_parser
+
+    sub = next(action for action in data_parser()._actions if action.dest == "tool")
+    assert len(sub.choices) >= 17
+    no_run = [name for name, tool in sub.choices.items() if not callable(tool.get_default("run"))]
+    assert no_run == []
+    for name, tool in sub.choices.items():
+        if name.startswith("synth-"):
+            flags = {flag for action in tool._actions for flag in action.option_strings}
+            assert {"--out", "--val", "--seed", "--shard-size", "--overwrite"} <= flags, name
