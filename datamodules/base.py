@@ -23,6 +23,7 @@ import torch
 from datamodules.loader import SkipCountingLoader
 from datamodules.pipeline import CollateFn, ExampleFn, ShardPipeline
 from datamodules.skips import CONVERTED, SkipCounter
+from mmlm.data_spec import DataSpec
 
 
 class ShardSource(Protocol):
@@ -88,6 +89,14 @@ class WebDataModule(pl.LightningDataModule):
     def collate_fn(self, stage: str) -> CollateFn:
         """A picklable ``list[example] -> batch`` for ``stage``."""
         raise NotImplementedError
+
+    # -- the model's side ----------------------------------------------------------------------
+    def model_spec(self) -> DataSpec:
+        """The attached trainer's model's :class:`~mmlm.data_spec.DataSpec` (``model.data_spec()``), or an empty spec
+        without a trainer or model: the only thing a datamodule reads from the model. Its own arguments win."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        data_spec = getattr(module, "data_spec", None)
+        return data_spec() if callable(data_spec) else DataSpec()
 
     # -- skip counts ----------------------------------------------------------------------------
     @property

@@ -362,34 +362,19 @@ class DocumentDataModule(WebDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve tokenizer and preprocessing (arguments first, else the module's); add the special tokens."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
+        spec, name = self.model_spec(), type(self).__name__
         if not self.added_tokens:
             self.added_tokens = self.needed_tokens()
-            if module is not None and hasattr(module, "add_tokens"):
-                module.add_tokens(self.added_tokens)
+            if spec.add_tokens is not None:
+                spec.add_tokens(self.added_tokens)
         if self.tokenizer is None:
-            self.tokenizer = self._resolve_tokenizer(module)
+            self.tokenizer = (load_tokenizer(self.tokenizer_name, self.added_tokens) if self.tokenizer_name is not None
+                              else spec.require("tokenizer", name, "tokenizer"))
         if self.preprocess is None:
-            self.preprocess = self._resolve_preprocess(module)
+            self.preprocess = (ImagePreprocess(tuple(self.image_size)) if self.image_size is not None
+                               else spec.require("image_preprocess", name, "image_size"))
         if self.align_long_axis is None:
-            self.align_long_axis = bool(getattr(module, "align_long_axis", False))
-
-    def _resolve_tokenizer(self, module: Any) -> Any:
-        """``load_tokenizer(tokenizer, added tokens)``, else ``module.tokenizer``."""
-        if self.tokenizer_name is not None:
-            return load_tokenizer(self.tokenizer_name, self.added_tokens)
-        if module is not None and getattr(module, "tokenizer", None) is not None:
-            return module.tokenizer
-        raise ValueError(f"{type(self).__name__} needs tokenizer=… or a trainer whose LightningModule has .tokenizer")
-
-    def _resolve_preprocess(self, module: Any) -> ImagePreprocess:
-        """``ImagePreprocess(image_size)``, else ``module.image_preprocess``."""
-        if self.image_size is not None:
-            return ImagePreprocess(tuple(self.image_size))
-        if module is not None and getattr(module, "image_preprocess", None) is not None:
-            return module.image_preprocess
-        raise ValueError(f"{type(self).__name__} needs image_size=(H, W) or a trainer whose LightningModule has "
-                         ".image_preprocess")
+            self.align_long_axis = bool(spec.align_long_axis)
 
     # -- pipeline hooks -------------------------------------------------------------------------
     def example_fn(self, stage: str, sources: Sequence[DocumentSource]) -> DocumentExampleBuilder:

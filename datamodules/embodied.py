@@ -188,24 +188,19 @@ class EmbodiedDataModule(WebDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve tokenizer, markers and image preprocessing (arguments first, else the model's)."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
+        spec, name = self.model_spec(), type(self).__name__
         if self.markers is None:
-            self.markers = tuple(self._from_module(module, "markers", "markers"))
+            self.markers = tuple(spec.require("markers", name, "markers"))
         if self.state_dim is None:
-            self.state_dim = self._from_module(module, "state_dim", "state_dim")
+            self.state_dim = spec.require("state_dim", name, "state_dim")
         if self.object_dim is None:
-            self.object_dim = self._from_module(module, "object_dim", "object_dim")
+            self.object_dim = spec.require("object_dim", name, "object_dim")
         if self.tokenizer is None:
             self.tokenizer = (load_tokenizer(self.tokenizer_name, special_tokens(self.markers))
-                              if self.tokenizer_name else self._from_module(module, "tokenizer", "tokenizer"))
+                              if self.tokenizer_name else spec.require("tokenizer", name, "tokenizer"))
         if self.preprocess is None:
             self.preprocess = (ImagePreprocess((self.image_size, self.image_size)) if self.image_size
-                               else self._from_module(module, "image_preprocess", "image_size"))
-
-    def _from_module(self, module: Any, attr: str, arg: str) -> Any:
-        if module is not None and getattr(module, attr, None) is not None:
-            return getattr(module, attr)
-        raise ValueError(f"{type(self).__name__} needs {arg}=… or a trainer whose LightningModule has .{attr}")
+                               else spec.require("image_preprocess", name, "image_size"))
 
     def example_fn(self, stage: str, sources: Sequence[UrlSource]) -> EmbodiedExampleBuilder:
         if self.preprocess is None or self.tokenizer is None:

@@ -356,21 +356,13 @@ class ImageTextDataModule(WebDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve the tokenizer and image preprocessing (arguments first, else the model's)."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
+        spec, name = self.model_spec(), type(self).__name__
         if self.tokenizer is None:
-            self.tokenizer = self._resolve("tokenizer", self.tokenizer_name, module, load_tokenizer)
+            self.tokenizer = (load_tokenizer(self.tokenizer_name) if self.tokenizer_name is not None
+                              else spec.require("tokenizer", name, "tokenizer"))
         if self.preprocess is None:
-            self.preprocess = self._resolve("image_preprocess", self.image_size, module,
-                                            lambda side: ImagePreprocess((side, side)))
-
-    def _resolve(self, attr: str, value: Any, module: Any, build: Any) -> Any:
-        """``build(value)`` when ``value`` is given, else ``module.<attr>``; a clear error otherwise."""
-        if value is not None:
-            return build(value)
-        if module is not None and getattr(module, attr, None) is not None:
-            return getattr(module, attr)
-        arg = "tokenizer" if attr == "tokenizer" else "image_size"
-        raise ValueError(f"{type(self).__name__} needs {arg}=… or a trainer whose LightningModule has .{attr}")
+            self.preprocess = (ImagePreprocess((self.image_size, self.image_size)) if self.image_size is not None
+                               else spec.require("image_preprocess", name, "image_size"))
 
     def build_pipeline(self, stage: str, sources: Sequence[Source], *,
                        rank: int | None = None, world_size: int | None = None) -> ShardPipeline:

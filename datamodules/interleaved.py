@@ -442,22 +442,16 @@ class InterleavedDataModule(WebDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve marker, tokenizer and image preprocessing (arguments first, else the model's)."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        r = self.resolved
+        spec, name, r = self.model_spec(), type(self).__name__, self.resolved
         if r.marker is None:
             r.marker = (kosmos_image_marker(self.image_tokens) if self.image_tokens is not None
-                        else self._from_module(module, "image_marker", "image_tokens"))
+                        else spec.require("markers", name, "image_tokens")[0])
         if r.tokenizer is None:
             r.tokenizer = (load_tokenizer(self.tokenizer_name, special_tokens([r.marker]))
-                           if self.tokenizer_name is not None else self._from_module(module, "tokenizer", "tokenizer"))
+                           if self.tokenizer_name is not None else spec.require("tokenizer", name, "tokenizer"))
         if r.preprocess is None:
             r.preprocess = (ImagePreprocess((self.image_size, self.image_size)) if self.image_size is not None
-                            else self._from_module(module, "image_preprocess", "image_size"))
-
-    def _from_module(self, module: Any, attr: str, arg: str) -> Any:
-        if module is not None and getattr(module, attr, None) is not None:
-            return getattr(module, attr)
-        raise ValueError(f"{type(self).__name__} needs {arg}=… or a trainer whose LightningModule has .{attr}")
+                            else spec.require("image_preprocess", name, "image_size"))
 
     def _support(self, sources: Sequence[MixSource]) -> tuple[Demo, ...]:
         """Demonstrations for k-shot prompts (loaded once, from ``support``)."""

@@ -93,18 +93,13 @@ class PairsDataModule(WebDataModule):
         self.tokenizer_name, self.image_size = tokenizer, image_size
         self.max_text_tokens, self.train_crop_scale = max_text_tokens, train_crop_scale
 
-    def _module_attr(self, attr: str) -> Any:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if getattr(module, attr, None) is None:
-            raise ValueError(f"PairsDataModule needs {attr} given explicitly or a trainer whose module has .{attr}")
-        return getattr(module, attr)
 
     def example_fn(self, stage: str, sources: Any) -> PairExample:
         pre = (ImagePreprocess((self.image_size, self.image_size)) if self.image_size is not None
-               else self._module_attr("image_preprocess"))
+               else self.model_spec().require("image_preprocess", type(self).__name__, "image_size"))
         return PairExample(ImageTransform.from_preprocess(pre, train=stage == "fit", min_crop_scale=self.train_crop_scale))
 
     def collate_fn(self, stage: str) -> PairCollator:
         tokenizer = (load_tokenizer(self.tokenizer_name) if self.tokenizer_name is not None
-                     else self._module_attr("tokenizer"))
+                     else self.model_spec().require("tokenizer", type(self).__name__, "tokenizer"))
         return PairCollator(TextCollator(tokenizer, self.max_text_tokens))

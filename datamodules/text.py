@@ -112,13 +112,8 @@ class TextDataModule(WebDataModule):
         """Resolve the tokenizer: the argument, else the trainer's LightningModule's ``tokenizer``."""
         if self.tokenizer is not None:
             return
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if self.tokenizer_name is not None:
-            self.tokenizer = load_tokenizer(self.tokenizer_name)
-        elif module is not None and getattr(module, "tokenizer", None) is not None:
-            self.tokenizer = module.tokenizer
-        else:
-            raise ValueError("TextDataModule needs tokenizer=… or a trainer whose LightningModule has .tokenizer")
+        self.tokenizer = (load_tokenizer(self.tokenizer_name) if self.tokenizer_name is not None
+                          else self.model_spec().require("tokenizer", type(self).__name__, "tokenizer"))
 
     def example_fn(self, stage: str, sources: Sequence[Source]) -> TextExampleBuilder:
         return TextExampleBuilder(self.text_field)

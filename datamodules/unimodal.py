@@ -85,13 +85,6 @@ class _CaptionShardsModule(WebDataModule):
                          num_workers=num_workers, epoch_samples=epoch_samples, shuffle_buffer=shuffle_buffer,
                          resampled=resampled, seed=seed)
 
-    def _module_attr(self, attr: str) -> Any:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        value = getattr(module, attr, None) if module is not None else None
-        if value is None:
-            raise ValueError(f"{type(self).__name__} needs an explicit argument or a trainer whose module has .{attr}")
-        return value
-
 
 class ImageOnlyDataModule(_CaptionShardsModule):
     """Images of caption shards (text ignored) → :class:`ImageBatch`.
@@ -108,7 +101,7 @@ class ImageOnlyDataModule(_CaptionShardsModule):
 
     def example_fn(self, stage: str, sources: Any) -> ImageExample:
         pre = (ImagePreprocess((self.image_size, self.image_size)) if self.image_size is not None
-               else self._module_attr("image_preprocess"))
+               else self.model_spec().require("image_preprocess", type(self).__name__, "image_size"))
         return ImageExample(ImageTransform.from_preprocess(pre, train=stage == "fit",
                                                            min_crop_scale=self.train_crop_scale))
 
@@ -134,5 +127,5 @@ class TextOnlyDataModule(_CaptionShardsModule):
 
     def collate_fn(self, stage: str) -> TextCollator:
         tokenizer = (load_tokenizer(self.tokenizer_name) if self.tokenizer_name is not None
-                     else self._module_attr("tokenizer"))
+                     else self.model_spec().require("tokenizer", type(self).__name__, "tokenizer"))
         return TextCollator(tokenizer, self.max_text_tokens)

@@ -72,6 +72,14 @@ def format_report(stage: str, counts: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
+def log_running_counts(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Log this rank's running count of skipped samples per reason as ``data/skipped_<reason>`` (rank 0's value is
+    kept): the datamodule's ``skip_counts()``, read here so that no model reads its datamodule."""
+    counts = getattr(trainer.datamodule, "skip_counts", dict)()
+    for reason, count in counts.items():
+        pl_module.log(f"data/skipped_{reason}", float(count), rank_zero_only=True)
+
+
 class DataReport(pl.Callback):
     """End-of-run summary of skipped and converted samples (see the module docstring).
 
@@ -83,6 +91,20 @@ class DataReport(pl.Callback):
     def __init__(self) -> None:
         super().__init__()
         self.reports: dict[str, dict[str, int]] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if (batch_idx + 1) % trainer.log_every_n_steps == 0:
+            log_running_counts(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_running_counts(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_running_counts(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_running_counts(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.report(trainer, "fit")

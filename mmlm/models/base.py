@@ -28,6 +28,7 @@ from torch import nn
 from mmlm.batch import Batch
 from mmlm.checkpoint_state import BUILDER_KEY, FROZEN_WEIGHTS, leave_out_frozen, plain_hparams, restore_frozen
 from mmlm.checkpointing import load_checkpoint_file
+from mmlm.data_spec import DataSpec
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
 from mmlm.evaluation import Evaluation, LossEvaluator
 from mmlm.fusion import prepend_placeholders, splice
@@ -200,9 +201,14 @@ class MultimodalModule(pl.LightningModule):
         raise NotImplementedError
 
     @property
-    def image_preprocess(self) -> ImagePreprocess:
-        """Image size, mean and std the datamodule must produce: the family's ``encoder``'s."""
-        return self.encoder.preprocess
+    def image_preprocess(self) -> ImagePreprocess | None:
+        """Image size, mean and std the datamodule must produce: the family's ``encoder``'s (``None`` without one)."""
+        return self.encoder.preprocess if hasattr(self, "encoder") else None
+
+    def data_spec(self) -> DataSpec:
+        """What the datamodule reads from this model (:class:`~mmlm.data_spec.DataSpec`): its tokenizer and image
+        preprocessing; a family with more to say extends it with ``dataclasses.replace(super().data_spec(), …)``."""
+        return DataSpec(tokenizer=getattr(self, "tokenizer", None), image_preprocess=self.image_preprocess)
 
     def _embed(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None,
                prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -323,8 +329,8 @@ class MultimodalModule(pl.LightningModule):
             optimizer.zero_grad(set_to_none=True)
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
-        """Every ``log_every_n_steps`` (and on a skipped step): samples/s and tokens/s of this step, lr,
-        skipped samples and skipped steps."""
+        """Every ``log_every_n_steps`` (and on a skipped step): samples/s and tokens/s of this step, lr and skipped
+        steps (skipped samples: :class:`mmlm.app.reliability.DataReport`)."""
         self._use_live_encoder()
         if self._skipped_step:
             self._log_nonfinite(len(batch))
@@ -336,7 +342,6 @@ class MultimodalModule(pl.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(batch))
         if not self._skipped_step:
             self._log_nonfinite(len(batch))
-        self._log_skipped()
 
     def on_after_backward(self) -> None:
         """After a skipped step's backward (not earlier: backward reads them), BatchNorm running statistics go
@@ -350,9 +355,6 @@ class MultimodalModule(pl.LightningModule):
         """Log the run's count of steps skipped for a non-finite loss (the same on every rank)."""
         self.log("train/skipped_nonfinite_loss", float(self.nonfinite_skipped), batch_size=batch_size,
                  rank_zero_only=True)
-
-    def on_train_epoch_end(self) -> None:
-        self._log_skipped()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record skipped steps and the builder; leave out frozen parts that can be re-read from their source."""
@@ -459,18 +461,9 @@ class MultimodalModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.evaluation.finish(self, "val")
-        self._log_skipped()
 
     def on_test_epoch_end(self) -> None:
         self.evaluation.finish(self, "test")
-        self._log_skipped()
 
     def on_predict_epoch_end(self) -> None:
         self.evaluation.finish(self, "predict")
-
-    def _log_skipped(self) -> None:
-        """Log this rank's running count of skipped samples per reason as ``data/skipped_<reason>``."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        counts = datamodule.skip_counts() if hasattr(datamodule, "skip_counts") else {}
-        for reason, count in counts.items():
-            self.log(f"data/skipped_{reason}", float(count), rank_zero_only=True)

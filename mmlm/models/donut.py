@@ -16,6 +16,7 @@ Shape legend: B batch, N image tokens, Dv encoder width, D decoder width, T text
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from typing_extensions import Unpack
 
 from mmlm.batch import Batch
 from mmlm.convert.donut_hf import donut_from_hf, donut_to_hf
+from mmlm.data_spec import DataSpec
 from mmlm.encoders.base import VisionEncoder
 from mmlm.language.base import LMOutput
 from mmlm.language.cross_attention import CrossAttentionLM
@@ -109,6 +111,10 @@ class Donut(DocumentModule):
             self.to_hf(self.export_dir)
 
     # --- vocabulary ----------------------------------------------------------------------------
+    def data_spec(self) -> DataSpec:
+        """The base's spec plus the page alignment and :meth:`add_tokens` for the data's field tags."""
+        return replace(super().data_spec(), align_long_axis=self.align_long_axis, add_tokens=self.add_tokens)
+
     def add_tokens(self, tokens: list[str]) -> None:
         """Add ``tokens`` (task prompts, ``<s_key>``/``</s_key>``, ``<sep/>``, categories) as special tokens, in
         the given order, skipping those the tokenizer has; grow the decoder's embeddings and head to fit.

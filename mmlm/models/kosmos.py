@@ -11,6 +11,7 @@ Shape legend: B rows, I images in the batch, N image tokens, M latents per image
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from mmlm.batch import SentenceBatch
 from mmlm.connectors import Resampler
+from mmlm.data_spec import DataSpec
 from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator
 from mmlm.language.base import LanguageModel
@@ -55,6 +57,10 @@ class Kosmos1(MultimodalModule):
         self.placeholder_ids = placeholder_ids(self.tokenizer, [self.image_marker])
         self.stop_strings = tuple(stop_strings)
         self.evaluation = Evaluation(LossEvaluator(), GenerationEvaluator())
+
+    def data_spec(self) -> DataSpec:
+        """The base's spec plus the image marker the sentences use."""
+        return replace(super().data_spec(), markers=(self.image_marker,))
 
     def _connector_length(self) -> int:
         """M: the connector's output length on one probe image's tokens."""

@@ -16,6 +16,7 @@ accuracy for ``plan`` rows. Shape legend: B batch, T text tokens, D LM width.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 from mmlm.batch import SentenceBatch
 from mmlm.connectors import MLP
 from mmlm.connectors.state import ObjectTokens, StateTokens
+from mmlm.data_spec import DataSpec
 from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator, PlanScorer, VQAScorer
 from mmlm.language.base import LanguageModel
@@ -83,6 +85,11 @@ class PaLME(MultimodalModule):
         self.evaluation = Evaluation(LossEvaluator(), GenerationEvaluator([VQAScorer(), PlanScorer()]))
 
     # --- modality embeddings ---------------------------------------------------------------------
+    def data_spec(self) -> DataSpec:
+        """The base's spec plus the sentence markers and the state and object widths."""
+        return replace(super().data_spec(), markers=tuple(self.markers), state_dim=self.state_dim,
+                       object_dim=self.object_dim)
+
     def modality_embeddings(self, batch: SentenceBatch) -> dict[str, torch.Tensor]:
         """Each present modality's items → ``[K, M, D]`` in the LM's dtype (``image``, ``state``, ``object``)."""
         inputs = batch.inputs()

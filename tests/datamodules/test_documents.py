@@ -37,6 +37,7 @@ from datamodules.synthetic.documents import (
     sample_style,
     write_documents,
 )
+from mmlm.data_spec import DataSpec
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.json_tokens import tokens_to_json
 from mmlm.losses import IGNORE_INDEX
@@ -216,6 +217,9 @@ class FakeModule:
         self.calls.append(tokens)
         self.tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
 
+    def data_spec(self) -> DataSpec:
+        return DataSpec(tokenizer=self.tokenizer, image_preprocess=self.image_preprocess, add_tokens=self.add_tokens)
+
 
 def test_setup_gives_sorted_special_tokens_to_the_module(receipts, tmp_path):
     from mmlm.tokenizers import load_tokenizer
@@ -338,7 +342,7 @@ def test_align_long_axis_follows_the_model_unless_given(receipts, model_flag, ar
 
     dm = DocumentDataModule(val_path=str(receipts / "shards/validation"), tokenizer=str(receipts / "tokenizer"),
                             image_size=(32, 32), align_long_axis=argument)
-    module = SimpleNamespace() if model_flag is None else SimpleNamespace(align_long_axis=model_flag)
-    dm.trainer = SimpleNamespace(lightning_module=module)
+    spec = DataSpec() if model_flag is None else DataSpec(align_long_axis=model_flag)
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(data_spec=lambda: spec))
     dm.setup("validate")
     assert dm.align_long_axis is expected

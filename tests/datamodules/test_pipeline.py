@@ -295,11 +295,13 @@ def test_vqa_examples_use_the_most_common_answer_and_mix_with_captions(tmp_path,
 def test_setup_takes_tokenizer_and_preprocess_from_the_model(tmp_path, tokenizer_dir):
     from types import SimpleNamespace
 
+    from mmlm.data_spec import DataSpec
     from mmlm.encoders.base import ImagePreprocess
     from mmlm.tokenizers import load_tokenizer
 
     dm = ImageTextDataModule(val=[Source(caption_shards(tmp_path, 2, per_shard=2))])
-    module = SimpleNamespace(tokenizer=load_tokenizer(tokenizer_dir), image_preprocess=ImagePreprocess((6, 4)))
+    spec = DataSpec(tokenizer=load_tokenizer(tokenizer_dir), image_preprocess=ImagePreprocess((6, 4)))
+    module = SimpleNamespace(data_spec=lambda: spec)
     dm.trainer = SimpleNamespace(lightning_module=module, global_rank=0, world_size=1, current_epoch=0)
     dm.setup("validate")
     assert next(iter(dm.val_dataloader())).pixels.shape == (2, 3, 6, 4)

@@ -212,7 +212,9 @@ def test_skipped_samples_are_logged_during_a_long_epoch(make_frozen, shapes_data
         writer.write({"__key__": "000000009", "json": b"{broken"})
     dm = ImageTextDataModule(train=[Source(str(shapes_data / "train" / "captions-*.tar")), Source(str(bad))],
                              batch_size=4, epoch_samples=10_000, resampled=True, shuffle_buffer=4)
-    trainer = tiny_trainer(tmp_path, max_steps=4, log_every_n_steps=2, limit_val_batches=0)
+    from mmlm.app.reliability import DataReport  # logs the running counts (mmlm fit adds it by default)
+
+    trainer = tiny_trainer(tmp_path, max_steps=4, log_every_n_steps=2, limit_val_batches=0, callbacks=[DataReport()])
     trainer.fit(make_frozen(), datamodule=dm)  # the epoch (10,000 samples) never ends: counts must not wait for it
     logged = {k: v for k, v in trainer.logged_metrics.items() if k.startswith("data/skipped_")}
     assert logged and set(logged) <= {"data/skipped_bad_image", "data/skipped_bad_json"}
