@@ -23,6 +23,7 @@ import torch
 from datamodules.loader import SkipCountingLoader
 from datamodules.pipeline import CollateFn, ExampleFn, ShardPipeline
 from datamodules.skips import CONVERTED, SkipCounter
+from datamodules.streams import Opener, open_shard
 from mmlm.data_spec import DataSpec
 
 
@@ -89,6 +90,11 @@ class WebDataModule(pl.LightningDataModule):
     def collate_fn(self, stage: str) -> CollateFn:
         """A picklable ``list[example] -> batch`` for ``stage``."""
         raise NotImplementedError
+
+    def opener(self) -> Opener:
+        """How the pipelines open shard urls (picklable); datamodules that read raw files return
+        :func:`datamodules.raw.open_url`, which also serves ``mmlm-raw://`` chunks."""
+        return open_shard
 
     # -- the model's side ----------------------------------------------------------------------
     def model_spec(self) -> DataSpec:
@@ -166,7 +172,7 @@ class WebDataModule(pl.LightningDataModule):
             self.example_fn(stage, sources), self.collate_fn(stage),
             batch_size=self.batch_size, train=train, resampled=self.resampled,
             shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch_samples=self.epoch_samples,
-            rank=rank, world_size=world_size, num_workers=self.num_workers,
+            rank=rank, world_size=world_size, num_workers=self.num_workers, opener=self.opener(),
         )
 
     def make_loader(self, pipeline: ShardPipeline) -> SkipCountingLoader:

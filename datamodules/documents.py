@@ -44,8 +44,9 @@ from datamodules.document_tools import (
 from datamodules.document_transforms import DocumentTransform
 from datamodules.image_text import json_field
 from datamodules.pipeline import ShardPipeline
-from datamodules.raw import RawSpec, chunked, folder_images, raise_if_skipped
+from datamodules.raw import RawSpec, chunked, folder_images, open_url, raise_if_skipped
 from datamodules.skips import SkipSample
+from datamodules.streams import Opener
 from datamodules.urls import check_local_shards, expand_urls
 from mmlm.batch import Batch
 from mmlm.encoders.base import ImagePreprocess
@@ -377,6 +378,10 @@ class DocumentDataModule(WebDataModule):
             self.align_long_axis = bool(spec.align_long_axis)
 
     # -- pipeline hooks -------------------------------------------------------------------------
+    def opener(self) -> Opener:
+        """Shards and raw chunks (``mmlm-raw://``) alike: :func:`datamodules.raw.open_url`."""
+        return open_url
+
     def example_fn(self, stage: str, sources: Sequence[DocumentSource]) -> DocumentExampleBuilder:
         if self.preprocess is None:
             self.setup(stage)

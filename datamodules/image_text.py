@@ -41,9 +41,11 @@ from datamodules.raw import (
     chunked,
     is_raw,
     load_index,
+    open_url,
     raise_if_skipped,
 )
 from datamodules.skips import SkipSample
+from datamodules.streams import Opener
 from datamodules.transforms import MAX_IMAGE_PIXELS, ImageTransform
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.tokenizers import load_tokenizer
@@ -382,6 +384,10 @@ class ImageTextDataModule(WebDataModule):
             return source
         check_kind(source.kind, load_index(spec).format, source.urls)
         return chunked(source, spec, needed, self.raw_chunk)
+
+    def opener(self) -> Opener:
+        """Shards and raw chunks (``mmlm-raw://``) alike: :func:`datamodules.raw.open_url`."""
+        return open_url
 
     def example_fn(self, stage: str, sources: Sequence[Source]) -> ExampleBuilder:
         if self.preprocess is None:

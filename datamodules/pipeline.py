@@ -29,7 +29,16 @@ from datamodules.skips import (
     collecting_notes,
     log_skip,
 )
-from datamodules.streams import Sample, WorkerStream, batched, batches_per_rank, batches_per_worker, split
+from datamodules.streams import (
+    Opener,
+    Sample,
+    WorkerStream,
+    batched,
+    batches_per_rank,
+    batches_per_worker,
+    open_shard,
+    split,
+)
 from datamodules.urls import check_local_shards, describe_urls, expand_urls, source_labels
 
 #: ``(raw sample, index of its source) -> example``; raises :class:`~datamodules.skips.SkipSample` to drop it.
@@ -81,6 +90,7 @@ class ShardPipeline(IterableDataset):
         rank: int,
         world_size: int,
         num_workers: int,
+        opener: Opener = open_shard,
     ) -> None:
         super().__init__()
         self.patterns = list(sources)
@@ -93,6 +103,7 @@ class ShardPipeline(IterableDataset):
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.seed, self.epoch_samples = seed, epoch_samples if train else None
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.opener = opener
         self.epoch = 0
         #: Set by :class:`SkipCountingLoader` just before ``iter()`` to resume mid-epoch:
         #: ``{"offset": logical id of physical worker 0, "workers": [position or None per worker]}``.

@@ -8,8 +8,8 @@ url ::
 
     mmlm-raw://<format>?path=…&images=…&annotations=…&split=…&image_pattern=…&start=…&end=…
 
-and the ``mmlm-raw`` scheme (registered in webdataset's gopen table when this module is imported) serves
-it as an in-memory tar of the chunk's samples. These are the samples the converters write into shards,
+and :func:`open_url` (the opener that ``ImageTextDataModule`` and ``DocumentDataModule`` pass to their pipelines;
+nothing is registered globally) serves it as an in-memory tar of the chunk's samples. These are the samples the converters write into shards,
 built by the same functions (:func:`datamodules.converters.item_sample`,
 :func:`datamodules.tools.record_problem`, :func:`datamodules.document_tools.raw_sample`): same keys, same
 ``jpg`` bytes, same ``json`` member. So raw files get the rank/worker split, shuffling, mixing, skip counts
@@ -34,9 +34,7 @@ import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-from webdataset.gopen import gopen_schemes
+from typing import IO, Any, Protocol
 
 from datamodules.converters import (
     IMAGE_CACHE,
@@ -51,6 +49,7 @@ from datamodules.converters import (
 )
 from datamodules.document_tools import METADATA, MetadataLine, image_extension, raw_sample, read_metadata
 from datamodules.skips import SkipSample
+from datamodules.streams import open_shard
 from datamodules.tools import Record, coco_records, lavis_records, read_records, record_problem
 
 SCHEME = "mmlm-raw"
@@ -434,7 +433,11 @@ def open_chunk(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> io.
     return io.BytesIO(samples_tar(index.samples(start, min(end, len(index)))))
 
 
-gopen_schemes[SCHEME] = open_chunk
+
+def open_url(url: str) -> IO[bytes]:
+    """A shard url's byte stream: a raw chunk (``mmlm-raw://…``, :func:`open_chunk`) or anything webdataset opens.
+    The datamodules that read raw files pass it to their pipelines (``WebDataModule.opener``)."""
+    return open_chunk(url) if url.startswith(f"{SCHEME}://") else open_shard(url)
 
 
 @dataclass(frozen=True)

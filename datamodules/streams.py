@@ -17,8 +17,8 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import IO, TYPE_CHECKING, Any
 
 import webdataset as wds
 
@@ -31,6 +31,27 @@ log = logging.getLogger(__name__)
 
 #: One raw webdataset sample: ``{"__key__", "__url__", "__source__", extension: bytes…}``.
 Sample = dict[str, Any]
+#: ``url -> readable byte stream of a tar``: how a pipeline opens its shards (picklable: workers receive it).
+Opener = Callable[[str], IO[bytes]]
+
+
+def open_shard(url: str) -> IO[bytes]:
+    """webdataset's opener: local paths, ``pipe:`` commands, ``http(s)://`` and the object stores it knows."""
+    return wds.gopen(url)
+
+
+def tar_samples(url: str, opener: Opener, handler: Callable[[Exception], bool]) -> Iterator[Sample]:
+    """The samples of one tar shard opened with ``opener``; errors go to ``handler`` as in webdataset (an opening
+    error the handler accepts yields nothing)."""
+    try:
+        stream = opener(url)
+    except Exception as exn:  # noqa: BLE001 - the handler decides, as webdataset's url_opener does
+        exn.args = (*exn.args, url)
+        if handler(exn):
+            return
+        raise
+    files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+    yield from wds.tariterators.group_by_keys(files, handler=handler)
 
 
 def split(items: list[str], index: int, count: int) -> list[str]:
@@ -143,7 +164,7 @@ class SourceStream:
             for shard in range(first, len(shards)):
                 to_skip = skip if (pass_, shard) == (start_pass, start_shard) else 0
                 self.muted, self.shard_failed = to_skip > 0, False
-                for n, sample in enumerate(wds.tarfile_samples([{"url": shards[shard]}], handler=self._on_error), 1):
+                for n, sample in enumerate(tar_samples(shards[shard], self.pipeline.opener, self._on_error), 1):
                     read += 1
                     self.muted = n < to_skip
                     if n <= to_skip:

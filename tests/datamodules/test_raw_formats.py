@@ -19,7 +19,8 @@ from PIL import Image
 from datamodules.converters import convert_gqa, convert_karpathy, convert_vqav2
 from datamodules.documents import DocumentDataModule, DocumentSource
 from datamodules.image_text import ImageTextDataModule, Source
-from datamodules.raw import RawSpec, chunked, load_index
+from datamodules.raw import RawSpec, chunked, load_index, open_url
+from datamodules.streams import tar_samples
 from datamodules.tools import make_shards
 from mmlm.app.cli import main
 from mmlm.losses import IGNORE_INDEX
@@ -78,7 +79,17 @@ def served_samples(source: Source) -> list[dict]:
     """The samples the chunk urls of a raw source serve, in order, without the stand-ins of skipped entries."""
     urls = chunked(source, source.raw_spec(), needed=1, chunk=3).urls
     assert len(urls) > 1 and all(u.startswith("mmlm-raw://") for u in urls)
-    return [plain(s) for s in wds.tarfile_samples([{"url": u} for u in urls]) if "skip" not in s]
+    samples = (s for u in urls for s in tar_samples(u, open_url, wds.reraise_exception))
+    return [plain(s) for s in samples if "skip" not in s]
+
+
+def test_raw_chunks_are_opened_by_the_datamodules_opener_not_a_global_scheme():
+    """``mmlm-raw://`` is served by the opener the datamodule passes to its pipelines (``open_url``); importing the
+    raw readers registers nothing in webdataset's global scheme table."""
+    from webdataset.gopen import gopen_schemes
+
+    assert "mmlm-raw" not in gopen_schemes
+    assert ImageTextDataModule().opener() is open_url
 
 
 def shard_samples(urls: str) -> list[dict]:
@@ -273,7 +284,7 @@ def test_raw_source_is_split_across_ranks_and_workers(tokenizer_dir, jsonl_sourc
     chunks = [p._pass_shards(0, w, 2, rep=0) for p in pipes for w in range(2)]
     flat = [u for part in chunks for u in part]
     assert len(flat) == len(set(flat)) == 7 and all(chunks)  # ceil(20 / 3) chunks, each read by one rank and worker
-    served = {u: [s["__key__"] for s in wds.tarfile_samples([{"url": u}])] for u in flat}
+    served = {u: [s["__key__"] for s in tar_samples(u, open_url, wds.reraise_exception)] for u in flat}
     rank0 = {k for part in chunks[:2] for u in part for k in served[u]}
     assert set(keys_of(pipes[0].iter_worker(0, 2))) | set(keys_of(pipes[0].iter_worker(1, 2))) <= rank0
     assert [len(list(p.iter_worker(w, 2))) for p in pipes for w in range(2)] == [2, 2, 2, 2]  # 16 // (2 × 2) each
