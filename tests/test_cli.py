@@ -247,3 +247,21 @@ def test_every_data_tool_registers_one_way_and_synthetic_tools_share_their_argum
         if name.startswith("synth-"):
             flags = {flag for action in tool._actions for flag in action.option_strings}
             assert {"--out", "--val", "--seed", "--shard-size", "--overwrite"} <= flags, name
+
+
+@pytest.mark.parametrize("config, key, good", [("blip2_stage2.yaml", "qformer", ("num_layers", 3)),
+                                               ("vlmo_stage1.yaml", "transformer", ("depth", 5))])
+def test_sub_part_sizes_are_typed_and_checked_key_by_key(capsys, config, key, good):
+    """The Q-Former and the MoME transformer are dataclass configs (QFormerConfig, MoMEConfig): a known key
+    reaches the model's config, a typo stops the command naming it."""
+    import yaml
+
+    path = str(Path(__file__).resolve().parents[1] / "configs" / "tiny" / config)
+    name, value = good
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", path, f"--model.init_args.{key}.{name}={value}", "--print_config"])
+    assert done.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"][key][name] == value
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", path, f"--model.init_args.{key}.{name}x={value}", "--print_config"])
+    assert done.value.code != 0 and f"{name}x" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from mmlm.connectors.linear import MLP, LinearPrefix
 from mmlm.connectors.qformer import (
     QFormer,
     QFormerAttention,
+    QFormerConfig,
     QFormerConnector,
     QFormerEmbeddings,
     QFormerFeedForward,
@@ -19,6 +20,7 @@ __all__ = [
     "ObjectTokens",
     "QFormer",
     "QFormerAttention",
+    "QFormerConfig",
     "QFormerConnector",
     "QFormerEmbeddings",
     "QFormerFeedForward",

@@ -17,13 +17,43 @@ Weight import: :meth:`QFormer.from_bert` (BERT init as in BLIP-2) and :mod:`mmlm
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmlm.masks import bidirectional_mask
+
+
+@dataclass(frozen=True)
+class QFormerConfig:
+    """The Q-Former's size as a family's config gives it (``qformer: {hidden_size: 64, num_layers: 2, …}``), checked
+    key by key by the CLI. ``None`` keeps :class:`QFormer`'s default (or BERT's, for a Q-Former initialised from
+    BERT); the family supplies the encoder width, the query count and whether there is a text side."""
+
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    intermediate_size: int | None = None
+    cross_attention_freq: int | None = None
+    vocab_size: int | None = None
+    max_position_embeddings: int | None = None
+    layer_norm_eps: float | None = None
+    dropout: float | None = None
+
+    @classmethod
+    def of(cls, value: QFormerConfig | Mapping[str, Any] | None) -> QFormerConfig:
+        """A config value as a ``QFormerConfig``: also the plain dict that a checkpoint's hyperparameters hold."""
+        if value is None:
+            return cls()
+        return value if isinstance(value, cls) else cls(**dict(value))
+
+    def given(self) -> dict[str, Any]:
+        """The set fields, as :class:`QFormer` keyword arguments."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
 
 
 @dataclass

@@ -12,6 +12,7 @@ _EXPORTS: dict[str, str] = {
     "HFVisionEncoder": "mmlm.encoders.hf",
     "ImagePreprocess": "mmlm.encoders.base",
     "MoMEBlock": "mmlm.encoders.mome",
+    "MoMEConfig": "mmlm.encoders.mome",
     "MoMEExpert": "mmlm.encoders.mome",
     "MoMEOutput": "mmlm.encoders.mome",
     "MoMETransformer": "mmlm.encoders.mome",

@@ -17,9 +17,10 @@ Shape legend: B batch, N image tokens (1 + patches), P patches, T text tokens, D
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from timm.layers import Attention, Mlp, PatchEmbed, trunc_normal_
@@ -28,6 +29,35 @@ from torch import Tensor, nn
 Mode = Literal["image", "text", "fusion"]
 MODES: tuple[str, ...] = ("image", "text", "fusion")
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # timm ViT's
+
+
+@dataclass(frozen=True)
+class MoMEConfig:
+    """The MoME transformer's size as a VLMO config gives it (``transformer: {img_size: 64, dim: 64, …}``), checked
+    key by key by the CLI; ``None`` keeps :class:`MoMETransformer`'s default (``vocab_size``: the tokenizer's)."""
+
+    img_size: int | None = None
+    patch_size: int | None = None
+    in_chans: int | None = None
+    dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    qkv_bias: bool | None = None
+    vl_start: int | None = None
+    vocab_size: int | None = None
+    max_text_len: int | None = None
+
+    @classmethod
+    def of(cls, value: MoMEConfig | Mapping[str, Any] | None) -> MoMEConfig:
+        """A config value as a ``MoMEConfig``: also the plain dict that a checkpoint's hyperparameters hold."""
+        if value is None:
+            return cls()
+        return value if isinstance(value, cls) else cls(**dict(value))
+
+    def given(self) -> dict[str, Any]:
+        """The set fields, as :class:`MoMETransformer` keyword arguments."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
 
 
 class MoMEExpert(nn.Module):

@@ -24,7 +24,7 @@ from torch import nn
 from typing_extensions import Unpack
 
 from mmlm.batch import Batch
-from mmlm.connectors.qformer import QFormer
+from mmlm.connectors.qformer import QFormer, QFormerConfig
 from mmlm.convert.blip2_hf import blip2_from_hf, blip2_to_hf
 from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator
@@ -54,18 +54,19 @@ class Blip2(MultimodalModule):
         tokenizer: hub id or local directory of the LM's tokenizer (``<image>`` is added as the
             placeholder of the soft prompt; the LM's table grows if needed).
         num_query_tokens: M.
-        qformer: further :class:`~mmlm.connectors.qformer.QFormer` arguments (``hidden_size``,
+        qformer: the Q-Former's size (:class:`~mmlm.connectors.QFormerConfig`: ``hidden_size``,
             ``num_layers``, ``num_heads``, ``intermediate_size``, ``cross_attention_freq``, ``layer_norm_eps``,
             ``dropout``); the Q-Former is queries-only (``with_text=False``) and reads ``encoder.width``.
         **kwargs: optimisation and evaluation settings of :class:`MultimodalModule`.
     """
 
     def __init__(self, encoder: VisionEncoder, language_model: LanguageModel, tokenizer: str,
-                 num_query_tokens: int = 32, qformer: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 num_query_tokens: int = 32, qformer: QFormerConfig | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self.encoder = freeze_(encoder)
-        self.qformer = QFormer(encoder.width, num_query_tokens=num_query_tokens, with_text=False, **(qformer or {}))
+        self.qformer = QFormer(encoder.width, num_query_tokens=num_query_tokens, with_text=False,
+                               **QFormerConfig.of(qformer).given())
         self.language_projection = nn.Linear(self.qformer.query_tokens.shape[-1], language_model.width)
         self.language_model = language_model
         self.tokenizer = load_tokenizer(tokenizer, [IMAGE_TOKEN])

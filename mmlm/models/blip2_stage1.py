@@ -26,7 +26,7 @@ from torch import nn
 
 from mmlm.batch import Batch
 from mmlm.checkpointing import load_checkpoint_file
-from mmlm.connectors.qformer import QFormer
+from mmlm.connectors.qformer import QFormer, QFormerConfig
 from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, RetrievalEvaluator, RetrievalStep
 from mmlm.freezing import freeze_
@@ -92,7 +92,7 @@ class Blip2Stage1(MultimodalModule):
         encoder: the vision encoder; frozen here whatever its own ``freeze`` says.
         tokenizer: hub id or directory of the Q-Former's (BERT-style) tokenizer; ``[DEC]`` is added.
         num_query_tokens: M.
-        qformer: further :class:`QFormer` arguments (``hidden_size``, ``num_layers``, …; ``vocab_size`` defaults
+        qformer: the Q-Former's size (:class:`~mmlm.connectors.QFormerConfig`: ``hidden_size``, ``num_layers``, …; ``vocab_size`` defaults
             to the tokenizer's size). With ``bert`` only ``cross_attention_freq`` is allowed.
         bert: hub id or directory of a BERT to initialise the Q-Former from (:meth:`QFormer.from_bert`).
         embed_dim: D of the contrastive space.
@@ -103,13 +103,13 @@ class Blip2Stage1(MultimodalModule):
     """
 
     def __init__(self, encoder: VisionEncoder, tokenizer: str, num_query_tokens: int = 32,
-                 qformer: dict[str, Any] | None = None, bert: str | None = None, embed_dim: int = 256,
+                 qformer: QFormerConfig | None = None, bert: str | None = None, embed_dim: int = 256,
                  itm_rerank_k: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self.encoder = freeze_(encoder)
         self.tokenizer = stage1_tokenizer(tokenizer)
-        self.qformer = self._build_qformer(encoder.width, num_query_tokens, dict(qformer or {}), bert)
+        self.qformer = self._build_qformer(encoder.width, num_query_tokens, QFormerConfig.of(qformer).given(), bert)
         word = self.qformer.embeddings.word
         if len(self.tokenizer) > word.num_embeddings:
             self.qformer.embeddings.word = word = grow_embedding(word, len(self.tokenizer))

@@ -26,7 +26,7 @@ from mmlm.batch import Batch, ImageBatch, TextBatch
 from mmlm.checkpointing import load_checkpoint_file
 from mmlm.convert.vlmo_timm import load_timm_into_mome
 from mmlm.encoders.base import ImagePreprocess
-from mmlm.encoders.mome import MoMETransformer
+from mmlm.encoders.mome import MoMEConfig, MoMETransformer
 from mmlm.fusion import move_to_front
 from mmlm.heads import TiedLMHead
 from mmlm.hub import load_state_dict_strict
@@ -91,7 +91,8 @@ class VLMOModule(MultimodalModule):
 
     Args:
         tokenizer: hub id or directory (``[MASK]`` is added when missing).
-        transformer: :class:`MoMETransformer` arguments (``vocab_size`` defaults to the tokenizer's size).
+        transformer: the MoME transformer's size (:class:`~mmlm.encoders.MoMEConfig`; ``vocab_size`` defaults to the
+            tokenizer's size).
         init_from: the previous stage's Lightning checkpoint (``.ckpt``), loaded strictly: only the subclass's
             ``NEW_KEYS`` may be missing and only its ``DROPPED_KEYS`` may be left over.
         init_allow_missing: further ``fnmatch`` patterns of keys that may be missing from ``init_from``.
@@ -112,14 +113,14 @@ class VLMOModule(MultimodalModule):
     MODES: tuple[str, ...] = ("image", "text", "fusion")
     MASKS_PATCHES: bool = False
 
-    def __init__(self, tokenizer: str, transformer: dict[str, Any] | None = None, init_from: str | None = None,
+    def __init__(self, tokenizer: str, transformer: MoMEConfig | None = None, init_from: str | None = None,
                  init_allow_missing: list[str] | None = None, init_allow_unexpected: list[str] | None = None,
                  timm_init: str | None = None, frozen: list[str] | None = None,
                  image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
                  image_std: tuple[float, float, float] = (0.5, 0.5, 0.5), **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.tokenizer = vlmo_tokenizer(tokenizer)
-        self.transformer = MoMETransformer(**{"vocab_size": len(self.tokenizer), **(transformer or {})})
+        self.transformer = MoMETransformer(**{"vocab_size": len(self.tokenizer), **MoMEConfig.of(transformer).given()})
         size = self.transformer.patch_embed.img_size
         self._preprocess = ImagePreprocess(tuple(size), tuple(image_mean), tuple(image_std))
         self._init = (init_from, list(init_allow_missing or []), list(init_allow_unexpected or []), timm_init)
