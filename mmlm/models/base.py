@@ -16,7 +16,6 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -94,18 +93,6 @@ def shown_keys(keys: list[str], limit: int = 16) -> str:
     """``keys`` as a short list for an error message (the first ``limit``, then how many more)."""
     more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
     return f"{list(keys[:limit])}{more}"
-
-
-def cached_forward(features: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An encoder ``forward`` that returns cached ``features [B, N, D]`` for ``pixels`` of the same batch."""
-
-    def forward(pixels: torch.Tensor) -> torch.Tensor:
-        if pixels.shape[0] != features.shape[0]:
-            raise ValueError(f"cached features hold {features.shape[0]} images but the encoder was called on "
-                             f"{pixels.shape[0]}: this code path needs live images (disable cached features)")
-        return features
-
-    return forward
 
 
 def check_features(encoder: nn.Module, features: torch.Tensor) -> None:
@@ -230,8 +217,17 @@ class MultimodalModule(pl.LightningModule):
         """The parts ``torch_compile`` compiles: direct children that are vision encoders or language models."""
         return [m for m in self.children() if isinstance(m, (VisionEncoder, LanguageModel))]
 
-    def _use_cached_features(self, batch: Any) -> None:
-        """When ``batch.features [B, N, D]`` is set, the frozen ``encoder`` returns them instead of running.
+    def encoder_tokens(self, pixels: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``self.encoder(pixels)`` → ``[B, N, Dv]``; with a batch's cached ``features [B, N, Dv]`` (``mmlm data
+        cache-features``, checked when the batch arrived) those instead, in the encoder's dtype, and the encoder
+        does not run."""
+        if features is None:
+            return self.encoder(pixels)
+        return features.to(next(self.encoder.parameters(), features).dtype)
+
+    def _check_cached_features(self, batch: Any) -> None:
+        """When ``batch.features`` is set: this family reads cached features only in place of a frozen ``encoder``
+        of the same output shape.
 
         Raises:
             ValueError: the module has no ``encoder``, the encoder is trainable, or the features' width
@@ -249,14 +245,6 @@ class MultimodalModule(pl.LightningModule):
                              f"({len(trainable)} tensors, e.g. {trainable[0]!r}): features can stand in for a frozen "
                              "encoder only (set the encoder's freeze: true, or turn cached features off)")
         check_features(encoder, features)
-        dtype = next(encoder.parameters(), features).dtype  # what the live encoder returns
-        encoder.forward = cached_forward(features.to(dtype))
-
-    def _use_live_encoder(self) -> None:
-        """Undo :meth:`_use_cached_features` (the encoder's own ``forward`` again)."""
-        encoder = getattr(self, "encoder", None)
-        if isinstance(encoder, nn.Module):
-            encoder.__dict__.pop("forward", None)
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Generated ids ``[B, T_new]`` → stripped strings without special tokens (pad, eos)."""
@@ -280,7 +268,7 @@ class MultimodalModule(pl.LightningModule):
         self._step_start = time.perf_counter()
         self._skipped_step = False
         self._stats_snapshot = [buf.clone() for buf in running_stats(self)]
-        self._use_cached_features(batch)
+        self._check_cached_features(batch)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """``training_loss``. When it is not finite on some rank, the step is marked skipped on every rank: the
@@ -331,7 +319,6 @@ class MultimodalModule(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         """Every ``log_every_n_steps`` (and on a skipped step): samples/s and tokens/s of this step, lr and skipped
         steps (skipped samples: :class:`mmlm.app.reliability.DataReport`)."""
-        self._use_live_encoder()
         if self._skipped_step:
             self._log_nonfinite(len(batch))
         if (batch_idx + 1) % self.trainer.log_every_n_steps != 0:
@@ -431,22 +418,13 @@ class MultimodalModule(pl.LightningModule):
 
     # --- evaluation: forwarded to the composed evaluators (mmlm.evaluation) -------------------------
     def on_validation_batch_start(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._use_cached_features(batch)
-
-    def on_validation_batch_end(self, outputs: Any, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._use_live_encoder()
+        self._check_cached_features(batch)
 
     def on_test_batch_start(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._use_cached_features(batch)
-
-    def on_test_batch_end(self, outputs: Any, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._use_live_encoder()
+        self._check_cached_features(batch)
 
     def on_predict_batch_start(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._use_cached_features(batch)
-
-    def on_predict_batch_end(self, outputs: Any, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._use_live_encoder()
+        self._check_cached_features(batch)
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.evaluation.step(self, batch, "val")

@@ -101,9 +101,10 @@ class Blip2(MultimodalModule):
         """Write a directory that ``Blip2ForConditionalGeneration.from_pretrained`` (and ``Blip2Processor``) load."""
         blip2_to_hf(self, directory)
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``pixels [B, 3, H, W]`` → soft prompt ``[B, M, D]`` in the LM's dtype (Q-Former and projection in fp32)."""
-        image = self.encoder(pixels)  # [B, N, Dv], encoder dtype; the Q-Former casts it to fp32
+    def encode_images(self, pixels: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``pixels [B, 3, H, W]`` (or the frozen encoder's cached ``features [B, N, Dv]``) → soft prompt ``[B, M, D]``
+        in the LM's dtype (Q-Former and projection in fp32)."""
+        image = self.encoder_tokens(pixels, features)  # [B, N, Dv], encoder dtype; the Q-Former casts it to fp32
         queries = self.qformer(image).query  # [B, M, H]
         projected = self.language_projection(queries.to(self.language_projection.weight.dtype))
         return projected.to(self.language_model.dtype)
@@ -112,7 +113,7 @@ class Blip2(MultimodalModule):
         """Teacher-forced pass. Decoder-only: logits ``[B, M+T, V]`` over ``[soft prompt; input_ids]``, loss on
         ``batch.labels``. Seq2seq: the encoder reads ``[soft prompt; prompt_ids]``, decoder logits ``[B, T', V]``
         for the target tokens of ``batch.labels``."""
-        soft_prompt = self.encode_images(batch.pixels)
+        soft_prompt = self.encode_images(batch.pixels, batch.features)
         if self.seq2seq:
             embeds, mask, _ = self._embed(batch.prompt_ids, batch.prompt_mask, None, soft_prompt)
             return self.language_model(embeds, mask, targets_only(batch.labels))
@@ -126,6 +127,6 @@ class Blip2(MultimodalModule):
     @torch.no_grad()
     def generate_text(self, batch: Batch) -> list[str]:
         """Decode from ``[soft prompt; prompt_ids]`` (the causal LM continues it, the seq2seq encoder reads it)."""
-        soft_prompt = self.encode_images(batch.pixels)
+        soft_prompt = self.encode_images(batch.pixels, batch.features)
         embeds, mask, _ = self._embed(batch.prompt_ids, batch.prompt_mask, None, soft_prompt)
         return self.decode(self.language_model.generate(embeds, mask, self.generation))

@@ -144,7 +144,7 @@ class Blip2Stage1(MultimodalModule):
         """``(frozen image tokens [B, N, Dv], [CLS] text ids [B, T], mask [B, T], image ids [B])`` of ``batch``
         (``batch.ids`` are the image ids of caption samples: equal ids are ITC positives)."""
         with torch.no_grad():
-            image = self.encoder(batch.pixels)
+            image = self.encoder_tokens(batch.pixels, batch.features)
         ids, mask = self.text_inputs(batch.labels)
         return image, ids, mask, image_id_tensor(batch.ids, batch.labels.device)
 

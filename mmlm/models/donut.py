@@ -155,15 +155,16 @@ class Donut(DocumentModule):
         super().on_load_checkpoint(checkpoint)
 
     # --- model ---------------------------------------------------------------------------------
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``pixels [B, 3, H, W]`` → encoder tokens ``[B, N, D]`` (projected when the widths differ)."""
-        states = self.encoder(pixels)
+    def encode_images(self, pixels: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``pixels [B, 3, H, W]`` (or the frozen encoder's cached ``features``) → encoder tokens ``[B, N, D]``
+        (projected when the widths differ)."""
+        states = self.encoder_tokens(pixels, features)
         return states if self.enc_to_dec_proj is None else self.enc_to_dec_proj(states.to(self.enc_to_dec_proj.weight.dtype))
 
     def forward(self, batch: Batch) -> LMOutput:
         """Teacher-forced pass: logits ``[B, T, V]`` over ``batch.input_ids`` (prompt + target + eos, right-padded)
         and the next-token loss on ``batch.labels``."""
-        states = self.encode_images(batch.pixels)
+        states = self.encode_images(batch.pixels, batch.features)
         embeds = self.decoder.embed(batch.input_ids)
         return self.decoder(embeds, batch.attention_mask, batch.labels, encoder_states=states)
 
@@ -176,7 +177,7 @@ class Donut(DocumentModule):
         """Continue each row's prompt (``batch.prompt_ids [B, P]``, left-padded) → per row ``(prompt ids, generated
         ids)`` (eos and padding included; :meth:`decode_rows` drops them). Rows are decoded in groups of equal prompt
         length, so left padding never shifts the decoder's learned positions (MBart takes no per-row position ids)."""
-        states = self.encode_images(batch.pixels)
+        states = self.encode_images(batch.pixels, batch.features)
         out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(batch)  # type: ignore[list-item]
         for length, rows in prompt_groups(batch.prompt_mask).items():
             ids = batch.prompt_ids[rows, batch.prompt_ids.shape[1] - length:]

@@ -55,14 +55,15 @@ class Frozen(MultimodalModule):
         self.eval_shots = eval_shots
         self.evaluation = Evaluation(LossEvaluator(), GenerationEvaluator())
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``pixels [B, 3, H, W]`` → visual prefix ``[B, k, D]`` in the LM's dtype."""
-        prefix = self.connector(self.encoder(pixels))
+    def encode_images(self, pixels: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``pixels [B, 3, H, W]`` (or the frozen encoder's cached ``features [B, N, Dv]``) → visual prefix
+        ``[B, k, D]`` in the LM's dtype."""
+        prefix = self.connector(self.encoder_tokens(pixels, features))
         return prefix.to(next(self.language_model.parameters()).dtype)
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
         """Caption/answer cross-entropy with the image prefix; prompt and padding are ignored."""
-        prefix = self.encode_images(batch.pixels)
+        prefix = self.encode_images(batch.pixels, batch.features)
         embeds, mask, labels = self._embed(batch.input_ids, batch.attention_mask, batch.labels, prefix)
         return self.language_model(embeds, mask, labels).loss
 
@@ -71,7 +72,7 @@ class Frozen(MultimodalModule):
         """Zero-shot (or ``eval_shots``-shot) generation from each example's prompt."""
         if self.eval_shots > 0:
             return self.generate_few_shot(batch, self.eval_shots)
-        prefix = self.encode_images(batch.pixels)
+        prefix = self.encode_images(batch.pixels, batch.features)
         embeds, mask, _ = self._embed(batch.prompt_ids, batch.prompt_mask, None, prefix)
         return self.decode(self.language_model.generate(embeds, mask, self.generation))
 
@@ -79,7 +80,7 @@ class Frozen(MultimodalModule):
     def generate_few_shot(self, batch: Batch, shots: int) -> list[str]:
         """Interleave ``shots`` support examples before each query, in the training token layout
         (:func:`mmlm.fewshot.few_shot_rows`: the next examples of the batch that show another image)."""
-        prefix = self.encode_images(batch.pixels)
+        prefix = self.encode_images(batch.pixels, batch.features)
         rows = few_shot_rows(batch, shots, prefix.shape[1], self.image_token_id)
         ids, mask = left_pad(rows.ids, self.tokenizer.pad_token_id)
         images = prefix[torch.tensor(rows.images, device=prefix.device)]
