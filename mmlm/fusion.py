@@ -5,6 +5,8 @@ Shape legend: B batch, T text tokens, K modality items (images), M embeddings pe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -102,4 +104,15 @@ def targets_only(labels: torch.Tensor) -> torch.Tensor:
     """``labels [B, T]`` (``-100`` on prompt and padding) → decoder labels ``[B, T']``: each row's target
     tokens moved to the front, ``-100`` after, ``T'`` the longest target."""
     return move_to_front(labels, labels != -100, -100)[0]
+
+
+def embed_with_prefix(embed: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, mask: torch.Tensor,
+                      labels: torch.Tensor | None, prefix: torch.Tensor, placeholder_id: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A modality prefix ``[B, M, D]`` before ``ids [B, T]``: ``M`` placeholder slots are put in front
+    (:func:`prepend_placeholders`), the ids embedded with ``embed`` (an LM's ``embed``) and the slots filled
+    (:func:`splice`) → embeds ``[B, M+T, D]``, mask ``[B, M+T]``, labels (``-100`` on the slots) — Frozen's and
+    BLIP-2's input layout."""
+    ids, mask, labels = prepend_placeholders(ids, mask, placeholder_id, prefix.shape[1], labels)
+    return splice(embed(ids), ids, placeholder_id, prefix), mask, labels
 

@@ -30,7 +30,6 @@ from mmlm.checkpointing import load_checkpoint_file
 from mmlm.data_spec import DataSpec
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
 from mmlm.evaluation import Evaluation, LossEvaluator
-from mmlm.fusion import prepend_placeholders, splice
 from mmlm.language.base import GenerationConfig, LanguageModel
 
 log = logging.getLogger(__name__)
@@ -196,13 +195,6 @@ class MultimodalModule(pl.LightningModule):
         """What the datamodule reads from this model (:class:`~mmlm.data_spec.DataSpec`): its tokenizer and image
         preprocessing; a family with more to say extends it with ``dataclasses.replace(super().data_spec(), …)``."""
         return DataSpec(tokenizer=getattr(self, "tokenizer", None), image_preprocess=self.image_preprocess)
-
-    def _embed(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None,
-               prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Put a modality prefix ``[B, M, D]`` before ``ids [B, T]`` of ``self.language_model``, filling
-        ``self.image_token_id`` slots → embeds ``[B, M+T, D]``, mask ``[B, M+T]``, labels (``-100`` on slots)."""
-        ids, mask, labels = prepend_placeholders(ids, mask, self.image_token_id, prefix.shape[1], labels)
-        return splice(self.language_model.embed(ids), ids, self.image_token_id, prefix), mask, labels
 
     # --- compilation and cached encoder features ---------------------------------------------------
     def configure_model(self) -> None:

@@ -29,7 +29,7 @@ from mmlm.convert.blip2_hf import blip2_from_hf, blip2_to_hf
 from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator
 from mmlm.freezing import freeze_
-from mmlm.fusion import targets_only
+from mmlm.fusion import embed_with_prefix, targets_only
 from mmlm.language.base import LanguageModel, LMOutput
 from mmlm.language.hf_seq2seq import HFSeq2SeqLM
 from mmlm.models.base import ModuleSettings, MultimodalModule
@@ -115,9 +115,11 @@ class Blip2(MultimodalModule):
         for the target tokens of ``batch.labels``."""
         soft_prompt = self.encode_images(batch.pixels, batch.features)
         if self.seq2seq:
-            embeds, mask, _ = self._embed(batch.prompt_ids, batch.prompt_mask, None, soft_prompt)
+            embeds, mask, _ = embed_with_prefix(self.language_model.embed, batch.prompt_ids, batch.prompt_mask,
+                                                None, soft_prompt, self.image_token_id)
             return self.language_model(embeds, mask, targets_only(batch.labels))
-        embeds, mask, labels = self._embed(batch.input_ids, batch.attention_mask, batch.labels, soft_prompt)
+        embeds, mask, labels = embed_with_prefix(self.language_model.embed, batch.input_ids, batch.attention_mask,
+                                                 batch.labels, soft_prompt, self.image_token_id)
         return self.language_model(embeds, mask, labels)
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
@@ -128,5 +130,6 @@ class Blip2(MultimodalModule):
     def generate_text(self, batch: Batch) -> list[str]:
         """Decode from ``[soft prompt; prompt_ids]`` (the causal LM continues it, the seq2seq encoder reads it)."""
         soft_prompt = self.encode_images(batch.pixels, batch.features)
-        embeds, mask, _ = self._embed(batch.prompt_ids, batch.prompt_mask, None, soft_prompt)
+        embeds, mask, _ = embed_with_prefix(self.language_model.embed, batch.prompt_ids, batch.prompt_mask,
+                                            None, soft_prompt, self.image_token_id)
         return self.decode(self.language_model.generate(embeds, mask, self.generation))

@@ -19,7 +19,7 @@ from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator
 from mmlm.fewshot import few_shot_rows
 from mmlm.freezing import freeze_
-from mmlm.fusion import left_pad, splice
+from mmlm.fusion import embed_with_prefix, left_pad, splice
 from mmlm.language.base import LanguageModel
 from mmlm.models.base import MultimodalModule
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
@@ -64,7 +64,8 @@ class Frozen(MultimodalModule):
     def training_loss(self, batch: Batch) -> torch.Tensor:
         """Caption/answer cross-entropy with the image prefix; prompt and padding are ignored."""
         prefix = self.encode_images(batch.pixels, batch.features)
-        embeds, mask, labels = self._embed(batch.input_ids, batch.attention_mask, batch.labels, prefix)
+        embeds, mask, labels = embed_with_prefix(self.language_model.embed, batch.input_ids, batch.attention_mask,
+                                                 batch.labels, prefix, self.image_token_id)
         return self.language_model(embeds, mask, labels).loss
 
     @torch.no_grad()
@@ -73,7 +74,8 @@ class Frozen(MultimodalModule):
         if self.eval_shots > 0:
             return self.generate_few_shot(batch, self.eval_shots)
         prefix = self.encode_images(batch.pixels, batch.features)
-        embeds, mask, _ = self._embed(batch.prompt_ids, batch.prompt_mask, None, prefix)
+        embeds, mask, _ = embed_with_prefix(self.language_model.embed, batch.prompt_ids, batch.prompt_mask,
+                                            None, prefix, self.image_token_id)
         return self.decode(self.language_model.generate(embeds, mask, self.generation))
 
     @torch.no_grad()

@@ -14,7 +14,7 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Proces
 
 from mmlm.batch import Batch
 from mmlm.encoders import HFVisionEncoder
-from mmlm.fusion import targets_only
+from mmlm.fusion import embed_with_prefix, targets_only
 from mmlm.language import GenerationConfig, HFCausalLM
 from mmlm.models import Blip2
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
@@ -87,7 +87,8 @@ def test_logits_and_greedy_generation_match_transformers(hf_checkpoint):
     assert (model(other_images).logits - ours).abs().max() > 1e-2  # the soft prompt is really used
 
     settings = GenerationConfig(max_new_tokens=6, min_new_tokens=6)
-    embeds, mask, _ = model._embed(batch.prompt_ids, batch.prompt_mask, None, model.encode_images(batch.pixels))
+    embeds, mask, _ = embed_with_prefix(model.language_model.embed, batch.prompt_ids, batch.prompt_mask,
+                                        None, model.encode_images(batch.pixels), model.image_token_id)
     generated = model.language_model.generate(embeds, mask, settings)
     theirs = hf.generate(pixel_values=batch.pixels, input_ids=hf_prompt, max_new_tokens=6, min_new_tokens=6,
                          do_sample=False, num_beams=1)

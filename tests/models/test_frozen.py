@@ -17,6 +17,7 @@ import mmlm.fewshot as fewshot
 import mmlm.models.frozen as frozen_module
 from datamodules import ImageTextDataModule, Source
 from mmlm.connectors import MLP
+from mmlm.fusion import embed_with_prefix
 from mmlm.language import GenerationConfig, HFCausalLM
 from mmlm.language.hf_causal import causal_lm_loss
 from mmlm.models import CausalLMPretraining
@@ -77,7 +78,8 @@ def test_loss_counts_target_tokens_only(frozen, shapes_batch):
     frozen.eval()
     with torch.no_grad():
         prefix = frozen.encode_images(batch.pixels)
-        embeds, mask, labels = frozen._embed(batch.input_ids, batch.attention_mask, batch.labels, prefix)
+        embeds, mask, labels = embed_with_prefix(frozen.language_model.embed, batch.input_ids, batch.attention_mask,
+                                                 batch.labels, prefix, frozen.image_token_id)
         logits = frozen.language_model(embeds, mask).logits
         loss = frozen.training_loss(batch)
     k = prefix.shape[1]
