@@ -144,8 +144,8 @@ class EmbodiedDataModule(WebDataModule):
     """PaLM-E sentences (tabletop VQA, before/after questions, plans) from shards.
 
     Tokenizer, markers, vector widths and image preprocessing come from the arguments or, when ``None``,
-    from the trainer's LightningModule in :meth:`setup` (``module.tokenizer``, ``module.markers``,
-    ``module.state_dim``, ``module.object_dim``, ``module.image_preprocess``).
+    from the trainer's model's :class:`~mmlm.data_spec.DataSpec` in :meth:`setup` (``tokenizer``, ``markers``,
+    ``state_dim``, ``object_dim``, ``image_preprocess``).
 
     Args:
         train_urls: training shards (pattern, glob or list), or ``None``.

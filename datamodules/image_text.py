@@ -289,8 +289,8 @@ class ImageTextDataModule(WebDataModule):
     """Caption and VQA shards or raw files (mixable) for every image → text model.
 
     Tokenizer and image preprocessing come from the arguments, or — when ``tokenizer`` /
-    ``image_size`` is ``None`` — from the trainer's LightningModule in :meth:`setup`
-    (``module.tokenizer``, a Hugging Face tokenizer, and ``module.image_preprocess``, an
+    ``image_size`` is ``None`` — from the trainer's model's :class:`~mmlm.data_spec.DataSpec` in :meth:`setup`
+    (``tokenizer``, a Hugging Face tokenizer, and ``image_preprocess``, an
     :class:`~mmlm.encoders.base.ImagePreprocess`).
 
     Args:

@@ -370,8 +370,8 @@ class InterleavedDataModule(WebDataModule):
     """KOSMOS-1 style data: interleaved documents + image–caption pairs + text, mixed by weight.
 
     Tokenizer, image preprocessing and the image marker come from the arguments or — when
-    ``tokenizer`` / ``image_size`` / ``image_tokens`` is ``None`` — from the trainer's module
-    (``module.tokenizer``, ``module.image_preprocess``, ``module.image_marker``).
+    ``tokenizer`` / ``image_size`` / ``image_tokens`` is ``None`` — from the trainer's model's
+    :class:`~mmlm.data_spec.DataSpec` (``tokenizer``, ``image_preprocess``, ``markers[0]``).
 
     Args:
         train: training sources, mixed by weight.
