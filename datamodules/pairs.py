@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from datamodules.base import WebDataModule
+from datamodules.caption_views import TextCollator
 from datamodules.image_text import IMAGE_EXTENSIONS, json_field, url_sources
 from datamodules.skips import SkipSample
 from datamodules.transforms import ImageTransform
-from datamodules.unimodal import TextCollator
 from mmlm.batch import PairBatch
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.tokenizers import load_tokenizer

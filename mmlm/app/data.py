@@ -20,7 +20,7 @@ DATA_TOOL_MODULES: tuple[str, ...] = (
     "mmlm.app.features",
     "datamodules.document_tools",
     "datamodules.embodied_tools",
-    "datamodules.text",
+    "datamodules.text_corpora",
 )
 
 

@@ -51,7 +51,7 @@ def test_causal_and_prefix_causal_masks():
         prefix_causal_mask(5, 4)
 
 
-def test_unimodal_mask():
+def test_caption_views_mask():
     expected = [[1, 1, 0, 0, 0],
                 [1, 1, 0, 0, 0],
                 [0, 0, 1, 1, 0],
@@ -104,7 +104,7 @@ def test_cross_attention_every_f_layers():
     assert model.layers[0].cross_attn.k.in_features == 24
 
 
-def test_unimodal_mask_makes_queries_independent_of_text():
+def test_caption_views_mask_makes_queries_independent_of_text():
     model = tiny_qformer()
     image, ids, mask = batch()
     other = torch.randint(1, 50, ids.shape)

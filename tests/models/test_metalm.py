@@ -178,7 +178,7 @@ def test_pretraining_checkpoint_starts_finetuning(shapes_data, tmp_path):
 
 
 def test_text_only_semicausal_pretraining_learns_from_a_text_corpus(shapes_data):
-    from datamodules.text import TextDataModule
+    from datamodules.text_corpora import TextDataModule
 
     dm = TextDataModule(val_urls=str(shapes_data / "val" / "captions-*.tar"), tokenizer=str(shapes_data / "tokenizer"),
                         batch_size=8)

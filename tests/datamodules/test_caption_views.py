@@ -9,7 +9,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from datamodules.unimodal import ImageOnlyDataModule, TextOnlyDataModule
+from datamodules.caption_views import ImageOnlyDataModule, TextOnlyDataModule
 from mmlm.batch import ImageBatch, TextBatch
 from mmlm.tokenizers import load_tokenizer
 
@@ -55,7 +55,7 @@ def test_image_only_batches_ignore_text(tmp_path):
     assert dm.skipped == {"missing_image": 1}
 
 
-def test_unimodal_modules_read_the_shapes_caption_shards(shapes_data):
+def test_caption_views_modules_read_the_shapes_caption_shards(shapes_data):
     urls = str(shapes_data / "train" / "captions-*.tar")
     text = TextOnlyDataModule(train_urls=urls, tokenizer=str(shapes_data / "tokenizer"), batch_size=8,
                               epoch_samples=16)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from datamodules.text import TextDataModule, documents, write_text_shards
+from datamodules.text_corpora import TextDataModule, documents, write_text_shards
 from mmlm.losses import IGNORE_INDEX
 
 
