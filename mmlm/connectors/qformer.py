@@ -17,9 +17,7 @@ Weight import: :meth:`QFormer.from_bert` (BERT init as in BLIP-2) and :mod:`mmlm
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,17 +41,6 @@ class QFormerConfig:
     max_position_embeddings: int | None = None
     layer_norm_eps: float | None = None
     dropout: float | None = None
-
-    @classmethod
-    def of(cls, value: QFormerConfig | Mapping[str, Any] | None) -> QFormerConfig:
-        """A config value as a ``QFormerConfig``: also the plain dict that a checkpoint's hyperparameters hold."""
-        if value is None:
-            return cls()
-        return value if isinstance(value, cls) else cls(**dict(value))
-
-    def given(self) -> dict[str, Any]:
-        """The set fields, as :class:`QFormer` keyword arguments."""
-        return {key: value for key, value in asdict(self).items() if value is not None}
 
 
 @dataclass

@@ -17,10 +17,9 @@ Shape legend: B batch, N image tokens (1 + patches), P patches, T text tokens, D
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from timm.layers import Attention, Mlp, PatchEmbed, trunc_normal_
@@ -47,17 +46,6 @@ class MoMEConfig:
     vl_start: int | None = None
     vocab_size: int | None = None
     max_text_len: int | None = None
-
-    @classmethod
-    def of(cls, value: MoMEConfig | Mapping[str, Any] | None) -> MoMEConfig:
-        """A config value as a ``MoMEConfig``: also the plain dict that a checkpoint's hyperparameters hold."""
-        if value is None:
-            return cls()
-        return value if isinstance(value, cls) else cls(**dict(value))
-
-    def given(self) -> dict[str, Any]:
-        """The set fields, as :class:`MoMETransformer` keyword arguments."""
-        return {key: value for key, value in asdict(self).items() if value is not None}
 
 
 class MoMEExpert(nn.Module):

@@ -33,6 +33,7 @@ from mmlm.fusion import embed_with_prefix, targets_only
 from mmlm.language.base import LanguageModel, LMOutput
 from mmlm.language.hf_seq2seq import HFSeq2SeqLM
 from mmlm.models.base import ModuleSettings, MultimodalModule
+from mmlm.sizes import part_kwargs
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
 
 
@@ -66,7 +67,7 @@ class Blip2(MultimodalModule):
         self.save_hyperparameters()
         self.encoder = freeze_(encoder)
         self.qformer = QFormer(encoder.width, num_query_tokens=num_query_tokens, with_text=False,
-                               **QFormerConfig.of(qformer).given())
+                               **part_kwargs(QFormerConfig, qformer))
         self.language_projection = nn.Linear(self.qformer.query_tokens.shape[-1], language_model.width)
         self.language_model = language_model
         self.tokenizer = load_tokenizer(tokenizer, [IMAGE_TOKEN])

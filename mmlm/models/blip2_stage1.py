@@ -43,6 +43,7 @@ from mmlm.losses import (
 )
 from mmlm.masks import bidirectional_mask, multimodal_causal_mask, unimodal_mask
 from mmlm.models.base import MultimodalModule
+from mmlm.sizes import part_kwargs
 from mmlm.tokenizers import load_tokenizer
 
 DEC_TOKEN = "[DEC]"
@@ -109,7 +110,7 @@ class Blip2Stage1(MultimodalModule):
         self.save_hyperparameters()
         self.encoder = freeze_(encoder)
         self.tokenizer = stage1_tokenizer(tokenizer)
-        self.qformer = self._build_qformer(encoder.width, num_query_tokens, QFormerConfig.of(qformer).given(), bert)
+        self.qformer = self._build_qformer(encoder.width, num_query_tokens, part_kwargs(QFormerConfig, qformer), bert)
         word = self.qformer.embeddings.word
         if len(self.tokenizer) > word.num_embeddings:
             self.qformer.embeddings.word = word = grow_embedding(word, len(self.tokenizer))

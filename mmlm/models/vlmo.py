@@ -33,6 +33,7 @@ from mmlm.hub import load_state_dict_strict
 from mmlm.losses import IGNORE_INDEX, token_cross_entropy
 from mmlm.masking import mask_tokens, masked_patch_regression_loss, patchify, random_patch_mask
 from mmlm.models.base import MultimodalModule
+from mmlm.sizes import part_kwargs
 from mmlm.tokenizers import load_tokenizer
 
 MASK_TOKEN = "[MASK]"
@@ -120,7 +121,7 @@ class VLMOModule(MultimodalModule):
                  image_std: tuple[float, float, float] = (0.5, 0.5, 0.5), **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.tokenizer = vlmo_tokenizer(tokenizer)
-        self.transformer = MoMETransformer(**{"vocab_size": len(self.tokenizer), **MoMEConfig.of(transformer).given()})
+        self.transformer = MoMETransformer(**{"vocab_size": len(self.tokenizer), **part_kwargs(MoMEConfig, transformer)})
         size = self.transformer.patch_embed.img_size
         self._preprocess = ImagePreprocess(tuple(size), tuple(image_mean), tuple(image_std))
         self._init = (init_from, list(init_allow_missing or []), list(init_allow_unexpected or []), timm_init)
