@@ -104,6 +104,11 @@ class WebDataModule(pl.LightningDataModule):
         data_spec = getattr(module, "data_spec", None)
         return data_spec() if callable(data_spec) else DataSpec()
 
+    def from_model(self, name: str, argument: str) -> Any:
+        """Field ``name`` of the model's spec, for the datamodule ``argument`` that was not given; raises
+        ``ValueError`` naming this datamodule and that argument when the model gives none either."""
+        return self.model_spec().require(name, type(self).__name__, argument)
+
     # -- skip counts ----------------------------------------------------------------------------
     @property
     def skipped(self) -> dict[str, int]:

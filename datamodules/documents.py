@@ -363,17 +363,17 @@ class DocumentDataModule(WebDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve tokenizer and preprocessing (arguments first, else the module's); add the special tokens."""
-        spec, name = self.model_spec(), type(self).__name__
+        spec = self.model_spec()
         if not self.added_tokens:
             self.added_tokens = self.needed_tokens()
             if spec.add_tokens is not None:
                 spec.add_tokens(self.added_tokens)
         if self.tokenizer is None:
             self.tokenizer = (load_tokenizer(self.tokenizer_name, self.added_tokens) if self.tokenizer_name is not None
-                              else spec.require("tokenizer", name, "tokenizer"))
+                              else self.from_model("tokenizer", "tokenizer"))
         if self.preprocess is None:
             self.preprocess = (ImagePreprocess(tuple(self.image_size)) if self.image_size is not None
-                               else spec.require("image_preprocess", name, "image_size"))
+                               else self.from_model("image_preprocess", "image_size"))
         if self.align_long_axis is None:
             self.align_long_axis = bool(spec.align_long_axis)
 

@@ -188,19 +188,18 @@ class EmbodiedDataModule(WebDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve tokenizer, markers and image preprocessing (arguments first, else the model's)."""
-        spec, name = self.model_spec(), type(self).__name__
         if self.markers is None:
-            self.markers = tuple(spec.require("markers", name, "markers"))
+            self.markers = tuple(self.from_model("markers", "markers"))
         if self.state_dim is None:
-            self.state_dim = spec.require("state_dim", name, "state_dim")
+            self.state_dim = self.from_model("state_dim", "state_dim")
         if self.object_dim is None:
-            self.object_dim = spec.require("object_dim", name, "object_dim")
+            self.object_dim = self.from_model("object_dim", "object_dim")
         if self.tokenizer is None:
             self.tokenizer = (load_tokenizer(self.tokenizer_name, special_tokens(self.markers))
-                              if self.tokenizer_name else spec.require("tokenizer", name, "tokenizer"))
+                              if self.tokenizer_name else self.from_model("tokenizer", "tokenizer"))
         if self.preprocess is None:
             self.preprocess = (ImagePreprocess((self.image_size, self.image_size)) if self.image_size
-                               else spec.require("image_preprocess", name, "image_size"))
+                               else self.from_model("image_preprocess", "image_size"))
 
     def example_fn(self, stage: str, sources: Sequence[UrlSource]) -> EmbodiedExampleBuilder:
         if self.preprocess is None or self.tokenizer is None:

@@ -358,13 +358,12 @@ class ImageTextDataModule(WebDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve the tokenizer and image preprocessing (arguments first, else the model's)."""
-        spec, name = self.model_spec(), type(self).__name__
         if self.tokenizer is None:
             self.tokenizer = (load_tokenizer(self.tokenizer_name) if self.tokenizer_name is not None
-                              else spec.require("tokenizer", name, "tokenizer"))
+                              else self.from_model("tokenizer", "tokenizer"))
         if self.preprocess is None:
             self.preprocess = (ImagePreprocess((self.image_size, self.image_size)) if self.image_size is not None
-                               else spec.require("image_preprocess", name, "image_size"))
+                               else self.from_model("image_preprocess", "image_size"))
 
     def build_pipeline(self, stage: str, sources: Sequence[Source], *,
                        rank: int | None = None, world_size: int | None = None) -> ShardPipeline:

@@ -442,16 +442,16 @@ class InterleavedDataModule(WebDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve marker, tokenizer and image preprocessing (arguments first, else the model's)."""
-        spec, name, r = self.model_spec(), type(self).__name__, self.resolved
+        r = self.resolved
         if r.marker is None:
             r.marker = (kosmos_image_marker(self.image_tokens) if self.image_tokens is not None
-                        else spec.require("markers", name, "image_tokens")[0])
+                        else self.from_model("markers", "image_tokens")[0])
         if r.tokenizer is None:
             r.tokenizer = (load_tokenizer(self.tokenizer_name, special_tokens([r.marker]))
-                           if self.tokenizer_name is not None else spec.require("tokenizer", name, "tokenizer"))
+                           if self.tokenizer_name is not None else self.from_model("tokenizer", "tokenizer"))
         if r.preprocess is None:
             r.preprocess = (ImagePreprocess((self.image_size, self.image_size)) if self.image_size is not None
-                            else spec.require("image_preprocess", name, "image_size"))
+                            else self.from_model("image_preprocess", "image_size"))
 
     def _support(self, sources: Sequence[MixSource]) -> tuple[Demo, ...]:
         """Demonstrations for k-shot prompts (loaded once, from ``support``)."""

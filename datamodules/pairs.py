@@ -96,10 +96,10 @@ class PairsDataModule(WebDataModule):
 
     def example_fn(self, stage: str, sources: Any) -> PairExample:
         pre = (ImagePreprocess((self.image_size, self.image_size)) if self.image_size is not None
-               else self.model_spec().require("image_preprocess", type(self).__name__, "image_size"))
+               else self.from_model("image_preprocess", "image_size"))
         return PairExample(ImageTransform.from_preprocess(pre, train=stage == "fit", min_crop_scale=self.train_crop_scale))
 
     def collate_fn(self, stage: str) -> PairCollator:
         tokenizer = (load_tokenizer(self.tokenizer_name) if self.tokenizer_name is not None
-                     else self.model_spec().require("tokenizer", type(self).__name__, "tokenizer"))
+                     else self.from_model("tokenizer", "tokenizer"))
         return PairCollator(TextCollator(tokenizer, self.max_text_tokens))

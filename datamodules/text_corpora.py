@@ -113,7 +113,7 @@ class TextDataModule(WebDataModule):
         if self.tokenizer is not None:
             return
         self.tokenizer = (load_tokenizer(self.tokenizer_name) if self.tokenizer_name is not None
-                          else self.model_spec().require("tokenizer", type(self).__name__, "tokenizer"))
+                          else self.from_model("tokenizer", "tokenizer"))
 
     def example_fn(self, stage: str, sources: Sequence[Source]) -> TextExampleBuilder:
         return TextExampleBuilder(self.text_field)
