@@ -12,7 +12,7 @@ Shape legend: B batch, T text tokens, K items of a modality, M embeddings per it
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -62,6 +62,12 @@ class Marker:
 def kosmos_image_marker(count: int) -> Marker:
     """KOSMOS-1's image marker: ``<image>`` in text → ``<image>`` + count × ``<image_embed>`` + ``</image>``."""
     return Marker(IMAGE_START, "image", count, IMAGE_EMBED, open=IMAGE_START, close=IMAGE_END)
+
+
+def prefix_image_marker(count: int) -> Marker:
+    """The image marker of the prefix families (Frozen, BLIP-2, MetaLM): ``count`` ``<image>`` placeholders, no
+    wrappers, in front of each sentence (``count`` = the connector's output length M; 0: text-only sentences)."""
+    return Marker(IMAGE_START, "image", count, IMAGE_START)
 
 
 def special_tokens(markers: Sequence[Marker]) -> list[str]:
@@ -279,6 +285,14 @@ def fill_spans(text_embeds: torch.Tensor, input_ids: torch.Tensor, spans: Sequen
                              f"(given: {sorted(embeds)})")
         out = splice(out, input_ids, placeholder_ids[modality], _gather_items(modality, ordered, embeds[modality]))
     return out
+
+
+def embed_sentence(embed: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor,
+                   spans: Sequence[Sequence[Span]], embeds: Mapping[str, torch.Tensor],
+                   placeholder_ids: Mapping[str, int]) -> torch.Tensor:
+    """Every generative family's input: ``input_ids [B, T]`` embedded by ``embed`` (the LM's token embedding) with
+    each span filled from ``embeds`` (modality → ``[K, M, D]``) by :func:`fill_spans` → ``[B, T, D]``."""
+    return fill_spans(embed(input_ids), input_ids, spans, embeds, placeholder_ids)
 
 
 def _gather_items(modality: str, spans: Sequence[Span], items: torch.Tensor) -> torch.Tensor:
