@@ -4,7 +4,8 @@ Every key of a timm ``VisionTransformer`` state dict (class token, no registers,
 in :class:`mmlm.encoders.mome.MoMETransformer`: attention, patch embedding, positions and final norm keep their
 names, each block's ``norm2``/``mlp`` become the vision expert ``experts.v.norm``/``experts.v.mlp``. Only the
 classifier (``head.*``, ``fc_norm.*``) is dropped. MoME keys that a ViT cannot provide (text embeddings, L/VL
-experts, the mask token) are the only ones allowed to stay as initialised; anything else raises.
+experts, the mask token, layer scales, the relative position table, modality-type embeddings) are the only ones
+allowed to stay as initialised; anything else raises.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from mmlm.hub import check_keys, looks_local
 
 #: timm keys with no place in MoME (the ImageNet classifier).
 DROPPED_TIMM_KEYS = ("head.*", "fc_norm.*")
-#: MoME keys a timm ViT cannot provide.
-NEW_MOME_KEYS = ("word_embed.*", "text_pos_embed", "mask_token", "blocks.*.experts.l.*", "blocks.*.experts.vl.*")
+#: MoME keys a timm ViT cannot provide (text side, L/VL experts, mask token, and unilm VLMO's layer scales,
+#: relative position table and modality-type embeddings, which keep their initial values).
+NEW_MOME_KEYS = ("word_embed.*", "text_pos_embed", "mask_token", "blocks.*.experts.l.*", "blocks.*.experts.vl.*",
+                 "blocks.*.ls1.*", "blocks.*.ls2.*", "rel_pos_bias.*", "token_type_embed.*")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _RENAMES = ((re.compile(r"^blocks\.(\d+)\.norm2\."), r"blocks.\1.experts.v.norm."),
             (re.compile(r"^blocks\.(\d+)\.mlp\."), r"blocks.\1.experts.v.mlp."))

@@ -12,6 +12,8 @@ from mmlm.encoders.mome import MoMEBlock, MoMETransformer
 SIZES = {"img_size": 32, "patch_size": 8, "dim": 32, "depth": 3, "num_heads": 2, "vl_start": 2, "vocab_size": 40,
          "max_text_len": 12}
 B, T, N = 2, 7, 17  # N = 1 + (32 / 8)²
+#: unilm VLMO's additions off: the image path is then exactly a timm ViT
+PLAIN_VIT = {"layer_scale_init": 0.0, "rel_pos_bias": False, "modality_type_embed": False}
 
 
 @pytest.fixture
@@ -133,7 +135,7 @@ def test_timm_vit_file_loads_strictly_and_matches_forward_features(tmp_path, inp
     vit = tiny_vit()
     path = tmp_path / "vit.pth"
     torch.save(vit.state_dict(), path)
-    mome = MoMETransformer(**SIZES).eval()
+    mome = MoMETransformer(**SIZES, **PLAIN_VIT).eval()
     load_timm_into_mome(mome, str(path))
     with torch.no_grad():
         torch.testing.assert_close(mome("image", pixels=inputs[0]).image, vit.forward_features(inputs[0]),
