@@ -32,12 +32,29 @@ def runs_to_span_ids(selected: torch.Tensor) -> torch.Tensor:
 
 def _span_lengths(region: int, ratio: float, min_len: int, max_len: int, max_spans: int,
                   generator: torch.Generator | None) -> list[int]:
-    """Lengths of up to ``max_spans`` spans covering about ``ratio * region`` positions, each in
-    ``[min_len, max_len]``, that fit in ``region`` with at least one causal position between spans."""
-    budget, lengths = round(ratio * region), []
-    while len(lengths) < max_spans and budget - sum(lengths) >= min_len:
-        high = min(max_len, budget - sum(lengths))
-        lengths.append(int(torch.randint(min_len, high + 1, (), generator=generator)))
+    """Lengths of spans covering ``round(ratio * region)`` positions (the *budget*), that fit in ``region`` with
+    at least one causal position between spans.
+
+    The number of spans is drawn uniformly among the counts whose spans can each be ``[min_len, max_len]``
+    long (at most ``max_spans``), then the budget is split at random within those bounds. A budget shorter
+    than ``min_len`` (a short row) becomes one span of the whole budget, so every row is encoded at ``ratio``
+    whatever its length; a budget beyond ``max_spans * max_len`` is capped there.
+    """
+    budget = min(round(ratio * region), max_spans * max_len)
+    if budget < 1:
+        return []
+    if budget < min_len:
+        return [budget]
+    fewest, most = -(-budget // max_len), min(max_spans, budget // min_len)
+    if fewest > most:  # no count fits both bounds (max_len < 2 * min_len): keep max_len, split evenly
+        return [budget // fewest + (k < budget % fewest) for k in range(fewest)]
+    count = int(torch.randint(fewest, most + 1, (), generator=generator))
+    lengths: list[int] = []
+    for left in range(count, 0, -1):
+        rest = budget - sum(lengths)
+        low = max(min_len, rest - (left - 1) * max_len) if left > 1 else rest
+        high = min(max_len, rest - (left - 1) * min_len)
+        lengths.append(int(torch.randint(low, max(low, high) + 1, (), generator=generator)))
     while lengths and sum(lengths) + len(lengths) - 1 > region:
         lengths.pop()
     return lengths
@@ -63,8 +80,9 @@ def sample_spans(region: torch.Tensor, ratio: float = 0.25, min_len: int = 1, ma
     Args:
         region: ``[B, T]`` bool, one contiguous run per row of positions that may be encoded (text after
             bos, before eos: the token after a span must exist, as it is the span's target).
-        ratio: fraction of each row's region to encode (the paper: 25 %).
-        min_len: shortest span (the paper: 64 tokens).
+        ratio: fraction of each row's region to encode (the paper: 25 %), also in rows too short for a
+            ``min_len`` span (there one shorter span covers the fraction).
+        min_len: shortest span (the paper: 64 tokens), unless the row's whole budget is shorter.
         max_len: longest span (the paper: 128 tokens).
         max_spans: at most this many spans per row.
         generator: random source (the global one when ``None``).

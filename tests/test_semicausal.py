@@ -41,13 +41,28 @@ def test_random_spans_respect_region_lengths_count_and_gaps(seed):
     for row in range(3):
         spans = spans_of(span_ids[row])
         assert len(spans) <= 3
-        assert sum(map(len, spans)) <= round(0.4 * int(region[row].sum()))
+        assert sum(map(len, spans)) == min(round(0.4 * int(region[row].sum())), 3 * 5)  # the budget, capped
         for positions in spans:
-            assert 2 <= len(positions) <= 5 and positions == list(range(positions[0], positions[-1] + 1))
+            assert positions == list(range(positions[0], positions[-1] + 1))
+            assert 2 <= len(positions) <= 5 or row == 2
         for left, right in zip(spans, spans[1:]):
             assert right[0] - left[-1] >= 2, "spans touch: no causal token between them"
     assert len(spans_of(span_ids[0])) >= 1  # 38 positions at 40 % always fit a span
-    assert int(span_ids[2].max()) == 0  # budget round(0.4 * 3) = 1 < min_len
+    assert (span_ids[2] > 0).sum() == 1  # budget round(0.4 * 3) = 1 < min_len: one shorter span
+
+
+@pytest.mark.parametrize("length", [8, 40, 100, 254, 300, 1000, 2046])
+def test_rows_of_any_length_get_spans_at_the_ratio(length):
+    """The paper's settings (25 %, 64-128 tokens, up to 8 spans): a row under 256 tokens is encoded at 25 %
+    too (one span shorter than 64), a long row in spans of 64-128."""
+    region = torch.zeros(50, length + 2, dtype=torch.bool)
+    region[:, 1:length + 1] = True
+    span_ids = sample_spans(region, 0.25, 64, 128, 8, torch.Generator().manual_seed(length))
+    covered = (span_ids > 0).sum(1)
+    assert bool((covered == round(0.25 * length)).all())
+    for row in span_ids:
+        lengths = [len(p) for p in spans_of(row)]
+        assert len(lengths) <= 8 and (all(64 <= n <= 128 for n in lengths) or lengths == [round(0.25 * length)])
 
 
 def test_random_spans_are_reproducible_and_vary_with_the_seed():
