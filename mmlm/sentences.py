@@ -153,6 +153,13 @@ class Sentence:
         return Sentence(self.ids[:end], self.targets[:end], spans)
 
 
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of raw ``text`` with no special id in them: no bos/eos added, and special tokens written
+    in the text (``</s>``, ``<pad>``, added marker tokens) tokenised as ordinary text
+    (``split_special_tokens=True``)."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
 class SentenceBuilder:
     """Builds a :class:`Sentence` piece by piece from text, markers and raw ids.
 
@@ -185,15 +192,14 @@ class SentenceBuilder:
     def text(self, text: str, target: bool = True) -> SentenceBuilder:
         """Append plain text (no marker parsing); ``target`` False for prompts.
 
-        Marker tokens written literally in the text (``<image>`` in a web page) are removed: the
-        tokenizer would otherwise turn them into wrappers or placeholders without a span.
+        Raw text never becomes special ids: it is tokenised with special tokens split (a literal ``</s>``
+        or ``<pad>`` in a document stays text, see :func:`text_ids`); bos, eos and spans come only from
+        :meth:`ids` and :meth:`marker`. Marker tokens written literally in the text (``<image>`` in a web
+        page) are removed, as before.
         """
         for token in self._ids:
             text = text.replace(token, " ")
-        if text:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            return self.ids(ids, target)
-        return self
+        return self.ids(text_ids(self.tokenizer, text), target) if text else self
 
     def ids(self, ids: Sequence[int], target: bool = True) -> SentenceBuilder:
         """Append raw token ids (bos, eos, separators)."""

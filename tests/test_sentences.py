@@ -118,3 +118,18 @@ def test_fill_spans_checks_counts(tokenizer):
     with pytest.raises(ValueError, match="placeholder tokens"):
         fill_spans(torch.zeros(2, batch.input_ids.shape[1], 3), batch.input_ids, dropped,
                    {"image": images, "state": states}, ids)
+
+
+def test_raw_text_never_becomes_special_ids_but_code_markers_do():
+    from byte_tokenizers import byte_bpe_tokenizer
+
+    tok = byte_bpe_tokenizer(["a red circle and a blue square."])
+    tok.add_special_tokens({"additional_special_tokens": kosmos_image_marker(2).tokens()})
+    text = "a red </s> circle <pad> and <s> a square"
+    builder = SentenceBuilder(tok, [kosmos_image_marker(2)]).ids([tok.bos_token_id], target=False)
+    sentence = builder.text(text).marker("image").ids([tok.eos_token_id]).build()
+    body = sentence.ids[1:-5]  # bos … <image> <image_embed> × 2 </image> eos
+    assert tok.decode(body) == text
+    assert not set(body) & set(tok.all_special_ids)
+    assert sentence.ids[0] == tok.bos_token_id and sentence.ids[-1] == tok.eos_token_id
+    assert sentence.ids[-5:-1] == tok.convert_tokens_to_ids(["<image>", "<image_embed>", "<image_embed>", "</image>"])
