@@ -2,6 +2,8 @@
 
 A BERT-style post-LN encoder over the joint sequence ``[queries; text]``:
 
+* the frozen image tokens first pass a trainable LayerNorm (``vision_norm``, LAVIS's ``ln_vision``; transformers
+  keeps it in the vision model as ``post_layernorm``), so both BLIP-2 stages get it from the Q-Former;
 * ``M`` learned query tokens go first, text tokens (word + position embeddings) after; one LayerNorm
   (``embeddings.norm``) normalises both, as in BLIP-2.
 * every layer: self-attention over the joint sequence (the mask picks the BLIP-2 regime, see
@@ -18,6 +20,8 @@ Weight import: :meth:`QFormer.from_bert` (BERT init as in BLIP-2) and :mod:`mmlm
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +45,9 @@ class QFormerConfig:
     max_position_embeddings: int | None = None
     layer_norm_eps: float | None = None
     dropout: float | None = None
+    initializer_range: float | None = None
+    vision_norm: bool | None = None
+    vision_norm_eps: float | None = None
 
 
 @dataclass
@@ -175,14 +182,22 @@ class QFormer(nn.Module):
         dropout: hidden and attention-probability dropout.
         with_text: build the text side (word/position embeddings, text FFNs); ``False`` gives the
             queries-only Q-Former of transformers' ``Blip2ForConditionalGeneration``.
+        initializer_range: std of the normal init of every Linear/Embedding weight and of the query tokens
+            (BERT's 0.02, as BLIP-2; a narrow Q-Former needs more, e.g. 0.1 at width 64: see docs/blip2.md).
+        vision_norm: a trainable ``LayerNorm(encoder_width)`` on the image tokens before cross-attention
+            (LAVIS's ``ln_vision``). ``False`` for an encoder that already ends in this norm (transformers'
+            ``Blip2QFormerModel`` alone, whose vision model applies it as ``post_layernorm``).
+        vision_norm_eps: its epsilon (LAVIS: ``nn.LayerNorm``'s 1e-5; transformers: the vision config's).
     """
 
     def __init__(self, encoder_width: int, num_query_tokens: int = 32, hidden_size: int = 768, num_layers: int = 12,
                  num_heads: int = 12, intermediate_size: int = 3072, cross_attention_freq: int = 2,
                  vocab_size: int = 30522, max_position_embeddings: int = 512, layer_norm_eps: float = 1e-12,
-                 dropout: float = 0.1, with_text: bool = True) -> None:
+                 dropout: float = 0.1, with_text: bool = True, initializer_range: float = 0.02,
+                 vision_norm: bool = True, vision_norm_eps: float = 1e-5) -> None:
         super().__init__()
-        self.num_query_tokens, self.with_text = num_query_tokens, with_text
+        self.num_query_tokens, self.with_text, self.initializer_range = num_query_tokens, with_text, initializer_range
+        self.vision_norm = nn.LayerNorm(encoder_width, eps=vision_norm_eps) if vision_norm else None
         self.query_tokens = nn.Parameter(torch.zeros(1, num_query_tokens, hidden_size))
         self.embeddings = QFormerEmbeddings(hidden_size, vocab_size, max_position_embeddings, with_text,
                                             layer_norm_eps, dropout)
@@ -190,8 +205,8 @@ class QFormer(nn.Module):
             QFormerLayer(hidden_size, num_heads, intermediate_size, encoder_width, i % cross_attention_freq == 0,
                          with_text, layer_norm_eps, dropout)
             for i in range(num_layers))
-        self.apply(_init_bert)
-        nn.init.normal_(self.query_tokens, std=0.02)
+        self.apply(partial(bert_init, std=initializer_range))
+        nn.init.normal_(self.query_tokens, std=initializer_range)
 
     def forward(self, image_embeds: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
                 input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -199,7 +214,8 @@ class QFormer(nn.Module):
         """Run the queries (when ``image_embeds`` is given) and/or the text (when ``input_ids`` is given).
 
         Args:
-            image_embeds: ``[B, N, Dv]`` image tokens; ``None`` = text-only pass (no queries, M = 0).
+            image_embeds: ``[B, N, Dv]`` image tokens (before ``vision_norm``); ``None`` = text-only pass (no
+                queries, M = 0).
             image_mask: ``[B, N]`` (1/True = real image token); ``None`` = all real.
             input_ids: ``[B, T]`` text ids.
             attention_mask: ``[B, T]`` text padding mask; used only when ``self_attn_mask`` is ``None``.
@@ -213,6 +229,8 @@ class QFormer(nn.Module):
             raise ValueError("QFormer.forward needs image_embeds, input_ids or both")
         if image_embeds is not None:  # the Q-Former stays fp32 behind a half-precision ViT (BLIP-2)
             image_embeds = image_embeds.to(self.query_tokens.dtype)
+            if self.vision_norm is not None:
+                image_embeds = self.vision_norm(image_embeds)
         queries = None if image_embeds is None else self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         num_queries = 0 if queries is None else queries.shape[1]
         x = self.embeddings(queries, input_ids)
@@ -238,30 +256,30 @@ class QFormer(nn.Module):
         return self_attn_mask.bool()
 
     @classmethod
-    def from_bert(cls, name_or_path: str, encoder_width: int, num_query_tokens: int = 32,
-                  cross_attention_freq: int = 2) -> QFormer:
+    def from_bert(cls, name_or_path: str, encoder_width: int, num_query_tokens: int = 32, **options: Any) -> QFormer:
         """A Q-Former initialised from a BERT checkpoint, as BLIP-2 does.
 
         Self-attention, text FFNs and embeddings come from BERT (token-type row 0 folded into the
         position embeddings, so text-only outputs equal ``BertModel``'s); query FFNs are copies of the
-        text FFNs; cross-attention and query tokens stay new. Strict: see
-        :func:`mmlm.convert.blip2.qformer_from_bert`.
+        text FFNs; cross-attention, query tokens and the vision norm stay new (drawn with BERT's
+        ``initializer_range``). Strict: see :func:`mmlm.convert.blip2.qformer_from_bert`.
 
         Args:
-            name_or_path: hub id or local directory of a ``transformers.BertModel``.
+            name_or_path: hub id or local directory of a ``transformers.BertModel`` (pre-training heads allowed).
             encoder_width: Dv of the image tokens.
             num_query_tokens: M.
-            cross_attention_freq: cross-attention every f layers.
+            **options: the :class:`QFormer` arguments BERT does not set: ``cross_attention_freq``,
+                ``vision_norm``, ``vision_norm_eps``.
         """
         from mmlm.convert.blip2 import load_bert_into_qformer
 
-        return load_bert_into_qformer(cls, name_or_path, encoder_width, num_query_tokens, cross_attention_freq)
+        return load_bert_into_qformer(cls, name_or_path, encoder_width, num_query_tokens, **options)
 
 
-def _init_bert(module: nn.Module) -> None:
-    """BERT's init: normal(0, 0.02) weights, zero biases, unit LayerNorms."""
+def bert_init(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's init of one module (use with ``Module.apply``): normal(0, ``std``) weights, zero biases, unit LayerNorms."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
+        nn.init.normal_(module.weight, std=std)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
     if isinstance(module, nn.LayerNorm):
@@ -280,19 +298,21 @@ class QFormerConnector(nn.Module):
         out_dim: language-model width D.
         num_query_tokens: M.
         hidden_size, num_layers, num_heads, intermediate_size, cross_attention_freq, layer_norm_eps,
-            dropout: as in :class:`QFormer`.
+            dropout, initializer_range, vision_norm, vision_norm_eps: as in :class:`QFormer`.
         with_text: keep the Q-Former's text side (e.g. to load a stage-1 checkpoint strictly).
     """
 
     def __init__(self, in_dim: int, out_dim: int, num_query_tokens: int = 32, hidden_size: int = 768,
                  num_layers: int = 12, num_heads: int = 12, intermediate_size: int = 3072,
                  cross_attention_freq: int = 2, layer_norm_eps: float = 1e-12, dropout: float = 0.1,
-                 with_text: bool = False) -> None:
+                 with_text: bool = False, initializer_range: float = 0.02, vision_norm: bool = True,
+                 vision_norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.qformer = QFormer(in_dim, num_query_tokens=num_query_tokens, hidden_size=hidden_size,
                                num_layers=num_layers, num_heads=num_heads, intermediate_size=intermediate_size,
                                cross_attention_freq=cross_attention_freq, layer_norm_eps=layer_norm_eps,
-                               dropout=dropout, with_text=with_text)
+                               dropout=dropout, with_text=with_text, initializer_range=initializer_range,
+                               vision_norm=vision_norm, vision_norm_eps=vision_norm_eps)
         self.proj = nn.Linear(hidden_size, out_dim)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,7 +3,8 @@
 * transformers' ``Blip2QFormerModel`` (+ the top-level ``query_tokens`` and, for the ITM/retrieval
   models, ``embeddings.word_embeddings`` / ``embeddings.position_embeddings``):
   :func:`qformer_from_hf` / :func:`qformer_to_hf`, one-to-one and exact both ways.
-* ``transformers.BertModel`` (BLIP-2's initialisation): :func:`qformer_from_bert`.
+* ``transformers.BertModel`` (BLIP-2's initialisation): :func:`qformer_from_bert`; the MLM head of a
+  ``BertForMaskedLM``/``BertForPreTraining`` checkpoint (BLIP-2's ITG head): :func:`bert_lm_head_state`.
 
 Every key must be covered by a rule or an explicit ignore list, else ``RuntimeError`` names the keys.
 """
@@ -49,8 +50,16 @@ BERT_MODULES: list[tuple[str, str]] = [
     *[(f"encoder.layer.{{i}}.{hf.format(s='')}", f"layers.{{i}}.text_ffn.{part}") for hf, part in _HF_FFN],
 ]
 BERT_IGNORED = ("pooler.*",)
+#: Pre-training heads a BERT checkpoint may carry besides the encoder (``bert-base-uncased`` has both).
+BERT_HEADS = ("cls.predictions.*", "cls.seq_relationship.*")
 BERT_TOKEN_TYPE = "embeddings.token_type_embeddings.weight"
-BERT_NEW_KEYS = ("query_tokens", "layers.*.cross_attn.*")
+BERT_NEW_KEYS = ("query_tokens", "layers.*.cross_attn.*", "vision_norm.*")
+#: ``BertForMaskedLM`` MLM-head keys → :class:`mmlm.heads.TiedLMHead` keys (the decoder is the tied word table).
+BERT_LM_HEAD = {"cls.predictions.transform.dense.weight": "dense.weight",
+                "cls.predictions.transform.dense.bias": "dense.bias",
+                "cls.predictions.transform.LayerNorm.weight": "norm.weight",
+                "cls.predictions.transform.LayerNorm.bias": "norm.bias",
+                "cls.predictions.bias": "bias"}
 
 
 def _pattern(template: str) -> re.Pattern[str]:
@@ -88,7 +97,12 @@ def qformer_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def qformer_kwargs_from_hf(config: Any, num_query_tokens: int = 32) -> dict[str, Any]:
-    """:class:`QFormer` arguments equal to a ``Blip2QFormerConfig`` (``with_text`` = ``use_qformer_text_input``)."""
+    """:class:`QFormer` arguments equal to a ``Blip2QFormerConfig`` (``with_text`` = ``use_qformer_text_input``).
+
+    ``vision_norm=False``: ``Blip2QFormerModel`` reads image tokens that the vision model has already normalised
+    (its ``post_layernorm``, LAVIS's ``ln_vision``); :func:`mmlm.convert.blip2_hf.blip2_from_hf` moves that norm
+    into the Q-Former.
+    """
     if config.hidden_act != "gelu":
         raise ValueError(f"QFormer uses exact GELU; Blip2QFormerConfig.hidden_act is {config.hidden_act!r}")
     return dict(encoder_width=config.encoder_hidden_size, num_query_tokens=num_query_tokens,
@@ -96,7 +110,8 @@ def qformer_kwargs_from_hf(config: Any, num_query_tokens: int = 32) -> dict[str,
                 num_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
                 cross_attention_freq=config.cross_attention_frequency, vocab_size=config.vocab_size,
                 max_position_embeddings=config.max_position_embeddings, layer_norm_eps=config.layer_norm_eps,
-                dropout=config.hidden_dropout_prob, with_text=config.use_qformer_text_input)
+                dropout=config.hidden_dropout_prob, with_text=config.use_qformer_text_input,
+                initializer_range=config.initializer_range, vision_norm=False)
 
 
 def qformer_from_bert(state_dict: Mapping[str, torch.Tensor], source: str = "BertModel state dict",
@@ -124,18 +139,45 @@ def _bert_kwargs(config: Any) -> dict[str, Any]:
     return dict(hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
                 num_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
                 vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings,
-                layer_norm_eps=config.layer_norm_eps, dropout=config.hidden_dropout_prob)
+                layer_norm_eps=config.layer_norm_eps, dropout=config.hidden_dropout_prob,
+                initializer_range=config.initializer_range)
 
 
 def load_bert_into_qformer(cls: type[QFormer], name_or_path: str, encoder_width: int, num_query_tokens: int,
-                           cross_attention_freq: int) -> QFormer:
-    """Build ``cls`` with BERT's sizes and load BERT strictly (only query tokens and cross-attention new)."""
+                           **options: Any) -> QFormer:
+    """Build ``cls`` with BERT's sizes (and ``options``: the arguments BERT does not set, such as
+    ``cross_attention_freq``) and load BERT strictly: only query tokens, cross-attention and the vision norm are
+    new; a pooler may be absent and pre-training heads (``cls.*``) present."""
     from transformers import BertModel
 
     bert, info = BertModel.from_pretrained(name_or_path, output_loading_info=True)
-    check_hf_loading_info(info, name_or_path, allow_missing=BERT_IGNORED)
-    model = cls(encoder_width, num_query_tokens=num_query_tokens, cross_attention_freq=cross_attention_freq,
-                **_bert_kwargs(bert.config))
+    check_hf_loading_info(info, name_or_path, allow_missing=BERT_IGNORED, allow_unexpected=BERT_HEADS)
+    model = cls(encoder_width, num_query_tokens=num_query_tokens, **{**_bert_kwargs(bert.config), **options})
     state = qformer_from_bert(bert.state_dict(), source=name_or_path)
     load_state_dict_strict(model, state, name_or_path, allow_missing=BERT_NEW_KEYS)
     return model
+
+
+def bert_lm_head_state(name_or_path: str, vocab_size: int) -> dict[str, torch.Tensor] | None:
+    """The MLM head of a BERT checkpoint (``cls.predictions.*``, as LAVIS's ``BertLMHeadModel`` loads it) under
+    :class:`mmlm.heads.TiedLMHead` keys, its bias zero-padded to ``vocab_size`` (rows added for ``[DEC]``);
+    ``None`` when the checkpoint has no MLM head at all (a bare ``BertModel``, e.g. a sentence-transformers one).
+
+    Raises:
+        RuntimeError: the head is there only in part, or the checkpoint has keys of neither BERT nor its heads.
+    """
+    from transformers import BertForMaskedLM
+
+    mlm, info = BertForMaskedLM.from_pretrained(name_or_path, output_loading_info=True)
+    missing = sorted(k for k in info["missing_keys"] if k in BERT_LM_HEAD)
+    check_hf_loading_info({**info, "missing_keys": set(info["missing_keys"]) - set(missing)}, name_or_path,
+                          allow_unexpected=("bert.pooler.*", "cls.seq_relationship.*"))
+    if len(missing) == len(BERT_LM_HEAD):
+        return None
+    if missing:
+        raise RuntimeError(f"loading the MLM head of {name_or_path}: missing keys {missing}")
+    state = {ours: mlm.state_dict()[key].detach().clone() for key, ours in BERT_LM_HEAD.items()}
+    if vocab_size < state["bias"].numel():
+        raise ValueError(f"{name_or_path}: MLM head has {state['bias'].numel()} outputs, more than vocab_size {vocab_size}")
+    state["bias"] = torch.cat([state["bias"], state["bias"].new_zeros(vocab_size - state["bias"].numel())])
+    return state

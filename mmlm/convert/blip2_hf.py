@@ -10,6 +10,10 @@ A checkpoint's state dict splits by prefix into four parts, each loaded strictly
 ``language_model.*``          ``language_model.model`` (``HFCausalLM`` or ``HFSeq2SeqLM``)
 ============================  =============================================================
 
+``vision_model.post_layernorm`` is LAVIS's ``ln_vision`` (transformers' BLIP-2 conversion renames it so): it is
+copied into the Q-Former's trainable ``vision_norm``, and the encoder returns the last layer's tokens before it
+(``layer = num_hidden_layers``); export writes ``vision_norm`` back as ``post_layernorm``.
+
 A key outside these prefixes, or one a part does not take, raises a ``RuntimeError`` naming it; only
 weights tied to a loaded weight (``lm_head`` ↔ input embeddings) may be absent from the file.
 """
@@ -50,6 +54,8 @@ if TYPE_CHECKING:
 AutoModel.register(Blip2VisionConfig, Blip2VisionModel, exist_ok=True)
 
 PARTS = ("vision_model.", "qformer.", "language_projection.", "language_model.")
+#: ``Blip2VisionModel``'s final norm (LAVIS's ``ln_vision``), which mmlm keeps as the Q-Former's ``vision_norm``.
+POST_LAYERNORM = "post_layernorm."
 # BLIP-2's image processor defaults (OpenAI CLIP statistics), used when a checkpoint has no processor file.
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -124,7 +130,8 @@ def blip2_from_hf(cls: type[Blip2], name_or_path: str, tokenizer: str | None = N
     parts = split_state_dict(state, name_or_path)
     vision = {k: v for k, v in config.vision_config.to_dict().items() if k not in ("model_type", "architectures",
                                                                                     "transformers_version")}
-    encoder = HFVisionEncoder(config=vision, model_type="blip_2_vision_model", freeze=True, dtype=vision_dtype)
+    encoder = HFVisionEncoder(config=vision, model_type="blip_2_vision_model", freeze=True, dtype=vision_dtype,
+                              layer=config.vision_config.num_hidden_layers)  # before post_layernorm = vision_norm
     load_part(encoder.model, parts["vision_model."], f"{name_or_path} vision_model.*")
     encoder.preprocess = image_preprocess(directory, config.vision_config.image_size)
     lm = _language_model(config.text_config, not config.use_decoder_only_language_model, lm_dtype)
@@ -133,9 +140,11 @@ def blip2_from_hf(cls: type[Blip2], name_or_path: str, tokenizer: str | None = N
     qformer = qformer_kwargs_from_hf(config.qformer_config, config.num_query_tokens)
     for key in ("encoder_width", "num_query_tokens", "with_text", "vocab_size", "max_position_embeddings"):
         qformer.pop(key)
+    qformer.update(vision_norm=True, vision_norm_eps=config.vision_config.layer_norm_eps)
     model = cls(encoder=encoder, language_model=lm, tokenizer=tokenizer or str(directory),
                 num_query_tokens=config.num_query_tokens, qformer=qformer, **kwargs)
-    load_part(model.qformer, qformer_from_hf(parts["qformer."]), f"{name_or_path} qformer.*")
+    vision_norm = {f"vision_norm.{k}": parts["vision_model."][f"{POST_LAYERNORM}{k}"] for k in ("weight", "bias")}
+    load_part(model.qformer, qformer_from_hf(parts["qformer."]) | vision_norm, f"{name_or_path} qformer.*")
     load_part(model.language_projection, parts["language_projection."], f"{name_or_path} language_projection.*")
     return model
 
@@ -159,19 +168,39 @@ def qformer_config_to_hf(qformer: QFormer) -> Blip2QFormerConfig:
 def _check_exportable(model: Blip2) -> None:
     """Raise ``TypeError`` when a part has no place in ``Blip2ForConditionalGeneration``."""
     if not (isinstance(model.encoder, HFVisionEncoder) and model.encoder.model.config.model_type
-            == "blip_2_vision_model" and model.encoder.layer == -1):
-        raise TypeError("to_hf needs encoder = HFVisionEncoder over a Blip2VisionModel (layer -1), got "
-                        f"{type(model.encoder).__name__}")
+            == "blip_2_vision_model"):
+        raise TypeError(f"to_hf needs encoder = HFVisionEncoder over a Blip2VisionModel, got {type(model.encoder).__name__}")
+    _check_vision_norm(model.encoder, model.qformer)
     if not isinstance(model.language_model, HFLanguageModel):
         raise TypeError(f"to_hf needs a Hugging Face LM adapter, got {type(model.language_model).__name__}")
     if model.qformer.with_text:
         raise TypeError("to_hf needs a queries-only QFormer (with_text=False)")
 
 
+def _check_vision_norm(encoder: HFVisionEncoder, qformer: QFormer) -> None:
+    """Raise ``TypeError`` unless exactly one LayerNorm, placed as transformers' ``post_layernorm``, sits between
+    the ViT's last layer and the Q-Former: the Q-Former's ``vision_norm`` after ``layer = num_hidden_layers`` (with
+    the vision config's epsilon), or none after ``layer = -1`` (``last_hidden_state``, already normalised)."""
+    config, norm = encoder.model.config, qformer.vision_norm
+    if norm is None and encoder.layer == -1:
+        return
+    if norm is None or encoder.layer != config.num_hidden_layers:
+        raise TypeError(f"to_hf needs the encoder's layer {config.num_hidden_layers} (before post_layernorm) with the "
+                        f"Q-Former's vision_norm, or layer -1 without it; got layer {encoder.layer} and vision_norm "
+                        f"{'on' if norm is not None else 'off'}")
+    if norm.eps != config.layer_norm_eps:
+        raise TypeError(f"to_hf: the Q-Former's vision_norm_eps {norm.eps} differs from the vision config's "
+                        f"layer_norm_eps {config.layer_norm_eps}, with which transformers applies post_layernorm")
+
+
 def blip2_state_to_hf(model: Blip2) -> dict[str, torch.Tensor]:
-    """Our module's weights under ``Blip2ForConditionalGeneration`` keys."""
+    """Our module's weights under ``Blip2ForConditionalGeneration`` keys (``qformer.vision_norm`` as
+    ``vision_model.post_layernorm``)."""
     state = {f"vision_model.{k}": v for k, v in model.encoder.model.state_dict().items()}
-    for key, value in qformer_to_hf(model.qformer.state_dict()).items():
+    qformer = model.qformer.state_dict()
+    for key in [k for k in qformer if k.startswith("vision_norm.")]:
+        state[f"vision_model.{POST_LAYERNORM}{key.removeprefix('vision_norm.')}"] = qformer.pop(key)
+    for key, value in qformer_to_hf(qformer).items():
         state[key if key == "query_tokens" else f"qformer.{key}"] = value
     state |= {f"language_projection.{k}": v for k, v in model.language_projection.state_dict().items()}
     state |= {f"language_model.{k}": v for k, v in model.language_model.model.state_dict().items()}

@@ -251,7 +251,7 @@ def test_joint_queries_and_text_match_blip2_itm_layout():
 
 @pytest.mark.parametrize("with_text", [False, True])
 def test_hf_round_trip_is_exact(with_text):
-    ours = tiny_qformer(with_text=with_text)
+    ours = tiny_qformer(with_text=with_text, vision_norm=False)  # Blip2QFormerModel reads normalised tokens
     hf_state = qformer_to_hf(ours.state_dict())
     if not with_text:
         from transformers import Blip2QFormerModel
@@ -266,7 +266,9 @@ def test_hf_round_trip_is_exact(with_text):
 
 
 def test_hf_conversion_is_strict():
-    state = qformer_to_hf(tiny_qformer(with_text=False).state_dict())
+    with pytest.raises(RuntimeError, match=r"vision_norm\.bias"):  # its place is the vision model's post_layernorm
+        qformer_to_hf(tiny_qformer(with_text=False).state_dict())
+    state = qformer_to_hf(tiny_qformer(with_text=False, vision_norm=False).state_dict())
     state["encoder.layer.0.attention.attention.rotary.weight"] = torch.zeros(1)
     with pytest.raises(RuntimeError, match=r"rotary"):
         qformer_from_hf(state)
@@ -278,3 +280,62 @@ def test_half_precision_image_tokens_meet_an_fp32_qformer():
     image, _, _ = batch()
     out = tiny_qformer()(image.half()).query
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------- vision norm (LAVIS ln_vision) and init scale
+
+def test_vision_norm_is_a_trainable_layernorm_that_gets_gradient():
+    model = tiny_qformer().train()
+    assert isinstance(model.vision_norm, nn.LayerNorm) and model.vision_norm.normalized_shape == (24,)
+    assert model.vision_norm.eps == 1e-5 and all(p.requires_grad for p in model.vision_norm.parameters())
+    image, ids, mask = batch()
+    model(image, input_ids=ids, attention_mask=mask).query.square().sum().backward()
+    for p in model.vision_norm.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    assert tiny_qformer(vision_norm=False).vision_norm is None
+
+
+@torch.no_grad()
+def test_vision_norm_normalises_each_image_token_before_cross_attention():
+    """Per-token scale and shift of the image tokens cannot reach the queries through the norm; without it they do."""
+    image, _, _ = batch()
+    scaled = image * torch.rand(2, 5, 1).add(0.5) * 7 + torch.randn(2, 5, 1)
+    with_norm, without = tiny_qformer(), tiny_qformer(vision_norm=False)
+    torch.testing.assert_close(with_norm(scaled).query, with_norm(image).query, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(without(scaled).query, without(image).query, atol=1e-2)
+    with torch.no_grad():
+        with_norm.vision_norm.weight.normal_()
+        with_norm.vision_norm.bias.normal_()
+    expected = without.eval()
+    expected.load_state_dict({k: v for k, v in with_norm.state_dict().items() if not k.startswith("vision_norm.")})
+    torch.testing.assert_close(with_norm(image).query, expected(with_norm.vision_norm(image)).query)
+
+
+@pytest.mark.parametrize("std", [0.02, 0.1])
+def test_initializer_range_sets_the_init_std(std):
+    model = QFormer(24, hidden_size=256, num_layers=1, num_heads=4, intermediate_size=512, vocab_size=300,
+                    num_query_tokens=64, initializer_range=std)
+    for weight in (model.layers[0].self_attn.q.weight, model.layers[0].query_ffn.fc1.weight,
+                   model.embeddings.word.weight, model.query_tokens):
+        assert abs(weight.std().item() - std) < 0.08 * std, (weight.shape, weight.std().item())
+    assert model.initializer_range == std and torch.count_nonzero(model.layers[0].self_attn.q.bias) == 0
+
+
+def test_initializer_range_and_vision_norm_come_through_the_config_and_from_hf():
+    from mmlm.connectors.qformer import QFormerConfig
+    from mmlm.sizes import part_kwargs
+
+    options = part_kwargs(QFormerConfig, {"initializer_range": 0.1, "vision_norm": False})
+    model = QFormer(24, **{**TINY, **options})
+    assert model.initializer_range == 0.1 and model.vision_norm is None
+    config, _ = hf_qformer(2, use_text=False)
+    kwargs = qformer_kwargs_from_hf(config)
+    assert kwargs["initializer_range"] == config.initializer_range and kwargs["vision_norm"] is False
+
+
+def test_from_bert_adds_a_new_vision_norm_and_takes_berts_initializer_range(minilm):
+    bert, _ = minilm
+    model = QFormer.from_bert(str(MINILM), encoder_width=24, num_query_tokens=4)
+    assert model.vision_norm is not None and torch.equal(model.vision_norm.weight, torch.ones(24))
+    assert model.initializer_range == bert.config.initializer_range
+    assert QFormer.from_bert(str(MINILM), encoder_width=24, vision_norm=False).vision_norm is None
