@@ -3,7 +3,9 @@
 A document is the ``txt`` member of a webdataset sample. Plain text files become such shards with
 :func:`write_text_shards` (documents separated by blank lines). Each document becomes one example with an
 empty prompt, the text as target and task ``"text"``; :class:`~mmlm.batch.Batch` ``pixels`` are ``[B, 0]``
-(no images). A document longer than ``max_text_tokens`` is cut (eos kept).
+(no images). A document longer than ``max_text_tokens`` continues in the next rows of the batch
+(:func:`document_rows`): nothing is cut, every token is a target exactly once. Raw text is tokenised with
+special tokens split (a literal ``</s>`` stays text, :func:`mmlm.sentences.text_ids`).
 
 Shape legend: B batch, T text tokens.
 """
@@ -19,11 +21,14 @@ from typing import Any
 import torch
 
 from datamodules.base import WebDataModule
-from datamodules.collate import Collator, Example
+from datamodules.collate import Example, pad_id, pad_left, pad_right
 from datamodules.image_text import Source, text_field, url_sources
 from datamodules.outputs import prepare_output, write_summary
 from datamodules.shards import ShardWriter
 from datamodules.skips import SkipSample
+from mmlm.batch import Batch
+from mmlm.losses import IGNORE_INDEX
+from mmlm.sentences import text_ids
 from mmlm.tokenizers import load_tokenizer
 
 
@@ -81,6 +86,57 @@ class TextExampleBuilder:
         return Example(image=torch.zeros(0), prompt="", target=text, references=[text], id=key, task="text", key=key)
 
 
+def document_rows(ids: Sequence[int], bos: int | None, eos: int, max_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """``(row ids, row labels)`` of one document ``ids`` in rows of at most ``max_tokens``, nothing dropped.
+
+    Each row is ``[bos]`` + the next tokens of ``ids + [eos]`` (the kosmos-2/torchscale LM loaders start every
+    block with bos); labels are the ids, bos ``-100``. Without a bos id a continuation row starts with the
+    previous row's last token as context (label ``-100``), so each token is still predicted once. The labels
+    of the rows, concatenated, are ``ids + [eos]`` (after the first token when there is no bos).
+    """
+    if max_tokens < 2:
+        raise ValueError(f"document_rows: max_tokens={max_tokens} leaves no room for text after the row's lead")
+    body, rows, start = list(ids) + [eos], [], 0
+    while start < len(body):
+        if bos is not None:
+            context, stop = [bos], min(len(body), start + max_tokens - 1)
+        else:
+            context, stop = body[max(0, start - 1):start], min(len(body), start + max_tokens - (start > 0))
+            if start == 0:  # the first token has no context: it is the row's lead, never a target
+                context, start, stop = body[:1], 1, min(len(body), max_tokens)
+        rows.append((context + body[start:stop], [IGNORE_INDEX] * len(context) + body[start:stop]))
+        start = stop
+    return rows
+
+
+@dataclass(frozen=True)
+class TextCollator:
+    """Picklable ``list[Example] -> Batch`` of text documents: each document in as many rows of at most
+    ``max_tokens`` as it needs (:func:`document_rows`), so a batch of B documents has B or more rows."""
+
+    tokenizer: Any
+    max_tokens: int
+
+    def __call__(self, examples: list[Example]) -> Batch:
+        tok = self.tokenizer
+        if tok.eos_token_id is None:
+            raise ValueError(f"{type(tok).__name__} has no eos token id; text rows need one to end documents")
+        rows, owners = [], []
+        for example in examples:
+            for row in document_rows(text_ids(tok, example.target), tok.bos_token_id, tok.eos_token_id,
+                                     self.max_tokens):
+                rows.append(row)
+                owners.append(example)
+        ids, pad = [r[0] for r in rows], pad_id(tok)
+        prompts = [[tok.bos_token_id] if tok.bos_token_id is not None else [] for _ in rows]
+        return Batch(
+            pixels=torch.zeros(len(rows), 0), input_ids=pad_right(ids, pad),
+            attention_mask=pad_right([[1] * len(r) for r in ids], 0), labels=pad_right([r[1] for r in rows], IGNORE_INDEX),
+            prompt_ids=pad_left(prompts, pad), prompt_mask=pad_left([[1] * len(p) for p in prompts], 0),
+            keys=[e.key for e in owners], tasks=[e.task for e in owners],
+            references=[list(e.references) for e in owners], ids=[e.id for e in owners])
+
+
 class TextDataModule(WebDataModule):
     """Text documents from webdataset shards (``txt`` members; e.g. caption shards, whose images are ignored).
 
@@ -88,13 +144,14 @@ class TextDataModule(WebDataModule):
         train_urls: training shards (brace pattern, glob, list), or ``None``.
         val_urls: validation shards, or ``None``.
         tokenizer: hub id or directory; ``None`` takes the trainer's module ``tokenizer`` in :meth:`setup`.
-        batch_size: documents per batch and rank.
+        batch_size: documents per batch and rank (a document longer than ``max_text_tokens`` adds rows).
         num_workers: DataLoader workers per rank.
         epoch_samples: training documents per epoch over all ranks (``None``: one pass, one rank).
         shuffle_buffer: training shuffle buffer in documents.
         resampled: draw training shards with replacement (needs ``epoch_samples``).
         seed: base seed for shard order and shuffling.
-        max_text_tokens: cap on bos + text + eos tokens.
+        max_text_tokens: tokens per row (bos + text, + eos in a document's last row); longer documents
+            continue in the next rows.
         text_field: the sample member holding the text.
     """
 
@@ -118,7 +175,7 @@ class TextDataModule(WebDataModule):
     def example_fn(self, stage: str, sources: Sequence[Source]) -> TextExampleBuilder:
         return TextExampleBuilder(self.text_field)
 
-    def collate_fn(self, stage: str) -> Collator:
+    def collate_fn(self, stage: str) -> TextCollator:
         if self.tokenizer is None:
             self.setup(stage)
-        return Collator(self.tokenizer, self.max_text_tokens)
+        return TextCollator(self.tokenizer, self.max_text_tokens)

@@ -56,3 +56,43 @@ def test_mmlm_data_text_shards_writes_the_documents(tmp_path, capsys):
     assert main(["data", "text-shards", str(tmp_path / "doc.txt"), "--out", str(tmp_path / "out")]) == 0
     assert json.loads(capsys.readouterr().out)["documents"] == 2
     assert (tmp_path / "out" / "text-00000.tar").is_file()
+
+
+LONG = " ".join(f"sentence {i} says a red </s> circle is <pad> round." for i in range(40))
+
+
+def test_a_long_document_continues_in_the_next_rows_with_no_text_lost(tmp_path):
+    from byte_tokenizers import byte_bpe_tokenizer
+
+    from datamodules.shards import ShardWriter
+    from mmlm.sentences import text_ids
+
+    tok = byte_bpe_tokenizer([LONG], out_dir=tmp_path / "tok")
+    (tmp_path / "shards").mkdir()
+    writer = ShardWriter(tmp_path / "shards", shard_size=10, prefix="text-")
+    writer.write({"__key__": "long", "txt": LONG.encode()})
+    writer.write({"__key__": "short", "txt": b"a red circle."})
+    writer.close()
+    dm = TextDataModule(val_urls=str(tmp_path / "shards" / "text-*.tar"), tokenizer=str(tmp_path / "tok"),
+                        batch_size=2, max_text_tokens=32)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    doc = text_ids(tok, LONG)
+    rows = [r for r, key in enumerate(batch.keys) if key.endswith("long")]
+    assert len(rows) == -(-(len(doc) + 1) // 31) > 1 and batch.input_ids.shape[1] == 32
+    targets = [int(t) for r in rows for t in batch.labels[r] if t != IGNORE_INDEX]
+    assert targets == doc + [tok.eos_token_id]  # every token once, in order, then eos
+    assert tok.decode(targets[:-1]) == LONG  # the literal </s> and <pad> stayed text
+    assert not set(targets[:-1]) & set(tok.all_special_ids)
+    assert all(int(batch.input_ids[r, 0]) == tok.bos_token_id for r in rows)  # each row starts with bos
+
+
+def test_document_rows_without_bos_keep_one_token_of_context():
+    from datamodules.text_corpora import document_rows
+
+    rows = document_rows(list(range(10, 20)), None, 2, max_tokens=4)
+    assert [ids for ids, _ in rows] == [[10, 11, 12, 13], [13, 14, 15, 16], [16, 17, 18, 19], [19, 2]]
+    targets = [t for _, labels in rows for t in labels if t != IGNORE_INDEX]
+    assert targets == list(range(11, 20)) + [2]  # the first token has no context, all others predicted once
+    with_bos = document_rows(list(range(10, 15)), 0, 2, max_tokens=4)
+    assert [ids for ids, _ in with_bos] == [[0, 10, 11, 12], [0, 13, 14, 2]]
