@@ -14,7 +14,10 @@ Every sample becomes a multimodal sentence (:mod:`mmlm.sentences`); each image i
 
 Truncation: images after the first ``max_images`` end the document there; then the sentence is
 cut at ``max_tokens`` without cutting an image span (a span that would be cut is dropped with
-everything after it); ``</s>`` stays only when the whole document fits. The LM loss is on text
+everything after it); ``</s>`` stays only when the whole document fits. A ``text`` document is never
+cut: longer than ``max_tokens`` it continues in the next rows of the batch (:func:`continuation_rows`,
+each row ``<s>`` + the next tokens). Raw text never becomes special ids (a literal ``</s>`` stays text,
+:meth:`mmlm.sentences.SentenceBuilder.text`). The LM loss is on text
 tokens only (never placeholders, wrappers, prompts or padding).
 
 Evaluation (``caption``/``vqa`` sources) builds k-shot prompts: ``shots`` demonstrations from the
@@ -40,6 +43,7 @@ from datamodules.packing import SentenceCollator, SentenceSample
 from datamodules.skips import SkipSample, note
 from datamodules.transforms import ImageTransform
 from datamodules.urls import expand_urls
+from mmlm.batch import SentenceBatch
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.sentences import Marker, Sentence, SentenceBuilder, kosmos_image_marker, special_tokens
 from mmlm.tokenizers import load_tokenizer
@@ -305,11 +309,13 @@ class InterleavedExampleBuilder:
         return self._finish(builder.build(), images, sample["__key__"])
 
     def text(self, sample: dict[str, Any]) -> SentenceSample:
-        """``<s> text </s>`` from ``txt`` or ``json["text"]``."""
+        """``<s> text </s>`` from ``txt`` or ``json["text"]``, whole: the collator splits it into rows of
+        ``max_tokens`` (:func:`continuation_rows`)."""
         body = text_field(sample, "txt") or json_field(sample).get("text")
         if not isinstance(body, str) or not body.strip():
             raise SkipSample("missing_text", "no txt member and no json text")
-        return self.document(sample, [body])
+        sentence = self.builder().ids(self.bos(), target=False).text(body).ids([self.tokenizer.eos_token_id]).build()
+        return SentenceSample(sentence, {}, key=sample["__key__"])
 
     def paired(self, sample: dict[str, Any], kind: str, prompt: str) -> SentenceSample:
         """An image–caption or VQA pair; with ``evaluate`` also its (k-shot) prompt."""
@@ -353,6 +359,43 @@ class InterleavedExampleBuilder:
             builder.text(" " + self.demo_template.format(prompt=demo.prompt, target=demo.target).lstrip(),
                          target=False)
         return builder.build().as_prompt()
+
+
+# --------------------------------------------------------------------------------- text rows
+
+
+def continuation_rows(sample: SentenceSample, max_tokens: int, bos: Sequence[int]) -> list[SentenceSample]:
+    """A text-only sample longer than ``max_tokens`` as consecutive rows, nothing dropped; others as they are.
+
+    The first row is the first ``max_tokens`` tokens; each next row is a lead + the next tokens. The lead is
+    ``bos`` (as the kosmos-2/torchscale LM loaders start every block), or without a bos id the previous row's
+    last token, so every text token stays a target exactly once (the lead never is).
+    """
+    s = sample.sentence
+    if len(s) <= max_tokens or s.spans or sample.items:
+        return [sample]
+    rows = [SentenceSample(Sentence(s.ids[:max_tokens], s.targets[:max_tokens]), key=sample.key)]
+    start = max_tokens
+    while start < len(s):
+        lead = list(bos) or s.ids[start - 1:start]
+        stop = min(len(s), start + max_tokens - len(lead))
+        rows.append(SentenceSample(Sentence(lead + s.ids[start:stop], [False] * len(lead) + s.targets[start:stop]),
+                                   key=sample.key))
+        start = stop
+    return rows
+
+
+@dataclass(frozen=True)
+class ContinuingCollator:
+    """Picklable collate that first splits over-long text samples into rows (:func:`continuation_rows`),
+    then pads or packs them with ``collate``; a batch of B samples may so hold more than B samples' rows."""
+
+    collate: SentenceCollator
+    max_tokens: int
+    bos: tuple[int, ...]
+
+    def __call__(self, samples: list[SentenceSample]) -> SentenceBatch:
+        return self.collate([row for s in samples for row in continuation_rows(s, self.max_tokens, self.bos)])
 
 
 # --------------------------------------------------------------------------------- datamodule
@@ -481,9 +524,11 @@ class InterleavedDataModule(WebDataModule):
             demo_template=self.demo_template, match_question_type=self.match_question_type,
             min_similarity=self.mmc4_min_similarity, seed=self.seed)
 
-    def collate_fn(self, stage: str) -> SentenceCollator:
+    def collate_fn(self, stage: str) -> ContinuingCollator:
         self.setup(stage)
         tok = self.resolved.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return SentenceCollator(pad, self.max_tokens, pack=self.pack and stage == "fit")
+        bos = () if tok.bos_token_id is None else (tok.bos_token_id,)
+        return ContinuingCollator(SentenceCollator(pad, self.max_tokens, pack=self.pack and stage == "fit"),
+                                  self.max_tokens, bos)
 

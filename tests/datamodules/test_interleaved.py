@@ -192,3 +192,33 @@ def test_converters_round_trip_into_the_datamodule(synth, tmp_path):
 def test_unknown_source_kind_fails_loudly():
     with pytest.raises(ValueError, match="kind 'pairs'"):
         MixSource("x.tar", kind="pairs")
+
+
+LONG = " ".join(f"line {i}: a red </s> circle, a <pad> blue square." for i in range(30))
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_long_text_document_continues_in_the_next_rows_with_no_text_lost(tmp_path, pack):
+    from byte_tokenizers import byte_bpe_tokenizer
+
+    from mmlm.sentences import text_ids
+
+    byte_bpe_tokenizer([LONG], out_dir=tmp_path / "tok")
+    data = InterleavedDataModule(train=[MixSource(str(tmp_path / "none-*.tar"), "text")], tokenizer=str(tmp_path / "tok"),
+                                 image_size=16, image_tokens=M, max_tokens=48, pack=pack)
+    data.setup()
+    build = data.example_fn("fit", data.sources["fit"])
+    samples = [build({"__key__": "long", "txt": LONG.encode()}, 0), build({"__key__": "short", "txt": b"a red."}, 0)]
+    batch = data.collate_fn("fit")(samples)
+    doc = text_ids(data.resolved.tokenizer, LONG)
+    eos, bos = data.resolved.tokenizer.eos_token_id, data.resolved.tokenizer.bos_token_id
+    assert batch.input_ids.shape[1] <= 48 and int(batch.attention_mask.sum()) > 48
+    targets = [int(t) for t in batch.labels.flatten() if t != IGNORE_INDEX]
+    short = text_ids(data.resolved.tokenizer, "a red.") + [eos]
+    assert len(targets) == len(doc) + 1 + len(short)  # every token of both documents is a target once
+    if not pack:  # one row each, in order: the long document's rows first
+        rows = len(batch) - 1
+        assert rows == 1 + -(-(len(doc) + 2 - 48) // 47)
+        assert targets[:len(doc) + 1] == doc + [eos]
+        assert data.resolved.tokenizer.decode(targets[:len(doc)]) == LONG  # literal </s> and <pad> stayed text
+        assert all(int(batch.input_ids[r, 0]) == bos for r in range(rows))
