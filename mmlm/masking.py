@@ -1,4 +1,4 @@
-"""Masking for masked language modelling (BERT 80/10/10) and masked image modelling (patch selection, targets).
+"""Masking for masked language modelling (BERT 80/10/10, optionally whole-word) and masked image modelling (patch selection, targets).
 
 Shape legend: B batch, T text tokens, P patches, p patch side.
 """
@@ -17,26 +17,47 @@ def _rand(shape: Sequence[int], generator: torch.Generator | None, device: torch
     return torch.rand(tuple(shape), generator=generator, device=device)
 
 
-def choose_mlm_positions(maskable: Tensor, prob: float, generator: torch.Generator | None = None) -> Tensor:
+def word_starts(continuation: Tensor) -> Tensor:
+    """``[B, T]`` long: for each position, the index of the first piece of its word. ``continuation [B, T]`` bool
+    marks pieces that continue the previous one (WordPiece ``##…``); position 0 always starts a word."""
+    positions = torch.arange(continuation.shape[1], device=continuation.device).expand_as(continuation)
+    starts = ~continuation.bool()
+    starts[:, 0] = True
+    return torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
+
+
+def choose_mlm_positions(maskable: Tensor, prob: float, generator: torch.Generator | None = None,
+                         continuation: Tensor | None = None) -> Tensor:
     """``[B, T]`` bool: each maskable position chosen with probability ``prob``, and at least one per row that
-    has any maskable position (so every caption contributes to the loss)."""
+    has any maskable position (so every caption contributes to the loss).
+
+    With ``continuation [B, T]`` (True on WordPiece ``##`` pieces) the draw is per word (whole-word masking, as
+    BERT's and unilm VLMO's ``DataCollatorForWholeWordMask``): every maskable piece of a chosen word is chosen.
+    """
     if not 0 < prob <= 1:
         raise ValueError(f"mlm probability must be in (0, 1], got {prob}")
-    scores = _rand(maskable.shape, generator, maskable.device).masked_fill(~maskable, 2.0)
+    scores = _rand(maskable.shape, generator, maskable.device)
+    if continuation is not None:
+        scores = scores.gather(1, word_starts(continuation))  # each piece takes its word's draw
+    scores = scores.masked_fill(~maskable, 2.0)
     chosen = (scores < prob) & maskable
-    forced = torch.zeros_like(chosen).scatter_(1, scores.argmin(dim=1, keepdim=True), True) & maskable
+    lowest = scores.min(dim=1, keepdim=True).values
+    forced = (scores == lowest) & maskable  # the word (or token) with the lowest draw
     return chosen | forced
 
 
 def mask_tokens(ids: Tensor, maskable: Tensor, mask_token_id: int, vocab_size: int, prob: float = 0.15,
-                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                generator: torch.Generator | None = None,
+                continuation: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """BERT masking of ``ids [B, T]``.
 
     Positions where ``maskable [B, T]`` is True (real, non-special tokens) are chosen with probability ``prob``
-    (at least one per row); of those 80 % become ``mask_token_id``, 10 % a random id in ``[0, vocab_size)``,
-    10 % stay. Returns ``(masked_ids [B, T], labels [B, T])`` with labels ``-100`` off the chosen positions.
+    (at least one per row; per whole word when ``continuation [B, T]`` marks WordPiece ``##`` pieces:
+    :func:`choose_mlm_positions`); of those 80 % become ``mask_token_id``, 10 % a random id in
+    ``[0, vocab_size)``, 10 % stay (per piece, as Hugging Face's whole-word collator). Returns
+    ``(masked_ids [B, T], labels [B, T])`` with labels ``-100`` off the chosen positions.
     """
-    chosen = choose_mlm_positions(maskable.bool(), prob, generator)
+    chosen = choose_mlm_positions(maskable.bool(), prob, generator, continuation)
     draw = _rand(ids.shape, generator, ids.device)
     random_ids = torch.randint(vocab_size, ids.shape, generator=generator, device=ids.device)
     masked = torch.where(chosen & (draw < 0.8), torch.full_like(ids, mask_token_id), ids)

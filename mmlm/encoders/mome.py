@@ -280,8 +280,9 @@ class MoMETransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=1e-6)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters without weight decay (read by :func:`mmlm.models.base.declared_no_decay`)."""
-        return {"cls_token", "pos_embed", "mask_token", "text_pos_embed"}
+        """Parameters without weight decay (read by :func:`mmlm.models.base.declared_no_decay`); the relative
+        position table as BEiT's, so buckets a stage never reads (the image rows in text-only stage 2) stay put."""
+        return {"cls_token", "pos_embed", "mask_token", "text_pos_embed", "rel_pos_bias.table"}
 
     def embed_image(self, pixels: Tensor, patch_mask: Tensor | None = None) -> Tensor:
         """``pixels [B, 3, H, W]`` → ``[B, 1 + P, D]``; patches where ``patch_mask [B, P]`` is True become the

@@ -1,9 +1,10 @@
 """VLMO (Bao et al. 2022): one MoME transformer, stagewise pre-training. Shared module + stages 1 and 2.
 
 * :class:`VLMOModule`: the MoME transformer (:mod:`mmlm.encoders.mome`), the tokenizer (with ``[MASK]``),
-  image preprocessing, per-stage freezing, ``init_from`` (strict load of the previous stage, named allow-lists),
-  optional timm ViT initialisation, text inputs ``[CLS] text [SEP]`` built from any batch. Parameters that the
-  stage's passes never reach (:func:`unused_by_modes`) are frozen too, so DDP runs without ``find_unused_parameters``.
+  image preprocessing, text inputs ``[CLS] text [SEP]`` built from any batch, (whole-word) MLM masking. Loading
+  the previous stage (``init_from``, strict with named allow-lists; optional timm ViT initialisation) and freezing
+  happen in one place, Lightning's :meth:`VLMOModule.configure_model`. Parameters that the stage's passes never
+  reach (:func:`unused_by_modes`) are frozen too, so DDP runs without ``find_unused_parameters``.
 * :class:`VLMOStage1`: image-only masked image modelling (SimMIM-style patch regression by default; a discrete
   visual tokenizer can be plugged in as the target, as BEiT/VLMO do).
 * :class:`VLMOStage2`: text-only masked language modelling with attention, V-FFN and the image side frozen.
@@ -52,7 +53,23 @@ def vlmo_tokenizer(name_or_path: str) -> Any:
     return tokenizer
 
 
+def continuation_pieces(tokenizer: Any) -> Tensor:
+    """``[V]`` bool: the vocabulary entries that continue a word (WordPiece ``##…``), for whole-word masking.
+    All False for a tokenizer without such pieces (word-level, BPE): masking is then per token."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return torch.tensor([isinstance(t, str) and t.startswith("##") for t in tokens], dtype=torch.bool)
 
+
+class Pooler(nn.Module):
+    """BERT's (and unilm VLMO's ``heads.Pooler``) pooler: ``tanh(dense(cls))``, ``[B, D] → [B, D]``. Stage 3's ITM
+    trains it; VQA and NLVR2 keep it from the stage-3 checkpoint."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+
+    def forward(self, cls: Tensor) -> Tensor:
+        return torch.tanh(self.dense(cls))
 
 
 def freeze_matching(module: nn.Module, patterns: tuple[str, ...] | list[str], strict: bool = True) -> list[str]:
@@ -88,7 +105,8 @@ def unused_by_modes(transformer: MoMETransformer, modes: Collection[str], masks_
 
 
 class VLMOModule(MultimodalModule):
-    """What every VLMO stage and task shares. Subclasses build their heads, then call :meth:`finish_init`.
+    """What every VLMO stage and task shares. Subclasses build their heads in ``__init__``; loading and freezing
+    wait for :meth:`configure_model` (Lightning calls it before the optimizer and DDP exist).
 
     Args:
         tokenizer: hub id or directory (``[MASK]`` is added when missing).
@@ -104,6 +122,8 @@ class VLMOModule(MultimodalModule):
             the parameters :meth:`unused_patterns` names are frozen as well (listed in ``unused_parameters``).
         image_mean: per-channel mean of the image normalisation.
         image_std: per-channel std.
+        whole_word_masking: MLM masks every WordPiece piece of a chosen word together (unilm VLMO's text-only and
+            image-text pre-training: ``whole_word_masking = True``); no effect for tokenizers without ``##`` pieces.
         **kwargs: optimisation settings of :class:`MultimodalModule`.
     """
 
@@ -118,7 +138,8 @@ class VLMOModule(MultimodalModule):
                  init_allow_missing: list[str] | None = None, init_allow_unexpected: list[str] | None = None,
                  timm_init: str | None = None, frozen: list[str] | None = None,
                  image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
-                 image_std: tuple[float, float, float] = (0.5, 0.5, 0.5), **kwargs: Any) -> None:
+                 image_std: tuple[float, float, float] = (0.5, 0.5, 0.5), whole_word_masking: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.tokenizer = vlmo_tokenizer(tokenizer)
         self.transformer = MoMETransformer(**{"vocab_size": len(self.tokenizer), **part_kwargs(MoMEConfig, transformer)})
@@ -131,10 +152,30 @@ class VLMOModule(MultimodalModule):
         self.pad_id, self.mask_id = tok.pad_token_id, tok.mask_token_id
         self.special_ids = sorted({i for i in (self.cls_id, self.pad_id, tok.eos_token_id, tok.bos_token_id,
                                                tok.sep_token_id) if i is not None})
+        self.register_buffer("continuation", continuation_pieces(tok) if whole_word_masking else None,
+                             persistent=False)
+        #: names frozen by :meth:`configure_model` (never reached by the stage's passes / the stage's ``frozen``)
+        self.unused_parameters: list[str] = []
+        self.frozen_parameters: list[str] = []
+        self._configured = False
 
-    def finish_init(self) -> None:
-        """Load ``timm_init`` then ``init_from`` (strict, allow-listed), then freeze what the stage never uses and
-        the stage's frozen parts (both stay in the state dict, so checkpoints keep every key)."""
+    def configure_model(self) -> None:
+        """The one place a stage starts from elsewhere, once per module (Lightning's hook: ``fit``, ``validate``,
+        ``test`` and ``predict`` call it after ``__init__`` and before the optimizer, DDP and any ``ckpt_path``
+        restore): load ``timm_init`` then ``init_from`` (strict, allow-listed), then freeze what the stage never
+        uses and the stage's frozen parts (both stay in the state dict, so checkpoints keep every key). A module
+        used outside a trainer calls it itself; ``load_from_checkpoint`` needs no call (the checkpoint has it all).
+        """
+        if not self._configured:
+            self._configured = True
+            self.load_previous_stage()
+            self.unused_parameters = freeze_matching(self, self.unused_patterns(), strict=False)
+            self.frozen_parameters = freeze_matching(self, self._frozen_patterns, self._strict_frozen)
+        super().configure_model()
+
+    def load_previous_stage(self) -> None:
+        """``timm_init`` into the transformer, then the ``init_from`` checkpoint, strictly: only ``NEW_KEYS`` (and
+        ``init_allow_missing``) may be missing, only ``DROPPED_KEYS`` (and ``init_allow_unexpected``) left over."""
         init_from, allow_missing, allow_unexpected, timm_init = self._init
         if timm_init is not None:
             load_timm_into_mome(self.transformer, timm_init)
@@ -144,8 +185,6 @@ class VLMOModule(MultimodalModule):
             state = load_checkpoint_file(init_from)["state_dict"]
             load_state_dict_strict(self, state, init_from, allow_missing=[*self.NEW_KEYS, *allow_missing],
                                    allow_unexpected=[*self.DROPPED_KEYS, *allow_unexpected])
-        self.unused_parameters = freeze_matching(self, self.unused_patterns(), strict=False)
-        self.frozen_parameters = freeze_matching(self, self._frozen_patterns, self._strict_frozen)
 
     def unused_patterns(self) -> list[str]:
         """Parameters the training loss can never reach (:func:`unused_by_modes` over ``MODES``): they would get no
@@ -188,8 +227,11 @@ class VLMOModule(MultimodalModule):
         return mask.bool() & ~special
 
     def mask_text(self, ids: Tensor, mask: Tensor, prob: float) -> tuple[Tensor, Tensor]:
-        """BERT 80/10/10 masking (:func:`mmlm.masking.mask_tokens`) → ``(masked_ids, labels) [B, T]``."""
-        return mask_tokens(ids, self.maskable(ids, mask), self.mask_id, len(self.tokenizer), prob)
+        """BERT 80/10/10 masking (:func:`mmlm.masking.mask_tokens`), per whole word with ``whole_word_masking``
+        → ``(masked_ids, labels) [B, T]``."""
+        continuation = None if self.continuation is None else self.continuation[ids]
+        return mask_tokens(ids, self.maskable(ids, mask), self.mask_id, len(self.tokenizer), prob,
+                           continuation=continuation)
 
     # --- evaluation: the base's loss evaluator; stage 3 and the tasks compose their own --------------
     def generate_text(self, batch: Batch) -> list[str]:
@@ -227,7 +269,6 @@ class VLMOStage1(VLMOModule):
         p, dim = self.transformer.patch_size, self.transformer.dim
         outputs = visual_tokenizer.vocab_size if visual_tokenizer is not None else p * p * 3
         self.mim_head = nn.Linear(dim, outputs)
-        self.finish_init()
 
     def training_loss(self, batch: ImageBatch | Batch) -> Tensor:
         """Masked patch regression (or visual-token classification) loss of ``batch.pixels``."""
@@ -243,18 +284,21 @@ class VLMOStage1(VLMOModule):
         return token_cross_entropy(prediction, targets.masked_fill(~patch_mask, IGNORE_INDEX))
 
 
-#: Stage 2 trains L-FFNs, text embeddings and the MLM head; everything the image path uses stays as stage 1 left it.
+#: Stage 2 trains L-FFNs, text embeddings (word, position, type), the relative position table (its text rows: a
+#: text-only pass reads no other) and the MLM head; everything the image path uses stays as stage 1 left it, the layer
+#: scales too (as unilm's run.py, which also trains the final norm: kept frozen here).
 IMAGE_SIDE = ("transformer.patch_embed.*", "transformer.cls_token", "transformer.pos_embed", "transformer.mask_token",
-              "transformer.blocks.*.norm1.*", "transformer.blocks.*.attn.*", "transformer.blocks.*.experts.v.*",
-              "transformer.norm.*")
+              "transformer.blocks.*.norm1.*", "transformer.blocks.*.attn.*", "transformer.blocks.*.ls1.*",
+              "transformer.blocks.*.ls2.*", "transformer.blocks.*.experts.v.*", "transformer.norm.*")
 
 
 class VLMOStage2(VLMOModule):
-    """Stage 2, text only: masked language modelling with attention, V-FFN (and VL-FFN, image embeddings,
-    final norm) frozen; L-FFNs, text embeddings and the MLM head (tied to the word embeddings) train.
+    """Stage 2, text only: masked language modelling with attention, layer scales, V-FFN (and VL-FFN, image
+    embeddings, final norm) frozen; L-FFNs, text embeddings, the relative position table and the MLM head (tied to
+    the word embeddings) train. The MLM loss is unweighted (unilm's ``compute_textonly_mlm``).
 
     Args:
-        mlm_prob: fraction of text tokens masked (BERT 80/10/10).
+        mlm_prob: fraction of text tokens masked (BERT 80/10/10; whole words with ``whole_word_masking``).
         **kwargs: :class:`VLMOModule` arguments (``init_from`` a stage-1 checkpoint).
     """
 
@@ -268,7 +312,6 @@ class VLMOStage2(VLMOModule):
         self.save_hyperparameters()
         self.mlm_prob = mlm_prob
         self.mlm_head = TiedLMHead(self.transformer.dim, len(self.tokenizer), eps=1e-6)
-        self.finish_init()
 
     def mlm_logits(self, ids: Tensor, mask: Tensor) -> Tensor:
         """Text-only pass → ``[B, T, V]``."""

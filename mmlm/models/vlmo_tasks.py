@@ -1,4 +1,7 @@
-"""VLMO fine-tuning tasks on the fusion encoder: VQA as answer classification, NLVR2-style pair reasoning.
+"""VLMO fine-tuning tasks on the fusion encoder: VQA as answer classification, NLVR2-style pair reasoning. As unilm's
+``compute_vqa``/``compute_nlvr2`` (``vlmo/modules/objectives.py``): the text ``[CLS]`` of the fusion pass goes
+through the pooler (kept from stage 3's ITM) and then the task classifier (``vqa_classifier``/``nlvr2_classifier``
+of ``vlmo_module.py``).
 
 Retrieval fine-tuning is :class:`mmlm.models.VLMOStage3` with ``itm_weight: 0, mlm_weight: 0``
 (dual encoder, ITC only); its validation reports R@1/5/10 in both directions.
@@ -19,10 +22,13 @@ from torch import Tensor, nn
 from mmlm.batch import Batch, PairBatch
 from mmlm.evaluation import ClassificationEvaluator, Evaluation, GenerationEvaluator, LossEvaluator, VQAScorer
 from mmlm.metrics.vqa import build_answer_vocab, normalize_answer, vqa_accuracy_normalized  # noqa: F401 (re-export)
-from mmlm.models.vlmo import VLMOModule
+from mmlm.models.vlmo import Pooler, VLMOModule
+from mmlm.models.vlmo_stage3 import ITC_VL_HEADS
 
-#: Pre-training heads a fine-tuning task drops when it starts from a stage-3 (or earlier) checkpoint.
-PRETRAINING_HEADS = ("mim_head.*", "mlm_head.*", "itc_image_proj.*", "itc_text_proj.*", "itm_head.*", "temperature.*")
+#: Pre-training heads a fine-tuning task drops when it starts from a stage-3 (or earlier) checkpoint; the pooler
+#: stays (the tasks read the pooled ``[CLS]``).
+PRETRAINING_HEADS = ("mim_head.*", "mlm_head.*", "itc_image_proj.*", "itc_text_proj.*", "itm_head.*", "temperature.*",
+                     *ITC_VL_HEADS)
 
 
 def classifier_head(dim: int, out: int, hidden: int) -> nn.Sequential:
@@ -58,7 +64,7 @@ class VLMOVQA(VLMOModule):
     """VQA as classification over an answer vocabulary with VQA-score soft targets (binary cross-entropy).
 
     The question (the prompt of a :class:`~mmlm.batch.Batch` from a VQA datamodule; use ``vqa_prompt: "{}"``)
-    and the image go through the fusion encoder; the text ``[CLS]`` feeds the head. Validation and test report the
+    and the image go through the fusion encoder; the pooled text ``[CLS]`` (``pooler``) feeds ``vqa_head``. Validation and test report the
     official VQAv2 accuracy (``{stage}/vqa_acc``) and write predictions like every family.
 
     Args:
@@ -76,14 +82,18 @@ class VLMOVQA(VLMOModule):
         self.answers = list(dict.fromkeys(normalize_answer(a) for a in load_answers(answers)))
         self.answer_index = {a: i for i, a in enumerate(self.answers)}
         dim = self.transformer.dim
+        self.pooler = Pooler(dim)
         self.vqa_head = classifier_head(dim, len(self.answers), 2 * dim)
         self.evaluation = Evaluation(LossEvaluator(), GenerationEvaluator([VQAScorer()]))
-        self.finish_init()
+
+    def pooled(self, batch: Batch) -> Tensor:
+        """Fusion pass over question and image → pooled text ``[CLS]`` ``[B, D]``."""
+        ids, mask = self.prompt_inputs(batch)
+        return self.pooler(self.transformer("fusion", batch.pixels, ids, mask).text[:, 0])
 
     def logits(self, batch: Batch) -> Tensor:
-        """Fusion pass over question and image → answer logits ``[B, A]``."""
-        ids, mask = self.prompt_inputs(batch)
-        return self.vqa_head(self.transformer("fusion", batch.pixels, ids, mask).text[:, 0])
+        """Answer logits ``[B, A]`` of the pooled text ``[CLS]``."""
+        return self.vqa_head(self.pooled(batch))
 
     def training_loss(self, batch: Batch) -> Tensor:
         """Binary cross-entropy against the soft targets, summed over answers (× A, as ViLT/VLMO)."""
@@ -98,7 +108,7 @@ class VLMOVQA(VLMOModule):
 
 class VLMONLVR2(VLMOModule):
     """NLVR2-style reasoning: ``(left image, statement)`` and ``(right image, statement)`` through the fusion
-    encoder, the two text ``[CLS]`` vectors concatenated → true/false. Reports ``{stage}/accuracy``.
+    encoder, the two pooled text ``[CLS]`` vectors concatenated → true/false. Reports ``{stage}/accuracy``.
 
     Args:
         **kwargs: :class:`~mmlm.models.VLMOModule` arguments (``init_from`` a stage-3 checkpoint).
@@ -112,15 +122,15 @@ class VLMONLVR2(VLMOModule):
         super().__init__(**kwargs)
         self.save_hyperparameters()
         dim = self.transformer.dim
+        self.pooler = Pooler(dim)
         self.nlvr2_head = classifier_head(2 * dim, 2, 2 * dim)
         self.evaluation = Evaluation(ClassificationEvaluator())
-        self.finish_init()
 
     def logits(self, batch: PairBatch) -> Tensor:
         """``[B, 2]`` (class 1 = the statement is true) from a :class:`~datamodules.pairs.PairBatch`."""
         ids, mask = self.with_cls(batch.input_ids, batch.attention_mask)
-        left = self.transformer("fusion", batch.pixels_left, ids, mask).text[:, 0]
-        right = self.transformer("fusion", batch.pixels_right, ids, mask).text[:, 0]
+        left = self.pooler(self.transformer("fusion", batch.pixels_left, ids, mask).text[:, 0])
+        right = self.pooler(self.transformer("fusion", batch.pixels_right, ids, mask).text[:, 0])
         return self.nlvr2_head(torch.cat([left, right], dim=-1))
 
     def training_loss(self, batch: PairBatch) -> Tensor:

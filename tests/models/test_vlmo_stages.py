@@ -23,6 +23,8 @@ CASES = {
     "stage3_itc_only": (VLMOStage3, {"embed_dim": 16, "itm_weight": 0.0, "mlm_weight": 0.0}, "caption"),
     "stage3_no_itm": (VLMOStage3, {"embed_dim": 16, "itm_weight": 0.0}, "caption"),
     "stage3_no_mlm": (VLMOStage3, {"embed_dim": 16, "mlm_weight": 0.0}, "caption"),
+    # retrieval fine-tuning (unilm's compute_irtr): expert ITC only
+    "retrieval": (VLMOStage3, {"embed_dim": 16, "itm_weight": 0.0, "mlm_weight": 0.0, "itc_vl": False}, "caption"),
     "vqa": (VLMOVQA, {}, "vqa"),
     "nlvr2": (VLMONLVR2, {}, "pairs"),
 }
@@ -51,7 +53,10 @@ def build(shapes_data, batches, case: str, vl_start: int):
     if cls is VLMOVQA:
         kwargs = {**kwargs, "answers": build_answer_vocab(batches["vqa"].references)}
     torch.manual_seed(0)
+    if cls is VLMOStage3 and vl_start == MOME["depth"]:
+        kwargs = {**kwargs, "itc_vl": False}  # the VL-FFN contrastive term needs a VL-FFN
     model = cls(tokenizer=str(shapes_data / "tokenizer"), transformer={**MOME, "vl_start": vl_start}, **kwargs)
+    model.configure_model()
     return model, batches[kind]
 
 
@@ -98,8 +103,11 @@ def test_what_each_stage_leaves_idle(shapes_data, batches):
         "transformer.patch_embed.proj", "transformer.cls_token", "transformer.pos_embed", "transformer.mask_token",
         "transformer.blocks.1.experts.vl", *(b for b in blocks if b.endswith(".v"))}
     assert unused(shapes_data, batches, "stage3") == {"transformer.mask_token"}
+    # ITC alone still reaches the VL-FFNs through its VL-FFN term (itc_vl); without it they idle too
     assert unused(shapes_data, batches, "stage3_itc_only") == {
-        "transformer.mask_token", "transformer.blocks.1.experts.vl", "itm_head.0", "itm_head.2", "mlm_head.dense",
+        "transformer.mask_token", "itm_head", "pooler.dense", "mlm_head.dense", "mlm_head.norm", "mlm_head"}
+    assert unused(shapes_data, batches, "retrieval") == {
+        "transformer.mask_token", "transformer.blocks.1.experts.vl", "itm_head", "pooler.dense", "mlm_head.dense",
         "mlm_head.norm", "mlm_head"}
     for task in ("vqa", "nlvr2"):
         assert unused(shapes_data, batches, task) == {
@@ -112,6 +120,7 @@ def test_user_freezing_is_kept_apart_from_the_idle_parameters(shapes_data, batch
     assert model.frozen_parameters and "transformer.mask_token" in model.unused_parameters
     torch.manual_seed(0)
     everything = VLMOStage2(tokenizer=str(shapes_data / "tokenizer"), transformer={**MOME, "vl_start": 1}, frozen=[])
+    everything.configure_model()
     assert everything.frozen_parameters == []
     assert not everything.transformer.patch_embed.proj.weight.requires_grad
     assert everything.transformer.blocks[0].attn.qkv.weight.requires_grad  # text-only passes use attention

@@ -49,7 +49,9 @@ def vqa_batch(shapes_batch):
 
 def make_vqa(shapes_data, answers, **kwargs) -> VLMOVQA:
     torch.manual_seed(0)
-    return VLMOVQA(tokenizer=str(shapes_data / "tokenizer"), transformer=dict(MOME), answers=answers, **kwargs)
+    model = VLMOVQA(tokenizer=str(shapes_data / "tokenizer"), transformer=dict(MOME), answers=answers, **kwargs)
+    model.configure_model()
+    return model
 
 
 def test_vqa_classifier_learns_a_fixed_batch_and_answers_from_its_vocabulary(shapes_data, vqa_batch):
@@ -77,6 +79,7 @@ def test_vqa_starts_from_a_stage3_checkpoint_dropping_pretraining_heads(shapes_d
     torch.save({"state_dict": stage3.state_dict()}, tmp_path / "s3.ckpt")
     model = make_vqa(shapes_data, ["yes", "no"], init_from=str(tmp_path / "s3.ckpt"))
     assert torch.equal(model.transformer.word_embed.weight, stage3.transformer.word_embed.weight)
+    assert torch.equal(model.pooler.dense.weight, stage3.pooler.dense.weight)  # the pooler carries over from ITM
 
 
 @pytest.fixture(scope="module")
