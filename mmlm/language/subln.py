@@ -9,7 +9,10 @@ gives the same logits and generations as the unpadded row. They enter either as 
 embeddings (``position="learned"``, a fixed ``max_positions``), or as relative rotations of queries
 and keys: rotary (``"rotary"``, RoPE) or xPos (``"xpos"``, Sun et al. 2022 "A Length-Extrapolatable
 Transformer", the positions of KOSMOS-1): RoPE plus a per-frequency exponential decay
-``zeta_i ** ((n - m) / scale_base)`` of the query–key product with distance.
+``zeta_i ** ((n - m) / scale_base)`` of the query–key product with distance. As in torchscale's ``XPOS``
+the query and key scales are centred on the current length (not on a fixed ``max_positions``), so they stay
+finite in fp16/bf16 far past the trained length; past the span the dtype can hold
+(:meth:`RelativePositions.block_span`) the queries go through attention in blocks, each centred on itself.
 
 Packed sequences (several samples in one row): ``forward(..., segment_ids=…)`` uses a block-diagonal
 causal mask (:func:`mmlm.masks.packed_causal_mask`) and per-sample positions, still through SDPA.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +50,27 @@ SCALED_WEIGHTS = ("v_proj", "out_proj", "fc1", "fc2")
 #: Position encodings of :class:`SubLNDecoder`.
 POSITIONS = ("learned", "rotary", "xpos")
 
-#: Per-call rotation of queries and keys: ``(cos, sin, query scale, key scale)``, each ``[B, 1, T, D/H/2]``.
-Rotation = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+#: ``log(2 ** 6)``: headroom left under a dtype's largest value for the q/k entries an xPos scale multiplies.
+XPOS_HEADROOM = 6 * math.log(2)
+
+
+@dataclass
+class Rotation:
+    """One call's relative positions.
+
+    Attributes:
+        cos: ``[B, 1, T, D/H/2]`` cosines of the new tokens' angles (float32).
+        sin: ``[B, 1, T, D/H/2]`` sines.
+        queries: ``[B, T]`` positions of the new tokens.
+        keys: ``[B, S]`` positions of all keys (cache + new).
+        relative: the module that scales them (xPos decay when its ``scale_base`` is set).
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    queries: torch.Tensor
+    keys: torch.Tensor
+    relative: RelativePositions
 
 
 def magneto_gamma(depth: int) -> float:
@@ -81,35 +104,86 @@ class RelativePositions(nn.Module):
     Frequency ``i`` of a head of width ``d`` turns by ``pos * 10000 ** (-2i/d)``; xPos multiplies the
     query by ``zeta_i ** (pos/scale_base)`` and the key by ``zeta_i ** (-pos/scale_base)`` with
     ``zeta_i = (2i + 0.4 d) / (1.4 d)``, so their product decays as ``zeta_i ** (distance/scale_base)``.
-    Positions are taken relative to ``center`` (any constant cancels in the product) to keep the
-    scales near 1.
+    Positions are taken relative to a centre (any constant cancels in the product): the middle of the
+    current positions, as torchscale's ``XPOS`` (``min_pos = -(length + offset) // 2``), so the scales stay
+    within ``zeta ** (±length / 2 / scale_base)`` whatever ``max_positions`` was.
     """
 
-    def __init__(self, head_dim: int, scale_base: float | None, center: int = 0, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, scale_base: float | None, base: float = 10000.0) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"SubLNDecoder: rotary/xpos positions need an even head width, got {head_dim}")
         steps = torch.arange(0, head_dim, 2, dtype=torch.float32)
         self.register_buffer("inv_freq", base ** (-steps / head_dim), persistent=False)
         self.register_buffer("zeta", (steps + 0.4 * head_dim) / (1.4 * head_dim), persistent=False)
-        self.scale_base, self.center = scale_base, center
+        self.scale_base = scale_base
 
-    def forward(self, positions: torch.Tensor) -> Rotation:
-        """``positions [B, T]`` → ``(cos, sin, q_scale, k_scale)``, each ``[B, 1, T, D/H/2]`` (float32)."""
-        pos = (positions - self.center).float()[:, None, :, None]
-        angle = pos * self.inv_freq
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions [B, T]`` → ``(cos, sin)``, each ``[B, 1, T, D/H/2]`` (float32)."""
+        angle = positions.float()[:, None, :, None] * self.inv_freq
+        return angle.cos(), angle.sin()
+
+    def decay(self, offsets: torch.Tensor) -> torch.Tensor:
+        """``offsets [B, T]`` (position − centre for queries, centre − position for keys) → xPos scales
+        ``zeta ** (offset / scale_base)``, ``[B, 1, T, D/H/2]`` (float32)."""
+        return self.zeta ** (offsets.float()[:, None, :, None] / self.scale_base)
+
+    def block_span(self, dtype: torch.dtype) -> int:
+        """Most query positions per attention block: their query scale times the scale of any key up to the
+        block's last query (a masked future key included) stays below ``dtype``'s largest value with
+        :data:`XPOS_HEADROOM` to spare (``scale_base`` 512: fp16 2,830 positions, bf16/fp32 ~34,500)."""
+        limit = math.log(torch.finfo(dtype).max) - XPOS_HEADROOM
+        return max(1, int(limit * self.scale_base / -math.log(float(self.zeta.min()))))
+
+    def forward(self, positions: torch.Tensor, center: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``positions [B, T]`` → ``(cos, sin, q_scale, k_scale)``, each ``[B, 1, T, D/H/2]`` (float32);
+        the scales are centred on ``center [B]`` (default: the middle of each row's positions, as torchscale)
+        and are ones without ``scale_base``."""
+        cos, sin = self.angles(positions)
         if self.scale_base is None:
-            ones = torch.ones_like(angle)
-            return angle.cos(), angle.sin(), ones, ones
-        scale = self.zeta ** (pos / self.scale_base)
-        return angle.cos(), angle.sin(), scale, 1.0 / scale
+            return cos, sin, torch.ones_like(cos), torch.ones_like(cos)
+        center = middle(positions) if center is None else center
+        offsets = positions - center[:, None]
+        return cos, sin, self.decay(offsets), self.decay(-offsets)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs ``(x_i, x_{i + d/2})`` of ``x [B, H, T, d]`` by the angles of ``cos``/``sin`` and scale them."""
+def middle(positions: torch.Tensor) -> torch.Tensor:
+    """``[B]`` centre of each row of ``positions [B, T]``: torchscale's for ``0 … L-1`` (``ceil(L / 2)``)."""
+    return (positions.min(1).values + positions.max(1).values + 2) // 2
+
+
+def decayed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, rotation: Rotation,
+                      dropout: float) -> torch.Tensor:
+    """SDPA with xPos scales on rotated ``q [B, H, T, d]`` and ``k``/``v [B, H, S, d]`` (``mask [B, 1, T, S]``).
+
+    Queries go in blocks of :meth:`RelativePositions.block_span` (one block within the trained length), each
+    centred on its middle position c: queries are scaled by ``zeta ** ((n - c) / scale_base)`` and keys by
+    ``zeta ** ((c - m) / scale_base)``, with a key past the block's last query (masked anyway) counted at
+    that query, so no scale exceeds the dtype and far keys only underflow towards 0, as their true weight.
+    """
+    relative, outs = rotation.relative, []
+    span = relative.block_span(q.dtype)
+    for start in range(0, q.shape[2], span):
+        block = rotation.queries[:, start:start + span]
+        center, last = middle(block), block.max(1).values
+        q_block = rotate(q[:, :, start:start + span], None, None, relative.decay(block - center[:, None]))
+        keys = center[:, None] - torch.minimum(rotation.keys, last[:, None])
+        outs.append(F.scaled_dot_product_attention(q_block, rotate(k, None, None, relative.decay(keys)), v,
+                                                   attn_mask=mask[:, :, start:start + span], dropout_p=dropout))
+    return torch.cat(outs, dim=2)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate pairs ``(x_i, x_{i + d/2})`` of ``x [B, H, T, d]`` by the angles of ``cos``/``sin`` (``None``: no
+    rotation) and scale them by ``scale`` (``None``: 1), in float32; returns ``x``'s dtype."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat([(x1 * cos - x2 * sin) * scale, (x1 * sin + x2 * cos) * scale], dim=-1)
-    return out.to(x.dtype)
+    if cos is not None:
+        x1, x2 = x1 * cos - x2 * sin, x1 * sin + x2 * cos
+    if scale is not None:
+        x1, x2 = x1 * scale, x2 * scale
+    return torch.cat([x1, x2], dim=-1).to(x.dtype)
 
 
 class SubLNAttention(nn.Module):
@@ -133,17 +207,20 @@ class SubLNAttention(nn.Module):
                 rotation: Rotation | None = None) -> tuple[torch.Tensor, LayerCache]:
         """``x [B, T, D]``, ``mask [B, 1, T, S]`` → ``(out [B, T, D], (k, v) [B, H, S, D / H])``.
 
-        With ``rotation`` the new queries and keys are rotated (keys before they enter the cache).
+        With ``rotation`` the new queries and keys are rotated (keys before they enter the cache); xPos scales
+        are applied per call (:func:`decayed_attention`), so the cache holds rotated, unscaled keys.
         """
         h = self.norm(x)
         q, k, v = self._heads(self.q_proj(h)), self._heads(self.k_proj(h)), self._heads(self.v_proj(h))
         if rotation is not None:
-            cos, sin, q_scale, k_scale = rotation
-            q, k = rotate(q, cos, sin, q_scale), rotate(k, cos, sin, k_scale)
+            q, k = rotate(q, rotation.cos, rotation.sin), rotate(k, rotation.cos, rotation.sin)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if rotation is not None and rotation.relative.scale_base is not None:
+            out = decayed_attention(q, k, v, mask, rotation, dropout)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.out_proj(self.inner_norm(out.transpose(1, 2).flatten(2))), (k, v)
 
 
@@ -186,8 +263,8 @@ class SubLNDecoder(LanguageModel):
         depth: N, number of layers (also sets MAGNETO's ``gamma = sqrt(log 2N)``).
         num_heads: attention heads (must divide ``width``).
         ffn_mult: FFN hidden width is ``ffn_mult * width``.
-        max_positions: rows of the learned position table (longest prompt + generation); with
-            relative positions only the centre of the xPos scales (no length limit).
+        max_positions: rows of the learned position table (longest prompt + generation); unused by
+            relative positions (no length limit; xPos scales are centred on the current length).
         dropout: on attention probabilities and sublayer outputs (training only).
         pad_token_id: fills generated rows after their eos.
         bos_token_id: kept in the config for tokenizers/recipes (not used inside).
@@ -221,8 +298,7 @@ class SubLNDecoder(LanguageModel):
         self.embed_tokens = nn.Embedding(vocab_size, width)
         self.embed_positions = nn.Embedding(max_positions, width) if position == "learned" else None
         scale_base = xpos_scale_base if position == "xpos" else None
-        self.relative = None if position == "learned" else RelativePositions(
-            width // num_heads, scale_base, center=max_positions // 2)
+        self.relative = None if position == "learned" else RelativePositions(width // num_heads, scale_base)
         self.layers = nn.ModuleList(SubLNBlock(width, num_heads, ffn_mult, dropout) for _ in range(depth))
         self.final_norm = nn.LayerNorm(width)
         self.lm_head = None if tie_embeddings else nn.Linear(width, vocab_size, bias=False)
@@ -285,7 +361,8 @@ class SubLNDecoder(LanguageModel):
         Returns:
             ``(logits [B, T, V], new cache per layer)``.
         """
-        x, rotation = self._positions(inputs_embeds.to(self.dtype), positions)
+        keys = positions if past is None else positions_from_mask(key_mask)
+        x, rotation = self._positions(inputs_embeds.to(self.dtype), positions, keys)
         mask = attention_bias(key_mask, x.shape[1]) if mask is None else mask
         caches = []
         for i, layer in enumerate(self.layers):
@@ -293,10 +370,12 @@ class SubLNDecoder(LanguageModel):
             caches.append(cache)
         return self._logits(x), caches
 
-    def _positions(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Rotation | None]:
-        """Add learned positions to ``x [B, T, D]``, or return the rotation of the relative ones."""
+    def _positions(self, x: torch.Tensor, positions: torch.Tensor,
+                   keys: torch.Tensor) -> tuple[torch.Tensor, Rotation | None]:
+        """Add learned positions to ``x [B, T, D]``, or return the :class:`Rotation` of the relative ones
+        (``positions [B, T]`` of the new tokens, ``keys [B, S]`` of all keys)."""
         if self.embed_positions is None:
-            return x, self.relative(positions)
+            return x, Rotation(*self.relative.angles(positions), positions, keys, self.relative)
         if int(positions.max()) >= self.config["max_positions"]:
             raise ValueError(f"SubLNDecoder: position {int(positions.max())} >= max_positions="
                              f"{self.config['max_positions']}")

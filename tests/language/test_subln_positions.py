@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmlm.language import GenerationConfig, SubLNDecoder
-from mmlm.language.subln import RelativePositions, rotate
+from mmlm.language.subln import RelativePositions, Rotation, decayed_attention, middle, rotate
 
 V, D = 40, 16
 TINY = {"vocab_size": V, "width": D, "depth": 2, "num_heads": 2, "ffn_mult": 2, "max_positions": 32}
@@ -25,9 +26,9 @@ def ids(length: int, seed: int) -> torch.Tensor:
 
 
 def test_xpos_scales_multiply_to_a_decay_in_the_distance_only():
-    pos = RelativePositions(head_dim=8, scale_base=4.0, center=3)
+    pos = RelativePositions(head_dim=8, scale_base=4.0)
     positions = [0, 2, 7]
-    _, _, q_scale, k_scale = pos(torch.tensor([positions]))
+    _, _, q_scale, k_scale = pos(torch.tensor([positions]), center=torch.tensor([3]))
     zeta = (torch.arange(0, 8, 2) + 3.2) / 11.2
     for i, n in enumerate(positions):
         for j, m in enumerate(positions):
@@ -110,3 +111,57 @@ def test_xpos_save_reload_and_bad_position(tmp_path):
     with pytest.raises(ValueError, match="position='alibi'"):
         SubLNDecoder(vocab_size=V, width=D, position="alibi")
     assert math.isclose(again.config["xpos_scale_base"], 8.0)
+
+
+def attention_inputs(length: int, head_dim: int = 8, heads: int = 2, dtype=torch.float32, seed: int = 0):
+    """Random rotated ``q, k, v [1, H, L, d]``, the causal mask and the positions ``0 … L-1``."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, length, head_dim, generator=g).to(dtype) for _ in range(3))
+    mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+    return q, k, v, mask, torch.arange(length)[None]
+
+
+def test_centring_matches_torchscale():
+    assert middle(torch.arange(7)[None]).tolist() == [4]  # XPOS: min_pos = -(7) // 2 = -4, so position 0 → -4
+    assert middle(torch.arange(8)[None] + 3).tolist() == [3 + 4]
+
+
+def test_xpos_attention_equals_the_previous_fixed_centre_within_the_trained_range():
+    """Within max_positions the old scales (centred on max_positions // 2) and the new ones (centred on the
+    current length) give the same attention: the centre cancels in every query-key product."""
+    max_positions, base = 64, 8.0
+    relative = RelativePositions(8, base)
+    for length in (5, 40, max_positions):
+        q, k, v, mask, positions = attention_inputs(length)
+        _, _, q_old, k_old = relative(positions, center=torch.tensor([max_positions // 2]))
+        previous = F.scaled_dot_product_attention(rotate(q, None, None, q_old), rotate(k, None, None, k_old), v,
+                                                  attn_mask=mask)
+        now = decayed_attention(q, k, v, mask, Rotation(None, None, positions, positions, relative), 0.0)
+        torch.testing.assert_close(now, previous, atol=1e-5, rtol=1e-5)
+
+
+def test_query_blocks_give_the_single_block_attention():
+    """Past the span a dtype holds, blocks centred on themselves give what float64 computes in one block."""
+    relative = RelativePositions(8, 2.0)
+    assert relative.block_span(torch.float32) < 300 < relative.block_span(torch.float64)
+    q, k, v, mask, positions = attention_inputs(700)
+    blocked = decayed_attention(q, k, v, mask, Rotation(None, None, positions, positions, relative), 0.0)
+    exact = decayed_attention(q.double(), k.double(), v.double(), mask,
+                              Rotation(None, None, positions, positions, relative.double()), 0.0)
+    assert blocked.isfinite().all()
+    torch.testing.assert_close(blocked.double(), exact, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale_base", [512.0, 64.0, 8.0])
+def test_xpos_is_finite_at_four_times_max_positions_in_half_precision(dtype, scale_base):
+    torch.manual_seed(0)
+    lm = SubLNDecoder(vocab_size=V, width=D, depth=1, num_heads=1, ffn_mult=2, max_positions=2048, position="xpos",
+                      xpos_scale_base=scale_base, dtype=str(dtype).split(".")[1]).eval()
+    tokens = ids(4 * 2048, 5)
+    with torch.no_grad():
+        logits = lm(lm.embed(tokens), torch.ones_like(tokens)).logits
+    assert logits.isfinite().all()
+    if dtype == torch.float16:  # the old scales, centred on max_positions // 2, did not fit in fp16
+        old = RelativePositions(D, scale_base)(torch.arange(4 * 2048)[None], center=torch.tensor([1024]))
+        assert not torch.cat([s.to(dtype) for s in old[2:]]).isfinite().all()
