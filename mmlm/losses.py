@@ -25,19 +25,22 @@ from mmlm.distributed import gather_padded, gather_sizes, gather_with_grad, rank
 IGNORE_INDEX = -100
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of ``logits [B, T, V]`` against ``labels [B, T]`` over labels ``!= -100``.
 
     Computed in float32. With no target at all the loss is 0 (still attached to the graph), not NaN.
+    ``label_smoothing`` mixes each target with the uniform distribution over ``V`` (torch's ``label_smoothing``;
+    BLIP-2's ITG uses 0.1).
     """
     total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                            reduction="sum")
+                            reduction="sum", label_smoothing=label_smoothing)
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token loss: position ``t`` of ``logits [B, T, V]`` predicts ``labels [B, T]`` at ``t + 1``."""
-    return token_cross_entropy(logits[:, :-1], labels[:, 1:])
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Next-token loss: position ``t`` of ``logits [B, T, V]`` predicts ``labels [B, T]`` at ``t + 1``
+    (``label_smoothing`` as in :func:`token_cross_entropy`)."""
+    return token_cross_entropy(logits[:, :-1], labels[:, 1:], label_smoothing)
 
 
 # --------------------------------------------------------------------------- contrastive (ITC)
@@ -74,8 +77,9 @@ class ContrastiveOutput(NamedTuple):
 class Temperature(nn.Module):
     """A learnable contrastive temperature stored on a log scale (CLIP's ``logit_scale = log(1 / tau)``).
 
-    ``forward()`` returns ``tau = exp(-log_scale)`` clamped to ``[min_value, max_value]``
-    (BLIP-2 clamps its temperature to ``[0.001, 0.5]``), ready for :func:`contrastive_loss`.
+    ``forward()`` returns ``tau = exp(-log_scale)`` clamped to ``[min_value, max_value]`` (ALBEF's and BLIP's
+    ``temp.clamp_(0.001, 0.5)``), ready for :func:`contrastive_loss`. LAVIS's BLIP-2 differs: it learns
+    ``tau`` itself (``nn.Parameter(0.07)``), unclamped.
     """
 
     def __init__(self, init: float = 0.07, min_value: float = 0.001, max_value: float = 0.5) -> None:
@@ -151,7 +155,9 @@ def contrastive_loss(
         image_ids: optional ``[B]`` ids of the images; every gathered sample with the same id is a
             positive and the target mass is spread uniformly over them. Without ids the positive
             of sample ``i`` is its own pair.
-        gather: gather features (with gradients) and ids from all ranks; no-op without a process group.
+        gather: gather features (with gradients) and ids from all ranks; no-op without a process group. LAVIS's
+            BLIP-2 gathers without gradient (``concat_all_gather``: the other ranks' columns are constants), so
+            with several ranks its gradients differ from these, which equal one process over the whole batch.
         label_smoothing: ``eps`` mixing the targets with the uniform distribution over ``B_all``
             (0 by default; BLIP-2 pre-training uses 0.1).
 
@@ -261,7 +267,7 @@ def hard_negative_itm_loss(itm_logits: ItmLogits, images: Tensor, ids: Tensor, m
         The matching cross-entropy; 0 when every gathered sample shows the same image (no negative exists; then
         true on every rank alike, so the ranks stay in step).
     """
-    if bool((itc.targets > 0).all()):
+    if bool(positive_mask(image_ids, ids.shape[0], ids.device, gather=True).all()):  # not itc.targets: smoothed
         return itc.loss * 0.0
     neg_text, neg_image = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, image_ids, gather=True)
     width = max(gather_sizes(ids.shape[1], ids.device))

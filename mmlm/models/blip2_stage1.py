@@ -3,11 +3,15 @@
 image ─► frozen encoder [B, N, Dv] ─► Q-Former (M queries + text side, one BERT-style stack) with three masks:
 
 * ITC (unimodal mask): queries ─► vision_proj ─► ``[B, M, D]``; ``[CLS] text`` ─► text_proj ─► ``[B, D]``;
-  contrastive loss with the maximum over queries, positives by image id, gathered across ranks.
+  contrastive loss with the maximum over queries, positives by image id, label smoothing 0.1, gathered across
+  ranks *with* gradient (LAVIS gathers without: a documented difference, see :func:`mmlm.losses.contrastive_loss`).
 * ITM (bidirectional mask): ``[queries; [CLS] text]`` for B positives + 2B hard negatives ─► itm_head on
   the query outputs, averaged over the M queries ─► ``[3B, 2]``.
-* ITG (multimodal-causal mask): ``[queries; [DEC] text]`` ─► LM head tied to the Q-Former word embeddings ─►
-  next-token loss on the caption tokens.
+* ITG (multimodal-causal mask): ``[queries; [DEC] text]`` ─► LM head tied to the Q-Former word embeddings (BERT's
+  MLM head when the Q-Former comes from BERT) ─► next-token loss on the caption tokens, label smoothing 0.1.
+
+The image tokens pass the Q-Former's trainable ``vision_norm`` (LAVIS's ``ln_vision``) first. The temperature is
+CLIP-style (log scale, clamped to [0.001, 0.5]); LAVIS's BLIP-2 learns ``tau`` itself, unclamped.
 
 Text is the *target* span of ``batch.labels`` (``!= -100``: caption + eos), so any prompt the datamodule put
 before it is ignored; ``[CLS]`` (the tokenizer's cls, else bos) or ``[DEC]`` (an added special token) goes in
@@ -17,6 +21,7 @@ front. Shape legend: B batch, N image tokens, M queries, H Q-Former width, T tex
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +31,14 @@ from torch import nn
 
 from mmlm.batch import Batch
 from mmlm.checkpointing import load_checkpoint_file
-from mmlm.connectors.qformer import QFormer, QFormerConfig
+from mmlm.connectors.qformer import QFormer, QFormerConfig, bert_init
+from mmlm.convert.blip2 import bert_lm_head_state
 from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, RetrievalEvaluator, RetrievalStep
 from mmlm.freezing import freeze_
 from mmlm.fusion import targets_only
 from mmlm.heads import TiedLMHead
+from mmlm.hub import load_state_dict_strict
 from mmlm.losses import (
     IGNORE_INDEX,
     ContrastiveOutput,
@@ -49,6 +56,8 @@ from mmlm.tokenizers import load_tokenizer
 DEC_TOKEN = "[DEC]"
 #: Q-Former keys of the text side, absent from the queries-only stage-2 Q-Former.
 TEXT_SIDE_KEYS = ("embeddings.word.", "embeddings.position.", ".text_ffn.")
+#: ``qformer`` keys a BERT-initialised Q-Former takes (the rest comes from BERT).
+BERT_OPTIONS = {"cross_attention_freq", "vision_norm", "vision_norm_eps"}
 
 
 @dataclass
@@ -77,10 +86,10 @@ def stage1_tokenizer(name_or_path: str) -> Any:
     return tokenizer
 
 
-def grow_embedding(embedding: nn.Embedding, size: int) -> nn.Embedding:
-    """A copy of ``embedding`` with ``size`` rows (new rows drawn like BERT's, normal(0, 0.02))."""
+def grow_embedding(embedding: nn.Embedding, size: int, std: float = 0.02) -> nn.Embedding:
+    """A copy of ``embedding`` with ``size`` rows (new rows drawn like BERT's, normal(0, ``std``))."""
     grown = nn.Embedding(size, embedding.embedding_dim).to(embedding.weight)
-    nn.init.normal_(grown.weight, std=0.02)
+    nn.init.normal_(grown.weight, std=std)
     with torch.no_grad():
         grown.weight[: embedding.num_embeddings] = embedding.weight
     return grown
@@ -93,10 +102,13 @@ class Blip2Stage1(MultimodalModule):
         encoder: the vision encoder; frozen here whatever its own ``freeze`` says.
         tokenizer: hub id or directory of the Q-Former's (BERT-style) tokenizer; ``[DEC]`` is added.
         num_query_tokens: M.
-        qformer: the Q-Former's size (:class:`~mmlm.connectors.QFormerConfig`: ``hidden_size``, ``num_layers``, …; ``vocab_size`` defaults
-            to the tokenizer's size). With ``bert`` only ``cross_attention_freq`` is allowed.
-        bert: hub id or directory of a BERT to initialise the Q-Former from (:meth:`QFormer.from_bert`).
+        qformer: the Q-Former's size (:class:`~mmlm.connectors.QFormerConfig`: ``hidden_size``, ``num_layers``, …,
+            ``initializer_range``, ``vision_norm``; ``vocab_size`` defaults to the tokenizer's size). With ``bert``
+            only ``cross_attention_freq``, ``vision_norm`` and ``vision_norm_eps`` are allowed.
+        bert: hub id or directory of a BERT to initialise the Q-Former from (:meth:`QFormer.from_bert`); its MLM
+            head, when the checkpoint has one (``bert-base-uncased`` does), initialises the ITG head, as in LAVIS.
         embed_dim: D of the contrastive space.
+        label_smoothing: of the ITC targets and the ITG tokens (LAVIS: 0.1 for both; ITM has none).
         itm_rerank_k: > 0: at the end of validation/test also re-rank each image's top-k texts (and each text's
             top-k images) by ITC with the ITM head and log ``{stage}/rerank_i2t_r1`` …; keeps the frozen image
             tokens and caption ids of the evaluation set on the CPU (:mod:`mmlm.evaluation.retrieval`).
@@ -105,19 +117,20 @@ class Blip2Stage1(MultimodalModule):
 
     def __init__(self, encoder: VisionEncoder, tokenizer: str, num_query_tokens: int = 32,
                  qformer: QFormerConfig | None = None, bert: str | None = None, embed_dim: int = 256,
-                 itm_rerank_k: int = 0, **kwargs: Any) -> None:
+                 itm_rerank_k: int = 0, label_smoothing: float = 0.1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self.encoder = freeze_(encoder)
         self.tokenizer = stage1_tokenizer(tokenizer)
         self.qformer = self._build_qformer(encoder.width, num_query_tokens, part_kwargs(QFormerConfig, qformer), bert)
-        word = self.qformer.embeddings.word
+        word, std = self.qformer.embeddings.word, self.qformer.initializer_range
         if len(self.tokenizer) > word.num_embeddings:
-            self.qformer.embeddings.word = word = grow_embedding(word, len(self.tokenizer))
+            self.qformer.embeddings.word = word = grow_embedding(word, len(self.tokenizer), std)
         hidden = word.embedding_dim
         self.vision_proj, self.text_proj = nn.Linear(hidden, embed_dim), nn.Linear(hidden, embed_dim)
         self.itm_head = nn.Linear(hidden, 2)
-        self.lm_head = TiedLMHead(hidden, word.num_embeddings)
+        self.lm_head = self._build_lm_head(hidden, word.num_embeddings, std, bert)
+        self.label_smoothing = label_smoothing
         self.temperature = Temperature(0.07)
         self.cls_id = self.tokenizer.cls_token_id if self.tokenizer.cls_token_id is not None else self.tokenizer.bos_token_id
         self.dec_id = self.tokenizer.convert_tokens_to_ids(DEC_TOKEN)
@@ -128,10 +141,20 @@ class Blip2Stage1(MultimodalModule):
         if bert is None:
             return QFormer(width, num_query_tokens=num_queries, with_text=True,
                            **{"vocab_size": len(self.tokenizer), **options})
-        if set(options) - {"cross_attention_freq"}:
+        if set(options) - BERT_OPTIONS:
             raise ValueError(f"Blip2Stage1(bert={bert!r}) takes its sizes from BERT; qformer may only set "
-                             f"cross_attention_freq, got {sorted(options)}")
-        return QFormer.from_bert(bert, width, num_queries, options.get("cross_attention_freq", 2))
+                             f"{sorted(BERT_OPTIONS)}, got {sorted(options)}")
+        return QFormer.from_bert(bert, width, num_queries, **options)
+
+    @staticmethod
+    def _build_lm_head(hidden: int, vocab_size: int, std: float, bert: str | None) -> TiedLMHead:
+        """BERT's LM head: initialised like BERT, then BERT's MLM head when ``bert`` has one."""
+        head = TiedLMHead(hidden, vocab_size)
+        head.apply(partial(bert_init, std=std))
+        state = None if bert is None else bert_lm_head_state(bert, vocab_size)
+        if state is not None:
+            load_state_dict_strict(head, state, f"{bert} MLM head")
+        return head
 
     def text_inputs(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``labels [B, T]`` → ``([CLS] target, mask)``, each ``[B, 1 + T']`` (target = caption + eos, right-padded)."""
@@ -166,7 +189,8 @@ class Blip2Stage1(MultimodalModule):
         out = self.qformer(image, input_ids=ids, self_attn_mask=unimodal_mask(mask, self.qformer.num_query_tokens))
         image_feats = F.normalize(self.vision_proj(out.query), dim=-1)
         text_feats = F.normalize(self.text_proj(out.text[:, 0]), dim=-1)
-        result = contrastive_loss(image_feats, text_feats, self.temperature(), image_ids=image_ids, gather=True)
+        result = contrastive_loss(image_feats, text_feats, self.temperature(), image_ids=image_ids, gather=True,
+                                  label_smoothing=self.label_smoothing)
         return result, image_feats, text_feats
 
     def itm_logits(self, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -185,7 +209,7 @@ class Blip2Stage1(MultimodalModule):
         """Next-token loss on the caption tokens (and eos) after ``[DEC]``."""
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
         labels[:, 0] = IGNORE_INDEX
-        return causal_lm_loss(self.itg_logits(image, ids, mask), labels)
+        return causal_lm_loss(self.itg_logits(image, ids, mask), labels, self.label_smoothing)
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
         """ITC + ITM + ITG; logs each as ``train/itc``, ``train/itm``, ``train/itg``."""
