@@ -11,7 +11,7 @@ from mmlm.models.kosmos import Kosmos1
 from mmlm.models.metalm import MetaLM, MetaLMPretraining
 from mmlm.models.palme import PaLME
 from mmlm.models.text_lm import CausalLMPretraining
-from mmlm.models.vlmo import VLMOModule, VLMOStage1, VLMOStage2
+from mmlm.models.vlmo import VLMOModule, VLMOPooler, VLMOStage1, VLMOStage2
 from mmlm.models.vlmo_stage3 import Stage3Output, VLMOStage3
 from mmlm.models.vlmo_tasks import VLMONLVR2, VLMOVQA
 
@@ -34,6 +34,7 @@ __all__ = [
     "Stage3Output",
     "VLMOModule",
     "VLMONLVR2",
+    "VLMOPooler",
     "VLMOStage1",
     "VLMOStage2",
     "VLMOStage3",

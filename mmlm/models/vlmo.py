@@ -60,7 +60,7 @@ def continuation_pieces(tokenizer: Any) -> Tensor:
     return torch.tensor([isinstance(t, str) and t.startswith("##") for t in tokens], dtype=torch.bool)
 
 
-class Pooler(nn.Module):
+class VLMOPooler(nn.Module):
     """BERT's (and unilm VLMO's ``heads.Pooler``) pooler: ``tanh(dense(cls))``, ``[B, D] → [B, D]``. Stage 3's ITM
     trains it; VQA and NLVR2 keep it from the stage-3 checkpoint."""
 

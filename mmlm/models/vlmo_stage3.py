@@ -34,7 +34,7 @@ from mmlm.losses import (
     image_id_tensor,
     token_cross_entropy,
 )
-from mmlm.models.vlmo import Pooler, VLMOModule, unused_by_modes
+from mmlm.models.vlmo import VLMOModule, VLMOPooler, unused_by_modes
 
 #: The VL-FFN contrastive heads (``itc_vl``), dropped by retrieval fine-tuning and the tasks.
 ITC_VL_HEADS = ("itc_vl_image_proj.*", "itc_vl_text_proj.*", "vl_temperature.*")
@@ -91,7 +91,7 @@ class VLMOStage3(VLMOModule):
         if itc_vl:
             self.itc_vl_image_proj, self.itc_vl_text_proj = (nn.Linear(dim, embed_dim, bias=False) for _ in range(2))
             self.vl_temperature = Temperature(0.07)
-        self.pooler = Pooler(dim)
+        self.pooler = VLMOPooler(dim)
         self.itm_head = nn.Linear(dim, 2)
         self.mlm_head = TiedLMHead(dim, len(self.tokenizer), eps=1e-6)
         self.mlm_prob, self.weights = mlm_prob, {"itc": itc_weight, "itm": itm_weight, "mlm": mlm_weight}

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from mmlm.batch import Batch, PairBatch
 from mmlm.evaluation import ClassificationEvaluator, Evaluation, GenerationEvaluator, LossEvaluator, VQAScorer
 from mmlm.metrics.vqa import build_answer_vocab, normalize_answer, vqa_accuracy_normalized  # noqa: F401 (re-export)
-from mmlm.models.vlmo import Pooler, VLMOModule
+from mmlm.models.vlmo import VLMOModule, VLMOPooler
 from mmlm.models.vlmo_stage3 import ITC_VL_HEADS
 
 #: Pre-training heads a fine-tuning task drops when it starts from a stage-3 (or earlier) checkpoint; the pooler
@@ -82,7 +82,7 @@ class VLMOVQA(VLMOModule):
         self.answers = list(dict.fromkeys(normalize_answer(a) for a in load_answers(answers)))
         self.answer_index = {a: i for i, a in enumerate(self.answers)}
         dim = self.transformer.dim
-        self.pooler = Pooler(dim)
+        self.pooler = VLMOPooler(dim)
         self.vqa_head = classifier_head(dim, len(self.answers), 2 * dim)
         self.evaluation = Evaluation(LossEvaluator(), GenerationEvaluator([VQAScorer()]))
 
@@ -122,7 +122,7 @@ class VLMONLVR2(VLMOModule):
         super().__init__(**kwargs)
         self.save_hyperparameters()
         dim = self.transformer.dim
-        self.pooler = Pooler(dim)
+        self.pooler = VLMOPooler(dim)
         self.nlvr2_head = classifier_head(2 * dim, 2, 2 * dim)
         self.evaluation = Evaluation(ClassificationEvaluator())
 
