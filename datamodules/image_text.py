@@ -33,6 +33,7 @@ import torch
 from datamodules.base import WebDataModule
 from datamodules.collate import Collator, Example
 from datamodules.pipeline import ShardPipeline
+from datamodules.prefix_sentences import image_marker, sentence_collate
 from datamodules.raw import (
     CAPTION_FORMATS,
     RAW_SUFFIXES,
@@ -48,6 +49,7 @@ from datamodules.skips import SkipSample
 from datamodules.streams import Opener
 from datamodules.transforms import MAX_IMAGE_PIXELS, ImageTransform
 from mmlm.encoders.base import ImagePreprocess
+from mmlm.sentences import Marker, prefix_image_marker, special_tokens
 from mmlm.tokenizers import load_tokenizer
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -288,10 +290,12 @@ class FeatureCollator:
 class ImageTextDataModule(WebDataModule):
     """Caption and VQA shards or raw files (mixable) for every image → text model.
 
-    Tokenizer and image preprocessing come from the arguments, or — when ``tokenizer`` /
-    ``image_size`` is ``None`` — from the trainer's model's :class:`~mmlm.data_spec.DataSpec` in :meth:`setup`
-    (``tokenizer``, a Hugging Face tokenizer, and ``image_preprocess``, an
-    :class:`~mmlm.encoders.base.ImagePreprocess`).
+    Tokenizer, image preprocessing and image marker come from the arguments, or — when ``tokenizer`` /
+    ``image_size`` / ``image_tokens`` is ``None`` — from the trainer's model's :class:`~mmlm.data_spec.DataSpec` in
+    :meth:`setup` (``tokenizer``, a Hugging Face tokenizer; ``image_preprocess``, an
+    :class:`~mmlm.encoders.base.ImagePreprocess`; the ``"image"`` marker of ``markers``). With an image marker (the
+    generative families) batches are :class:`~mmlm.batch.SentenceBatch` whose sentences start with the image's span
+    (:mod:`datamodules.prefix_sentences`); without one (BLIP-2 stage 1, VLMO) they are :class:`~mmlm.batch.Batch`.
 
     Args:
         train: training sources, mixed by weight.
@@ -318,6 +322,11 @@ class ImageTextDataModule(WebDataModule):
             Samples without features are skipped and counted as ``missing_features``.
         raw_chunk: entries (questions, images or caption lines) per chunk url of a raw source; a source gets at
             least ranks × workers chunks (see :mod:`datamodules.raw`).
+        image_tokens: M, the image placeholders in front of each sentence (the model's connector output length;
+            0: text-only sentences); ``None``: the model's image marker, else plain :class:`~mmlm.batch.Batch`.
+        eval_shots: demonstrations before each prompt at evaluation (0 = zero-shot): the next examples of the same
+            batch that show another image, with their targets (:func:`mmlm.fewshot.with_demonstrations`); needs
+            sentence batches.
     """
 
     def __init__(
@@ -341,6 +350,8 @@ class ImageTextDataModule(WebDataModule):
         train_crop_scale: float = 0.9,
         cached_features: bool = False,
         raw_chunk: int = 64,
+        image_tokens: int | None = None,
+        eval_shots: int = 0,
     ) -> None:
         super().__init__(train=train, val=val, test=test, predict=predict, batch_size=batch_size,
                          num_workers=num_workers, epoch_samples=epoch_samples,
@@ -353,14 +364,21 @@ class ImageTextDataModule(WebDataModule):
         if raw_chunk < 1:
             raise ValueError(f"raw_chunk must be ≥ 1, got {raw_chunk}")
         self.raw_chunk = raw_chunk
+        if eval_shots < 0:
+            raise ValueError(f"eval_shots must be ≥ 0, got {eval_shots}")
+        self.image_tokens, self.eval_shots = image_tokens, eval_shots
         self.tokenizer: Any = None
         self.preprocess: ImagePreprocess | None = None
+        self.marker: Marker | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        """Resolve the tokenizer and image preprocessing (arguments first, else the model's)."""
+        """Resolve the tokenizer, image preprocessing and image marker (arguments first, else the model's)."""
+        if self.marker is None:
+            self.marker = (prefix_image_marker(self.image_tokens) if self.image_tokens is not None
+                           else image_marker(self.model_spec().markers))
         if self.tokenizer is None:
-            self.tokenizer = (load_tokenizer(self.tokenizer_name) if self.tokenizer_name is not None
-                              else self.from_model("tokenizer", "tokenizer"))
+            self.tokenizer = (load_tokenizer(self.tokenizer_name, special_tokens([self.marker] if self.marker else []))
+                              if self.tokenizer_name is not None else self.from_model("tokenizer", "tokenizer"))
         if self.preprocess is None:
             self.preprocess = (ImagePreprocess((self.image_size, self.image_size)) if self.image_size is not None
                                else self.from_model("image_preprocess", "image_size"))
@@ -400,11 +418,13 @@ class ImageTextDataModule(WebDataModule):
         return ExampleBuilder(kinds=tuple(s.kind for s in sources), prompts=prompts, image=image,
                               need_answers=stage != "predict", features=self.cached_features)
 
-    def collate_fn(self, stage: str) -> Collator | FeatureCollator:
+    def collate_fn(self, stage: str) -> Any:
+        """Examples → :class:`~mmlm.batch.Batch`, or sentences when there is an image marker (see the class)."""
         if self.tokenizer is None:
             self.setup(stage)
-        collate = Collator(self.tokenizer, self.max_text_tokens)
-        return FeatureCollator(collate) if self.cached_features else collate
+        collate: Collator | FeatureCollator = Collator(self.tokenizer, self.max_text_tokens)
+        collate = FeatureCollator(collate) if self.cached_features else collate
+        return sentence_collate(collate, self.marker, self.tokenizer, 0 if stage == "fit" else self.eval_shots)
 
 
 def url_sources(urls: str | None, kind: str) -> list[Source] | None:

@@ -24,11 +24,12 @@ from datamodules.base import WebDataModule
 from datamodules.collate import Example, pad_id, pad_left, pad_right
 from datamodules.image_text import Source, text_field, url_sources
 from datamodules.outputs import prepare_output, write_summary
+from datamodules.prefix_sentences import image_marker, sentence_collate
 from datamodules.shards import ShardWriter
 from datamodules.skips import SkipSample
 from mmlm.batch import Batch
 from mmlm.losses import IGNORE_INDEX
-from mmlm.sentences import text_ids
+from mmlm.sentences import prefix_image_marker, text_ids
 from mmlm.tokenizers import load_tokenizer
 
 
@@ -175,7 +176,10 @@ class TextDataModule(WebDataModule):
     def example_fn(self, stage: str, sources: Sequence[Source]) -> TextExampleBuilder:
         return TextExampleBuilder(self.text_field)
 
-    def collate_fn(self, stage: str) -> TextCollator:
+    def collate_fn(self, stage: str) -> Any:
+        """Documents → :class:`~mmlm.batch.Batch`; for a model with an image marker (MetaLM, the text-only LM),
+        text-only sentences (no image span) in a :class:`~mmlm.batch.SentenceBatch`."""
         if self.tokenizer is None:
             self.setup(stage)
-        return TextCollator(self.tokenizer, self.max_text_tokens)
+        marker = prefix_image_marker(0) if image_marker(self.model_spec().markers) else None
+        return sentence_collate(TextCollator(self.tokenizer, self.max_text_tokens), marker, self.tokenizer)

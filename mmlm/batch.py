@@ -87,7 +87,8 @@ class Batch(MovesTensors):
 
 @dataclass
 class SentenceBatch(MovesTensors):
-    """A batch of multimodal sentences (KOSMOS-1 interleaved documents, PaLM-E prompts), padded or packed.
+    """A batch of multimodal sentences, padded or packed: the input of every generative family (KOSMOS-1 interleaved
+    documents, PaLM-E prompts; Frozen, BLIP-2 and MetaLM examples, whose sentence starts with one image span).
 
     Each row holds one sentence, or several packed ones (``segment_ids`` tells them apart; attention
     never crosses them and ``position_ids`` restart at 0 for each). Spans (:class:`mmlm.sentences.Span`)
@@ -110,6 +111,10 @@ class SentenceBatch(MovesTensors):
         prompt_ids: ``[B, P]`` left-padded prompts for generation (evaluation), else ``[B, 0]``.
         prompt_mask: ``[B, P]`` 1 for real prompt tokens.
         prompt_spans: ``B`` lists of spans with positions in ``prompt_ids`` (same global items).
+        prompt_labels: ``[B, P]`` the demonstrations' targets inside few-shot prompts (``-100`` elsewhere: the task
+            input MetaLM encodes), or ``None``.
+        features: ``[I, N, Dv]`` cached frozen-encoder features of the images (``mmlm data cache-features``) or
+            ``None``; when set, ``images`` is ``[I, 0]`` and the frozen encoder does not run.
         keys: sample keys, one per sentence (several per packed row).
         tasks: ``B`` task names for evaluation rows (``"vqa"``, ``"caption"``), else empty.
         references: ``B`` lists of reference strings (evaluation).
@@ -130,6 +135,8 @@ class SentenceBatch(MovesTensors):
     prompt_ids: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None
     prompt_spans: list[list[Span]] = field(default_factory=list)
+    prompt_labels: torch.Tensor | None = None
+    features: torch.Tensor | None = None
     keys: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
     references: list[list[str]] = field(default_factory=list)

@@ -5,9 +5,8 @@ Shape legend: B batch, T text tokens, K modality items (images), M embeddings pe
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
+from torch import nn
 
 
 def splice(text_embeds: torch.Tensor, input_ids: torch.Tensor, placeholder_id: int,
@@ -106,13 +105,8 @@ def targets_only(labels: torch.Tensor) -> torch.Tensor:
     return move_to_front(labels, labels != -100, -100)[0]
 
 
-def embed_with_prefix(embed: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, mask: torch.Tensor,
-                      labels: torch.Tensor | None, prefix: torch.Tensor, placeholder_id: int
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A modality prefix ``[B, M, D]`` before ``ids [B, T]``: ``M`` placeholder slots are put in front
-    (:func:`prepend_placeholders`), the ids embedded with ``embed`` (an LM's ``embed``) and the slots filled
-    (:func:`splice`) → embeds ``[B, M+T, D]``, mask ``[B, M+T]``, labels (``-100`` on the slots) — Frozen's and
-    BLIP-2's input layout."""
-    ids, mask, labels = prepend_placeholders(ids, mask, placeholder_id, prefix.shape[1], labels)
-    return splice(embed(ids), ids, placeholder_id, prefix), mask, labels
-
+@torch.no_grad()
+def output_tokens(module: nn.Module, *shape: int) -> int:
+    """How many tokens ``module`` (a connector) makes of one input of ``shape``: the length M of its span."""
+    probe = next(module.parameters(), None)
+    return module(torch.zeros(1, *shape, dtype=probe.dtype if probe is not None else None)).shape[1]

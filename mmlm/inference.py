@@ -6,9 +6,10 @@ what ``mmlm validate`` generates for the same examples (the text of ``model.gene
 * every image goes through the evaluation transform of the model's preprocessing — ``ImageTransform`` of
   ``model.image_preprocess`` (train=False), or Donut's ``DocumentTransform`` — from lossless PNG bytes (TIFF for
   modes PNG cannot hold), so a decoded JPEG gives the pixels a shard of that JPEG gives;
-* ``Batch`` families (Frozen, BLIP-2, MetaLM, VLMO VQA, the text LM) and Donut: ``Example(prompt=…, target="")``
+* one-image families (Frozen, BLIP-2, MetaLM, VLMO VQA, the text LM) and Donut: ``Example(prompt=…, target="")``
   through ``datamodules.collate.collate_examples`` (``collate_documents`` for Donut); one image per request (the
-  first, with a warning once when there are more);
+  first, with a warning once when there are more); a model with an image marker (Frozen, BLIP-2, MetaLM, the text
+  LM) gets the sentences of ``datamodules.prefix_sentences`` (its image span first), as its datamodule gives them;
 * KOSMOS-1: the interleaved datamodule's sentence, ``[bos] <image>…</image> … " " prompt``, one image span per
   image (the images go where the prompt writes ``<image>`` when it writes one per image, else before the text);
 * PaLM-E: the embodied datamodule's sentence ``[bos] prompt`` with ``<img1>``, ``<img2>``… spans (added before the
@@ -43,6 +44,7 @@ from datamodules.document_transforms import DocumentTransform
 from datamodules.documents import collate_documents
 from datamodules.embodied import EmbodiedExampleBuilder, rewrite_markers
 from datamodules.packing import SentenceSample, collate_rows
+from datamodules.prefix_sentences import image_marker, to_sentences
 from datamodules.skips import SkipSample
 from datamodules.transforms import ImageTransform
 from mmlm.batch import Batch, SentenceBatch
@@ -204,7 +206,9 @@ def build_batch(model: MultimodalModule, prompts: Sequence[str], images: Images,
             raise NotImplementedError(f"{type(model).__name__} does not score continuations")
         return collate_documents(examples, model.tokenizer, limit)
     batch = collate_examples(examples, model.tokenizer, limit)
-    return batch if continuations is None else with_continuations(batch, model.tokenizer, continuations)
+    batch = batch if continuations is None else with_continuations(batch, model.tokenizer, continuations)
+    marker = image_marker(model.data_spec().markers)
+    return batch if marker is None else to_sentences(batch, marker, model.tokenizer)
 
 
 def with_continuations(batch: Batch, tokenizer: Any, continuations: Sequence[str]) -> Batch:

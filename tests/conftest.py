@@ -73,14 +73,20 @@ def frozen(make_frozen):
 
 @pytest.fixture
 def shapes_batch(shapes_data) -> Callable[..., object]:
-    """Factory: the first ``size`` examples of a ``split``'s ``kind`` shards as a :class:`mmlm.batch.Batch`."""
+    """Factory: the first ``size`` examples of a ``split``'s ``kind`` shards as the batch ``model``'s datamodule
+    gives it (a :class:`mmlm.batch.SentenceBatch` for a model with an image marker, else a :class:`mmlm.batch.Batch`;
+    ``model=None``: a ``Batch``)."""
     from datamodules import ImageTextDataModule, Source
+    from datamodules.prefix_sentences import image_marker
 
-    def load(kind: str = "vqa", split: str = "train", size: int = 8, image_size: int = 32):
+    def load(kind: str = "vqa", split: str = "train", size: int = 8, image_size: int = 32, model=None,
+             eval_shots: int = 0):
         prefix = "vqa" if kind == "vqa" else "captions"
         source = Source(str(shapes_data / split / f"{prefix}-*.tar"), kind=kind)
-        dm = ImageTextDataModule(val=[source], tokenizer=str(shapes_data / "tokenizer"),
-                                 image_size=image_size, batch_size=size)
+        marker = None if model is None else image_marker(model.data_spec().markers)
+        dm = ImageTextDataModule(val=[source], tokenizer=str(shapes_data / "tokenizer"), image_size=image_size,
+                                 batch_size=size, image_tokens=None if marker is None else marker.count,
+                                 eval_shots=eval_shots)
         dm.setup("validate")
         return next(iter(dm.val_dataloader()))
 

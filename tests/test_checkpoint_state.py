@@ -127,9 +127,9 @@ def fit(model: Blip2, batch, root: Path, steps: int, ckpt_path: str | None = Non
 
 
 def test_blip2_checkpoint_leaves_out_its_frozen_parts_and_resumes_exactly(hf_checkpoint, shapes_batch, tmp_path):
-    batch = shapes_batch(kind="vqa", size=4, image_size=32)
     torch.manual_seed(0)
     model = Blip2.from_hf(str(hf_checkpoint), lr=1e-2, warmup_steps=0)
+    batch = shapes_batch(kind="vqa", size=4, image_size=32, model=model)
     fit(model, batch, tmp_path / "a", 4, stop_at=2)  # interrupted after 2 of 4 steps
     (first,) = (tmp_path / "a").rglob("*.ckpt")
     state = torch.load(first, weights_only=True)
@@ -151,8 +151,8 @@ def test_blip2_checkpoint_leaves_out_its_frozen_parts_and_resumes_exactly(hf_che
 
 def test_changed_frozen_source_is_refused_through_the_cli(hf_checkpoint, shapes_batch, shapes_data, tmp_path,
                                                           monkeypatch):
-    batch = shapes_batch(kind="vqa", size=4, image_size=32)
-    fit(Blip2.from_hf(str(hf_checkpoint)), batch, tmp_path / "run", 1)
+    model = Blip2.from_hf(str(hf_checkpoint))
+    fit(model, shapes_batch(kind="vqa", size=4, image_size=32, model=model), tmp_path / "run", 1)
     (checkpoint,) = (tmp_path / "run").rglob("*.ckpt")
     weights = hf_checkpoint / "model.safetensors"
     tensors = load_file(weights)
@@ -174,11 +174,12 @@ def test_changed_frozen_source_is_refused_through_the_cli(hf_checkpoint, shapes_
 def test_a_run_that_ends_between_validations_still_saves_its_last_step(hf_checkpoint, shapes_batch, tmp_path):
     from mmlm.app.reliability import FinalCheckpoint
 
-    batch = shapes_batch(kind="vqa", size=4, image_size=32)
+    model = Blip2.from_hf(str(hf_checkpoint))
+    batch = shapes_batch(kind="vqa", size=4, image_size=32, model=model)
     trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=str(tmp_path), check_val_every_n_epoch=None,
                          val_check_interval=100, callbacks=[FinalCheckpoint()])
     loader = DataLoader([batch] * 8, batch_size=None, collate_fn=lambda b: b)
-    trainer.fit(Blip2.from_hf(str(hf_checkpoint)), loader, loader)  # stops at step 3, long before validation
+    trainer.fit(model, loader, loader)  # stops at step 3, long before validation
     (saved,) = tmp_path.rglob("*.ckpt")
     assert saved.name.endswith("step=3.ckpt") and torch.load(saved, weights_only=True)["global_step"] == 3

@@ -39,8 +39,8 @@ def loss_and_grads(model: torch.nn.Module, batch) -> tuple[float, dict[str, torc
 
 
 def test_compiled_parts_give_the_eager_loss_and_gradients(shapes_data, shapes_batch, tiny_gpt2, tiny_resnet):
-    batch = shapes_batch(size=4)
     eager = tiny_frozen(shapes_data, tiny_gpt2, tiny_resnet, freeze_encoder=False)
+    batch = shapes_batch(size=4, model=eager)
     compiled = tiny_frozen(shapes_data, tiny_gpt2, tiny_resnet, freeze_encoder=False, torch_compile=True,
                            compile_options={"backend": "aot_eager"})  # inductor: same path, minutes of C++ here
     compiled.configure_model()
@@ -67,10 +67,10 @@ def test_compile_is_off_by_default(frozen):
 def test_frozen_parts_build_no_autograd_graph(family, shapes_data, shapes_batch, tiny_gpt2, tiny_resnet):
     if family == "frozen":
         model = tiny_frozen(shapes_data, tiny_gpt2, tiny_resnet, freeze_encoder=True)
-        batch = shapes_batch(size=4)
+        batch = shapes_batch(size=4, model=model)
     else:
         model = tiny_blip2(shapes_data, tiny_gpt2)
-        batch = shapes_batch(size=4, image_size=32)
+        batch = shapes_batch(size=4, image_size=32, model=model)
     outputs = []
     model.encoder.register_forward_hook(lambda module, args, out: outputs.append(out))
     loss = loss_and_grads(model, batch)[0]

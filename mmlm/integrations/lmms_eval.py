@@ -209,15 +209,12 @@ class MMLM(lmms):
 
     def _load(self, pretrained: str | None, checkpoint: str | None, config: str | None, family: str | None,
               dtype: str | None) -> MultimodalModule:
-        """The model on the device, in eval mode, cast to ``dtype``; in-batch few-shot turned off (see below)."""
+        """The model on the device, in eval mode, cast to ``dtype`` (few-shot prompts are the task's: ``num_fewshot``;
+        the datamodule's in-batch ``eval_shots`` plays no part here)."""
         model = load_model(pretrained, checkpoint, config, family).to(self._device)
         cast = parse_dtype(None if dtype in (None, "auto") else dtype)
         if cast is not None:
             model = model.to(cast)
-        if getattr(model, "eval_shots", 0):
-            warn_once("eval_shots", f"{type(model).__name__}.eval_shots={model.eval_shots} draws demonstrations "
-                                    "from the other requests of a batch: turned off (use the task's num_fewshot)")
-            model.eval_shots = 0
         return model.eval()
 
     @property

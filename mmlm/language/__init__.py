@@ -5,7 +5,14 @@ from mmlm.language.cross_attention import CrossAttentionLM
 from mmlm.language.hf_base import HFLanguageModel
 from mmlm.language.hf_causal import HFCausalLM
 from mmlm.language.hf_seq2seq import HFSeq2SeqLM
-from mmlm.language.subln import RelativePositions, SubLNAttention, SubLNBlock, SubLNDecoder, SubLNFeedForward
+from mmlm.language.subln import (
+    RelativePositions,
+    Rotation,
+    SubLNAttention,
+    SubLNBlock,
+    SubLNDecoder,
+    SubLNFeedForward,
+)
 
 __all__ = [
     "CrossAttentionLM",
@@ -16,6 +23,7 @@ __all__ = [
     "LanguageModel",
     "LMOutput",
     "RelativePositions",
+    "Rotation",
     "SubLNAttention",
     "SubLNBlock",
     "SubLNDecoder",

@@ -1,10 +1,11 @@
 """BLIP-2 stage 2 (Li et al. 2023): a frozen ViT and a frozen LM bridged by a trained Q-Former.
 
-image ─► frozen encoder [B, N, Dv] ─► Q-Former queries [B, M, H] ─► language_projection [B, M, D] ─► soft prompt
+image ─► frozen encoder [B, N, Dv] ─► Q-Former queries [B, M, H] ─► language_projection [B, M, D] ─► soft prompt,
+which fills the image span that starts every sentence (``<image>×M bos? prompt target``, built by the datamodule):
 
 * decoder-only LM (OPT-like): ``[soft prompt; prompt; target]`` through the LM, loss on the target only;
-* encoder-decoder LM (T5-like, prefix LM): the encoder reads ``[soft prompt; prompt]``, the decoder
-  predicts the target.
+* encoder-decoder LM (T5-like, prefix LM): the encoder reads the prompt sentence ``[soft prompt; prompt]``, the
+  decoder predicts the target.
 
 One class serves both; the kind comes from the LM adapter's type (:func:`is_seq2seq`). Per-part
 precision as in BLIP-2: the Q-Former, queries and projection stay fp32, the encoder and the LM keep their
@@ -16,6 +17,8 @@ Shape legend: B batch, N image tokens, M queries, H Q-Former width, T text, T' t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +26,20 @@ import torch
 from torch import nn
 from typing_extensions import Unpack
 
-from mmlm.batch import Batch
+from mmlm.batch import SentenceBatch
 from mmlm.connectors.qformer import QFormer, QFormerConfig
 from mmlm.convert.blip2_hf import blip2_from_hf, blip2_to_hf
+from mmlm.data_spec import DataSpec
 from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator
 from mmlm.freezing import freeze_
-from mmlm.fusion import embed_with_prefix, targets_only
+from mmlm.fusion import targets_only
 from mmlm.language.base import LanguageModel, LMOutput
 from mmlm.language.hf_seq2seq import HFSeq2SeqLM
 from mmlm.models.base import ModuleSettings, MultimodalModule
+from mmlm.sentences import Span, embed_sentence, placeholder_ids, prefix_image_marker
 from mmlm.sizes import part_kwargs
-from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
+from mmlm.tokenizers import load_tokenizer
 
 
 def is_seq2seq(language_model: LanguageModel) -> bool:
@@ -70,8 +75,10 @@ class Blip2(MultimodalModule):
                                **part_kwargs(QFormerConfig, qformer))
         self.language_projection = nn.Linear(self.qformer.query_tokens.shape[-1], language_model.width)
         self.language_model = language_model
-        self.tokenizer = load_tokenizer(tokenizer, [IMAGE_TOKEN])
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.image_marker = prefix_image_marker(num_query_tokens)
+        self.tokenizer = load_tokenizer(tokenizer, self.image_marker.tokens())
+        self.placeholder_ids = placeholder_ids(self.tokenizer, [self.image_marker])
+        self.image_token_id = self.placeholder_ids["image"]  # transformers' ``image_token_index``
         if len(self.tokenizer) > language_model.vocab_size:
             language_model.resize_token_embeddings(len(self.tokenizer))
         freeze_(language_model)
@@ -102,6 +109,10 @@ class Blip2(MultimodalModule):
         """Write a directory that ``Blip2ForConditionalGeneration.from_pretrained`` (and ``Blip2Processor``) load."""
         blip2_to_hf(self, directory)
 
+    def data_spec(self) -> DataSpec:
+        """The base's spec plus the image marker (M query slots) that starts every sentence."""
+        return replace(super().data_spec(), markers=(self.image_marker,))
+
     def encode_images(self, pixels: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """``pixels [B, 3, H, W]`` (or the frozen encoder's cached ``features [B, N, Dv]``) → soft prompt ``[B, M, D]``
         in the LM's dtype (Q-Former and projection in fp32)."""
@@ -110,27 +121,28 @@ class Blip2(MultimodalModule):
         projected = self.language_projection(queries.to(self.language_projection.weight.dtype))
         return projected.to(self.language_model.dtype)
 
-    def forward(self, batch: Batch) -> LMOutput:
-        """Teacher-forced pass. Decoder-only: logits ``[B, M+T, V]`` over ``[soft prompt; input_ids]``, loss on
-        ``batch.labels``. Seq2seq: the encoder reads ``[soft prompt; prompt_ids]``, decoder logits ``[B, T', V]``
-        for the target tokens of ``batch.labels``."""
-        soft_prompt = self.encode_images(batch.pixels, batch.features)
-        if self.seq2seq:
-            embeds, mask, _ = embed_with_prefix(self.language_model.embed, batch.prompt_ids, batch.prompt_mask,
-                                                None, soft_prompt, self.image_token_id)
-            return self.language_model(embeds, mask, targets_only(batch.labels))
-        embeds, mask, labels = embed_with_prefix(self.language_model.embed, batch.input_ids, batch.attention_mask,
-                                                 batch.labels, soft_prompt, self.image_token_id)
-        return self.language_model(embeds, mask, labels)
+    def embed(self, ids: torch.Tensor, spans: Sequence[Sequence[Span]], batch: SentenceBatch) -> torch.Tensor:
+        """``ids [B, T]`` with their image spans filled with the soft prompts of the batch's images → ``[B, T, D]``."""
+        images = {"image": self.encode_images(batch.images, batch.features)}
+        return embed_sentence(self.language_model.embed, ids, spans, images, self.placeholder_ids)
 
-    def training_loss(self, batch: Batch) -> torch.Tensor:
+    def forward(self, batch: SentenceBatch) -> LMOutput:
+        """Teacher-forced pass. Decoder-only: logits ``[B, M+T, V]`` over the sentence ``input_ids``, loss on
+        ``batch.labels``. Seq2seq: the encoder reads the prompt sentence ``prompt_ids``, decoder logits ``[B, T', V]``
+        for the target tokens of ``batch.labels``."""
+        if self.seq2seq:
+            embeds = self.embed(batch.prompt_ids, batch.prompt_spans, batch)
+            return self.language_model(embeds, batch.prompt_mask, targets_only(batch.labels))
+        embeds = self.embed(batch.input_ids, batch.spans, batch)
+        return self.language_model(embeds, batch.attention_mask, batch.labels)
+
+    def training_loss(self, batch: SentenceBatch) -> torch.Tensor:
         """Cross-entropy of the target tokens (caption/answer + eos) given the image and the prompt."""
         return self(batch).loss
 
     @torch.no_grad()
-    def generate_text(self, batch: Batch) -> list[str]:
-        """Decode from ``[soft prompt; prompt_ids]`` (the causal LM continues it, the seq2seq encoder reads it)."""
-        soft_prompt = self.encode_images(batch.pixels, batch.features)
-        embeds, mask, _ = embed_with_prefix(self.language_model.embed, batch.prompt_ids, batch.prompt_mask,
-                                            None, soft_prompt, self.image_token_id)
-        return self.decode(self.language_model.generate(embeds, mask, self.generation))
+    def generate_text(self, batch: SentenceBatch) -> list[str]:
+        """Decode from the prompt sentence ``[soft prompt; prompt]`` (the causal LM continues it, the seq2seq encoder
+        reads it)."""
+        embeds = self.embed(batch.prompt_ids, batch.prompt_spans, batch)
+        return self.decode(self.language_model.generate(embeds, batch.prompt_mask, self.generation))

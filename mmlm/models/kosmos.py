@@ -22,9 +22,10 @@ from mmlm.connectors import Resampler
 from mmlm.data_spec import DataSpec
 from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator
+from mmlm.fusion import output_tokens
 from mmlm.language.base import LanguageModel
 from mmlm.models.base import MultimodalModule
-from mmlm.sentences import Span, fill_spans, kosmos_image_marker, placeholder_ids, special_tokens
+from mmlm.sentences import Span, embed_sentence, kosmos_image_marker, placeholder_ids, special_tokens
 from mmlm.tokenizers import load_tokenizer
 
 
@@ -49,7 +50,7 @@ class Kosmos1(MultimodalModule):
         self.save_hyperparameters()
         self.encoder, self.language_model = encoder, language_model
         self.connector = connector(encoder.width, language_model.width)
-        self.image_tokens = self._connector_length()
+        self.image_tokens = output_tokens(self.connector, encoder.num_tokens, encoder.width)
         self.image_marker = kosmos_image_marker(self.image_tokens)
         self.tokenizer = load_tokenizer(tokenizer, special_tokens([self.image_marker]))
         if len(self.tokenizer) > language_model.vocab_size:
@@ -62,12 +63,6 @@ class Kosmos1(MultimodalModule):
         """The base's spec plus the image marker the sentences use."""
         return replace(super().data_spec(), markers=(self.image_marker,))
 
-    def _connector_length(self) -> int:
-        """M: the connector's output length on one probe image's tokens."""
-        probe = torch.zeros(1, self.encoder.num_tokens, self.encoder.width)
-        with torch.no_grad():
-            return int(self.connector(probe).shape[1])
-
     # --- embeddings ----------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """``images [I, 3, H, W]`` → ``[I, M, D]`` in the LM's dtype (``I = 0`` gives an empty tensor)."""
@@ -79,8 +74,8 @@ class Kosmos1(MultimodalModule):
     def sentence_embeds(self, input_ids: torch.Tensor, spans: Sequence[Sequence[Span]],
                         images: torch.Tensor) -> torch.Tensor:
         """``input_ids [B, T]`` with its image spans filled from ``images [I, 3, H, W]`` → ``[B, T, D]``."""
-        embeds = self.language_model.embed(input_ids)
-        return fill_spans(embeds, input_ids, spans, {"image": self.encode_images(images)}, self.placeholder_ids)
+        return embed_sentence(self.language_model.embed, input_ids, spans, {"image": self.encode_images(images)},
+                              self.placeholder_ids)
 
     # --- training ------------------------------------------------------------------------------
     def training_loss(self, batch: SentenceBatch) -> torch.Tensor:

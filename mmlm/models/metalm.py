@@ -1,7 +1,7 @@
 """MetaLM (Hao et al. 2022, "Language Models are General-Purpose Interfaces"): bidirectional encoders
 docked onto a causal decoder that serves as the universal task layer.
 
-    [<image>×M] bos [task input (span)] target eos
+    [<image>×M] bos [task input (span)] target eos       (the sentence, built by the datamodule)
        │              │
     vision encoder  text encoder (bidirectional over the span)
     + connector     + connector
@@ -17,23 +17,25 @@ Shape legend: B batch, M image embeddings, T text tokens, K spans, L span length
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from mmlm.batch import Batch
+from mmlm.batch import SentenceBatch
 from mmlm.checkpointing import load_checkpoint_file
 from mmlm.connectors import MLP
+from mmlm.data_spec import DataSpec
 from mmlm.encoders.base import ImagePreprocess, VisionEncoder
 from mmlm.encoders.text import TextEncoder
 from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator
-from mmlm.fewshot import few_shot_rows
-from mmlm.fusion import left_pad, prepend_placeholders, splice
+from mmlm.fusion import output_tokens
 from mmlm.language.base import LanguageModel
 from mmlm.losses import IGNORE_INDEX
 from mmlm.models.base import MultimodalModule
 from mmlm.semicausal import dock, pack_spans, runs_to_span_ids, sample_prefix_spans, sample_spans, span_labels
+from mmlm.sentences import Span, embed_sentence, prefix_image_marker
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
 
 
@@ -49,21 +51,21 @@ class MetaLM(MultimodalModule):
             (the plain-decoder baseline when ``vision_encoder`` is ``None`` too).
         vision_connector: builds the image connector from ``(vision width, LM width)``.
         text_connector: builds the span connector from ``(text-encoder width, LM width)``.
-        eval_shots: support examples per query at evaluation (0 = zero-shot); each is
-            ``[<image>] bos [encoded input] target eos`` before the query (the next examples of the batch
-            that show another image).
         init_from: a Lightning checkpoint of a MetaLM/MetaLMPretraining whose weights start this module (strict).
         **kwargs: optimisation and evaluation settings of :class:`MultimodalModule`.
+
+    Few-shot evaluation (paper §4.4: demonstrations ``[<image>] bos [encoded input] target eos`` before the query) is
+    the datamodule's ``eval_shots``.
     """
 
     def __init__(self, language_model: LanguageModel, tokenizer: str, vision_encoder: VisionEncoder | None = None,
                  text_encoder: TextEncoder | None = None, vision_connector: Callable[[int, int], nn.Module] = MLP,
-                 text_connector: Callable[[int, int], nn.Module] = MLP, eval_shots: int = 0,
-                 init_from: str | None = None, **kwargs: Any) -> None:
+                 text_connector: Callable[[int, int], nn.Module] = MLP, init_from: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer, [IMAGE_TOKEN])
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)  # placeholders, never encoded text
         self.language_model, self.vision_encoder, self.text_encoder = language_model, vision_encoder, text_encoder
         for part in (language_model, text_encoder):
             if part is not None and len(self.tokenizer) > part.vocab_size:
@@ -71,7 +73,8 @@ class MetaLM(MultimodalModule):
         width = language_model.width
         self.vision_connector = None if vision_encoder is None else vision_connector(vision_encoder.width, width)
         self.text_connector = None if text_encoder is None else text_connector(text_encoder.width, width)
-        self.eval_shots = eval_shots
+        self.image_marker = prefix_image_marker(0 if vision_encoder is None else output_tokens(
+            self.vision_connector, vision_encoder.num_tokens, vision_encoder.width))
         self.evaluation = Evaluation(LossEvaluator(), GenerationEvaluator())
         if init_from is not None:
             self.load_state_dict(load_checkpoint_file(init_from)["state_dict"])
@@ -81,17 +84,15 @@ class MetaLM(MultimodalModule):
         """The vision encoder's size/mean/std (``None`` without one: the datamodule's ``image_size`` applies)."""
         return None if self.vision_encoder is None else self.vision_encoder.preprocess
 
-    # --- docking ---------------------------------------------------------------------------------
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor | None:
-        """``pixels [B, 3, H, W]`` → docked image embeddings ``[B, M, D]`` (``None`` without a vision encoder)."""
-        return None if self.vision_encoder is None else self.vision_connector(self.vision_encoder(pixels))
+    def data_spec(self) -> DataSpec:
+        """The base's spec plus the image marker that starts every sentence (no image span without a vision
+        encoder: text-only sentences)."""
+        return replace(super().data_spec(), markers=(self.image_marker,))
 
-    def with_image_slots(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None,
-                         images: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Put ``M`` ``<image>`` slots in front of ``ids [B, T]`` (left padding stays left) → ``[B, M+T]``."""
-        if images is None:
-            return ids, mask, labels
-        return prepend_placeholders(ids, mask, self.image_token_id, images.shape[1], labels)
+    # --- docking ---------------------------------------------------------------------------------
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``pixels [B, 3, H, W]`` → docked image embeddings ``[B, M, D]`` (needs a vision encoder)."""
+        return self.vision_connector(self.vision_encoder(pixels))
 
     def text_region(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` bool: real text positions that may be encoded (not padding, image slots or bos)."""
@@ -104,12 +105,12 @@ class MetaLM(MultimodalModule):
             return torch.zeros_like(ids)
         return runs_to_span_ids(self.text_region(ids, mask) & is_input.bool())
 
-    def docked_embeddings(self, ids: torch.Tensor, span_ids: torch.Tensor,
-                          images: torch.Tensor | None) -> torch.Tensor:
-        """Decoder inputs ``[B, T, D]``: token embeddings, images at ``<image>`` slots, encoded spans at their positions."""
-        embeds = self.language_model.embed(ids)
-        if images is not None:
-            embeds = splice(embeds, ids, self.image_token_id, images)
+    def docked_embeddings(self, ids: torch.Tensor, image_spans: list[list[Span]], span_ids: torch.Tensor,
+                          batch: SentenceBatch) -> torch.Tensor:
+        """Decoder inputs ``[B, T, D]``: token embeddings, the batch's images in their spans, encoded text spans
+        (``span_ids``) at their positions."""
+        images = {} if self.vision_encoder is None else {"image": self.encode_images(batch.images)}
+        embeds = embed_sentence(self.language_model.embed, ids, image_spans, images, {"image": self.image_token_id})
         if not bool((span_ids > 0).any()):
             return embeds
         tokens, span_mask = pack_spans(ids, span_ids, self.tokenizer.pad_token_id)
@@ -117,44 +118,29 @@ class MetaLM(MultimodalModule):
         return dock(embeds, span_ids, encoded, span_mask)
 
     # --- training ------------------------------------------------------------------------------
-    def targets(self, batch: Batch) -> torch.Tensor:
-        """``labels [B, T]`` before docking: the batch's targets (task input and padding ``-100``)."""
+    def targets(self, batch: SentenceBatch) -> torch.Tensor:
+        """``labels [B, T]`` before docking: the batch's targets (image span, task input and padding ``-100``)."""
         return batch.labels
 
     def training_spans(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``span_ids [B, T]`` encoded in training: the task input (the prompt, whose labels are ``-100``)."""
         return self.input_spans(ids, mask, labels == IGNORE_INDEX)
 
-    def training_loss(self, batch: Batch) -> torch.Tensor:
+    def training_loss(self, batch: SentenceBatch) -> torch.Tensor:
         """Next-token loss on the causally predicted tokens only (span positions are ``-100``)."""
-        images = self.encode_images(batch.pixels)
-        ids, mask, labels = self.with_image_slots(batch.input_ids, batch.attention_mask, self.targets(batch), images)
-        spans = self.training_spans(ids, mask, labels)
-        embeds = self.docked_embeddings(ids, spans, images)
-        return self.language_model(embeds, mask, span_labels(labels, spans)).loss
+        labels = self.targets(batch)
+        spans = self.training_spans(batch.input_ids, batch.attention_mask, labels)
+        embeds = self.docked_embeddings(batch.input_ids, batch.spans, spans, batch)
+        return self.language_model(embeds, batch.attention_mask, span_labels(labels, spans)).loss
 
     # --- generation ----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_text(self, batch: Batch) -> list[str]:
-        """Encode image + prompt, then generate from the decoder (``eval_shots`` support examples first)."""
-        if self.eval_shots > 0:
-            return self.generate_few_shot(batch, self.eval_shots)
-        images = self.encode_images(batch.pixels)
-        ids, mask, _ = self.with_image_slots(batch.prompt_ids, batch.prompt_mask, None, images)
-        embeds = self.docked_embeddings(ids, self.input_spans(ids, mask, mask), images)
-        return self.decode(self.language_model.generate(embeds, mask, self.generation))
-
-    @torch.no_grad()
-    def generate_few_shot(self, batch: Batch, shots: int) -> list[str]:
-        """In-context learning: ``shots`` encoded demonstrations (image, input span, causal answer) before each query."""
-        images = self.encode_images(batch.pixels)
-        slots = images.shape[1] if images is not None else 0
-        rows = few_shot_rows(batch, shots, slots, self.image_token_id)
-        ids, mask = left_pad(rows.ids, self.tokenizer.pad_token_id)
-        is_input, _ = left_pad([flag.long() for flag in rows.is_input], 0)
-        spans = self.input_spans(ids, mask, is_input)
-        picked = None if images is None else images[torch.tensor(rows.images, device=images.device)]
-        embeds = self.docked_embeddings(ids, spans, picked)
+    def generate_text(self, batch: SentenceBatch) -> list[str]:
+        """Encode image + task input of each (few-shot) prompt, then generate from the decoder; the demonstrations'
+        answers (``prompt_labels``) stay causal."""
+        ids, mask = batch.prompt_ids, batch.prompt_mask
+        is_input = mask.bool() if batch.prompt_labels is None else mask.bool() & (batch.prompt_labels == IGNORE_INDEX)
+        embeds = self.docked_embeddings(ids, batch.prompt_spans, self.input_spans(ids, mask, is_input), batch)
         return self.decode(self.language_model.generate(embeds, mask, self.generation))
 
 
@@ -184,9 +170,10 @@ class MetaLMPretraining(MetaLM):
         self.spans, self.span_ratio = spans, span_ratio
         self.min_span, self.max_span, self.max_spans = min_span, max_span, max_spans
 
-    def targets(self, batch: Batch) -> torch.Tensor:
-        """Every real token of ``prompt + target + eos`` is a target (padding ``-100``)."""
-        return batch.input_ids.masked_fill(batch.attention_mask == 0, IGNORE_INDEX)
+    def targets(self, batch: SentenceBatch) -> torch.Tensor:
+        """Every real text token of ``bos prompt target eos`` is a target (image span and padding ``-100``)."""
+        text = batch.attention_mask.bool() & (batch.input_ids != self.image_token_id)
+        return batch.input_ids.masked_fill(~text, IGNORE_INDEX)
 
     def training_spans(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Random spans inside the text, never over its last real token (eos stays a target)."""

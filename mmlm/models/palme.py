@@ -28,9 +28,10 @@ from mmlm.connectors.state import ObjectTokens, StateTokens
 from mmlm.data_spec import DataSpec
 from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator, PlanScorer, VQAScorer
+from mmlm.fusion import output_tokens
 from mmlm.language.base import LanguageModel
 from mmlm.models.base import MultimodalModule
-from mmlm.sentences import Marker, fill_spans, placeholder_ids, special_tokens
+from mmlm.sentences import Marker, embed_sentence, placeholder_ids, special_tokens
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
 
 STATE_TOKEN, OBJECT_TOKEN = "<state_embed>", "<obj_embed>"
@@ -41,12 +42,6 @@ def palme_markers(image_tokens: int, state_tokens: int) -> list[Marker]:
     return [Marker("<img{}>", "image", image_tokens, IMAGE_TOKEN),
             Marker("<state>", "state", state_tokens, STATE_TOKEN),
             Marker("<obj{}>", "object", 1, OBJECT_TOKEN)]
-
-
-@torch.no_grad()
-def output_tokens(module: nn.Module, *shape: int) -> int:
-    """How many tokens ``module`` makes of one input of ``shape`` (the span length of its marker)."""
-    return module(torch.zeros(1, *shape)).shape[1]
 
 
 class PaLME(MultimodalModule):
@@ -105,7 +100,7 @@ class PaLME(MultimodalModule):
     def sentence_embeddings(self, ids: torch.Tensor, spans: list[list], embeds: dict[str, torch.Tensor]
                             ) -> torch.Tensor:
         """``ids [B, T]`` → ``[B, T, D]`` with every span filled from ``embeds`` (count-checked)."""
-        return fill_spans(self.language_model.embed(ids), ids, spans, embeds, self.placeholder_ids)
+        return embed_sentence(self.language_model.embed, ids, spans, embeds, self.placeholder_ids)
 
     # --- training and generation -----------------------------------------------------------------
     def training_loss(self, batch: SentenceBatch) -> torch.Tensor:

@@ -7,15 +7,18 @@ trained here on the same prompt + target texts, then exported with ``save_pretra
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmlm.batch import Batch
+from mmlm.batch import SentenceBatch
+from mmlm.data_spec import DataSpec
 from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator
 from mmlm.language.base import LanguageModel
 from mmlm.models.base import MultimodalModule
+from mmlm.sentences import prefix_image_marker
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
 
 
@@ -43,14 +46,19 @@ class CausalLMPretraining(MultimodalModule):
         self.export_dir = export_dir
         self.evaluation = Evaluation(LossEvaluator(), GenerationEvaluator())  # the blind-LM baseline
 
-    def training_loss(self, batch: Batch) -> torch.Tensor:
+    def data_spec(self) -> DataSpec:
+        """The base's spec with an image marker of no positions: text-only sentences, the same token layout as the
+        prefix families' text."""
+        return replace(super().data_spec(), markers=(prefix_image_marker(0),))
+
+    def training_loss(self, batch: SentenceBatch) -> torch.Tensor:
         """Next-token cross-entropy over all non-padding tokens of ``input_ids [B, T]``."""
         labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
         embeds = self.language_model.embed(batch.input_ids)
         return self.language_model(embeds, batch.attention_mask, labels).loss
 
     @torch.no_grad()
-    def generate_text(self, batch: Batch) -> list[str]:
+    def generate_text(self, batch: SentenceBatch) -> list[str]:
         """Continue each left-padded prompt ``prompt_ids [B, P]`` without looking at the image."""
         embeds = self.language_model.embed(batch.prompt_ids)
         new = self.language_model.generate(embeds, batch.prompt_mask, self.generation)

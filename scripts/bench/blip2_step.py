@@ -5,7 +5,7 @@ is saved and loaded with ``Blip2.from_hf`` (the production converter), so both s
 Frozen on both sides: the ViT and the LM (``requires_grad=False`` and eval mode, as mmlm keeps them);
 trained: query tokens, Q-Former, language projection, with the same plain AdamW. Same batch: mmlm's VQA
 batch, and for transformers the same ids with ``M`` image tokens put in front by mmlm's own
-``prepend_placeholders`` (so both read ``[soft prompt; prompt; answer]``). A step = forward, backward,
+``datamodules.prefix_sentences`` (so both read ``[soft prompt; prompt; answer]``). A step = forward, backward,
 optimizer step, zero grad.
 """
 
@@ -19,7 +19,8 @@ import torch
 from common import Scale, alternate, autocast, batches, device, row, step_times
 from transformers import Blip2Config, Blip2ForConditionalGeneration
 
-from mmlm.fusion import prepend_placeholders
+from datamodules.prefix_sentences import to_sentences
+from mmlm.batch import SentenceBatch
 from mmlm.models import Blip2
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
 
@@ -56,20 +57,22 @@ def set_train(ours: Blip2, hf: Blip2ForConditionalGeneration) -> None:
     hf.language_model.eval()
 
 
-def hf_inputs(batch: Any, image_token_id: int, prompt: bool = False) -> dict[str, torch.Tensor]:
-    """transformers' inputs for ``batch``: the same token layout, with ``M`` image tokens in the soft-prompt slots."""
+def hf_inputs(batch: SentenceBatch, prompt: bool = False) -> dict[str, torch.Tensor]:
+    """transformers' inputs for the sentence ``batch``: the same tokens, ``M`` image tokens in the soft-prompt slots."""
     if prompt:
-        ids, mask, _ = prepend_placeholders(batch.prompt_ids, batch.prompt_mask, image_token_id, M, None)
-        return {"pixel_values": batch.pixels, "input_ids": ids, "attention_mask": mask}
-    ids, mask, labels = prepend_placeholders(batch.input_ids, batch.attention_mask, image_token_id, M, batch.labels)
-    return {"pixel_values": batch.pixels, "input_ids": ids, "attention_mask": mask, "labels": labels}
+        return {"pixel_values": batch.images, "input_ids": batch.prompt_ids, "attention_mask": batch.prompt_mask}
+    return {"pixel_values": batch.images, "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+            "labels": batch.labels}
+
+
+def sentences(ours: Blip2, batch: Any) -> SentenceBatch:
+    """``batch`` as the datamodule gives it to ``ours`` (sentences behind the image span), on :func:`common.device`."""
+    return to_device(to_sentences(batch, ours.image_marker, ours.tokenizer))
 
 
 def to_device(batch: Any) -> Any:
     """The batch's tensors on :func:`common.device`."""
-    for name in ("pixels", "input_ids", "attention_mask", "labels", "prompt_ids", "prompt_mask"):
-        setattr(batch, name, getattr(batch, name).to(device()))
-    return batch
+    return batch.to(device())
 
 
 def train_steps(loss_fn: Any, params: list[torch.nn.Parameter]):
@@ -93,8 +96,8 @@ def run(scale: Scale, data: Path) -> list[dict[str, Any]]:
     """One row: seconds per stage-2 step, mmlm / transformers."""
     with tempfile.TemporaryDirectory() as tmp:
         ours, hf = build_pair(data, Path(tmp))
-        batch = to_device(batches(data, 1, scale.batch_size, 64, tokenizer=tmp)[0])
-    inputs = hf_inputs(batch, ours.image_token_id)
+        batch = sentences(ours, batches(data, 1, scale.batch_size, 64, tokenizer=tmp)[0])
+    inputs = hf_inputs(batch)
     assert {id(p) for p in trainable(ours)} == {id(p) for p in trainable(ours.qformer) + trainable(ours.language_projection)}
     ours.eval(), hf.eval()
     with torch.no_grad():  # same weights, same tokens: the two losses must agree before any timing

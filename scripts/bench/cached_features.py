@@ -36,11 +36,14 @@ OPT = {"model_type": "opt", "hidden_size": 128, "num_hidden_layers": 4, "num_att
        "bos_token_id": 1, "eos_token_id": 2}
 
 
+QUERIES = 8  # the Q-Former's queries: the image span of each sentence
+
+
 def build(tokenizer: str) -> Blip2:
     """The tiny BLIP-2 (random weights, seed 0; ViT and LM frozen)."""
     torch.manual_seed(0)
     encoder = HFVisionEncoder(model_type="blip_2_vision_model", config=VISION, freeze=True)
-    return Blip2(encoder, HFCausalLM(config=OPT), tokenizer=tokenizer, num_query_tokens=8, qformer=QFORMER,
+    return Blip2(encoder, HFCausalLM(config=OPT), tokenizer=tokenizer, num_query_tokens=QUERIES, qformer=QFORMER,
                  lr=1e-4, warmup_steps=0)
 
 
@@ -49,7 +52,8 @@ def datamodule(urls: str, tokenizer: str, batch_size: int, steps: int, cached: b
     return ImageTextDataModule(train=[Source(urls, kind="caption")], tokenizer=tokenizer, image_size=VISION["image_size"],
                                batch_size=batch_size,
                                epoch_samples=steps * batch_size, resampled=True, shuffle_buffer=0,
-                               train_crop_scale=1.0, cached_features=cached, caption_prompt="a picture of")
+                               train_crop_scale=1.0, cached_features=cached, caption_prompt="a picture of",
+                               image_tokens=QUERIES)
 
 
 

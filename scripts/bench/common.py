@@ -143,12 +143,14 @@ def vqa_glob(data: Path) -> str:
     return str(data / "train" / "vqa-*.tar")
 
 
-def batches(data: Path, count: int, batch_size: int, image_size: int, tokenizer: str | None = None) -> list[Any]:
-    """``count`` VQA batches of mmlm's datamodule, preloaded in memory (so training benchmarks time no I/O)."""
+def batches(data: Path, count: int, batch_size: int, image_size: int, tokenizer: str | None = None,
+            image_tokens: int | None = None) -> list[Any]:
+    """``count`` VQA batches of mmlm's datamodule, preloaded in memory (so training benchmarks time no I/O);
+    ``image_tokens``: the sentences of a prefix family with that many image placeholders (else plain batches)."""
     from datamodules import ImageTextDataModule, Source
 
     module = ImageTextDataModule(train=[Source(vqa_glob(data), kind="vqa")], tokenizer=tokenizer or str(data / "tokenizer"),
                                  image_size=image_size, batch_size=batch_size, epoch_samples=count * batch_size,
-                                 resampled=True, shuffle_buffer=64)
+                                 resampled=True, shuffle_buffer=64, image_tokens=image_tokens)
     module.setup("fit")
     return list(module.train_dataloader())

@@ -87,9 +87,7 @@ def hand_steps(model: Frozen, data: list[Any]) -> Iterator[None]:
         optimizer, warmup_cosine(model.warmup_steps, len(data), model.min_lr_ratio))
     for batch in data:
         if torch.cuda.is_available():
-            batch = copy.copy(batch)
-            for name in ("pixels", "input_ids", "attention_mask", "labels", "prompt_ids", "prompt_mask"):
-                setattr(batch, name, getattr(batch, name).cuda(non_blocking=True))
+            batch = copy.copy(batch).to("cuda", non_blocking=True)
         with autocast():
             loss = model.training_loss(batch)
         optimizer.zero_grad(set_to_none=True)
@@ -115,7 +113,8 @@ def hand_step(model: Frozen, data: list[Any], warmup: int) -> float:
 def run(scale: Scale, data: Path) -> list[dict[str, Any]]:
     """One row: seconds per step, Lightning / hand loop."""
     model = build_frozen(str(data / "tokenizer"))
-    loaded = batches(data, scale.warmup + scale.steps, scale.batch_size, image_size=64)
+    loaded = batches(data, scale.warmup + scale.steps, scale.batch_size, image_size=64,
+                     image_tokens=model.image_marker.count)
     seconds = alternate({"mmlm": lambda: lightning_step(model, loaded, scale.warmup),
                          "reference": lambda: hand_step(model, loaded, scale.warmup)}, scale.repeats)
     return [row(f"Frozen train step, Lightning vs hand loop (batch {scale.batch_size})", seconds["mmlm"] * 1e3,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from datamodules import ImageTextDataModule, Source
 from mmlm.data_spec import DataSpec
@@ -55,7 +56,10 @@ def test_attributes_outside_the_spec_are_not_read(shapes_data):
 
 
 def test_every_family_gives_what_its_datamodule_reads(make_frozen):
-    spec = make_frozen().data_spec()
-    assert spec.tokenizer is not None and spec.image_preprocess is not None and spec.markers == ()
+    model = make_frozen()
+    spec = model.data_spec()
+    assert spec.tokenizer is not None and spec.image_preprocess is not None
+    assert spec.markers == (model.image_marker,) and model.image_marker.count == model.connector(
+        torch.zeros(1, model.encoder.num_tokens, model.encoder.width)).shape[1]  # the span the connector fills
     with pytest.raises(ValueError, match="EmbodiedDataModule needs markers"):
-        spec.require("markers", "EmbodiedDataModule", "markers")
+        DataSpec(tokenizer=spec.tokenizer).require("markers", "EmbodiedDataModule", "markers")

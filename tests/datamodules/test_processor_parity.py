@@ -260,8 +260,8 @@ def test_vqav2_shards_through_the_datamodule_equal_blip2_processor(blip2_checkpo
     dm.setup("validate")
     processor = Blip2Processor.from_pretrained(str(blip2_checkpoint)).image_processor
     seen = 0
-    for batch in dm.val_dataloader():
-        for qid, pixels in zip(batch.ids, batch.pixels):
+    for batch in dm.val_dataloader():  # the model's sentences: one image per example, in order
+        for qid, pixels in zip(batch.ids, batch.images, strict=True):
             path = paths[int(qid) // 10]
             assert_same(pixels, processor(images=reference_input(path), return_tensors="pt").pixel_values[0])
             seen += 1

@@ -12,9 +12,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
-from mmlm.batch import Batch
+from datamodules.prefix_sentences import to_sentences
+from mmlm.batch import Batch, SentenceBatch
 from mmlm.encoders import HFVisionEncoder
-from mmlm.fusion import embed_with_prefix, targets_only
+from mmlm.fusion import targets_only
 from mmlm.language import GenerationConfig, HFCausalLM
 from mmlm.models import Blip2
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
@@ -50,9 +51,11 @@ def hf_checkpoint(request, shapes_data, tmp_path):
     return directory, hf.eval(), tokenizer
 
 
-def text_batch(tokenizer, image_token_id: int) -> tuple[Batch, torch.Tensor]:
-    """Two examples with equal-length prompts and targets (no padding) + the HF input ids of the prompts."""
+def text_batch(model: Blip2, pixels: torch.Tensor | None = None) -> tuple[SentenceBatch, torch.Tensor]:
+    """Two examples with equal-length prompts and targets (no padding), as the datamodule gives them to ``model``
+    (sentences that start with the image span) + the HF input ids of the prompts."""
     torch.manual_seed(1)
+    tokenizer = model.tokenizer
     prompts = tokenizer(["what colour is the circle ?", "how many squares are there ?"],
                         add_special_tokens=False).input_ids
     targets = tokenizer(["red </s>", "two </s>"], add_special_tokens=False).input_ids
@@ -60,17 +63,20 @@ def text_batch(tokenizer, image_token_id: int) -> tuple[Batch, torch.Tensor]:
     input_ids = torch.tensor([p + t for p, t in zip(prompts, targets)])
     labels = input_ids.clone()
     labels[:, :prompt_ids.shape[1]] = -100
-    batch = Batch(pixels=torch.randn(2, 3, 32, 32), input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                  labels=labels, prompt_ids=prompt_ids, prompt_mask=torch.ones_like(prompt_ids))
-    return batch, torch.cat([torch.full((2, M), image_token_id), prompt_ids], dim=1)
+    batch = Batch(pixels=torch.randn(2, 3, 32, 32) if pixels is None else pixels, input_ids=input_ids,
+                  attention_mask=torch.ones_like(input_ids), labels=labels, prompt_ids=prompt_ids,
+                  prompt_mask=torch.ones_like(prompt_ids))
+    hf_prompt = torch.cat([torch.full((2, M), model.image_token_id), prompt_ids], dim=1)
+    sentences = to_sentences(batch, model.image_marker, tokenizer)
+    assert torch.equal(sentences.prompt_ids, hf_prompt)  # the layout transformers' BLIP-2 reads
+    return sentences, hf_prompt
 
 
-def hf_logits(hf, batch: Batch, hf_prompt: torch.Tensor) -> torch.Tensor:
+def hf_logits(hf, batch: SentenceBatch, hf_prompt: torch.Tensor) -> torch.Tensor:
     """transformers' logits for the layout our model uses (image placeholders first)."""
     if hf.config.use_decoder_only_language_model:
-        ids = torch.cat([torch.full((2, M), hf.config.image_token_index), batch.input_ids], dim=1)
-        return hf(pixel_values=batch.pixels, input_ids=ids).logits
-    return hf(pixel_values=batch.pixels, input_ids=hf_prompt, labels=targets_only(batch.labels)).logits
+        return hf(pixel_values=batch.images, input_ids=batch.input_ids).logits
+    return hf(pixel_values=batch.images, input_ids=hf_prompt, labels=targets_only(batch.labels)).logits
 
 
 @torch.no_grad()
@@ -78,19 +84,18 @@ def test_logits_and_greedy_generation_match_transformers(hf_checkpoint):
     directory, hf, tokenizer = hf_checkpoint
     model = Blip2.from_hf(str(directory)).eval()
     assert model.seq2seq == (not hf.config.use_decoder_only_language_model)
-    batch, hf_prompt = text_batch(model.tokenizer, model.image_token_id)
+    batch, hf_prompt = text_batch(model)
     ours = model(batch).logits
     expected = hf_logits(hf, batch, hf_prompt)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     print(f"max |Δlogits| {directory.name}: {(ours - expected).abs().max().item():.2e}")
-    other_images = Batch(**{**vars(batch), "pixels": batch.pixels + 1.0})
+    other_images, _ = text_batch(model, batch.images + 1.0)
     assert (model(other_images).logits - ours).abs().max() > 1e-2  # the soft prompt is really used
 
     settings = GenerationConfig(max_new_tokens=6, min_new_tokens=6)
-    embeds, mask, _ = embed_with_prefix(model.language_model.embed, batch.prompt_ids, batch.prompt_mask,
-                                        None, model.encode_images(batch.pixels), model.image_token_id)
-    generated = model.language_model.generate(embeds, mask, settings)
-    theirs = hf.generate(pixel_values=batch.pixels, input_ids=hf_prompt, max_new_tokens=6, min_new_tokens=6,
+    embeds = model.embed(batch.prompt_ids, batch.prompt_spans, batch)
+    generated = model.language_model.generate(embeds, batch.prompt_mask, settings)
+    theirs = hf.generate(pixel_values=batch.images, input_ids=hf_prompt, max_new_tokens=6, min_new_tokens=6,
                          do_sample=False, num_beams=1)
     theirs = theirs[:, hf_prompt.shape[1]:] if hf.config.use_decoder_only_language_model else theirs[:, 1:]
     assert generated.shape == (2, 6)
@@ -107,7 +112,7 @@ def test_to_hf_round_trip_gives_identical_logits(hf_checkpoint, tmp_path):
     reloaded, info = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "export", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert reloaded.config.image_token_index == model.image_token_id
-    batch, hf_prompt = text_batch(model.tokenizer, model.image_token_id)
+    batch, hf_prompt = text_batch(model)
     torch.testing.assert_close(hf_logits(reloaded.eval(), batch, hf_prompt), hf_logits(hf, batch, hf_prompt),
                                rtol=0, atol=0)
     processor = Blip2Processor.from_pretrained(tmp_path / "export")
@@ -142,7 +147,7 @@ def test_only_qformer_and_projection_train(hf_checkpoint):
     trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"qformer", "language_projection"}
     assert not model.encoder.training and not model.language_model.training
-    batch, _ = text_batch(model.tokenizer, model.image_token_id)
+    batch, _ = text_batch(model)
     model.training_loss(batch).backward()
     assert model.qformer.query_tokens.grad is not None and torch.isfinite(model.qformer.query_tokens.grad).all()
 
@@ -152,8 +157,8 @@ def test_qformer_stays_fp32_with_a_half_precision_lm(hf_checkpoint):
     model = Blip2.from_hf(str(directory), vision_dtype="bfloat16", lm_dtype="bfloat16")
     assert model.qformer.query_tokens.dtype == torch.float32 and model.language_projection.weight.dtype == torch.float32
     assert model.encoder.dtype == torch.bfloat16 and model.language_model.dtype == torch.bfloat16
-    batch, _ = text_batch(model.tokenizer, model.image_token_id)
-    assert model.encode_images(batch.pixels).dtype == torch.bfloat16
+    batch, _ = text_batch(model)
+    assert model.encode_images(batch.images).dtype == torch.bfloat16
     assert torch.isfinite(model.training_loss(batch))
 
 
@@ -173,7 +178,7 @@ def test_fit_overfits_one_batch(shapes_data, shapes_batch, tmp_path, tiny_gpt2):
                   num_query_tokens=M, qformer={"hidden_size": 32, "num_layers": 2, "num_heads": 2,
                                                "intermediate_size": 64, "dropout": 0.0},
                   lr=3e-3, warmup_steps=0, min_lr_ratio=1.0)
-    batch = shapes_batch(size=8)
+    batch = shapes_batch(size=8, model=model)
     loader = DataLoader([batch], batch_size=None, collate_fn=lambda b: b)
     record = RecordLoss()
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

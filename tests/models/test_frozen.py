@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 import mmlm.fewshot as fewshot
-import mmlm.models.frozen as frozen_module
 from datamodules import ImageTextDataModule, Source
 from mmlm.connectors import MLP
-from mmlm.fusion import embed_with_prefix
+from mmlm.fusion import splice
 from mmlm.language import GenerationConfig, HFCausalLM
 from mmlm.language.hf_causal import causal_lm_loss
 from mmlm.models import CausalLMPretraining
@@ -47,7 +46,7 @@ def test_lm_is_frozen_even_when_built_trainable(make_frozen, shapes_batch):
     trainable = list(model.encoder.parameters()) + list(model.connector.parameters())
     assert all(p.requires_grad for p in trainable)
 
-    model.training_loss(shapes_batch()).backward()
+    model.training_loss(shapes_batch(model=model)).backward()
     for name, param in [*model.encoder.named_parameters(), *model.connector.named_parameters()]:
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
     assert all(p.grad is None for p in lm.parameters())
@@ -56,7 +55,7 @@ def test_lm_is_frozen_even_when_built_trainable(make_frozen, shapes_batch):
 def test_training_loss_falls_when_overfitting_one_batch(make_frozen, shapes_batch):
     """Four VQA examples through the frozen random LM: the answers (and eos) are learnable from the image."""
     model = make_frozen(connector=MLP).train()
-    batch = shapes_batch(size=4)
+    batch = shapes_batch(size=4, model=model)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     losses = []
     for _ in range(40):
@@ -74,18 +73,19 @@ def test_training_loss_falls_when_overfitting_one_batch(make_frozen, shapes_batc
 
 def test_loss_counts_target_tokens_only(frozen, shapes_batch):
     """Prefix slots and prompt tokens are context, not targets: the loss is CE over target + eos only."""
-    batch = shapes_batch(size=4)
+    batch, text = shapes_batch(size=4, model=frozen), shapes_batch(size=4)
     frozen.eval()
     with torch.no_grad():
-        prefix = frozen.encode_images(batch.pixels)
-        embeds, mask, labels = embed_with_prefix(frozen.language_model.embed, batch.input_ids, batch.attention_mask,
-                                                 batch.labels, prefix, frozen.image_token_id)
-        logits = frozen.language_model(embeds, mask).logits
+        prefix = frozen.encode_images(batch.images)
+        embeds = splice(frozen.language_model.embed(batch.input_ids), batch.input_ids,
+                        frozen.placeholder_ids["image"], prefix)
+        logits = frozen.language_model(embeds, batch.attention_mask).logits
         loss = frozen.training_loss(batch)
-    k = prefix.shape[1]
+    k, labels = prefix.shape[1], batch.labels
+    assert [s.start for row in batch.spans for s in row] == [0] * len(batch)  # the image span starts each sentence
     assert (labels[:, :k] == -100).all()
-    assert torch.equal(labels[:, k:], batch.labels)  # right padding: the text follows the prefix
-    targets = batch.labels != -100
+    assert torch.equal(labels[:, k:], text.labels)  # right padding: the text follows the prefix
+    targets = text.labels != -100
     assert targets.sum() == 2 * len(batch)  # one-word answers + eos
     torch.testing.assert_close(loss, causal_lm_loss(logits, labels))
 
@@ -97,11 +97,26 @@ def test_loss_counts_target_tokens_only(frozen, shapes_batch):
     torch.testing.assert_close(causal_lm_loss(noisy, labels), loss)
 
     # …whereas the prompt tokens as labels would change it:
-    with_prompt = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
     changed = copy.copy(batch)
-    changed.labels = with_prompt
+    text_positions = (batch.attention_mask == 1) & (torch.arange(labels.shape[1]) >= k)
+    changed.labels = batch.input_ids.masked_fill(~text_positions, -100)
     with torch.no_grad():
         assert not torch.isclose(frozen.training_loss(changed), loss)
+
+
+def test_sentences_equal_the_text_batch_behind_one_image_span(frozen, shapes_batch):
+    """The datamodule's sentence = ``<image>×k`` + the text batch's tokens (training: right-padded; prompts:
+    left-padded, padding first), with the span at the image's place."""
+    batch, text = shapes_batch(size=4, model=frozen), shapes_batch(size=4)
+    k, slot = frozen.image_marker.count, frozen.placeholder_ids["image"]
+    for i in range(4):
+        real = text.attention_mask[i].bool()
+        assert batch.input_ids[i][batch.attention_mask[i].bool()].tolist() == [slot] * k + text.input_ids[i][real].tolist()
+        prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()].tolist()
+        assert prompt == [slot] * k + text.prompt_ids[i][text.prompt_mask[i].bool()].tolist()
+        (span,) = batch.prompt_spans[i]
+        assert span.item == i and span.start == batch.prompt_ids.shape[1] - len(prompt) and span.length == k
+    assert torch.equal(batch.images, text.pixels)
 
 
 # ----------------------------------------------------------------------------------- generation
@@ -110,52 +125,41 @@ def test_loss_counts_target_tokens_only(frozen, shapes_batch):
 def test_generate_text_returns_one_string_per_example(make_frozen, shapes_batch):
     model = make_frozen(generation=GenerationConfig(max_new_tokens=3)).eval()
     for kind in ("vqa", "caption"):
-        texts = model.generate_text(shapes_batch(kind=kind, size=3))
+        texts = model.generate_text(shapes_batch(kind=kind, size=3, model=model))
         assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
         assert not any(IMAGE_TOKEN in t for t in texts)
 
 
-def test_few_shot_sequence_holds_two_images_per_query(make_frozen, shapes_batch, monkeypatch):
-    model = make_frozen(eval_shots=1, generation=GenerationConfig(max_new_tokens=3)).eval()
-    batch = shapes_batch(kind="caption", size=3)  # one sample per image: the next row is always another image
-    k = model.connector.num_tokens
-    seen, original = [], frozen_module.splice
-
-    def spy(text_embeds, input_ids, placeholder_id, modality_embeds):
-        seen.append(((input_ids == placeholder_id).sum(1).tolist(), tuple(modality_embeds.shape)))
-        return original(text_embeds, input_ids, placeholder_id, modality_embeds)
-
-    monkeypatch.setattr(frozen_module, "splice", spy)
+def test_few_shot_prompt_holds_two_images_per_query(make_frozen, shapes_batch):
+    model = make_frozen(generation=GenerationConfig(max_new_tokens=3)).eval()
+    batch = shapes_batch(kind="caption", size=3, model=model, eval_shots=1)  # one sample per image
+    k, slot = model.image_marker.count, model.placeholder_ids["image"]
+    assert (batch.prompt_ids == slot).sum(1).tolist() == [2 * k] * 3
+    assert [[s.item for s in row] for row in batch.prompt_spans] == [[1, 0], [2, 1], [0, 2]]
     texts = model.generate_text(batch)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
-    assert seen == [([2 * k] * 3, (3 * 2, k, model.language_model.width))]
 
 
-def test_few_shot_examples_use_the_training_token_layout(make_frozen, shapes_batch, monkeypatch):
+def test_few_shot_examples_use_the_training_token_layout(make_frozen, shapes_batch):
     """Support = ``<image>×k`` + the training sequence (bos, prompt, target, eos); query = ``<image>×k`` + the
-    zero-shot prompt (bos, prompt), exactly as the LM saw them behind each image during training."""
-    model = make_frozen(eval_shots=1, generation=GenerationConfig(max_new_tokens=2)).eval()
-    batch = shapes_batch(kind="caption", size=2)
-    k, slot = model.connector.num_tokens, model.image_token_id
-    seen, original = [], frozen_module.splice
-
-    def spy(text_embeds, input_ids, placeholder_id, modality_embeds):
-        seen.append(input_ids)
-        return original(text_embeds, input_ids, placeholder_id, modality_embeds)
-
-    monkeypatch.setattr(frozen_module, "splice", spy)
-    model.generate_text(batch)
-    row = seen[0][0]
-    real = row[row != model.tokenizer.pad_token_id].tolist()
-    support = batch.input_ids[1][batch.attention_mask[1].bool()].tolist()
-    query = batch.prompt_ids[0][batch.prompt_mask[0].bool()].tolist()
-    assert real == [slot] * k + support + [slot] * k + query
+    zero-shot prompt (bos, prompt), exactly as the LM saw them behind each image during training; the support's
+    targets are recorded in ``prompt_labels``."""
+    model = make_frozen(generation=GenerationConfig(max_new_tokens=2)).eval()
+    batch, text = shapes_batch(kind="caption", size=2, model=model, eval_shots=1), shapes_batch(kind="caption", size=2)
+    k, slot = model.image_marker.count, model.placeholder_ids["image"]
+    row = batch.prompt_ids[0][batch.prompt_mask[0].bool()].tolist()
+    support = text.input_ids[1][text.attention_mask[1].bool()].tolist()
+    query = text.prompt_ids[0][text.prompt_mask[0].bool()].tolist()
+    assert row == [slot] * k + support + [slot] * k + query
+    labels = batch.prompt_labels[0][batch.prompt_mask[0].bool()].tolist()
+    assert labels == [-100] * k + text.labels[1][text.attention_mask[1].bool()].tolist() + [-100] * (k + len(query))
 
 
 def test_few_shot_with_too_few_other_images_warns_and_still_answers(make_frozen, shapes_batch):
-    model = make_frozen(eval_shots=2, generation=GenerationConfig(max_new_tokens=2)).eval()
+    model = make_frozen(generation=GenerationConfig(max_new_tokens=2)).eval()
     with pytest.warns(UserWarning, match="support examples of other images"):
-        assert len(model.generate_text(shapes_batch(size=2))) == 2
+        batch = shapes_batch(size=2, model=model, eval_shots=2)
+    assert len(model.generate_text(batch)) == 2
 
 
 def test_few_shot_support_never_shows_the_query_image():

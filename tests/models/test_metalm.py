@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from datamodules.prefix_sentences import to_sentences
 from mmlm.encoders import TimmEncoder
 from mmlm.encoders.text import TransformerTextEncoder
 from mmlm.fewshot import support_examples
@@ -42,44 +43,44 @@ class Spy:
 
 
 def test_finetuning_docks_image_and_encoded_question_and_scores_only_the_answer(shapes_data, shapes_batch):
-    batch = shapes_batch("vqa", size=4)
     model = build(shapes_data).eval()
+    batch, text = shapes_batch("vqa", size=4, model=model), shapes_batch("vqa", size=4)
     spy = Spy(model)
     model.training_loss(batch)
     embeds, mask, labels = spy.calls[0]
-    images = model.encode_images(batch.pixels)
+    images = model.encode_images(batch.images)
     m = images.shape[1]
-    assert m == 5 and embeds.shape[1] == m + batch.input_ids.shape[1]  # cls + 2x2 patches in front
+    assert m == 5 and embeds.shape[1] == m + text.input_ids.shape[1]  # cls + 2x2 patches in front
     assert_close(embeds[:, :m], images)
     row = 0
-    real = batch.attention_mask[row].bool()
-    ids = batch.input_ids[row][real]
-    question = (batch.labels[row][real] == IGNORE_INDEX).nonzero().flatten()[1:]  # after bos
+    real = text.attention_mask[row].bool()
+    ids = text.input_ids[row][real]
+    question = (text.labels[row][real] == IGNORE_INDEX).nonzero().flatten()[1:]  # after bos
     span = question.tolist()
     encoded = model.text_connector(model.text_encoder(ids[span][None], torch.ones(1, len(span), dtype=torch.long)))
     assert_close(embeds[row, m + question[0]:m + question[-1] + 1], encoded[0], atol=1e-5, rtol=1e-5)
     bos = m  # the bos stays a causal token embedding
     assert_close(embeds[row, bos], model.language_model.embed(ids[:1])[0])
-    assert torch.equal(labels[:, m:], batch.labels) and bool((labels[:, :m] == IGNORE_INDEX).all())
+    assert torch.equal(labels[:, m:], text.labels) and bool((labels[:, :m] == IGNORE_INDEX).all())
 
 
 def test_generation_docks_the_prompt_like_training(shapes_data, shapes_batch):
-    batch = shapes_batch("vqa", size=4)
     model = build(shapes_data).eval()
+    batch, text = shapes_batch("vqa", size=4, model=model), shapes_batch("vqa", size=4)
     calls = []
     generate = model.language_model.generate
     model.language_model.generate = lambda e, m, c: calls.append((e, m)) or generate(e, m, c)
     texts = model.generate_text(batch)
     assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
     embeds, mask = calls[0]
-    assert torch.equal(mask.sum(1), batch.prompt_mask.sum(1) + 5) and bool(mask[:, -1].all())  # left-padded
+    assert torch.equal(mask.sum(1), text.prompt_mask.sum(1) + 5) and bool(mask[:, -1].all())  # left-padded
     last = batch.prompt_ids[:, -1:]  # the prompt's last token ("Answer:" → ":") is encoded, not a token embedding
     assert not torch.allclose(embeds[:, -1], model.language_model.embed(last)[:, 0])
 
 
 def test_pretraining_targets_every_causal_token_and_no_span_token(shapes_data, shapes_batch):
-    batch = shapes_batch("caption", size=8)
     model = build(shapes_data, cls=MetaLMPretraining, vision=False, span_ratio=0.5, min_span=1, max_span=3)
+    batch = shapes_batch("caption", size=8, model=model)
     spy = Spy(model)
     torch.manual_seed(1)
     model.training_loss(batch)
@@ -104,7 +105,7 @@ def test_information_flow_matches_the_semicausal_mask(shapes_data):
     spans = torch.tensor([[0, 0, 1, 1, 1, 0, 0, 2, 2, 0]])
 
     def logits(tokens):
-        return model.language_model(model.docked_embeddings(tokens, spans, None), mask).logits[0]
+        return model.language_model(model.docked_embeddings(tokens, [[]], spans, None), mask).logits[0]
 
     base = logits(ids)
     seen = torch.zeros(10, 10, dtype=torch.bool)
@@ -117,8 +118,8 @@ def test_information_flow_matches_the_semicausal_mask(shapes_data):
 
 
 def test_finetuning_learns_a_fixed_batch(shapes_data, shapes_batch):
-    batch = shapes_batch("vqa", size=8)
     model = build(shapes_data)
+    batch = shapes_batch("vqa", size=8, model=model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(25):
@@ -133,8 +134,8 @@ def test_finetuning_learns_a_fixed_batch(shapes_data, shapes_batch):
 
 
 def test_baseline_without_encoders_is_a_plain_decoder(shapes_data, shapes_batch):
-    batch = shapes_batch("vqa", size=4)
     model = build(shapes_data, vision=False, text=False).eval()
+    batch = shapes_batch("vqa", size=4, model=model)
     assert model.image_preprocess is None
     spy = Spy(model)
     model.training_loss(batch)
@@ -144,23 +145,27 @@ def test_baseline_without_encoders_is_a_plain_decoder(shapes_data, shapes_batch)
 
 
 def test_few_shot_prompts_put_encoded_demonstrations_before_the_query(shapes_data, shapes_batch):
-    batch = shapes_batch("caption", size=6)
-    model = build(shapes_data, eval_shots=2).eval()
+    model = build(shapes_data).eval()
+    batch = shapes_batch("caption", size=6, model=model, eval_shots=2)
+    text = shapes_batch("caption", size=6)
     calls = []
     generate = model.language_model.generate
     model.language_model.generate = lambda e, m, c: calls.append((e, m)) or generate(e, m, c)
     assert len(model.generate_text(batch)) == 6
-    _, mask = calls[0]
+    embeds, mask = calls[0]
     for i in range(6):
-        support = support_examples(batch.pixels, i, 2)
+        support = support_examples(text.pixels, i, 2)
         assert len(support) == 2 and i not in support
-        demos = sum(5 + int(batch.attention_mask[j].sum()) for j in support)  # image slots + bos prompt target eos
-        assert int(mask[i].sum()) == demos + 5 + int(batch.prompt_mask[i].sum())
+        demos = sum(5 + int(text.attention_mask[j].sum()) for j in support)  # image slots + bos prompt target eos
+        assert int(mask[i].sum()) == demos + 5 + int(text.prompt_mask[i].sum())
+    answers = batch.prompt_labels != IGNORE_INDEX  # the demonstrations' captions stay causal token embeddings
+    assert bool(answers.any())
+    assert_close(embeds[answers], model.language_model.embed(batch.prompt_ids)[answers])
 
 
 def test_hf_causal_lm_decoder_trains_and_generates(shapes_data, shapes_batch, tiny_gpt2):
-    batch = shapes_batch("vqa", size=4)
     model = build(shapes_data, hf=True, tiny_gpt2=tiny_gpt2)
+    batch = shapes_batch("vqa", size=4, model=model)
     loss = model.training_loss(batch)
     loss.backward()
     assert torch.isfinite(loss) and model.vision_connector.net[0].weight.grad is not None
@@ -183,8 +188,8 @@ def test_text_only_semicausal_pretraining_learns_from_a_text_corpus(shapes_data)
     dm = TextDataModule(val_urls=str(shapes_data / "val" / "captions-*.tar"), tokenizer=str(shapes_data / "tokenizer"),
                         batch_size=8)
     dm.setup("validate")
-    batch = next(iter(dm.val_dataloader()))
     model = build(shapes_data, cls=MetaLMPretraining, vision=False, span_ratio=0.3, min_span=1, max_span=2)
+    batch = to_sentences(next(iter(dm.val_dataloader())), model.image_marker, model.tokenizer)  # as a trainer gives it
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     torch.manual_seed(0)
     losses = []

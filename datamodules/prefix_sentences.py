@@ -1,0 +1,110 @@
+"""Image + prompt + target examples as multimodal sentences: the input of the prefix families (Frozen, BLIP-2,
+MetaLM) and of the text-only LM, in the same :class:`~mmlm.batch.SentenceBatch` as KOSMOS-1 and PaLM-E.
+
+A collated :class:`~mmlm.batch.Batch` (``datamodules.collate``) becomes a sentence batch whose every row starts with
+one image span of ``M`` placeholders (``M`` = the model's connector output length; 0: text-only sentences)::
+
+    input_ids  = <image>×M [bos]? prompt target eos pad…        spans:        [Span("image", b, 0, M)]
+    prompt_ids = pad… <image>×M [bos]? prompt                   prompt_spans: [Span("image", b, P - len, M)]
+
+so the models only embed and fill (:func:`mmlm.sentences.embed_sentence`). At evaluation, ``shots`` demonstrations
+from the same batch go before each query (:func:`mmlm.fewshot.with_demonstrations`), built here once for every family.
+Shape legend: B batch, T text tokens, P prompt tokens, M image placeholders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from datamodules.collate import pad_id
+from mmlm.batch import Batch, SentenceBatch
+from mmlm.fewshot import with_demonstrations
+from mmlm.fusion import prepend_placeholders
+from mmlm.sentences import Marker, Span, placeholder_ids
+
+
+def image_marker(markers: tuple[Marker, ...]) -> Marker | None:
+    """The ``"image"`` marker among a model's sentence markers, or ``None``."""
+    return next((m for m in markers if m.modality == "image"), None)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` position of each real token within its row (0 on padding), for left or right padding."""
+    return (mask.long().cumsum(1) - 1).clamp(min=0) * mask.long()
+
+
+def as_sentences(batch: Batch, image_tokens: int, placeholder_id: int | None) -> SentenceBatch:
+    """``batch`` (``pixels [B, 3, H, W]`` or cached ``features``) → a :class:`SentenceBatch` whose rows start with
+    ``image_tokens`` placeholders (``placeholder_id``) that image ``b`` of the batch fills (the layout in the module
+    docstring); ``image_tokens = 0`` gives text-only sentences with no span."""
+    ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
+    prompt_ids, prompt_mask = batch.prompt_ids, batch.prompt_mask
+    if image_tokens:
+        if placeholder_id is None:
+            raise ValueError("as_sentences: image_tokens > 0 needs the placeholder id of the image marker")
+        ids, mask, labels = prepend_placeholders(ids, mask, placeholder_id, image_tokens, labels)
+        prompt_ids, prompt_mask, _ = prepend_placeholders(prompt_ids, prompt_mask, placeholder_id, image_tokens)
+    width, lengths = prompt_ids.shape[1], prompt_mask.sum(1).tolist()
+    rows = range(len(batch))
+    spans = [[Span("image", b, 0, image_tokens)] if image_tokens else [] for b in rows]
+    prompt_spans = [[Span("image", b, width - int(lengths[b]), image_tokens)] if image_tokens else [] for b in rows]
+    return SentenceBatch(
+        input_ids=ids, attention_mask=mask, labels=labels, position_ids=positions(mask), segment_ids=mask.long(),
+        spans=spans, images=batch.pixels, prompt_ids=prompt_ids, prompt_mask=prompt_mask, prompt_spans=prompt_spans,
+        features=batch.features, keys=batch.keys, tasks=batch.tasks, references=batch.references, ids=batch.ids,
+        question_types=batch.question_types, answer_types=batch.answer_types, num_samples=len(batch))
+
+
+@dataclass(frozen=True)
+class PrefixSentences:
+    """Picklable collate ``examples → SentenceBatch``: the wrapped ``collate`` (examples → :class:`Batch`), then
+    :func:`as_sentences`, then ``shots`` in-batch demonstrations before each prompt (evaluation only).
+
+    Attributes:
+        collate: the :class:`Batch` collator (``datamodules.collate.Collator`` or the cached-features one).
+        image_tokens: M placeholders per image (0: text-only sentences).
+        placeholder_id: the image placeholder's id (``None`` when ``image_tokens`` is 0).
+        pad_id: the tokenizer's padding id (few-shot prompts are re-padded).
+        shots: demonstrations per query (0: zero-shot).
+    """
+
+    collate: Callable[[list[Any]], Batch]
+    image_tokens: int
+    placeholder_id: int | None
+    pad_id: int
+    shots: int = 0
+
+    def __call__(self, examples: list[Any]) -> SentenceBatch:
+        batch = as_sentences(self.collate(examples), self.image_tokens, self.placeholder_id)
+        return with_demonstrations(batch, self.shots, self.pad_id) if self.shots else batch
+
+
+def to_sentences(batch: Batch, marker: Marker, tokenizer: Any) -> SentenceBatch:
+    """:func:`as_sentences` with ``marker``'s count and its placeholder's id in ``tokenizer``.
+
+    Raises:
+        ValueError: the tokenizer lacks the marker's placeholder.
+    """
+    placeholder = placeholder_ids(tokenizer, [marker])["image"] if marker.count else None
+    return as_sentences(batch, marker.count, placeholder)
+
+
+def sentence_collate(collate: Callable[[list[Any]], Batch], marker: Marker | None, tokenizer: Any,
+                     shots: int = 0) -> Callable[[list[Any]], Batch | SentenceBatch]:
+    """``collate`` as is when the model has no image ``marker`` (its batches are :class:`Batch`), else wrapped into
+    :class:`PrefixSentences` (``marker.count`` placeholders; ``shots`` demonstrations per prompt).
+
+    Raises:
+        ValueError: ``shots`` without a marker, or a tokenizer that lacks the marker's placeholder.
+    """
+    if marker is None:
+        if shots:
+            raise ValueError(f"eval_shots={shots} builds few-shot prompts of sentences: give image_tokens=… or a "
+                             "model with an image marker")
+        return collate
+    placeholder = placeholder_ids(tokenizer, [marker])["image"] if marker.count else None
+    return PrefixSentences(collate, marker.count, placeholder, pad_id(tokenizer), shots)
