@@ -133,8 +133,14 @@ def test_fit_then_validate_test_predict_resume_and_load(name):
     info = json.loads((exported / "mmlm_export.json").read_text())
     assert info["source"]["global_step"] == 2 and info["training_config"] and info["mmlm_version"]
     reloaded = family_class(config).from_pretrained(exported)
+    # BLIP-2 reads the ViT before its post_layernorm (the Q-Former's vision_norm, exported as post_layernorm), so the
+    # ViT's own post_layernorm is an unused frozen weight that the round trip replaces by vision_norm's values:
+    unused = {k for k in weights if k.startswith("encoder.model.post_layernorm.")} if name == "blip2_stage2" else set()
+    assert not unused or torch.equal(reloaded.state_dict()["encoder.model.post_layernorm.weight"],
+                                     weights["qformer.vision_norm.weight"])
     for key, value in weights.items():
-        assert torch.equal(reloaded.state_dict()[key].to(value.dtype), value), key
+        if key not in unused:
+            assert torch.equal(reloaded.state_dict()[key].to(value.dtype), value), key
     if predict_data is not None and info["format"] == "mmlm":  # the export predicts what the checkpoint predicts
         run("predict", "--config", config, *QUICK, *batch, *predict_data, "--model", str(exported),
             "--model.init_args.predictions_dir", str(root / "predict_export"))

@@ -198,7 +198,8 @@ def test_tiny_config_fits_three_steps_through_the_cli(shapes_data, tmp_path, mon
             "--data.init_args.shuffle_buffer", "16", "--model.init_args.tokenizer", str(shapes_data / "tokenizer"),
             "--model.init_args.encoder.init_args.config",
             json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                        "image_size": 32, "patch_size": 8})]
+                        "image_size": 32, "patch_size": 8}),
+            "--model.init_args.encoder.init_args.layer", "1"]  # its one block, before post_layernorm
     assert main(args) == 0
     assert [p.name for p in (root / "checkpoints").glob("*.ckpt")] == ["epoch=0-step=3.ckpt"]
 
