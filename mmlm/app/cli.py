@@ -2,7 +2,8 @@
 
 ``mmlm fit|validate|test|predict --config FILE.yaml [--key value ...]`` is LightningCLI with the model and datamodule
 chosen by ``class_path`` (:mod:`mmlm.app.lightning`); ``mmlm data …`` holds the data tools (:mod:`mmlm.app.data`),
-``mmlm export`` writes a checkpoint out and ``mmlm quickstart`` runs the main job. Each command imports what it needs
+``mmlm export`` writes a checkpoint out, ``mmlm report`` writes a run's HTML page (:mod:`mmlm.app.report`) and
+``mmlm quickstart`` runs the main job. Each command imports what it needs
 when it runs.
 """
 
@@ -28,6 +29,8 @@ USAGE = """usage: mmlm COMMAND [options]
                       a checkpoint as Hugging Face files (BLIP-2, Donut) or a self-contained mmlm directory
   data TOOL ...       make, convert and inspect WebDataset shards (mmlm data --help lists the tools)
   quickstart          the main job: synthetic data, tiny Frozen on CPU, evaluation (mmlm quickstart --help)
+  report RUN_DIR [--out FILE]
+                      one self-contained HTML page of a run: metrics, curves, examples (also after validate/test)
 """
 
 
@@ -133,9 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return quickstart_main(argv[1:])
     if argv[0] == "export":
         return export_main(argv[1:])
+    if argv[0] == "report":
+        from mmlm.app.report import report_main
+
+        return report_main(argv[1:])
     if argv[0] not in LIGHTNING_COMMANDS:
         print(f"mmlm: unknown command {argv[0]!r}; expected one of "
-              f"{', '.join(LIGHTNING_COMMANDS + ('export', 'data', 'quickstart'))}", file=sys.stderr)
+              f"{', '.join(LIGHTNING_COMMANDS + ('export', 'data', 'quickstart', 'report'))}", file=sys.stderr)
         return 2
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -144,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     expanded = expand_checkpoint_model(expand_exported_model(argv))
     try:
-        lightning_cli(None if from_shell and expanded == argv else expanded)
+        cli = lightning_cli(None if from_shell and expanded == argv else expanded)
     except EmptyEpochError as err:  # data that yields no batch: one message naming the sources, not a traceback
         print(f"mmlm {argv[0]}: error: {err}", file=sys.stderr)
         return 1
@@ -152,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("mmlm: stopped by SIGTERM; the step it stopped at is saved as last.ckpt (resume with --ckpt_path last)",
               file=sys.stderr)
         return PREEMPTED_EXIT
+    if argv[0] in ("validate", "test"):  # mmlm.app.report: the page of what was just evaluated
+        from mmlm.app.report import report_after_run
+
+        report_after_run(cli.trainer, argv[0])
     return 0
 
 
