@@ -97,6 +97,7 @@ def _keys_under(state: Mapping[str, Any], prefixes: list[str]) -> list[str]:
 
 def leave_out_frozen(module: nn.Module, checkpoint: dict[str, Any], policy: str) -> None:
     """Remove the frozen-from-source tensors from ``checkpoint["state_dict"]`` and record their descriptions.
+    Trainable parameters inside such a part (the LoRA adapters of a frozen LM) are kept.
 
     ``policy``: ``"save"`` keeps everything; ``"source"`` leaves every such part out; ``"auto"`` leaves them out
     when they hold more parameters than the trainable parts (a frozen LLM beside a small adapter).
@@ -107,7 +108,8 @@ def leave_out_frozen(module: nn.Module, checkpoint: dict[str, Any], policy: str)
     sources = frozen_sources(module)
     if policy == "save" or not sources or not isinstance(state, dict):
         return
-    keys = _keys_under(state, list(sources))
+    training = {name for name, param in module.named_parameters() if param.requires_grad}  # adapters (LoRA)
+    keys = [key for key in _keys_under(state, list(sources)) if key not in training]
     if policy == "auto":
         frozen = sum(state[k].numel() for k in keys if isinstance(state[k], torch.Tensor))
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -21,15 +21,24 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def freeze_(module: nn.Module) -> nn.Module:
-    """Turn off gradients for every parameter and put the module in eval mode (in place).
+    """Turn off gradients for every base parameter and put the module in eval mode (in place).
 
-    A :class:`Freezable` part is marked frozen, so it also stays in eval mode through ``fit``.
+    A :class:`Freezable` part is marked frozen, so it also stays in eval mode through ``fit``. Its adapters
+    (:meth:`Freezable.adapters`, e.g. LoRA matrices) stay trainable and follow the trainer's train/eval mode: a frozen
+    base with adapters is trained through them (LoRA, QLoRA).
     """
     for param in module.parameters():
         param.requires_grad_(False)
+    for adapter in adapter_modules(module):
+        adapter.requires_grad_(True)
     if isinstance(module, Freezable):
         module.frozen = True
     return module.eval()
+
+
+def adapter_modules(module: nn.Module) -> list[nn.Module]:
+    """The adapters (:meth:`Freezable.adapters`) of every :class:`Freezable` part inside ``module`` (itself too)."""
+    return [adapter for part in module.modules() if isinstance(part, Freezable) for adapter in part.adapters()]
 
 
 class Freezable(nn.Module):
@@ -53,6 +62,11 @@ class Freezable(nn.Module):
         read nothing."""
         return {}
 
+    def adapters(self) -> list[nn.Module]:
+        """Submodules that stay trainable when the part is frozen and follow train/eval mode (LoRA's matrices and
+        dropout); ``[]`` for a part without adapters."""
+        return []
+
     def setup_freezing(self, freeze: bool, dtype: str | torch.dtype | None = None) -> None:
         """Freeze (no grads, eval mode kept) and/or cast to ``dtype``."""
         self.frozen = freeze
@@ -63,5 +77,8 @@ class Freezable(nn.Module):
             freeze_(self)
 
     def train(self, mode: bool = True) -> Freezable:
-        """Like ``nn.Module.train`` but a frozen part always stays in eval mode."""
-        return super().train(mode and not self.frozen)
+        """Like ``nn.Module.train`` but a frozen part always stays in eval mode; its adapters follow ``mode``."""
+        super().train(mode and not self.frozen)
+        for adapter in self.adapters():
+            adapter.train(mode)
+        return self

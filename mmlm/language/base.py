@@ -9,8 +9,10 @@ from abc import abstractmethod
 from dataclasses import dataclass, fields
 
 import torch
+from torch import nn
 
-from mmlm.freezing import Freezable
+from mmlm.freezing import Freezable, freeze_
+from mmlm.lora import LoRA, add_lora, lora_modules, merge_lora_
 
 
 @dataclass
@@ -130,11 +132,41 @@ def next_tokens(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
 class LanguageModel(Freezable):
     """Adapter over a language model that consumes ``inputs_embeds``.
 
-    Implementations set ``width`` (D) and ``vocab_size`` (V) and call ``setup_freezing`` last.
+    Implementations set ``width`` (D) and ``vocab_size`` (V), call ``setup_freezing`` and then, with LoRA settings,
+    :meth:`add_lora` last. They name the module LoRA goes into (:meth:`lora_root`) and its default targets
+    (:meth:`lora_targets`).
+
+    Attributes:
+        lora: the LoRA settings when the LM has adapters (its base is then frozen), else ``None``.
     """
 
     width: int
     vocab_size: int
+    lora: LoRA | None = None
+
+    def lora_root(self) -> nn.Module:
+        """The module whose layers LoRA adapts (a transformers model, or the adapter itself)."""
+        return self
+
+    def lora_targets(self) -> list[str]:
+        """Names of the layers LoRA adapts when ``lora.target_modules`` is ``None`` (the attention projections)."""
+        raise NotImplementedError(f"{type(self).__name__} has no default LoRA targets; set lora.target_modules")
+
+    def add_lora(self, lora: LoRA) -> None:
+        """Freeze the base weights and add LoRA adapters (:func:`mmlm.lora.add_lora`); only the adapters train."""
+        add_lora(self.lora_root(), lora, lora.target_modules or self.lora_targets())
+        self.lora = lora
+        freeze_(self)
+
+    def adapters(self) -> list[nn.Module]:
+        """The LoRA matrices and dropouts (trainable while the base is frozen); ``[]`` without LoRA."""
+        return lora_modules(self.lora_root()) if self.lora is not None else []
+
+    def merge_lora(self) -> None:
+        """Add the LoRA updates into the base weights and drop the adapters (in place; for export)."""
+        if self.lora is not None:
+            merge_lora_(self.lora_root())
+            self.lora = None
 
     @abstractmethod
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

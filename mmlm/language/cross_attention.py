@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, EncoderDecoderCache
 
 from mmlm.language.base import GenerationConfig, LMOutput
 from mmlm.language.hf_base import HFLanguageModel
+from mmlm.lora import LoRA
 from mmlm.losses import causal_lm_loss
 
 
@@ -53,11 +54,13 @@ class CrossAttentionLM(HFLanguageModel):
     auto_class = AutoModelForCausalLM
 
     def __init__(self, name_or_path: str | None = None, config: dict | None = None, freeze: bool = False,
-                 dtype: str | None = None, grad_checkpointing: bool = False) -> None:
+                 dtype: str | None = None, grad_checkpointing: bool = False, attn_implementation: str | None = None,
+                 quantization: str | None = None, lora: LoRA | None = None) -> None:
         if config is not None:
             config = {**config, "is_decoder": True, "add_cross_attention": True}
         super().__init__(name_or_path=name_or_path, config=config, freeze=freeze, dtype=dtype,
-                         grad_checkpointing=grad_checkpointing)
+                         grad_checkpointing=grad_checkpointing, attn_implementation=attn_implementation,
+                         quantization=quantization, lora=lora)
 
     def check_model(self) -> None:
         """Raise when the decoder has no cross-attention; align the cache size (see the module docstring)."""

@@ -8,13 +8,81 @@ Shape legend: B batch, T text tokens, D width, V vocabulary.
 
 from __future__ import annotations
 
+import copy
+import os
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from mmlm.freezing import freeze_, parse_dtype
-from mmlm.hub import config_kwargs, id_list, load_hf_model
+from mmlm.hub import build_hf_config, check_hf_loading_info, config_kwargs, id_list, require_local
 from mmlm.language.base import GenerationConfig, LanguageModel
+from mmlm.language.recompute import hf_blocks, recompute_blocks
+from mmlm.lora import LoRA, default_targets, merge_lora_
+
+#: ``quantization`` values: bitsandbytes 8-bit (LLM.int8) or 4-bit NF4 weights (QLoRA).
+QUANTIZATIONS = ("8bit", "4bit")
+
+
+def bnb_config(quantization: str, dtype: torch.dtype | None) -> Any:
+    """The ``BitsAndBytesConfig`` of ``quantization``: ``"8bit"`` LLM.int8, or ``"4bit"`` as QLoRA (NF4, double
+    quantisation, computing in ``dtype``, default bfloat16).
+
+    Raises:
+        ValueError: an unknown value, or no CUDA GPU (bitsandbytes quantises on the GPU).
+    """
+    from transformers import BitsAndBytesConfig
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r} is not one of {QUANTIZATIONS} (or null)")
+    if not torch.cuda.is_available():
+        raise ValueError(f"quantization={quantization!r} needs a CUDA GPU (bitsandbytes), and none is available "
+                         "here: set quantization: null (and a dtype such as bfloat16) to run on this machine")
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype or torch.bfloat16)
+
+
+def load_kwargs(dtype: torch.dtype | None, attn_implementation: str | None,
+                quantization: str | None) -> dict[str, Any]:
+    """Keyword arguments of ``from_pretrained`` (and, without quantization, ``from_config``): ``dtype``,
+    ``attn_implementation``, and for a quantized load ``quantization_config`` with this rank's GPU as
+    ``device_map`` (``LOCAL_RANK``; bitsandbytes weights cannot be moved later)."""
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        kwargs["quantization_config"] = bnb_config(quantization, dtype)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return kwargs
+
+
+def load_language_model(auto_class: Any, name_or_path: str | None, config: dict[str, Any] | None,
+                        **kwargs: Any) -> nn.Module:
+    """Load ``name_or_path`` strictly with ``from_pretrained(**kwargs)``, or build a randomly initialised model from
+    ``config`` (``from_config``).
+
+    Raises:
+        ValueError: neither or both of ``name_or_path`` and ``config``; a quantized ``config`` (bitsandbytes
+            quantises weights as they are loaded).
+        FileNotFoundError: ``name_or_path`` is a local path that does not exist.
+        RuntimeError: missing, unexpected or misshapen weights, naming the keys.
+    """
+    if (name_or_path is None) == (config is None):
+        raise ValueError("give exactly one of name_or_path (hub id or local directory) and config "
+                         f"(dict with 'model_type'); got name_or_path={name_or_path!r}, config={config!r}")
+    if name_or_path is None:
+        if "quantization_config" in kwargs:
+            raise ValueError("quantization needs pretrained weights (name_or_path), not a config dict")
+        return auto_class.from_config(build_hf_config(config), **kwargs)
+    require_local(name_or_path, "language model directory")
+    model, info = auto_class.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    check_hf_loading_info(info, name_or_path)
+    return model
 
 
 class HFLanguageModel(LanguageModel):
@@ -31,24 +99,54 @@ class HFLanguageModel(LanguageModel):
         dtype: ``"bfloat16"``, ``"float16"``, ``"float32"``…; ``None`` keeps transformers' default:
             float32 for ``config``, the checkpoint's own dtype for ``name_or_path`` (transformers 5
             loads with ``dtype="auto"``, so e.g. OPT's fp16 weights stay fp16).
-        grad_checkpointing: recompute activations in the backward pass (non-reentrant) while training.
+        grad_checkpointing: recompute each block's activations in the backward pass (non-reentrant), in train and
+            eval mode alike, so a frozen LM that gradients flow through saves memory too
+            (:mod:`mmlm.language.recompute`).
+        attn_implementation: transformers' attention kernel (``"sdpa"``, ``"eager"``, ``"flash_attention_2"`` where
+            flash-attn is installed…); ``None`` keeps transformers' default (sdpa where the model supports it).
+        quantization: ``"4bit"`` (NF4, QLoRA) or ``"8bit"`` bitsandbytes weights, loaded onto this rank's GPU; needs
+            ``name_or_path`` and a CUDA GPU (refused otherwise). The quantized base is frozen: train it through
+            ``lora``.
+        lora: LoRA adapters (:class:`~mmlm.lora.LoRA`): the base weights are frozen whatever ``freeze`` says and only
+            the adapters train; ``target_modules: null`` adapts the attention q/k/v/output projections.
+
+    transformers 5 always loads weights without a random initialisation first (``low_cpu_mem_usage`` is ignored
+    there), so there is no such switch.
     """
 
     auto_class: ClassVar[Any]
 
     def __init__(self, name_or_path: str | None = None, config: dict | None = None, freeze: bool = False,
-                 dtype: str | None = None, grad_checkpointing: bool = False) -> None:
+                 dtype: str | None = None, grad_checkpointing: bool = False, attn_implementation: str | None = None,
+                 quantization: str | None = None, lora: LoRA | None = None) -> None:
         super().__init__()
-        self.model = load_hf_model(self.auto_class, name_or_path, config, parse_dtype(dtype))
+        self.model = load_language_model(self.auto_class, name_or_path, config,
+                                         **load_kwargs(parse_dtype(dtype), attn_implementation, quantization))
         self.source = name_or_path
+        self.quantization = quantization
         self.check_model()
+        if quantization is not None:
+            from peft import prepare_model_for_kbit_training
+
+            prepare_model_for_kbit_training(self.model, use_gradient_checkpointing=False)
         if grad_checkpointing:
-            self.model.activation_checkpointing_enable({"use_reentrant": False})
-        self.setup_freezing(freeze, dtype)
+            recompute_blocks(hf_blocks(self.model))
+        self.setup_freezing(freeze or quantization is not None, dtype if quantization is None else None)
+        if lora is not None:
+            self.add_lora(lora)
+
+    def lora_root(self) -> nn.Module:
+        """The transformers model."""
+        return self.model
+
+    def lora_targets(self) -> list[str]:
+        """The attention projections of the model's type (:func:`mmlm.lora.default_targets`)."""
+        return default_targets(self.model.config.model_type)
 
     def offline_args(self) -> dict[str, Any]:
-        """Built from the model's own config (``config``), no ``name_or_path`` to read weights from."""
-        return {"name_or_path": None, "config": config_kwargs(self.model.config)}
+        """Built from the model's own config (``config``), no ``name_or_path`` to read weights from (nor quantization,
+        which needs them)."""
+        return {"name_or_path": None, "config": config_kwargs(self.model.config), "quantization": None}
 
     def check_model(self) -> None:
         """Hook for subclasses: raise ``ValueError`` when ``self.model`` cannot serve this adapter."""
@@ -82,8 +180,10 @@ class HFLanguageModel(LanguageModel):
             freeze_(self)
 
     def save_pretrained(self, directory: str) -> None:
-        """Write weights, config and generation config so ``type(self)(name_or_path=directory)`` reloads them."""
-        self.model.save_pretrained(directory)
+        """Write weights, config and generation config so ``type(self)(name_or_path=directory)`` reloads them; LoRA
+        adapters are merged into the written weights (this adapter keeps them)."""
+        model = merge_lora_(copy.deepcopy(self.model)) if self.lora is not None else self.model
+        model.save_pretrained(directory)
 
     def generation_kwargs(self, config: GenerationConfig) -> dict[str, Any]:
         """``GenerationConfig`` → keyword arguments for ``transformers`` ``generate``.

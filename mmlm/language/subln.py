@@ -23,6 +23,7 @@ D width, H heads, V vocabulary.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from torch import nn
 
 from mmlm.freezing import freeze_
 from mmlm.language.base import GenerationConfig, LanguageModel, LMOutput, next_tokens
+from mmlm.language.recompute import recompute_blocks
+from mmlm.lora import LoRA, merge_lora_
 from mmlm.losses import causal_lm_loss
 from mmlm.masks import packed_causal_mask, positions_from_mask, segment_positions
 
@@ -46,6 +49,9 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 #: Names of the weights MAGNETO scales by gamma at initialisation (value, output and FFN projections).
 SCALED_WEIGHTS = ("v_proj", "out_proj", "fc1", "fc2")
+
+#: The layers LoRA adapts by default: each attention's q, k, v and output projections.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 #: Position encodings of :class:`SubLNDecoder`.
 POSITIONS = ("learned", "rotary", "xpos")
@@ -274,6 +280,10 @@ class SubLNDecoder(LanguageModel):
         xpos_scale_base: xPos decay length ``gamma`` (512 in the paper).
         freeze: no gradients and eval mode kept; gradients still flow to ``inputs_embeds``.
         dtype: ``"bfloat16"``, ``"float16"``, ``"float32"``…; ``None`` keeps float32.
+        grad_checkpointing: recompute each layer's activations in the backward pass, in train and eval mode alike
+            (:mod:`mmlm.language.recompute`).
+        lora: LoRA adapters (:class:`~mmlm.lora.LoRA`): the decoder's weights are frozen and only the adapters train;
+            ``target_modules: null`` adapts the attention projections ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``.
 
     A trained decoder is reloaded with :meth:`from_pretrained`; there is no ``name_or_path`` argument
     because the architecture arguments above would then have two sources (signature and config.json).
@@ -282,7 +292,8 @@ class SubLNDecoder(LanguageModel):
     def __init__(self, vocab_size: int, width: int = 512, depth: int = 6, num_heads: int = 8, ffn_mult: int = 4,
                  max_positions: int = 2048, dropout: float = 0.0, pad_token_id: int = 0, bos_token_id: int = 1,
                  eos_token_id: int = 2, tie_embeddings: bool = True, position: str = "learned",
-                 xpos_scale_base: float = 512.0, freeze: bool = False, dtype: str | None = None) -> None:
+                 xpos_scale_base: float = 512.0, freeze: bool = False, dtype: str | None = None,
+                 grad_checkpointing: bool = False, lora: LoRA | None = None) -> None:
         super().__init__()
         self.config: dict[str, Any] = {
             "vocab_size": vocab_size, "width": width, "depth": depth, "num_heads": num_heads,
@@ -303,7 +314,15 @@ class SubLNDecoder(LanguageModel):
         self.final_norm = nn.LayerNorm(width)
         self.lm_head = None if tie_embeddings else nn.Linear(width, vocab_size, bias=False)
         self.reset_parameters()
+        if grad_checkpointing:
+            recompute_blocks(self.layers)
         self.setup_freezing(freeze, dtype)
+        if lora is not None:
+            self.add_lora(lora)
+
+    def lora_targets(self) -> list[str]:
+        """The attention projections of every layer (:data:`LORA_TARGETS`)."""
+        return list(LORA_TARGETS)
 
     def reset_parameters(self) -> None:
         """Xavier-normal linears, zero biases, ``N(0, D^-1/2)`` embeddings; then MAGNETO's gamma scaling."""
@@ -526,11 +545,13 @@ class SubLNDecoder(LanguageModel):
             freeze_(self)
 
     def save_pretrained(self, directory: str) -> None:
-        """Write ``config.json`` (the architecture arguments) and ``model.safetensors`` to ``directory``."""
+        """Write ``config.json`` (the architecture arguments) and ``model.safetensors`` to ``directory``; LoRA
+        adapters are merged into the written weights (this decoder keeps them)."""
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_NAME).write_text(json.dumps(self.config, indent=2, sort_keys=True))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / WEIGHTS_NAME))
+        state = merge_lora_(copy.deepcopy(self)).state_dict() if self.lora is not None else self.state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path / WEIGHTS_NAME))
 
     @classmethod
     def from_pretrained(cls, directory: str, freeze: bool = False, dtype: str | None = None) -> SubLNDecoder:
