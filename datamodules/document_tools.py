@@ -245,13 +245,18 @@ def split_folders(root: Path) -> dict[str, Path]:
 
 
 def convert_folder(folder: Path, out: Path, shard_size: int, prefix: str,
-                   categorical_fields: Sequence[str]) -> dict[str, Any]:
-    """Convert one Donut folder to shards; bad lines and missing images are skipped and counted."""
+                   categorical_fields: Sequence[str], progress: bool = True) -> dict[str, Any]:
+    """Convert one Donut folder to shards (a progress bar on stderr unless ``progress`` is false); bad lines and
+    missing images are skipped and counted."""
+    from rich.console import Console
+    from rich.progress import track
+
     from datamodules.shards import ShardWriter
 
     out.mkdir(parents=True, exist_ok=True)
     sink, skipped, parses = ShardWriter(out, shard_size, prefix), Counter(), []
-    for record in read_metadata(folder):
+    for record in track(read_metadata(folder), description=f"converting {folder}", disable=not progress,
+                        console=Console(stderr=True)):
         sample, found = raw_sample(folder, record), record_parses(record)
         reason = "bad_ground_truth" if not found else "" if has_image(sample) else "missing_image"
         if reason:
@@ -266,8 +271,10 @@ def convert_folder(folder: Path, out: Path, shard_size: int, prefix: str,
 
 
 def convert_donut(input: str | Path, out: str | Path, shard_size: int = 1000, prefix: str = "",
-                  categorical_fields: Sequence[str] = (), overwrite: bool = False) -> dict[str, Any]:
-    """Convert a Donut folder (or a data set root with one folder per split) to shards.
+                  categorical_fields: Sequence[str] = (), overwrite: bool = False, progress: bool = True
+                  ) -> dict[str, Any]:
+    """Convert a Donut folder (or a data set root with one folder per split) to shards (a progress bar per folder on
+    stderr unless ``progress`` is false).
 
     Writes ``out/{prefix}{i:05d}.tar`` + ``special_tokens.json`` (or ``out/<split>/…`` per split
     folder of a root) and ``out/summary.json``; returns the summary. ``out`` must be empty unless ``overwrite``
@@ -280,7 +287,7 @@ def convert_donut(input: str | Path, out: str | Path, shard_size: int = 1000, pr
         raise ValueError(f"shard_size must be ≥ 1, got {shard_size}")
     folders = split_folders(root)
     out = prepare_output(out, overwrite)
-    splits = {name: convert_folder(folder, out / name, shard_size, prefix, categorical_fields)
+    splits = {name: convert_folder(folder, out / name, shard_size, prefix, categorical_fields, progress)
               for name, folder in folders.items()}
     summary = splits[""] if "" in splits else {"splits": splits}
     return write_summary(out, summary, indent=1)

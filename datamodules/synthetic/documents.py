@@ -263,13 +263,17 @@ def jpeg(image: Image.Image, quality: int = 92) -> bytes:
 
 
 def write_split(out: Path, kind: str, split: str, count: int, seed: int, size: tuple[int, int],
-                shard_size: int, layouts: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-    """Render ``count`` documents of one split into ``out/shards/<split>`` and/or ``out/donut/<split>``;
-    returns the split's summary and its target sequences."""
+                shard_size: int, layouts: Sequence[str], progress: bool = True) -> tuple[dict[str, Any], list[str]]:
+    """Render ``count`` documents of one split into ``out/shards/<split>`` and/or ``out/donut/<split>`` (a progress
+    bar on stderr unless ``progress`` is false); returns the split's summary and its target sequences."""
+    from rich.console import Console
+    from rich.progress import track
+
     writer = DonutWriter(out / "shards" / split if "shards" in layouts else None,
                          out / "donut" / split if "folder" in layouts else None, shard_size, prefix=f"{kind}-")
     sequences = []
-    for index in range(count):
+    for index in track(range(count), description=f"rendering {split} {kind}", disable=not progress,
+                       console=Console(stderr=True)):
         image, parse, _ = RENDERERS[kind](document_rng(seed, kind, split, index), *size)
         writer.write(f"{kind}_{split}_{index:06d}.jpg", jpeg(image), {"gt_parse": parse})
         sequences.append(json_to_tokens(parse))
@@ -278,8 +282,9 @@ def write_split(out: Path, kind: str, split: str, count: int, seed: int, size: t
 
 def write_documents(out: str | Path, kind: str = "docs", train: int = 2000, val: int = 200, seed: int = 0,
                     width: int = 128, height: int = 96, shard_size: int = 500,
-                    layouts: Sequence[str] = LAYOUTS, overwrite: bool = False) -> dict[str, Any]:
-    """Write synthetic ``docs`` or ``receipts`` for the train and validation splits; returns the summary.
+                    layouts: Sequence[str] = LAYOUTS, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Write synthetic ``docs`` or ``receipts`` for the train and validation splits (a progress bar per split on
+    stderr unless ``progress`` is false); returns the summary.
 
     Layout: ``out/shards/{train,validation}/{kind}-{i:05d}.tar`` + ``special_tokens.json`` and/or the
     Donut folders ``out/donut/{train,validation}/`` (images + ``metadata.jsonl``), a small tokenizer
@@ -295,7 +300,7 @@ def write_documents(out: str | Path, kind: str = "docs", train: int = 2000, val:
         raise ValueError(f"write_documents: kind in {KINDS}, layouts in {LAYOUTS}, counts ≥ 0, shard_size ≥ 1; "
                          f"got {kind!r}, {layouts}, {train}, {val}, {shard_size}")
     out = prepare_output(out, overwrite)
-    written = {split: write_split(out, kind, split, n, seed, (width, height), shard_size, layouts)
+    written = {split: write_split(out, kind, split, n, seed, (width, height), shard_size, layouts, progress)
                for split, n in zip(SPLITS, (train, val))}
     texts = [re.sub(r"<[^<>]+>", " ", t) for t in written["train"][1]] + [" ".join(WORDS), " ".join(m[0] for m in MENU),
                                                                           "0 1 2 3 4 5 6 7 8 9 . , : ; ? ! $ % - / ( )"]

@@ -109,8 +109,9 @@ def frozen_encoder(model: torch.nn.Module) -> torch.nn.Module:
 
 def cache_features(model: Any, urls: str, out: str | Path, *, batch_size: int = 64, dtype: str = "float32",
                    device: torch.device | str = "cpu", provenance: dict[str, Any] | None = None,
-                   overwrite: bool = False) -> dict[str, Any]:
-    """Write ``out/<shard name>`` for every shard of ``urls`` with each sample's ``features.npy`` added.
+                   overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Write ``out/<shard name>`` for every shard of ``urls`` with each sample's ``features.npy`` added (a progress
+    bar over the shards on stderr unless ``progress`` is false).
 
     ``out`` must be empty unless ``overwrite``, which replaces only an earlier run's files there
     (:mod:`datamodules.outputs`).
@@ -118,6 +119,9 @@ def cache_features(model: Any, urls: str, out: str | Path, *, batch_size: int = 
     Returns:
         The summary also written to ``out/summary.json``: shard pattern, sample and skip counts, feature shape.
     """
+    from rich.console import Console
+    from rich.progress import track
+
     from datamodules.outputs import check_output, prepare_output, write_summary
     from datamodules.urls import expand_urls
 
@@ -131,7 +135,8 @@ def cache_features(model: Any, urls: str, out: str | Path, *, batch_size: int = 
     encoder = frozen_encoder(model).to(device).eval()
     encode = FeatureEncoder(encoder, model.image_preprocess, batch_size, FEATURE_DTYPES[dtype], torch.device(device))
     prepare_output(out, overwrite)
-    for url, target in zip(shards, targets):
+    for url, target in track(list(zip(shards, targets)), description=f"encoding {len(shards)} shards",
+                             disable=not progress, console=Console(stderr=True)):
         encode.shard(url, target)
     summary = {"urls": str(out / "*.tar"), "shards": len(shards), "samples": encode.samples, "skipped": encode.skipped,
                "shape": list(encode.shape) if encode.shape else None, "dtype": dtype,

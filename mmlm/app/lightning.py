@@ -3,14 +3,23 @@ any work (``mmlm fit|validate|test|predict``)."""
 
 from __future__ import annotations
 
+import inspect
+import logging
+import os
+import pydoc
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from jsonargparse import ArgumentParser
 from pytorch_lightning import Callback, LightningDataModule, Trainer
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.cli import LightningCLI
 
+from mmlm.app.loggers import LoggedConfig, default_loggers, logger_problem
+from mmlm.app.progress import progress_bar_for
 from mmlm.app.reliability import (
     TRAINER_ARGUMENT_DEFAULTS,
     add_trainer_defaults,
@@ -23,6 +32,15 @@ from mmlm.models.base import MultimodalModule
 
 #: The model settings of :class:`MultimodalModule`'s own optimiser and schedule (named when ``--optimizer`` is refused).
 MODEL_OPTIMIZER_SETTINGS = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "betas")
+#: Warnings mmlm causes on purpose (message patterns): frozen parts stay in eval mode, shard loaders have a length
+#: (``epoch_samples``) and are split per worker, and ``mmlm quickstart`` runs LightningCLI from Python.
+INTENDED_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode",
+    r"Your `IterableDataset` has `__len__` defined",
+    r"LightningCLI's args parameter is intended",
+)
+#: Deprecation warning categories silenced when they come from a dependency (mmlm's own still show).
+DEPENDENCY_DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 #: Strategies Lightning runs on GPUs only (its FSDPStrategy refuses a CPU accelerator; DeepSpeed needs CUDA).
 GPU_ONLY_STRATEGIES = ("fsdp", "deepspeed")
 
@@ -78,6 +96,42 @@ def generation_problem(config: Any) -> str | None:
     return None
 
 
+class NoTips(logging.Filter):
+    """Drops Lightning's advertising lines ("💡 Tip: … try installing litlogger/litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_known_messages(stream: Any = None) -> None:
+    """Silence what is noise in an mmlm run, keeping real warnings: Lightning's tips, deprecation warnings raised
+    from dependencies' code, :data:`INTENDED_WARNINGS`, and (when ``stream``, default stderr, is not a terminal)
+    transformers' per-file progress bars ("Loading weights", "Writing model shards")."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, NoTips) for f in log.filters):
+            log.addFilter(NoTips())
+    for category in DEPENDENCY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", category=category, module=r"(?!mmlm\b|datamodules\b)")
+    for message in INTENDED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    if not (stream or sys.stderr).isatty():
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+
+
+def add_logging_defaults(config: dict[str, Any], callbacks: list[Callback]) -> None:
+    """The default loggers (:func:`mmlm.app.loggers.default_loggers`) where the trainer's ``logger`` is left at
+    ``True`` (or ``None``, Lightning's default meaning the same), and a progress display for stdout (:func:`mmlm.app.progress.progress_bar_for`) unless the progress bar is
+    turned off or one is given; in place."""
+    if config.get("logger") in (None, True):
+        config["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
+    given = list(config.get("callbacks") or []) + list(callbacks)
+    if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+        callbacks.append(progress_bar_for(sys.stdout))
+
+
 class MMLMCLI(LightningCLI):
     """LightningCLI that checks the config before building anything (``--optimizer``/``--lr_scheduler`` refused,
     GPU settings on a machine without one, decoding settings, missing shard and checkpoint paths), changes the
@@ -90,6 +144,9 @@ class MMLMCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if problem := logger_problem(config.get("trainer.logger")):  # one line, not the 85-line import trace
+            print(f"mmlm {self.subcommand or 'fit'}: error: {problem}", file=sys.stderr)
+            raise SystemExit(2)
         if problem := (optimizer_problem(config) or device_problem(config) or generation_problem(config)
                        or config_problem(config)):
             self._parser(self.subcommand).error(problem)
@@ -109,6 +166,7 @@ class MMLMCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         add_trainer_defaults(config, callbacks)
+        add_logging_defaults(config, callbacks)
         return super()._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:
@@ -135,6 +193,29 @@ def import_every_family_and_datamodule() -> None:
             getattr(package, name)
 
 
+#: The options whose ``--X.help CLASS_PATH`` shows a class's (or a constructor function's) arguments.
+HELP_OPTIONS = ("--model.help", "--data.help")
+
+
+def constructor_help(args: Sequence[str]) -> str | None:
+    """The help of ``--model.help``/``--data.help`` naming a function or classmethod that builds the model or data
+    module (``mmlm.models.Blip2.from_hf``), which jsonargparse's help refuses (it takes classes only); ``None`` when
+    the arguments ask for no such help."""
+    for i, arg in enumerate(args):
+        option, _, value = arg.partition("=")
+        if option in HELP_OPTIONS and not value and i + 1 < len(args):
+            value = args[i + 1]
+        if option not in HELP_OPTIONS or "." not in value:
+            continue
+        target = pydoc.locate(value)
+        if target is None or inspect.isclass(target) or not callable(target):
+            return None
+        parser = ArgumentParser(prog=f"mmlm {args[0]}", description=f"Help for {option}={value}")
+        parser.add_function_arguments(target, option.removeprefix("--").removesuffix(".help") + ".init_args")
+        return parser.format_help()
+    return None
+
+
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:
     """Build (and by default run) the LightningCLI over every ``MultimodalModule`` and datamodule.
 
@@ -144,12 +225,17 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> Lightn
     (:class:`mmlm.checkpointing.AtomicCheckpointIO`) and :class:`mmlm.app.reliability.DataReport`
     summarises skipped samples at the end.
     """
+    quiet_known_messages()
+    if help_text := constructor_help(list(sys.argv[1:] if args is None else args)):
+        print(help_text)
+        raise SystemExit(0)
     import_every_family_and_datamodule()
     return MMLMCLI(
         MultimodalModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=LoggedConfig,
         save_config_kwargs={"overwrite": True},
         args=list(args) if args is not None else None,
         run=run,

@@ -16,10 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning  # noqa: F401  (before rich, which datamodules.synthetic imports: see below)
 import yaml
 
 from datamodules.synthetic.shapes import DEFAULT_TRAIN_IMAGES, DEFAULT_VAL_IMAGES
 
+# Importing rich before Lightning makes jsonargparse read Lightning's ``int | float`` limits as floats, so
+# ``--trainer.limit_val_batches 1`` would mean every batch (tests/test_cli.py::test_an_int_limit_stays_an_int…).
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_DATA = Path("data/shapes")
 
@@ -51,7 +54,6 @@ def stage_args(config: str, data_dir: Path, run_dir: Path, steps: int | None, va
     args = [
         "--config", str(CONFIGS / "tiny" / config),
         "--trainer.default_root_dir", str(run_dir),
-        "--trainer.enable_progress_bar", "false",
         "--model.init_args.tokenizer", str(data_dir / "tokenizer"),
         "--data.init_args.train", sources(config, "train", data_dir),
         "--data.init_args.val", sources("frozen.yaml", "val", data_dir),

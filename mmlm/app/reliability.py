@@ -2,7 +2,8 @@
 
 * :class:`DataReport` (a default callback of the ``mmlm`` CLI) sums the datamodule's per-reason
   counts of skipped and converted samples over all ranks at the end of fit/validate/test, logs
-  them (``data/total_skipped_<reason>``, ``data/total_converted_<kind>``), prints a table and
+  them (``data/total_skipped``, ``data/total_skipped_<reason>``, ``data/total_converted_<kind>``; the
+  table as text ``data_report/<stage>``, :func:`mmlm.app.loggers.log_text`), prints the table and
   writes ``data_report-<stage>.json`` into the trainer's log directory.
 * :func:`config_problem` finds missing local shard paths, raw source files and folders (questions,
   annotations, captions files, image folders, Donut folders) and ``--ckpt_path`` files in a parsed
@@ -34,6 +35,7 @@ from datamodules.document_tools import METADATA
 from datamodules.raw import folder_images, is_raw, path_problem
 from datamodules.skips import CONVERTED
 from datamodules.urls import check_local_shards, expand_urls
+from mmlm.app.loggers import log_text
 from mmlm.checkpointing import AtomicCheckpointIO, CheckpointError, checkpoint_problem, is_local
 from mmlm.hub import looks_local
 
@@ -129,9 +131,13 @@ class DataReport(pl.Callback):
     @rank_zero_only
     def _publish(self, trainer: pl.Trainer, stage: str, counts: dict[str, int], log_dir: str | None) -> None:
         metrics = {f"data/total_{r if r.startswith(CONVERTED) else 'skipped_' + r}": float(n) for r, n in counts.items()}
+        metrics["data/total_skipped"] = float(sum(n for r, n in counts.items() if not r.startswith(CONVERTED)))
+        text = format_report(stage, counts)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        print(format_report(stage, counts), flush=True)
+            log_text(logger, f"data_report/{stage}", text)
+            logger.save()
+        print(text, flush=True)
         if log_dir is not None:
             out = Path(log_dir) / f"data_report-{stage}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
