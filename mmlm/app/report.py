@@ -194,17 +194,17 @@ def sample_json(sample: dict[str, Any]) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
-def find_samples(shard_sets: Sequence[ShardSet], wanted: set[str], id_field: str,
+def find_samples(shard_sets: Sequence[ShardSet], wanted: set[str], id_fields: tuple[str, ...],
                  kinds: tuple[str, ...] | None) -> dict[str, dict[str, Any]]:
-    """The samples whose ``json[id_field]`` (else ``__key__``) is in ``wanted``, from the shard sets of ``kinds``
-    (``None``: any; a set without a kind always counts); stops when all are found."""
+    """The samples whose ``json[f]`` for a field ``f`` of ``id_fields``, or ``__key__``, is in ``wanted``, from the
+    shard sets of ``kinds`` (``None``: any; a set without a kind always counts); stops when all are found."""
     found: dict[str, dict[str, Any]] = {}
     for shards in shard_sets:
         if kinds is not None and shards.kind is not None and shards.kind not in kinds:
             continue
         for sample in samples(shards):
             meta = sample_json(sample)
-            for key in (str(meta.get(id_field, sample["__key__"])), str(sample["__key__"])):
+            for key in [str(meta[f]) for f in id_fields if f in meta] + [str(sample["__key__"])]:
                 if key in wanted and key not in found:
                     found[key] = sample | {"meta": meta}
             if len(found) == len(wanted):
@@ -213,11 +213,12 @@ def find_samples(shard_sets: Sequence[ShardSet], wanted: set[str], id_field: str
 
 
 def thumbnail(sample: dict[str, Any] | None, side: int) -> str:
-    """The sample's image as a ``data:`` URI (JPEG, or PNG with transparency), longest side at most ``side``;
-    ``""`` when it has none or it does not decode."""
+    """The sample's image (its first member named ``*.jpg``/``png``/…) as a ``data:`` URI (JPEG, or PNG with
+    transparency), longest side at most ``side``; ``""`` when it has none or it does not decode."""
     from PIL import Image, UnidentifiedImageError
 
-    data = next((sample[e] for e in IMAGE_EXTENSIONS if sample and sample.get(e)), None)
+    data = next((v for k, v in sorted((sample or {}).items()) if k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+                 and isinstance(v, bytes) and v), None)  # jpg, png, img1.png (the first image of several)
     if data is None:
         return ""
     try:
@@ -358,22 +359,23 @@ def document_row(example: Example) -> GalleryRow:
 
 @dataclass(frozen=True)
 class TaskRows:
-    """How one task's predictions become gallery rows: the file suffix, the id field of its rows and of the
-    samples' JSON, the source kinds holding its samples, and the row builder."""
+    """How one task's predictions become gallery rows: the file suffix, the id field of its rows, the fields of
+    the samples' JSON that may hold that id (else the sample key), the source kinds holding its samples, and the
+    row builder."""
 
     suffix: str
     row_id: str
-    sample_id: str
+    sample_ids: tuple[str, ...]
     kinds: tuple[str, ...] | None
     build: Callable[[Example], GalleryRow]
 
 
 TASKS: dict[str, TaskRows] = {
-    "vqa": TaskRows(".json", "question_id", "question_id", ("vqa",), vqa_row),
-    "gqa": TaskRows(".json", "questionId", "question_id", ("gqa",), gqa_row),
-    "caption": TaskRows(".json", "image_id", "image_id", ("caption",), caption_row),
-    "plan": TaskRows(".json", "id", "id", None, plan_row),
-    "documents": TaskRows(".jsonl", "key", "__key__", None, document_row),
+    "vqa": TaskRows(".json", "question_id", ("question_id", "id"), ("vqa",), vqa_row),
+    "gqa": TaskRows(".json", "questionId", ("question_id", "questionId", "id"), ("gqa",), gqa_row),
+    "caption": TaskRows(".json", "image_id", ("image_id", "id"), ("caption",), caption_row),
+    "plan": TaskRows(".json", "id", ("id",), None, plan_row),
+    "documents": TaskRows(".jsonl", "key", (), None, document_row),
 }
 
 
@@ -400,7 +402,7 @@ def gallery_rows(records: dict[str, list[dict]], shard_sets: Sequence[ShardSet],
     for task, task_records in records.items():
         spec = TASKS[task]
         ids = [str(r.get(spec.row_id, r.get("id", ""))) for r in task_records]
-        found = find_samples(shard_sets, set(ids), spec.sample_id, spec.kinds)
+        found = find_samples(shard_sets, set(ids), spec.sample_ids, spec.kinds)
         shown = [str(r.get("id", i)) if task == "documents" else i for i, r in zip(ids, task_records)]
         rows += [spec.build(Example(s, r, found.get(i), (prompts or {}).get(task, "")))
                  for s, i, r in zip(shown, ids, task_records)]
