@@ -138,11 +138,14 @@ class LanguageModel(Freezable):
 
     Attributes:
         lora: the LoRA settings when the LM has adapters (its base is then frozen), else ``None``.
+        peft_task_type: peft's ``task_type`` of the LM (``"CAUSAL_LM"``, ``"SEQ_2_SEQ_LM"``; ``None`` for a custom
+            module), written into exported adapter configs.
     """
 
     width: int
     vocab_size: int
     lora: LoRA | None = None
+    peft_task_type: str | None = None
 
     def lora_root(self) -> nn.Module:
         """The module whose layers LoRA adapts (a transformers model, or the adapter itself)."""

@@ -52,6 +52,7 @@ class CrossAttentionLM(HFLanguageModel):
     """
 
     auto_class = AutoModelForCausalLM
+    peft_task_type = "CAUSAL_LM"
 
     def __init__(self, name_or_path: str | None = None, config: dict | None = None, freeze: bool = False,
                  dtype: str | None = None, grad_checkpointing: bool = False, attn_implementation: str | None = None,

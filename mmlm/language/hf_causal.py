@@ -25,6 +25,7 @@ class HFCausalLM(HFLanguageModel):
     """
 
     auto_class = AutoModelForCausalLM
+    peft_task_type = "CAUSAL_LM"
 
     def _position_kwargs(self, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"position_ids": [B, T]}`` from the mask when the model's forward takes ``position_ids``."""

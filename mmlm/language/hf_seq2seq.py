@@ -39,6 +39,7 @@ class HFSeq2SeqLM(HFLanguageModel):
     """
 
     auto_class = AutoModelForSeq2SeqLM
+    peft_task_type = "SEQ_2_SEQ_LM"
 
     def check_model(self) -> None:
         """Raise ``ValueError`` when the model has no decoder start token."""

@@ -9,11 +9,14 @@
   arguments that only load weights (``init_from``, ``timm_init``) or write outputs (``export_dir``) cleared;
 * ``model.safetensors``: every weight of the module (frozen parts included), loaded strictly;
 * ``tokenizer/``: the tokenizer with every token the module added;
+* ``adapters/<part>/``: for a language model with LoRA adapters, a peft adapter directory (``adapter_config.json``
+  naming the base model the part was read from, ``adapter_model.safetensors``): the adapter alone, for
+  ``PeftModel.from_pretrained(base, directory)`` (the module itself loads from ``model.safetensors``);
 * ``mmlm_export.json``: the mmlm version, the family, the checkpoint and step it came from, the training config.
 
 :meth:`MultimodalModule.from_pretrained` (``Family.from_pretrained(DIR)``) and ``mmlm validate|test|predict --model
 DIR`` load it. BLIP-2 and Donut export to their Hugging Face formats instead (``to_hf``; ``mmlm_export.json`` beside
-them). Shape legend: none.
+them), with LoRA adapters merged into the language model's weights first. Shape legend: none.
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ from safetensors.torch import load_model, save_model
 from mmlm.checkpointing import load_checkpoint_file
 from mmlm.freezing import Freezable
 from mmlm.hub import looks_local
+from mmlm.language.base import LanguageModel
+from mmlm.lora import save_adapter
 
-MODEL_FILE, WEIGHTS_FILE, INFO_FILE, TOKENIZER_DIR, FILES_DIR = (
-    "model.yaml", "model.safetensors", "mmlm_export.json", "tokenizer", "files")
+MODEL_FILE, WEIGHTS_FILE, INFO_FILE, TOKENIZER_DIR, FILES_DIR, ADAPTERS_DIR = (
+    "model.yaml", "model.safetensors", "mmlm_export.json", "tokenizer", "files", "adapters")
 #: Init arguments that only load weights or name an output: an exported model needs neither.
 WEIGHT_OR_OUTPUT_ARGS = ("init_from", "timm_init", "export_dir", "predictions_dir")
 
@@ -115,9 +120,24 @@ def export_model(model: Any, directory: str | Path, source: dict[str, Any] | Non
         config = {"class_path": class_path, "init_args": offline_init_args(model, init_args, stage)}
         save_model(model, str(stage / WEIGHTS_FILE))  # tied weights stored once
         model.tokenizer.save_pretrained(str(stage / TOKENIZER_DIR))
+        for name, part in lora_parts(model).items():
+            save_adapter(part.lora_root(), stage / ADAPTERS_DIR / name, part.source, part.peft_task_type)
         write_info(model, stage, "mmlm", source)
         (stage / MODEL_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
     return directory
+
+
+def lora_parts(model: torch.nn.Module) -> dict[str, LanguageModel]:
+    """``{name: part}`` of the module's language models that have LoRA adapters."""
+    return {name: part for name, part in model.named_modules()
+            if isinstance(part, LanguageModel) and part.lora is not None}
+
+
+def merge_adapters(model: torch.nn.Module) -> None:
+    """Merge every language model's LoRA adapters into its base weights (in place), as transformers' formats hold
+    plain weights."""
+    for part in lora_parts(model).values():
+        part.merge_lora()
 
 
 @contextlib.contextmanager
@@ -279,6 +299,7 @@ def export(checkpoint_path: str | Path, out: str | Path, config_file: str | Path
     if use_hf:
         if not hasattr(model, "to_hf"):
             raise ValueError(f"{type(model).__name__} has no Hugging Face format; use --format mmlm")
+        merge_adapters(model)
         with staging(out) as stage:
             model.to_hf(stage)
             write_info(model, stage, "hf", source)
