@@ -1,15 +1,15 @@
 """The Lightning data module over webdataset shards that every datamodule extends (:class:`WebDataModule`).
 
 A subclass says how a raw sample becomes an example and how examples become a batch; this module builds one
-:class:`~datamodules.pipeline.ShardPipeline` per stage and rank and wraps it in a
-:class:`~datamodules.loader.SkipCountingLoader`, which feeds the module's skip counter and keeps the training
+:class:`~datamodules.pipeline.shard_pipeline.ShardPipeline` per stage and rank and wraps it in a
+:class:`~datamodules.pipeline.loader.SkipCountingLoader`, which feeds the module's skip counter and keeps the training
 position that the module stores in every checkpoint. The shard machinery lives beside it:
 
-- :mod:`datamodules.skips`: ``SkipSample``, ``SkipCounter``, ``CountedBatch``, per-sample notes of conversions;
-- :mod:`datamodules.urls`: shard patterns → shard lists, folders and missing shards refused, source names;
-- :mod:`datamodules.streams`: rank/worker split, weighted mixing, shuffle buffer, worker positions, epoch length;
-- :mod:`datamodules.pipeline`: ``ShardPipeline`` (decode, skip, batch, collate in the workers);
-- :mod:`datamodules.loader`: ``SkipCountingLoader`` (counts and positions in the main process), ``EmptyEpochError``.
+- :mod:`datamodules.pipeline.skips`: ``SkipSample``, ``SkipCounter``, ``CountedBatch``, per-sample notes of conversions;
+- :mod:`datamodules.pipeline.urls`: shard patterns → shard lists, folders and missing shards refused, source names;
+- :mod:`datamodules.pipeline.streams`: rank/worker split, weighted mixing, shuffle buffer, worker positions, epoch length;
+- :mod:`datamodules.pipeline.shard_pipeline`: ``ShardPipeline`` (decode, skip, batch, collate in the workers);
+- :mod:`datamodules.pipeline.loader`: ``SkipCountingLoader`` (counts and positions in the main process), ``EmptyEpochError``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any, Protocol
 import pytorch_lightning as pl
 import torch
 
-from datamodules.loader import SkipCountingLoader
-from datamodules.pipeline import CollateFn, ExampleFn, ShardPipeline
-from datamodules.skips import CONVERTED, SkipCounter
-from datamodules.streams import Opener, open_shard
+from datamodules.pipeline.loader import SkipCountingLoader
+from datamodules.pipeline.shard_pipeline import CollateFn, ExampleFn, ShardPipeline
+from datamodules.pipeline.skips import CONVERTED, SkipCounter
+from datamodules.pipeline.streams import Opener, open_shard
 from mmlm.data_spec import DataSpec
 
 
@@ -93,7 +93,7 @@ class WebDataModule(pl.LightningDataModule):
 
     def opener(self) -> Opener:
         """How the pipelines open shard urls (picklable); datamodules that read raw files return
-        :func:`datamodules.raw.open_url`, which also serves ``mmlm-raw://`` chunks."""
+        :func:`datamodules.formats.raw.open_url`, which also serves ``mmlm-raw://`` chunks."""
         return open_shard
 
     # -- the model's side ----------------------------------------------------------------------

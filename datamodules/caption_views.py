@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from datamodules.base import WebDataModule
-from datamodules.collate import pad_id, pad_right, token_ids
 from datamodules.image_text import image_bytes, json_field, text_field, url_sources
-from datamodules.skips import SkipSample
-from datamodules.transforms import ImageTransform
+from datamodules.pipeline.collate import pad_id, pad_right, token_ids
+from datamodules.pipeline.skips import SkipSample
+from datamodules.pipeline.transforms import ImageTransform
 from mmlm.batch import ImageBatch, TextBatch
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.tokenizers import load_tokenizer

@@ -3,8 +3,8 @@
 A source is a Donut folder (``metadata.jsonl`` + images; read directly), a plain folder of images
 (prediction: every image is a document with the bare task prompt), a folder of shards (``*.tar`` +
 ``special_tokens.json``) or shard urls (pattern, glob, list). Folders are served to webdataset as chunk
-urls (:mod:`datamodules.raw`) and yield the same raw samples as the converted shards (see
-:mod:`datamodules.document_tools`), so they give identical batches.
+urls (:mod:`datamodules.formats.raw`) and yield the same raw samples as the converted shards (see
+:mod:`datamodules.tools.documents`), so they give identical batches.
 
 Shape legend: B batch, T text tokens, P prompt tokens, H/W the model's input size.
 
@@ -32,8 +32,7 @@ from typing import Any
 import torch
 
 from datamodules.base import WebDataModule
-from datamodules.collate import Example, pad_id, pad_left, pad_right, sequence, token_ids
-from datamodules.document_tools import (
+from datamodules.formats.donut_folder import (
     IMAGE_EXTENSIONS,
     METADATA,
     SPECIAL_TOKENS_FILE,
@@ -41,13 +40,14 @@ from datamodules.document_tools import (
     read_metadata,
     record_parses,
 )
-from datamodules.document_transforms import DocumentTransform
+from datamodules.formats.raw import RawSpec, chunked, folder_images, open_url, raise_if_skipped
 from datamodules.image_text import json_field
-from datamodules.pipeline import ShardPipeline
-from datamodules.raw import RawSpec, chunked, folder_images, open_url, raise_if_skipped
-from datamodules.skips import SkipSample
-from datamodules.streams import Opener
-from datamodules.urls import check_local_shards, expand_urls
+from datamodules.pipeline.collate import Example, pad_id, pad_left, pad_right, sequence, token_ids
+from datamodules.pipeline.document_transforms import DocumentTransform
+from datamodules.pipeline.shard_pipeline import ShardPipeline
+from datamodules.pipeline.skips import SkipSample
+from datamodules.pipeline.streams import Opener
+from datamodules.pipeline.urls import check_local_shards, expand_urls
 from mmlm.batch import Batch
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.json_tokens import json_to_tokens, special_tokens, task_sequence
@@ -97,7 +97,7 @@ class DocumentSource:
         return Path(self.path) if self.layout == "donut-folder" else None
 
     def raw_spec(self) -> RawSpec | None:
-        """How to read a Donut or image folder directly (:mod:`datamodules.raw`); ``None`` for shards."""
+        """How to read a Donut or image folder directly (:mod:`datamodules.formats.raw`); ``None`` for shards."""
         layout = self.layout
         return None if layout == "shards" else RawSpec(layout, str(Path(str(self.path)).resolve()))
 
@@ -379,7 +379,7 @@ class DocumentDataModule(WebDataModule):
 
     # -- pipeline hooks -------------------------------------------------------------------------
     def opener(self) -> Opener:
-        """Shards and raw chunks (``mmlm-raw://``) alike: :func:`datamodules.raw.open_url`."""
+        """Shards and raw chunks (``mmlm-raw://``) alike: :func:`datamodules.formats.raw.open_url`."""
         return open_url
 
     def example_fn(self, stage: str, sources: Sequence[DocumentSource]) -> DocumentExampleBuilder:
@@ -403,7 +403,7 @@ class DocumentDataModule(WebDataModule):
     def build_pipeline(self, stage: str, sources: Sequence[DocumentSource], *,
                        rank: int | None = None, world_size: int | None = None) -> ShardPipeline:
         """The shard pipeline of ``sources``; a Donut or image folder is read through chunk urls
-        (:mod:`datamodules.raw`), enough for every rank and worker (at most ``folder_chunk`` entries each)."""
+        (:mod:`datamodules.formats.raw`), enough for every rank and worker (at most ``folder_chunk`` entries each)."""
         if rank is None or world_size is None:
             rank, world_size = self.rank_and_world()
         needed = world_size * max(1, self.num_workers)

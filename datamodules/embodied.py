@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from datamodules.base import WebDataModule
-from datamodules.collate import pad_id
 from datamodules.image_text import json_field
-from datamodules.packing import SentenceCollator, SentenceSample
-from datamodules.skips import SkipSample
-from datamodules.transforms import ImageTransform
+from datamodules.pipeline.collate import pad_id
+from datamodules.pipeline.packing import SentenceCollator, SentenceSample
+from datamodules.pipeline.skips import SkipSample
+from datamodules.pipeline.transforms import ImageTransform
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.sentences import Marker, Sentence, SentenceBuilder, special_tokens
 from mmlm.tokenizers import load_tokenizer

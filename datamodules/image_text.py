@@ -2,7 +2,7 @@
 
 A :class:`Source` is shards or one raw file read directly — the official VQAv2/OK-VQA or GQA questions JSON
 (+ annotations), a COCO captions JSON, a Karpathy split file, a captions jsonl/tsv — with its image folder;
-raw files give the same samples as the shards their converter writes (:mod:`datamodules.raw`).
+raw files give the same samples as the shards their converter writes (:mod:`datamodules.formats.raw`).
 
 A caption sample ``{"jpg", "txt"?, "json"?}`` becomes ``prompt=caption_prompt``, ``target`` =
 the ``txt`` (else ``json["caption"]``, or its first entry when it is a list as in LAVIS's evaluation files),
@@ -31,10 +31,7 @@ import numpy as np
 import torch
 
 from datamodules.base import WebDataModule
-from datamodules.collate import Collator, Example
-from datamodules.pipeline import ShardPipeline
-from datamodules.prefix_sentences import image_marker, sentence_collate
-from datamodules.raw import (
+from datamodules.formats.raw import (
     CAPTION_FORMATS,
     RAW_SUFFIXES,
     VQA_FORMATS,
@@ -45,9 +42,12 @@ from datamodules.raw import (
     open_url,
     raise_if_skipped,
 )
-from datamodules.skips import SkipSample
-from datamodules.streams import Opener
-from datamodules.transforms import MAX_IMAGE_PIXELS, ImageTransform
+from datamodules.pipeline.collate import Collator, Example
+from datamodules.pipeline.prefix_sentences import image_marker, sentence_collate
+from datamodules.pipeline.shard_pipeline import ShardPipeline
+from datamodules.pipeline.skips import SkipSample
+from datamodules.pipeline.streams import Opener
+from datamodules.pipeline.transforms import MAX_IMAGE_PIXELS, ImageTransform
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.sentences import Marker, prefix_image_marker, special_tokens
 from mmlm.tokenizers import load_tokenizer
@@ -64,7 +64,7 @@ FEATURES = "features.npy"
 
 @dataclass
 class Source:
-    """One data set: shards, or raw files read directly (no conversion step; :mod:`datamodules.raw`).
+    """One data set: shards, or raw files read directly (no conversion step; :mod:`datamodules.formats.raw`).
 
     Attributes:
         urls: shards — a brace pattern (``"data/{00000..00009}.tar"``), glob or list of shard paths/urls — or one
@@ -295,7 +295,7 @@ class ImageTextDataModule(WebDataModule):
     :meth:`setup` (``tokenizer``, a Hugging Face tokenizer; ``image_preprocess``, an
     :class:`~mmlm.encoders.base.ImagePreprocess`; the ``"image"`` marker of ``markers``). With an image marker (the
     generative families) batches are :class:`~mmlm.batch.SentenceBatch` whose sentences start with the image's span
-    (:mod:`datamodules.prefix_sentences`); without one (BLIP-2 stage 1, VLMO) they are :class:`~mmlm.batch.Batch`.
+    (:mod:`datamodules.pipeline.prefix_sentences`); without one (BLIP-2 stage 1, VLMO) they are :class:`~mmlm.batch.Batch`.
 
     Args:
         train: training sources, mixed by weight.
@@ -321,7 +321,7 @@ class ImageTextDataModule(WebDataModule):
             ``mmlm data cache-features``) instead of decoding its image; the model's frozen encoder is then skipped.
             Samples without features are skipped and counted as ``missing_features``.
         raw_chunk: entries (questions, images or caption lines) per chunk url of a raw source; a source gets at
-            least ranks × workers chunks (see :mod:`datamodules.raw`).
+            least ranks × workers chunks (see :mod:`datamodules.formats.raw`).
         image_tokens: M, the image placeholders in front of each sentence (the model's connector output length;
             0: text-only sentences); ``None``: the model's image marker, else plain :class:`~mmlm.batch.Batch`.
         eval_shots: demonstrations before each prompt at evaluation (0 = zero-shot): the next examples of the same
@@ -403,7 +403,7 @@ class ImageTextDataModule(WebDataModule):
         return chunked(source, spec, needed, self.raw_chunk)
 
     def opener(self) -> Opener:
-        """Shards and raw chunks (``mmlm-raw://``) alike: :func:`datamodules.raw.open_url`."""
+        """Shards and raw chunks (``mmlm-raw://``) alike: :func:`datamodules.formats.raw.open_url`."""
         return open_url
 
     def example_fn(self, stage: str, sources: Sequence[Source]) -> ExampleBuilder:

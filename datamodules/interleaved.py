@@ -39,10 +39,10 @@ import webdataset as wds
 
 from datamodules.base import WebDataModule
 from datamodules.image_text import ExampleBuilder, image_bytes, json_field, text_field
-from datamodules.packing import SentenceCollator, SentenceSample
-from datamodules.skips import SkipSample, note
-from datamodules.transforms import ImageTransform
-from datamodules.urls import expand_urls
+from datamodules.pipeline.packing import SentenceCollator, SentenceSample
+from datamodules.pipeline.skips import SkipSample, note
+from datamodules.pipeline.transforms import ImageTransform
+from datamodules.pipeline.urls import expand_urls
 from mmlm.batch import SentenceBatch
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.sentences import Marker, Sentence, SentenceBuilder, kosmos_image_marker, special_tokens

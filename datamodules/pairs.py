@@ -15,8 +15,8 @@ import torch
 from datamodules.base import WebDataModule
 from datamodules.caption_views import TextCollator
 from datamodules.image_text import IMAGE_EXTENSIONS, json_field, url_sources
-from datamodules.skips import SkipSample
-from datamodules.transforms import ImageTransform
+from datamodules.pipeline.skips import SkipSample
+from datamodules.pipeline.transforms import ImageTransform
 from mmlm.batch import PairBatch
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.tokenizers import load_tokenizer

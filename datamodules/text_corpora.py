@@ -21,12 +21,12 @@ from typing import Any
 import torch
 
 from datamodules.base import WebDataModule
-from datamodules.collate import Example, pad_id, pad_left, pad_right
+from datamodules.formats.outputs import prepare_output, write_summary
+from datamodules.formats.shards import ShardWriter
 from datamodules.image_text import Source, text_field, url_sources
-from datamodules.outputs import prepare_output, write_summary
-from datamodules.prefix_sentences import image_marker, sentence_collate
-from datamodules.shards import ShardWriter
-from datamodules.skips import SkipSample
+from datamodules.pipeline.collate import Example, pad_id, pad_left, pad_right
+from datamodules.pipeline.prefix_sentences import image_marker, sentence_collate
+from datamodules.pipeline.skips import SkipSample
 from mmlm.batch import Batch
 from mmlm.losses import IGNORE_INDEX
 from mmlm.sentences import prefix_image_marker, text_ids
@@ -44,7 +44,7 @@ def documents(path: str | Path) -> Iterator[str]:
 def write_text_shards(paths: Iterable[str | Path], out_dir: str | Path, shard_size: int = 1000,
                       overwrite: bool = False) -> int:
     """Write the documents of plain text files as ``{out_dir}/text-{i:05d}.tar`` shards (``txt`` members) and
-    ``{out_dir}/summary.json``; ``out_dir`` must be empty unless ``overwrite`` (:mod:`datamodules.outputs`).
+    ``{out_dir}/summary.json``; ``out_dir`` must be empty unless ``overwrite`` (:mod:`datamodules.formats.outputs`).
 
     Returns the number of documents written.
     """

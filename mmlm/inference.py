@@ -7,9 +7,9 @@ what ``mmlm validate`` generates for the same examples (the text of ``model.gene
   ``model.image_preprocess`` (train=False), or Donut's ``DocumentTransform`` — from lossless PNG bytes (TIFF for
   modes PNG cannot hold), so a decoded JPEG gives the pixels a shard of that JPEG gives;
 * one-image families (Frozen, BLIP-2, MetaLM, VLMO VQA, the text LM) and Donut: ``Example(prompt=…, target="")``
-  through ``datamodules.collate.collate_examples`` (``collate_documents`` for Donut); one image per request (the
+  through ``datamodules.pipeline.collate.collate_examples`` (``collate_documents`` for Donut); one image per request (the
   first, with a warning once when there are more); a model with an image marker (Frozen, BLIP-2, MetaLM, the text
-  LM) gets the sentences of ``datamodules.prefix_sentences`` (its image span first), as its datamodule gives them;
+  LM) gets the sentences of ``datamodules.pipeline.prefix_sentences`` (its image span first), as its datamodule gives them;
 * KOSMOS-1: the interleaved datamodule's sentence, ``[bos] <image>…</image> … " " prompt``, one image span per
   image (the images go where the prompt writes ``<image>`` when it writes one per image, else before the text);
 * PaLM-E: the embodied datamodule's sentence ``[bos] prompt`` with ``<img1>``, ``<img2>``… spans (added before the
@@ -39,14 +39,14 @@ import torch
 from PIL import Image
 from pytorch_lightning.utilities import move_data_to_device
 
-from datamodules.collate import Example, collate_examples, pad_id, pad_right, token_ids
-from datamodules.document_transforms import DocumentTransform
 from datamodules.documents import collate_documents
 from datamodules.embodied import EmbodiedExampleBuilder, rewrite_markers
-from datamodules.packing import SentenceSample, collate_rows
-from datamodules.prefix_sentences import image_marker, to_sentences
-from datamodules.skips import SkipSample
-from datamodules.transforms import ImageTransform
+from datamodules.pipeline.collate import Example, collate_examples, pad_id, pad_right, token_ids
+from datamodules.pipeline.document_transforms import DocumentTransform
+from datamodules.pipeline.packing import SentenceSample, collate_rows
+from datamodules.pipeline.prefix_sentences import image_marker, to_sentences
+from datamodules.pipeline.skips import SkipSample
+from datamodules.pipeline.transforms import ImageTransform
 from mmlm.batch import Batch, SentenceBatch
 from mmlm.json_tokens import donut_prediction
 from mmlm.language.base import GenerationConfig, LanguageModel

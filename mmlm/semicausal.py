@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from mmlm.attention_masks import causal_mask
 from mmlm.fusion import splice
 from mmlm.losses import IGNORE_INDEX
-from mmlm.masks import causal_mask
 
 #: Placeholder id marking span positions for :func:`mmlm.fusion.splice` (never a real token id).
 SPAN_SLOT = -1

@@ -70,7 +70,7 @@ def run_donut_tiny(data_dir: str | Path = "data/donut", out_dir: str | Path = "r
     without oversubscribing a shared machine)."""
     import torch
 
-    from datamodules.document_tools import read_ground_truths
+    from datamodules.formats.donut_folder import read_ground_truths
     from mmlm.app.lightning import lightning_cli
     from mmlm.metrics.documents import most_common_json_baseline
 

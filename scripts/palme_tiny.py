@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file: make mmlm/ and datamodules/ importable
     sys.path.insert(0, str(ROOT))
 
-from datamodules.embodied_tools import DEFAULT_TRAIN, DEFAULT_VAL  # noqa: E402
+from datamodules.tools.embodied import DEFAULT_TRAIN, DEFAULT_VAL  # noqa: E402
 from mmlm.app.recipes import recipe_main  # noqa: E402
 
 CONFIG = ROOT / "configs" / "tiny" / "palme.yaml"

@@ -77,7 +77,7 @@ def ensure_pairs(pairs_dir: Path, train: int, val: int, seed: int) -> None:
 
 def write_answer_vocab(data_dir: Path, out: Path) -> Path:
     """The answer vocabulary of the training VQA shards as a JSON list."""
-    from datamodules.pair_tools import read_vqa_answers
+    from datamodules.tools.pairs import read_vqa_answers
     from mmlm.metrics.vqa import build_answer_vocab
 
     out.parent.mkdir(parents=True, exist_ok=True)

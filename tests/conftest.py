@@ -77,7 +77,7 @@ def shapes_batch(shapes_data) -> Callable[..., object]:
     gives it (a :class:`mmlm.batch.SentenceBatch` for a model with an image marker, else a :class:`mmlm.batch.Batch`;
     ``model=None``: a ``Batch``)."""
     from datamodules import ImageTextDataModule, Source
-    from datamodules.prefix_sentences import image_marker
+    from datamodules.pipeline.prefix_sentences import image_marker
 
     def load(kind: str = "vqa", split: str = "train", size: int = 8, image_size: int = 32, model=None,
              eval_shots: int = 0):

@@ -161,8 +161,8 @@ def test_make_shards_given_a_folder_is_one_line(tmp_path, capsys):
 
 
 def test_colliding_keys_of_mixed_sources_are_prefixed_by_their_source(tmp_path, caplog):
-    from datamodules.pipeline import ShardPipeline
-    from datamodules.skips import SkipSample
+    from datamodules.pipeline.shard_pipeline import ShardPipeline
+    from datamodules.pipeline.skips import SkipSample
 
     for name in ("laion", "coco"):
         (tmp_path / name).mkdir()
@@ -178,7 +178,7 @@ def test_colliding_keys_of_mixed_sources_are_prefixed_by_their_source(tmp_path, 
     mixed = ShardPipeline([str(tmp_path / "laion" / "00000.tar"), str(tmp_path / "coco" / "00000.tar")], [1, 1],
                           keys, list, batch_size=1, train=False, resampled=False, shuffle_buffer=0, seed=0,
                           epoch_samples=None, rank=0, world_size=1, num_workers=0)
-    with caplog.at_level(logging.WARNING, logger="datamodules.skips"):
+    with caplog.at_level(logging.WARNING, logger="datamodules.pipeline.skips"):
         seen = [key for item in mixed.iter_worker(0, 1) if item.batch for key in item.batch]
     assert set(seen) <= {"laion/00000/000000001", "laion/00000/000000002", "coco/00000/000000001",
                          "coco/00000/000000002"}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.streams import batches_per_rank
+from datamodules.pipeline.streams import batches_per_rank
 from datamodules.synthetic.shapes import write_shapes
 from mmlm.evaluation import result_file
 from mmlm.metrics import VQAAccuracy

@@ -17,7 +17,7 @@ import yaml
 
 from datamodules import ImageTextDataModule, Source
 from datamodules.image_text import cached_features
-from datamodules.skips import SkipSample
+from datamodules.pipeline.skips import SkipSample
 from mmlm.app.cli import main
 from mmlm.app.features import load_model
 

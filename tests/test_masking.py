@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmlm.masking import (
+from mmlm.mlm_masking import (
     block_patch_mask,
     mask_tokens,
     masked_patch_regression_loss,

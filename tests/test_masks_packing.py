@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodules.packing import SentenceSample, collate_rows, pack_rows
-from mmlm.masks import packed_causal_mask, segment_positions
+from datamodules.pipeline.packing import SentenceSample, collate_rows, pack_rows
+from mmlm.attention_masks import packed_causal_mask, segment_positions
 from mmlm.sentences import IGNORE_INDEX, Sentence, Span
 
 SEGMENTS = torch.tensor([[1, 1, 2, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])

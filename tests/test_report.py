@@ -83,6 +83,29 @@ def test_stage_sources_of_every_datamodule_shape():
     assert stage_sources(config, "test") == [("t-*.tar", None)]
 
 
+
+def test_qformer_cross_attention_maps_are_the_weights_its_forward_used():
+    import torch
+
+    from mmlm.connectors.qformer import QFormer, cross_attention_maps
+
+    torch.manual_seed(0)
+    qformer = QFormer(12, num_query_tokens=3, hidden_size=16, num_layers=3, num_heads=2, intermediate_size=24,
+                      cross_attention_freq=2, with_text=False).eval()
+    image, mask = torch.randn(2, 5, 12), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    seen = []
+    layer = qformer.layers[0].cross_attn
+    hook = layer.register_forward_hook(lambda module, args, out: seen.append((args, out)))
+    maps = cross_attention_maps(qformer, image, mask)
+    hook.remove()
+    assert maps.shape == (2, 2, 2, 3, 5)  # B, cross-attention layers 0 and 2, heads, M, N
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 2, 2, 3))
+    assert maps[1, :, :, :, 3:].abs().max() == 0
+    (x, context, _), out = seen[0]
+    attended = maps[:, 0] @ layer._heads(layer.v(context))
+    torch.testing.assert_close(layer.norm(x + layer.out(attended.transpose(1, 2).flatten(2))), out)
+
+
 # --------------------------------------------------------------------------- a Donut run written by hand
 
 

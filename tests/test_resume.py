@@ -15,7 +15,7 @@ import pytest
 import webdataset as wds
 
 from datamodules.base import WebDataModule
-from datamodules.skips import SkipSample
+from datamodules.pipeline.skips import SkipSample
 
 
 class KeysExample:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodules.packing import SentenceSample, collate_rows
+from datamodules.pipeline.packing import SentenceSample, collate_rows
 from mmlm.sentences import (
     IGNORE_INDEX,
     Marker,

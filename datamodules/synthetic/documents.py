@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from datamodules.document_tools import LAYOUTS, DonutWriter
-from datamodules.outputs import prepare_output, write_summary
+from datamodules.formats.donut_folder import LAYOUTS
+from datamodules.formats.outputs import prepare_output, write_summary
+from datamodules.tools.documents import DonutWriter
 from mmlm.json_tokens import json_to_tokens
 from mmlm.piece_tokenizer import train_piece_tokenizer
 
@@ -291,7 +292,7 @@ def write_documents(out: str | Path, kind: str = "docs", train: int = 2000, val:
     ``out/tokenizer/`` (:func:`mmlm.piece_tokenizer.train_piece_tokenizer` on the texts; the JSON tags are
     added later as special tokens by the model's ``add_tokens``) and ``out/summary.json``. Byte-identical for a seed. Use one ``out`` per kind (the folders and
     ``special_tokens.json`` of a second kind would replace the first one's): ``out`` must be empty unless
-    ``overwrite`` (:func:`datamodules.outputs.prepare_output`).
+    ``overwrite`` (:func:`datamodules.formats.outputs.prepare_output`).
 
     Raises:
         ValueError: unknown ``kind`` or layout, negative counts, or ``shard_size`` < 1.

@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from datamodules.outputs import prepare_output, write_summary
-from datamodules.shards import ShardWriter
+from datamodules.formats.outputs import prepare_output, write_summary
+from datamodules.formats.shards import ShardWriter
 from mmlm.tokenizers import train_word_tokenizer
 
 CAPTION_KINDS = ("bad_image", "empty_image", "image_too_large", "grayscale", "cmyk", "rgba", "gray16",
@@ -153,7 +153,7 @@ def write_hostile(out: str | Path, captions: int = 200, vqa: int = 40, period: i
         period: one hostile sample per ``period`` (20 → 5 %).
         shard_size: samples per shard; with the defaults each ``truncated_tar`` sample ends a shard.
         seed: random seed of colours and garbage bytes.
-        overwrite: replace an earlier run's files in ``out`` (else ``out`` must be empty; ``datamodules.outputs``).
+        overwrite: replace an earlier run's files in ``out`` (else ``out`` must be empty; ``datamodules.formats.outputs``).
 
     Returns:
         ``{"captions", "vqa"}`` shard patterns, ``max_image_pixels``, ``samples``, ``hostile``,

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.outputs import prepare_output, write_summary
-from datamodules.shards import ShardWriter
+from datamodules.formats.outputs import prepare_output, write_summary
+from datamodules.formats.shards import ShardWriter
 from datamodules.synthetic.shapes import (
     COLOURS,
     NUMBER_WORDS,
@@ -135,7 +135,7 @@ def write_interleaved(out: str | Path, docs: int, pairs: int, texts: int, val: i
     Layout: ``train/docs-*.tar`` (interleaved documents), ``train/captions-*.tar``,
     ``train/text-*.tar``, ``val/vqa-*.tar`` (one query per image, spread over 8 shards),
     ``support/vqa-*.tar`` (each image asked all three ways), ``tokenizer/`` (word level). ``out`` must be empty
-    unless ``overwrite`` (:func:`datamodules.outputs.prepare_output`).
+    unless ``overwrite`` (:func:`datamodules.formats.outputs.prepare_output`).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"write_interleaved: layout {layout!r} is not one of {LAYOUTS}")

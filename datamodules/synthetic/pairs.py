@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.outputs import prepare_output, write_summary
-from datamodules.shards import ShardWriter
+from datamodules.formats.outputs import prepare_output, write_summary
+from datamodules.formats.shards import ShardWriter
 from datamodules.synthetic.shapes import (
     COLOURS,
     SHAPES,
@@ -92,7 +92,7 @@ def write_pairs(out: str | Path, train: int, val: int, seed: int = 0, shard_size
     """Write ``out/{train,val}/pairs-{i:05d}.tar``, ``out/tokenizer`` and ``out/summary.json``; returns the summary.
 
     Validation is spread over at least 8 shards (as the shapes data) so evaluation ranks each get one. ``out`` must
-    be empty unless ``overwrite`` (:func:`datamodules.outputs.prepare_output`).
+    be empty unless ``overwrite`` (:func:`datamodules.formats.outputs.prepare_output`).
     """
     if train < 0 or val < 0 or shard_size < 1:
         raise ValueError(f"write_pairs: need train, val >= 0 and shard_size >= 1, got {train}, {val}, {shard_size}")

@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from rich.progress import Progress
 
-from datamodules.outputs import prepare_output, write_summary
-from datamodules.shards import ShardWriter
+from datamodules.formats.outputs import prepare_output, write_summary
+from datamodules.formats.shards import ShardWriter
 from mmlm.tokenizers import train_word_tokenizer
 
 IMAGE_SIZE = 64
@@ -370,7 +370,7 @@ def write_shapes(out: str | Path, train: int, val: int, seed: int = 0, shard_siz
     ``question_id``, ``image_id``, ``question_type``), ``out/tokenizer/`` (word-level, loads with
     ``mmlm.tokenizers.load_tokenizer``) and ``out/summary.json``. Byte-identical for a seed. Validation
     images go ``ceil(val / 8)`` to a shard (at most ``shard_size``), so up to 8 evaluation ranks work.
-    ``out`` must be empty unless ``overwrite`` (:func:`datamodules.outputs.prepare_output`: an earlier run's files,
+    ``out`` must be empty unless ``overwrite`` (:func:`datamodules.formats.outputs.prepare_output`: an earlier run's files,
     as listed in its ``summary.json``, are replaced; nothing else is touched).
 
     Raises:

@@ -34,8 +34,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from rich.progress import Progress
 
-from datamodules.outputs import prepare_output, write_summary
-from datamodules.shards import ShardWriter
+from datamodules.formats.outputs import prepare_output, write_summary
+from datamodules.formats.shards import ShardWriter
 from mmlm.tokenizers import train_word_tokenizer
 
 IMAGE_SIZE = 64
@@ -384,7 +384,7 @@ def write_tabletop(out: str | Path, train: int, val: int, seed: int = 0,
     for before/after samples, ``json`` with ``task``, ``prompt`` (with markers), ``target``, ``answers``,
     ``question``, ``question_type``, ``id``, ``blocks``, ``state``, ``objects``), ``out/tokenizer/``
     (word-level) and ``out/summary.json``. Byte-identical for a seed; validation spread over ≥ 8 shards. ``out`` must
-    be empty unless ``overwrite`` (:func:`datamodules.outputs.prepare_output`).
+    be empty unless ``overwrite`` (:func:`datamodules.formats.outputs.prepare_output`).
 
     Raises:
         ValueError: a count is negative or ``shard_size`` < 1.

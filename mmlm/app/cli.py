@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from datamodules.loader import EmptyEpochError
+    from datamodules.pipeline.loader import EmptyEpochError
     from mmlm.app.lightning import lightning_cli
 
     expanded = expand_checkpoint_model(expand_exported_model(argv))

@@ -14,12 +14,12 @@ from typing import Any
 # ``run=callable(args) -> dict`` with ``set_defaults``; the returned summary is printed as JSON. Keep their
 # module-level imports light: the parser is built for every ``mmlm data`` call.
 DATA_TOOL_MODULES: tuple[str, ...] = (
-    "datamodules.shard_tools",
-    "datamodules.interleaved_tools",
-    "datamodules.pair_tools",
+    "datamodules.tools.general",
+    "datamodules.tools.interleaved",
+    "datamodules.tools.pairs",
     "mmlm.app.features",
-    "datamodules.document_tools",
-    "datamodules.embodied_tools",
+    "datamodules.tools.documents",
+    "datamodules.tools.embodied",
     "datamodules.text_corpora",
 )
 
@@ -37,7 +37,7 @@ def data_parser() -> argparse.ArgumentParser:
 def add_overwrite_flags(sub: argparse._SubParsersAction) -> None:
     """``--overwrite`` for every tool with an ``--out``: without it a non-empty output folder (or an existing output
     file) is refused; with it only the files an earlier run listed in its ``summary.json`` are replaced
-    (:mod:`datamodules.outputs`)."""
+    (:mod:`datamodules.formats.outputs`)."""
     for tool in sub.choices.values():
         if any(action.dest == "out" for action in tool._actions):
             tool.add_argument("--overwrite", action="store_true",
@@ -46,7 +46,7 @@ def add_overwrite_flags(sub: argparse._SubParsersAction) -> None:
 
 
 #: Errors of a data tool that are the user's to fix (a path, an output folder; with
-#: ``datamodules.outputs.InputError``, a format): one line, no traceback.
+#: ``datamodules.formats.outputs.InputError``, a format): one line, no traceback.
 DATA_TOOL_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, FileExistsError, NotADirectoryError,
                                                  IsADirectoryError)
 
@@ -54,7 +54,7 @@ DATA_TOOL_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, FileExistsEr
 def run_data_tool(args: argparse.Namespace) -> dict[str, Any] | None:
     """Run the parsed ``mmlm data`` tool; returns its summary (``None`` for ``inspect``, which prints)."""
     if getattr(args, "out", None) is not None and getattr(args, "output", "folder") == "folder":
-        from datamodules.outputs import check_output
+        from datamodules.formats.outputs import check_output
 
         check_output(args.out, args.overwrite)  # before any work (e.g. before cache-features builds the model)
     return args.run(args)
@@ -63,7 +63,7 @@ def run_data_tool(args: argparse.Namespace) -> dict[str, Any] | None:
 def data_main(argv: Sequence[str]) -> int:
     """Run one ``mmlm data`` tool; prints its JSON summary. A path, format or output-folder problem is printed as
     one ``mmlm data TOOL: error: …`` line (exit status 2), without a traceback."""
-    from datamodules.outputs import InputError
+    from datamodules.formats.outputs import InputError
 
     args = data_parser().parse_args(list(argv))
     try:

@@ -114,7 +114,7 @@ def cache_features(model: Any, urls: str, out: str | Path, *, batch_size: int = 
     bar over the shards on stderr unless ``progress`` is false).
 
     ``out`` must be empty unless ``overwrite``, which replaces only an earlier run's files there
-    (:mod:`datamodules.outputs`).
+    (:mod:`datamodules.formats.outputs`).
 
     Returns:
         The summary also written to ``out/summary.json``: shard pattern, sample and skip counts, feature shape.
@@ -122,8 +122,8 @@ def cache_features(model: Any, urls: str, out: str | Path, *, batch_size: int = 
     from rich.console import Console
     from rich.progress import track
 
-    from datamodules.outputs import check_output, prepare_output, write_summary
-    from datamodules.urls import expand_urls
+    from datamodules.formats.outputs import check_output, prepare_output, write_summary
+    from datamodules.pipeline.urls import expand_urls
 
     shards = expand_urls(urls)
     out = Path(out)
@@ -158,7 +158,7 @@ class FeatureEncoder:
 
     def __init__(self, encoder: torch.nn.Module, preprocess: Any, batch_size: int, dtype: Any,
                  device: torch.device) -> None:
-        from datamodules.transforms import ImageTransform
+        from datamodules.pipeline.transforms import ImageTransform
 
         self.encoder, self.preprocess, self.batch_size, self.dtype = encoder, preprocess, batch_size, dtype
         self.device = device
@@ -187,7 +187,7 @@ class FeatureEncoder:
         import webdataset as wds
 
         from datamodules.image_text import image_bytes
-        from datamodules.skips import SkipSample
+        from datamodules.pipeline.skips import SkipSample
 
         chunk: list[tuple[dict[str, Any], torch.Tensor]] = []
         for sample in wds.tarfile_samples([{"url": url}], handler=self._count_tar_error):

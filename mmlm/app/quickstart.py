@@ -96,7 +96,7 @@ def run_quickstart(data_dir: str | Path = "data/shapes", out_dir: str | Path = "
 
 def train_val_answers(data_dir: Path) -> tuple[list[list[str]], list[list[str]]]:
     """Human answers of the train and val VQA shards of a shapes data set (``data_dir/{train,val}/vqa-*.tar``)."""
-    from datamodules.pair_tools import read_vqa_answers
+    from datamodules.tools.pairs import read_vqa_answers
 
     return tuple(read_vqa_answers(str(Path(data_dir) / split / "vqa-*.tar")) for split in ("train", "val"))
 

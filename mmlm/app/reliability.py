@@ -31,10 +31,10 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from datamodules.config_checks import source_problem
-from datamodules.document_tools import METADATA
-from datamodules.raw import folder_images, is_raw, path_problem
-from datamodules.skips import CONVERTED
-from datamodules.urls import check_local_shards, expand_urls
+from datamodules.formats.donut_folder import METADATA
+from datamodules.formats.raw import folder_images, is_raw, path_problem
+from datamodules.pipeline.skips import CONVERTED
+from datamodules.pipeline.urls import check_local_shards, expand_urls
 from mmlm.app.loggers import log_text
 from mmlm.checkpointing import AtomicCheckpointIO, CheckpointError, checkpoint_problem, is_local
 from mmlm.hub import looks_local

@@ -162,7 +162,7 @@ def stage_sources(config: dict[str, Any], stage: str) -> list[tuple[str, str | N
 def expand_local(pattern: str, bases: Sequence[Path]) -> tuple[str, ...]:
     """The shard files of ``pattern`` (glob, brace pattern or a folder of ``*.tar``), tried as given and then
     relative to each of ``bases``; ``()`` when none exists there."""
-    from datamodules.urls import expand_urls
+    from datamodules.pipeline.urls import expand_urls
 
     candidates = [Path(pattern)] if Path(pattern).is_absolute() else [base / pattern for base in bases]
     for candidate in candidates:

@@ -7,7 +7,7 @@ A BERT-style post-LN encoder over the joint sequence ``[queries; text]``:
 * ``M`` learned query tokens go first, text tokens (word + position embeddings) after; one LayerNorm
   (``embeddings.norm``) normalises both, as in BLIP-2.
 * every layer: self-attention over the joint sequence (the mask picks the BLIP-2 regime, see
-  :mod:`mmlm.masks`) → cross-attention to the image tokens for the query positions only (layers
+  :mod:`mmlm.attention_masks`) → cross-attention to the image tokens for the query positions only (layers
   ``0, f, 2f, …`` with ``f = cross_attention_freq``) → a FFN for the query positions
   (``query_ffn``, BLIP-2's ``intermediate_query``/``output_query``) and a separate one for the text
   positions (``text_ffn``).
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmlm.masks import bidirectional_mask
+from mmlm.attention_masks import bidirectional_mask
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ class QFormer(nn.Module):
             input_ids: ``[B, T]`` text ids.
             attention_mask: ``[B, T]`` text padding mask; used only when ``self_attn_mask`` is ``None``.
             self_attn_mask: ``[B, M+T, M+T]`` bool (True = may attend), picks the regime (see
-                :mod:`mmlm.masks`); ``None`` = bidirectional with the text padding masked.
+                :mod:`mmlm.attention_masks`); ``None`` = bidirectional with the text padding masked.
 
         Returns:
             :class:`QFormerOutput` with ``query [B, M, H]`` and ``text [B, T, H]``.

@@ -54,7 +54,7 @@ class ImagePreprocess:
         resize: ``"crop"`` (cover ``size`` keeping the aspect, centre-crop; the default of every family) or
             ``"squash"`` (resize to exactly ``size``, no crop, aspect not kept: ``BlipImageProcessor``).
             Document models (Donut) ignore it: their datamodule fits and pads
-            (:mod:`datamodules.document_transforms`).
+            (:mod:`datamodules.pipeline.document_transforms`).
         interpolation: ``"bicubic"`` or ``"bilinear"`` (an HF processor's ``resample`` 3 or 2).
 
     Raises:

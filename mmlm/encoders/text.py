@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from transformers import AutoModel
 
+from mmlm.attention_masks import positions_from_mask
 from mmlm.freezing import Freezable, freeze_, parse_dtype
 from mmlm.hub import config_kwargs, load_hf_model
-from mmlm.masks import positions_from_mask
 
 
 class TextEncoder(Freezable):

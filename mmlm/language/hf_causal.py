@@ -10,10 +10,10 @@ import inspect
 import torch
 from transformers import AutoModelForCausalLM
 
+from mmlm.attention_masks import positions_from_mask
 from mmlm.language.base import GenerationConfig, LMOutput
 from mmlm.language.hf_base import HFLanguageModel
 from mmlm.losses import causal_lm_loss
-from mmlm.masks import positions_from_mask
 
 
 class HFCausalLM(HFLanguageModel):

@@ -15,7 +15,7 @@ finite in fp16/bf16 far past the trained length; past the span the dtype can hol
 (:meth:`RelativePositions.block_span`) the queries go through attention in blocks, each centred on itself.
 
 Packed sequences (several samples in one row): ``forward(..., segment_ids=…)`` uses a block-diagonal
-causal mask (:func:`mmlm.masks.packed_causal_mask`) and per-sample positions, still through SDPA.
+causal mask (:func:`mmlm.attention_masks.packed_causal_mask`) and per-sample positions, still through SDPA.
 
 Shape legend: B batch, K beams, T text tokens, S key tokens (cache + new), T_new generated tokens,
 D width, H heads, V vocabulary.
@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mmlm.attention_masks import packed_causal_mask, positions_from_mask, segment_positions
 from mmlm.freezing import freeze_
 from mmlm.language.base import GenerationConfig, LanguageModel, LMOutput, next_tokens
 from mmlm.language.recompute import recompute_blocks
 from mmlm.lora import LoRA, merge_lora_
 from mmlm.losses import causal_lm_loss
-from mmlm.masks import packed_causal_mask, positions_from_mask, segment_positions
 
 #: One layer's cached keys and values, each ``[B, H, S, D / H]``.
 LayerCache = tuple[torch.Tensor, torch.Tensor]

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmlm.attention_masks import bidirectional_mask, multimodal_causal_mask, unimodal_mask
 from mmlm.batch import Batch
 from mmlm.checkpointing import load_checkpoint_file
 from mmlm.connectors.qformer import QFormer, QFormerConfig, bert_init
@@ -48,7 +49,6 @@ from mmlm.losses import (
     hard_negative_itm_loss,
     image_id_tensor,
 )
-from mmlm.masks import bidirectional_mask, multimodal_causal_mask, unimodal_mask
 from mmlm.models.base import MultimodalModule
 from mmlm.sizes import part_kwargs
 from mmlm.tokenizers import load_tokenizer

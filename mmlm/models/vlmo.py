@@ -32,7 +32,7 @@ from mmlm.fusion import move_to_front
 from mmlm.heads import TiedLMHead
 from mmlm.hub import load_state_dict_strict
 from mmlm.losses import IGNORE_INDEX, token_cross_entropy
-from mmlm.masking import mask_tokens, masked_patch_regression_loss, patchify, random_patch_mask
+from mmlm.mlm_masking import mask_tokens, masked_patch_regression_loss, patchify, random_patch_mask
 from mmlm.models.base import MultimodalModule
 from mmlm.sizes import part_kwargs
 from mmlm.tokenizers import load_tokenizer
@@ -227,7 +227,7 @@ class VLMOModule(MultimodalModule):
         return mask.bool() & ~special
 
     def mask_text(self, ids: Tensor, mask: Tensor, prob: float) -> tuple[Tensor, Tensor]:
-        """BERT 80/10/10 masking (:func:`mmlm.masking.mask_tokens`), per whole word with ``whole_word_masking``
+        """BERT 80/10/10 masking (:func:`mmlm.mlm_masking.mask_tokens`), per whole word with ``whole_word_masking``
         → ``(masked_ids, labels) [B, T]``."""
         continuation = None if self.continuation is None else self.continuation[ids]
         return mask_tokens(ids, self.maskable(ids, mask), self.mask_id, len(self.tokenizer), prob,

@@ -5,7 +5,7 @@ is saved and loaded with ``Blip2.from_hf`` (the production converter), so both s
 Frozen on both sides: the ViT and the LM (``requires_grad=False`` and eval mode, as mmlm keeps them);
 trained: query tokens, Q-Former, language projection, with the same plain AdamW. Same batch: mmlm's VQA
 batch, and for transformers the same ids with ``M`` image tokens put in front by mmlm's own
-``datamodules.prefix_sentences`` (so both read ``[soft prompt; prompt; answer]``). A step = forward, backward,
+``datamodules.pipeline.prefix_sentences`` (so both read ``[soft prompt; prompt; answer]``). A step = forward, backward,
 optimizer step, zero grad.
 """
 
@@ -19,7 +19,7 @@ import torch
 from common import Scale, alternate, autocast, batches, device, row, step_times
 from transformers import Blip2Config, Blip2ForConditionalGeneration
 
-from datamodules.prefix_sentences import to_sentences
+from datamodules.pipeline.prefix_sentences import to_sentences
 from mmlm.batch import SentenceBatch
 from mmlm.models import Blip2
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer

@@ -1,7 +1,7 @@
 """Greedy generation throughput: ``Blip2.generate_text`` vs transformers' ``generate`` on the same model.
 
 The pair of :mod:`blip2_step` (one random HF BLIP-2, loaded into mmlm with ``Blip2.from_hf``), eval mode,
-the same VQA prompts (left-padded sentences that start with the image tokens, ``datamodules.prefix_sentences``, read by both).
+the same VQA prompts (left-padded sentences that start with the image tokens, ``datamodules.pipeline.prefix_sentences``, read by both).
 Both generate exactly ``new_tokens`` tokens per prompt (``min_new_tokens = max_new_tokens``, KV cache,
 greedy). mmlm's time includes decoding ids to strings (what ``generate_text`` returns); tokens/s = B ×
 new tokens / seconds.

@@ -4,7 +4,7 @@ Both sides read the same caption shards (resampled, same shuffle buffer), decode
 (centre box), normalise with ImageNet statistics, tokenize ``prompt + target`` and collate ids, labels and
 left-padded prompts. Samples/s are steady-state: the clock starts when the first batch arrives (worker
 start-up excluded, the same for both). A second row pair times the reduced-size JPEG decode
-(``Image.draft``) of :mod:`datamodules.transforms` against a full decode + resize on 256 px JPEGs.
+(``Image.draft``) of :mod:`datamodules.pipeline.transforms` against a full decode + resize on 256 px JPEGs.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from common import Scale, alternate, captions_glob, row
 from PIL import Image
 
 from datamodules import ImageTextDataModule, Source
-from datamodules.transforms import ImageTransform
-from datamodules.urls import expand_urls
+from datamodules.pipeline.transforms import ImageTransform
+from datamodules.pipeline.urls import expand_urls
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.tokenizers import load_tokenizer
 

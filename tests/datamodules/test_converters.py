@@ -13,9 +13,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from datamodules.converters import convert_gqa, convert_karpathy, convert_vqav2
+from datamodules.formats.converters import convert_gqa, convert_karpathy, convert_vqav2
 from datamodules.image_text import ImageTextDataModule, Source
-from datamodules.tools import inspect
+from datamodules.tools.make_shards import inspect
 from mmlm.app.cli import main
 from mmlm.metrics.vqa import vqa_accuracy
 from mmlm.tokenizers import train_word_tokenizer

@@ -15,14 +15,14 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from datamodules.document_tools import SPECIAL_TOKENS_FILE, convert_donut, read_ground_truths, read_metadata
-from datamodules.document_transforms import (
+from datamodules.documents import DocumentDataModule, DocumentSource
+from datamodules.formats.donut_folder import SPECIAL_TOKENS_FILE, read_ground_truths, read_metadata
+from datamodules.pipeline.document_transforms import (
     DocumentTransform,
     align_long_axis,
     shortest_edge_size,
     thumbnail_size,
 )
-from datamodules.documents import DocumentDataModule, DocumentSource
 from datamodules.synthetic.documents import (
     MARGIN,
     MENU,
@@ -37,6 +37,7 @@ from datamodules.synthetic.documents import (
     sample_style,
     write_documents,
 )
+from datamodules.tools.documents import convert_donut
 from mmlm.data_spec import DataSpec
 from mmlm.encoders.base import ImagePreprocess
 from mmlm.json_tokens import tokens_to_json

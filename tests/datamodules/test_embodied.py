@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from datamodules.embodied import EmbodiedDataModule, rewrite_markers
-from datamodules.shards import ShardWriter
+from datamodules.formats.shards import ShardWriter
 from datamodules.synthetic.tabletop import OBJECT_DIM, STATE_DIM, write_tabletop
 from mmlm.models.palme import OBJECT_TOKEN, STATE_TOKEN, palme_markers
 from mmlm.tokenizers import IMAGE_TOKEN

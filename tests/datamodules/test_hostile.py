@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.skips import SkipCounter, SkipSample, collecting_notes
+from datamodules.pipeline.skips import SkipCounter, SkipSample, collecting_notes
+from datamodules.pipeline.transforms import decode_image
 from datamodules.synthetic.hostile import COUNTED_AS, write_hostile
-from datamodules.transforms import decode_image
 from mmlm.app.cli import main
 from mmlm.app.reliability import DataReport, format_report
 

@@ -12,9 +12,9 @@ import webdataset as wds
 from PIL import Image
 
 from datamodules.interleaved import InterleavedDataModule, MixSource, document_segments
-from datamodules.interleaved_tools import convert
-from datamodules.skips import SkipSample, collecting_notes
+from datamodules.pipeline.skips import SkipSample, collecting_notes
 from datamodules.synthetic.interleaved import write_interleaved
+from datamodules.tools.interleaved import convert
 from mmlm.sentences import IGNORE_INDEX
 
 M = 3  # placeholders per image

@@ -25,12 +25,12 @@ import webdataset as wds
 from PIL import Image
 
 from datamodules import ImageTextDataModule, Source
+from datamodules.formats.outputs import InputError
 from datamodules.image_text import ExampleBuilder
 from datamodules.interleaved import InterleavedDataModule, MixSource, document_segments
-from datamodules.interleaved_tools import convert
-from datamodules.outputs import InputError
-from datamodules.skips import collecting_notes
-from datamodules.tools import make_shards
+from datamodules.pipeline.skips import collecting_notes
+from datamodules.tools.interleaved import convert
+from datamodules.tools.make_shards import make_shards
 from mmlm.app.cli import main
 from mmlm.tokenizers import train_word_tokenizer
 

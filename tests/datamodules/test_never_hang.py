@@ -20,7 +20,7 @@ import webdataset as wds
 import yaml
 
 from datamodules.base import WebDataModule
-from datamodules.loader import EmptyEpochError
+from datamodules.pipeline.loader import EmptyEpochError
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Seconds one CLI case may take: startup and model building take ~10 s here; a hang is killed at this limit.
@@ -113,7 +113,7 @@ class Keys(WebDataModule):
 
 
 def key_of(sample: dict, source: int) -> str:
-    from datamodules.skips import SkipSample
+    from datamodules.pipeline.skips import SkipSample
 
     if "txt" not in sample:
         raise SkipSample("empty")

@@ -11,8 +11,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from datamodules.outputs import OutputExistsError, prepare_output, write_summary
-from datamodules.tools import inspect, make_shards
+from datamodules.formats.outputs import OutputExistsError, prepare_output, write_summary
+from datamodules.tools.make_shards import inspect, make_shards
 from mmlm.app.cli import main
 from mmlm.app.data import data_parser
 

@@ -9,7 +9,7 @@ import pytest
 import webdataset as wds
 
 from datamodules.pairs import PairsDataModule, pair_label
-from datamodules.skips import SkipSample
+from datamodules.pipeline.skips import SkipSample
 from datamodules.synthetic.pairs import statement_with_label, write_pairs
 from datamodules.synthetic.shapes import Shape, captions_for
 from mmlm.batch import PairBatch

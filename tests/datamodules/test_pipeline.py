@@ -12,12 +12,12 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from datamodules.collate import IGNORE_INDEX, Example, collate_examples
 from datamodules.image_text import ImageTextDataModule, Source
-from datamodules.loader import SkipCountingLoader
-from datamodules.skips import SkipCounter
-from datamodules.streams import batches_per_rank
-from datamodules.transforms import ImageTransform, decode_image, to_rgb
+from datamodules.pipeline.collate import IGNORE_INDEX, Example, collate_examples
+from datamodules.pipeline.loader import SkipCountingLoader
+from datamodules.pipeline.skips import SkipCounter
+from datamodules.pipeline.streams import batches_per_rank
+from datamodules.pipeline.transforms import ImageTransform, decode_image, to_rgb
 from mmlm.batch import Batch
 from mmlm.tokenizers import train_word_tokenizer
 

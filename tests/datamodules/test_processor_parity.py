@@ -33,10 +33,10 @@ from transformers import (
 )
 
 from datamodules import ImageTextDataModule, Source
-from datamodules.converters import convert_vqav2
-from datamodules.document_transforms import DocumentTransform
 from datamodules.documents import DocumentDataModule
-from datamodules.transforms import ImageTransform, crop_box, decode_image, pixel_tensor
+from datamodules.formats.converters import convert_vqav2
+from datamodules.pipeline.document_transforms import DocumentTransform
+from datamodules.pipeline.transforms import ImageTransform, crop_box, decode_image, pixel_tensor
 from mmlm.convert.blip2_hf import CLIP_MEAN, CLIP_STD, image_preprocess
 from mmlm.encoders.base import ImagePreprocess, interpolation_of
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer

@@ -1,4 +1,4 @@
-"""Raw data sets read directly (``datamodules.raw``): the same samples and batches as the converted shards, for every
+"""Raw data sets read directly (``datamodules.formats.raw``): the same samples and batches as the converted shards, for every
 format; rank/worker split, skip counts and resume of raw sources; config-time checks; ``make-shards --val-fraction``;
 ``mmlm predict`` on a questions file + image folder (VQA) and on a plain image folder (Donut)."""
 
@@ -16,12 +16,12 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
-from datamodules.converters import convert_gqa, convert_karpathy, convert_vqav2
 from datamodules.documents import DocumentDataModule, DocumentSource
+from datamodules.formats.converters import convert_gqa, convert_karpathy, convert_vqav2
+from datamodules.formats.raw import RawSpec, chunked, load_index, open_url
 from datamodules.image_text import ImageTextDataModule, Source
-from datamodules.raw import RawSpec, chunked, load_index, open_url
-from datamodules.streams import tar_samples
-from datamodules.tools import make_shards
+from datamodules.pipeline.streams import tar_samples
+from datamodules.tools.make_shards import make_shards
 from mmlm.app.cli import main
 from mmlm.losses import IGNORE_INDEX
 from mmlm.piece_tokenizer import train_piece_tokenizer
@@ -310,7 +310,7 @@ def test_raw_source_resumes_exactly_after_a_position(tokenizer_dir, jsonl_source
 
 
 def test_index_is_read_once_per_process(jsonl_source, monkeypatch):
-    import datamodules.raw as raw
+    import datamodules.formats.raw as raw
 
     spec = jsonl_source.raw_spec()
     calls = []

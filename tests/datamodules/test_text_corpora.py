@@ -29,7 +29,7 @@ def test_text_files_round_trip_through_shards_into_batches(shapes_data, tmp_path
 
 
 def test_caption_shards_are_a_text_corpus_and_bad_samples_are_counted(shapes_data, tmp_path):
-    from datamodules.shards import ShardWriter
+    from datamodules.formats.shards import ShardWriter
 
     dm = TextDataModule(val_urls=str(shapes_data / "val" / "captions-*.tar"), tokenizer=str(shapes_data / "tokenizer"),
                         batch_size=4, max_text_tokens=6)
@@ -64,7 +64,7 @@ LONG = " ".join(f"sentence {i} says a red </s> circle is <pad> round." for i in 
 def test_a_long_document_continues_in_the_next_rows_with_no_text_lost(tmp_path):
     from byte_tokenizers import byte_bpe_tokenizer
 
-    from datamodules.shards import ShardWriter
+    from datamodules.formats.shards import ShardWriter
     from mmlm.sentences import text_ids
 
     tok = byte_bpe_tokenizer([LONG], out_dir=tmp_path / "tok")

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from datamodules.tools import inspect, make_shards, print_inspection
+from datamodules.tools.make_shards import inspect, make_shards, print_inspection
 
 
 def save_image(path: Path, mode: str = "RGB", color=(0, 128, 255), fmt: str | None = None) -> str:

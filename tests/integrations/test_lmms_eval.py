@@ -222,7 +222,7 @@ def requests(kind: str, rows: list[tuple[str, str]], picture: Image.Image) -> li
 def hand_loglikelihood(model, picture: Image.Image, context: str, continuation: str) -> tuple[float, bool, int]:
     """``log p(continuation | image, [bos] context)`` from the LM's logits over the Frozen prefix, by hand; whether
     it is greedy; its number of tokens."""
-    from datamodules.transforms import ImageTransform
+    from datamodules.pipeline.transforms import ImageTransform
     from mmlm.inference import image_bytes
 
     tok = model.tokenizer

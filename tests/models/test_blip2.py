@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
-from datamodules.prefix_sentences import to_sentences
+from datamodules.pipeline.prefix_sentences import to_sentences
 from mmlm.batch import Batch, SentenceBatch
 from mmlm.encoders import HFVisionEncoder
 from mmlm.fusion import targets_only

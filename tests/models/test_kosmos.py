@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from datamodules.interleaved import InterleavedDataModule, MixSource
-from datamodules.packing import collate_rows
+from datamodules.pipeline.packing import collate_rows
 from datamodules.synthetic.interleaved import write_interleaved
 from mmlm.connectors import Resampler
 from mmlm.encoders import TimmEncoder

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from datamodules.prefix_sentences import to_sentences
+from datamodules.pipeline.prefix_sentences import to_sentences
 from mmlm.encoders import TimmEncoder
 from mmlm.encoders.text import TransformerTextEncoder
 from mmlm.fewshot import support_examples

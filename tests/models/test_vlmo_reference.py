@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mmlm.encoders.mome import MoMETransformer, MultiwayRelPosBias
-from mmlm.masking import mask_tokens, word_starts
+from mmlm.mlm_masking import mask_tokens, word_starts
 from mmlm.models.vlmo import VLMOStage2, continuation_pieces
 from mmlm.models.vlmo_stage3 import VLMOStage3
 from mmlm.models.vlmo_tasks import VLMONLVR2, VLMOVQA

@@ -17,7 +17,7 @@ Hostile inputs: zero-byte data is skipped as ``empty_image``, undecodable or tru
 ``bad_image``, an image with more than ``max_pixels`` pixels (checked from the header, before
 any pixel is decoded: a decompression bomb) as ``image_too_large``. Every conversion to RGB is
 counted as ``converted_<kind>`` (``grayscale``, ``cmyk``, ``alpha``, ``16bit``, ``palette``…)
-through :func:`datamodules.skips.note`.
+through :func:`datamodules.pipeline.skips.note`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as tvF
 
-from datamodules.skips import SkipSample, note
+from datamodules.pipeline.skips import SkipSample, note
 from mmlm.encoders.base import INTERPOLATIONS, RESIZE_MODES, ImagePreprocess, check_choice
 
 #: Errors PIL raises for corrupt or truncated images.

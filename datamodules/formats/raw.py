@@ -10,8 +10,8 @@ url ::
 
 and :func:`open_url` (the opener that ``ImageTextDataModule`` and ``DocumentDataModule`` pass to their pipelines;
 nothing is registered globally) serves it as an in-memory tar of the chunk's samples. These are the samples the converters write into shards,
-built by the same functions (:func:`datamodules.converters.item_sample`,
-:func:`datamodules.tools.record_problem`, :func:`datamodules.document_tools.raw_sample`): same keys, same
+built by the same functions (:func:`datamodules.formats.converters.item_sample`,
+:func:`datamodules.tools.make_shards.record_problem`, :func:`datamodules.formats.donut_folder.raw_sample`): same keys, same
 ``jpg`` bytes, same ``json`` member. So raw files get the rank/worker split, shuffling, mixing, skip counts
 and exact resume of shards, and give the same batches.
 
@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from datamodules.converters import (
+from datamodules.formats.captions import Record, coco_records, lavis_records, read_records, record_problem
+from datamodules.formats.converters import (
     IMAGE_CACHE,
     VQA_IMAGE_PATTERN,
     Item,
@@ -47,10 +48,15 @@ from datamodules.converters import (
     load_json,
     vqav2_items,
 )
-from datamodules.document_tools import METADATA, MetadataLine, image_extension, raw_sample, read_metadata
-from datamodules.skips import SkipSample
-from datamodules.streams import open_shard
-from datamodules.tools import Record, coco_records, lavis_records, read_records, record_problem
+from datamodules.formats.donut_folder import (
+    METADATA,
+    MetadataLine,
+    image_extension,
+    raw_sample,
+    read_metadata,
+)
+from datamodules.pipeline.skips import SkipSample
+from datamodules.pipeline.streams import open_shard
 
 SCHEME = "mmlm-raw"
 Sample = dict[str, Any]
@@ -86,7 +92,7 @@ class RawSpec:
         split: Karpathy split(s) (``"train"`` = train + restval, a tuple = exactly those; default ``"test"``), or
             the ``{split}`` of a VQA ``image_pattern`` (default: the questions file's ``data_subtype``).
         image_pattern: VQA image file name with ``{split}`` and ``{image_id}`` (default
-            :data:`~datamodules.converters.VQA_IMAGE_PATTERN`).
+            :data:`~datamodules.formats.converters.VQA_IMAGE_PATTERN`).
     """
 
     format: str
@@ -177,7 +183,7 @@ def raise_if_skipped(sample: Sample) -> None:
         raise SkipSample(reason, detail)
 
 
-#: An :class:`~datamodules.converters.Item` packed as ``(image path, json.dumps(meta), text, skip, detail)``.
+#: An :class:`~datamodules.formats.converters.Item` packed as ``(image path, json.dumps(meta), text, skip, detail)``.
 PackedItem = tuple[str, bytes, "str | None", str, str]
 
 

@@ -1,10 +1,10 @@
-"""The loader: a ``DataLoader`` over a :class:`~datamodules.pipeline.ShardPipeline` that tallies skips, keeps the
+"""The loader: a ``DataLoader`` over a :class:`~datamodules.pipeline.shard_pipeline.ShardPipeline` that tallies skips, keeps the
 data position for exact resume and refuses empty training epochs.
 
-:class:`SkipCountingLoader` runs in the main process: it adds each :class:`~datamodules.skips.CountedBatch`'s
-counts to the data module's :class:`~datamodules.skips.SkipCounter` and hands only ``item.batch`` on.
+:class:`SkipCountingLoader` runs in the main process: it adds each :class:`~datamodules.pipeline.skips.CountedBatch`'s
+counts to the data module's :class:`~datamodules.pipeline.skips.SkipCounter` and hands only ``item.batch`` on.
 
-Exact resume: each batch carries its worker's position after it (:class:`datamodules.streams.WorkerStream`). The
+Exact resume: each batch carries its worker's position after it (:class:`datamodules.pipeline.streams.WorkerStream`). The
 loader keeps the position of the last batch the trainer consumed per worker and returns it from ``state_dict()``
 (Lightning stores it in the checkpoint as the fit loop's ``combined_loader`` state, the data module in its own);
 ``load_state_dict()`` makes the next ``iter()`` of the same epoch continue after the last consumed batch. See
@@ -25,8 +25,8 @@ from typing import Any
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from datamodules.pipeline import ShardPipeline
-from datamodules.skips import CountedBatch, SkipCounter, counts_since
+from datamodules.pipeline.shard_pipeline import ShardPipeline
+from datamodules.pipeline.skips import CountedBatch, SkipCounter, counts_since
 
 log = logging.getLogger(__name__)
 

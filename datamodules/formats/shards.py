@@ -1,7 +1,7 @@
 """Writing shard sets: the one writer shared by the converters and the synthetic generators.
 
 The writer never deletes anything: a tool's output folder is checked and emptied of that tool's own earlier files
-by :mod:`datamodules.outputs` (a folder of someone else's shards is refused, not cleaned).
+by :mod:`datamodules.formats.outputs` (a folder of someone else's shards is refused, not cleaned).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class ShardWriter:
     same samples give byte-identical shards.
 
     Args:
-        directory: output folder (must exist; prepared by :func:`datamodules.outputs.prepare_output`).
+        directory: output folder (must exist; prepared by :func:`datamodules.formats.outputs.prepare_output`).
         shard_size: samples per shard.
         prefix: shard name prefix, e.g. ``"vqa-"`` → ``vqa-00000.tar``.
     """

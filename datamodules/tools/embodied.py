@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from datamodules.shard_tools import add_synthetic_arguments
+from datamodules.tools.general import add_synthetic_arguments
 
 DEFAULT_TRAIN = 8000  # sentences; scripts/palme_tiny.py uses the same sizes
 DEFAULT_VAL = 400

@@ -6,7 +6,7 @@ used after a repair is counted as a *note* whose name starts with :data:`CONVERT
 ``converted_missing_image``…); conversions are reported apart from skips.
 
 Counts cross the process boundary *with the batches*: every DataLoader worker yields :class:`CountedBatch` items (a
-collated batch plus the counts since the worker's previous item), and :class:`datamodules.loader.SkipCountingLoader`
+collated batch plus the counts since the worker's previous item), and :class:`datamodules.pipeline.loader.SkipCountingLoader`
 adds each item's counts to the data module's counter and hands only ``item.batch`` on. Counts of samples skipped
 after a worker's last batch travel in one final item whose ``batch`` is ``None``; the loader swallows it.
 
@@ -14,7 +14,7 @@ Notes are collected explicitly, one sample at a time. A decoder deep inside an e
 (``transforms.to_rgb``, ``interleaved.available_image``, the k-shot demo picker) calls :func:`note`; the note is
 added to the counter of the innermost enclosing ``with collecting_notes(counter):`` block, and dropped when no block
 is open (``mmlm data make-shards`` calls ``to_rgb`` outside any pipeline). The pipeline
-(:meth:`datamodules.pipeline.ShardPipeline._examples`) opens a fresh block around each ``to_example`` call and adds
+(:meth:`datamodules.pipeline.shard_pipeline.ShardPipeline._examples`) opens a fresh block around each ``to_example`` call and adds
 its counts to the worker's counter only when the sample became an example, so the notes of a skipped sample are
 dropped with it. The open block is found through a :class:`contextvars.ContextVar` that holds no counts itself: it
 is set and reset around that one call (never across a ``yield``), so no counter outlives its sample, and pipelines,
@@ -98,7 +98,7 @@ def collecting_notes(counter: SkipCounter | None = None) -> Iterator[SkipCounter
 def note(event: str) -> None:
     """Count a non-fatal event of the sample being decoded, e.g. ``note("converted_cmyk")``.
 
-    Called by decoders (``datamodules.transforms``, ``datamodules.interleaved``); the event goes to the counter of
+    Called by decoders (``datamodules.pipeline.transforms``, ``datamodules.interleaved``); the event goes to the counter of
     the enclosing :func:`collecting_notes` block, which the pipeline opens per sample; without one it is dropped.
     """
     counter = _COLLECTOR.get()

@@ -10,11 +10,11 @@
 
 Every converter writes ``{out}/00000.tar, …`` with keys ``f"{i:09d}"`` (``i``: the item's position in the input,
 so a skipped item leaves a gap) through
-:class:`~datamodules.shards.ShardWriter`, a ``jpg`` member per sample (JPEG files byte for byte,
+:class:`~datamodules.formats.shards.ShardWriter`, a ``jpg`` member per sample (JPEG files byte for byte,
 other formats re-encoded as RGB JPEG), a ``json`` member (plus ``txt`` for captions) and
 ``{out}/summary.json``; unusable inputs (missing image file, question without annotation, …) are
 skipped and counted by reason, never a crash. The item builders (:func:`vqav2_items`, :func:`gqa_items`,
-:func:`karpathy_items`) and :func:`item_sample` also serve the raw files directly (:mod:`datamodules.raw`), giving
+:func:`karpathy_items`) and :func:`item_sample` also serve the raw files directly (:mod:`datamodules.formats.raw`), giving
 the same samples byte for byte. See ``docs/data-formats.md``.
 """
 
@@ -32,10 +32,10 @@ from typing import Any
 from PIL import Image
 from rich.progress import track
 
-from datamodules.outputs import check_output, prepare_output, write_summary
-from datamodules.shards import ShardWriter
-from datamodules.tools import jpeg_bytes
-from datamodules.transforms import DECODE_ERRORS
+from datamodules.formats.captions import jpeg_bytes
+from datamodules.formats.outputs import check_output, prepare_output, write_summary
+from datamodules.formats.shards import ShardWriter
+from datamodules.pipeline.transforms import DECODE_ERRORS
 
 VQA_IMAGE_PATTERN = "COCO_{split}_{image_id:012d}.jpg"
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
@@ -83,7 +83,7 @@ def image_member(path: Path) -> bytes:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        OSError, ValueError…: (:data:`~datamodules.transforms.DECODE_ERRORS`) it is not an image.
+        OSError, ValueError…: (:data:`~datamodules.pipeline.transforms.DECODE_ERRORS`) it is not an image.
     """
     data = path.read_bytes()
     with Image.open(io.BytesIO(data)) as image:
@@ -96,7 +96,7 @@ def item_sample(item: Item, read: Callable[[Path], bytes], index: int) -> tuple[
     """``(sample, "", "")`` for a usable item, else ``(None, reason, detail)``.
 
     The sample (key ``f"{index:09d}"``, ``index`` = the item's position in its input) is what a shard holds and
-    what :mod:`datamodules.raw` serves for the raw files, so both give the same bytes.
+    what :mod:`datamodules.formats.raw` serves for the raw files, so both give the same bytes.
     """
     if item.skip:
         return None, item.skip, item.detail
@@ -117,7 +117,7 @@ def item_sample(item: Item, read: Callable[[Path], bytes], index: int) -> tuple[
 def write_items(items: Sequence[Item], out: str | Path, info: dict[str, Any], shard_size: int,
                 progress: bool, overwrite: bool = False) -> dict[str, Any]:
     """Write ``items`` as shards under ``out`` and ``summary.json``; ``out`` must be empty unless ``overwrite``
-    (then only an earlier run's own files are replaced: :func:`datamodules.outputs.prepare_output`).
+    (then only an earlier run's own files are replaced: :func:`datamodules.formats.outputs.prepare_output`).
 
     Returns:
         ``info`` plus ``items`` (inputs considered), ``samples``, ``shards``, ``urls`` (brace pattern,
@@ -242,7 +242,7 @@ def vqav2_items(data: Any, questions_json: str | Path, annotations_json: str | P
                 image_pattern: str = VQA_IMAGE_PATTERN, split: str | None = None) -> tuple[list[Item], dict[str, Any]]:
     """The items (one per question, in file order) and summary info of a parsed VQA questions file ``data``.
 
-    Arguments as :func:`convert_vqav2`; shared by it and the raw reader (:mod:`datamodules.raw`).
+    Arguments as :func:`convert_vqav2`; shared by it and the raw reader (:mod:`datamodules.formats.raw`).
     """
     rows = vqa_questions(data, questions_json)
     split = split if split is not None else vqa_image_split(str(data.get("data_subtype") or ""))
@@ -378,7 +378,7 @@ def karpathy_items(data: Any, karpathy_json: str | Path, image_root: str | Path,
                    per_caption: bool = False) -> tuple[list[Item], dict[str, Any]]:
     """The items (images of the chosen splits, in file order) and summary info of a parsed Karpathy split file.
 
-    Arguments as :func:`convert_karpathy`; shared by it and the raw reader (:mod:`datamodules.raw`).
+    Arguments as :func:`convert_karpathy`; shared by it and the raw reader (:mod:`datamodules.formats.raw`).
     """
     splits = karpathy_splits(split)
     images = data.get("images") if isinstance(data, dict) else None

@@ -96,7 +96,7 @@ def packed_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
 def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     """``segment_ids [B, T]`` → ``position_ids [B, T]`` restarting at 0 for each packed sample (0 on padding).
 
-    Segments must be contiguous runs (as :func:`datamodules.packing.collate_rows` writes them).
+    Segments must be contiguous runs (as :func:`datamodules.pipeline.packing.collate_rows` writes them).
     """
     index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
     starts = segment_ids != torch.nn.functional.pad(segment_ids, (1, 0), value=-1)[:, :-1]

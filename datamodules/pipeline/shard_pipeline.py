@@ -3,13 +3,13 @@
 
 Data flow inside one DataLoader worker (all stages are plain generators)::
 
-    shard urls ─► rank split ─► worker split ─► tar reader ─► weighted mix of sources      (datamodules.streams)
+    shard urls ─► rank split ─► worker split ─► tar reader ─► weighted mix of sources      (datamodules.pipeline.streams)
       ─► shuffle buffer (raw bytes) ─► to_example (decode; bad samples skipped + counted)
-      ─► batches of examples ─► collate ─► CountedBatch(batch, skipped-since-last-batch)  (datamodules.skips)
+      ─► batches of examples ─► collate ─► CountedBatch(batch, skipped-since-last-batch)  (datamodules.pipeline.skips)
 
-The items reach the trainer through :class:`datamodules.loader.SkipCountingLoader`, which unwraps them. Every sample
-is decoded inside a :func:`datamodules.skips.collecting_notes` block of its own, so the conversions a decoder notes
-are counted only for samples that became examples. Urls are expanded and checked by :mod:`datamodules.urls`.
+The items reach the trainer through :class:`datamodules.pipeline.loader.SkipCountingLoader`, which unwraps them. Every sample
+is decoded inside a :func:`datamodules.pipeline.skips.collecting_notes` block of its own, so the conversions a decoder notes
+are counted only for samples that became examples. Urls are expanded and checked by :mod:`datamodules.pipeline.urls`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from datamodules.skips import (
+from datamodules.pipeline.skips import (
     MAX_CONSECUTIVE_SKIPS,
     CountedBatch,
     SkipCounter,
@@ -29,7 +29,7 @@ from datamodules.skips import (
     collecting_notes,
     log_skip,
 )
-from datamodules.streams import (
+from datamodules.pipeline.streams import (
     Opener,
     Sample,
     WorkerStream,
@@ -39,9 +39,9 @@ from datamodules.streams import (
     open_shard,
     split,
 )
-from datamodules.urls import check_local_shards, describe_urls, expand_urls, source_labels
+from datamodules.pipeline.urls import check_local_shards, describe_urls, expand_urls, source_labels
 
-#: ``(raw sample, index of its source) -> example``; raises :class:`~datamodules.skips.SkipSample` to drop it.
+#: ``(raw sample, index of its source) -> example``; raises :class:`~datamodules.pipeline.skips.SkipSample` to drop it.
 ExampleFn = Callable[[Sample, int], Any]
 #: ``list[example] -> batch``.
 CollateFn = Callable[[list[Any]], Any]
@@ -199,7 +199,7 @@ class ShardPipeline(IterableDataset):
     def _examples(self, samples: Iterable[Sample], counter: SkipCounter) -> Iterator[Any]:
         """Apply ``to_example``; count and log skipped samples, raise after too many in a row.
 
-        Each sample is decoded in its own :func:`~datamodules.skips.collecting_notes` block: its notes
+        Each sample is decoded in its own :func:`~datamodules.pipeline.skips.collecting_notes` block: its notes
         (``converted_*``) are added to ``counter`` when it becomes an example and dropped when it is skipped.
         """
         in_a_row = 0

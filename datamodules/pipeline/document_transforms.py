@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms.v2 import functional as tvF
 
-from datamodules.transforms import Normalize, decode_image, pixel_tensor, resize_pixels
+from datamodules.pipeline.transforms import Normalize, decode_image, pixel_tensor, resize_pixels
 from mmlm.encoders.base import INTERPOLATIONS, check_choice
 
 

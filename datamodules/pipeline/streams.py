@@ -22,10 +22,10 @@ from typing import IO, TYPE_CHECKING, Any
 
 import webdataset as wds
 
-from datamodules.skips import TAR_ERROR, SkipCounter
+from datamodules.pipeline.skips import TAR_ERROR, SkipCounter
 
 if TYPE_CHECKING:
-    from datamodules.pipeline import ShardPipeline
+    from datamodules.pipeline.shard_pipeline import ShardPipeline
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from datamodules.pipeline.transforms import MAX_IMAGE_PIXELS
 from datamodules.synthetic.shapes import DEFAULT_TRAIN_IMAGES, DEFAULT_VAL_IMAGES
-from datamodules.transforms import MAX_IMAGE_PIXELS
 
 
 def add_synthetic_arguments(tool: argparse.ArgumentParser, unit: str, train: int | None, val: int | None,
@@ -43,7 +43,7 @@ def add_data_tools(sub: argparse._SubParsersAction) -> None:
 
 def add_make_shards(sub: argparse._SubParsersAction) -> None:
     """``make-shards``: captions files (jsonl/tsv, COCO or LAVIS JSON, LAION/img2dataset parquet) + images → shards."""
-    from datamodules.tools import FORMATS
+    from datamodules.formats.captions import FORMATS
 
     make = sub.add_parser("make-shards", help="convert captions (jsonl/tsv, COCO or LAVIS JSON, parquet) + images to "
                                               "shards")
@@ -67,7 +67,7 @@ def add_make_shards(sub: argparse._SubParsersAction) -> None:
 
 
 def add_converters(sub: argparse._SubParsersAction) -> None:
-    """The ``convert-…`` tools: public data sets' official files → shards (:mod:`datamodules.converters`)."""
+    """The ``convert-…`` tools: public data sets' official files → shards (:mod:`datamodules.formats.converters`)."""
     vqa = sub.add_parser("convert-vqav2", help="VQAv2 / OK-VQA questions (+ annotations) and COCO images → VQA shards")
     vqa.add_argument("--questions", required=True, help="[v2_]OpenEnded_mscoco_{split}_questions.json")
     vqa.add_argument("--annotations", default=None, help="[v2_]mscoco_{split}_annotations.json (omit for test-dev/test)")
@@ -102,8 +102,8 @@ def synth_shapes(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def make_shards(args: argparse.Namespace) -> dict[str, Any]:
-    """``mmlm data make-shards``: :func:`~datamodules.tools.make_shards`."""
-    from datamodules.tools import make_shards as write
+    """``mmlm data make-shards``: :func:`~datamodules.tools.make_shards.make_shards`."""
+    from datamodules.tools.make_shards import make_shards as write
 
     return write(args.input, args.out, fmt=args.format, shard_size=args.shard_size, image_root=args.images,
                  val_fraction=args.val_fraction, max_pixels=args.max_pixels or None, image_map=args.image_map,
@@ -112,29 +112,29 @@ def make_shards(args: argparse.Namespace) -> dict[str, Any]:
 
 def inspect_shards(args: argparse.Namespace) -> None:
     """``mmlm data inspect``: prints counts, keys and the first samples (no summary to return)."""
-    from datamodules.tools import inspect, print_inspection
+    from datamodules.tools.make_shards import inspect, print_inspection
 
     print_inspection(inspect(args.urls, n=args.n))
 
 
 def convert_vqav2(args: argparse.Namespace) -> dict[str, Any]:
-    """``mmlm data convert-vqav2``: :func:`~datamodules.converters.convert_vqav2`."""
-    from datamodules.converters import convert_vqav2 as convert
+    """``mmlm data convert-vqav2``: :func:`~datamodules.formats.converters.convert_vqav2`."""
+    from datamodules.formats.converters import convert_vqav2 as convert
 
     return convert(args.questions, args.annotations, args.images, args.out, shard_size=args.shard_size,
                    image_pattern=args.image_pattern, split=args.split, overwrite=args.overwrite)
 
 
 def convert_gqa(args: argparse.Namespace) -> dict[str, Any]:
-    """``mmlm data convert-gqa``: :func:`~datamodules.converters.convert_gqa`."""
-    from datamodules.converters import convert_gqa as convert
+    """``mmlm data convert-gqa``: :func:`~datamodules.formats.converters.convert_gqa`."""
+    from datamodules.formats.converters import convert_gqa as convert
 
     return convert(args.questions, args.images, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
 
 
 def convert_karpathy(args: argparse.Namespace) -> dict[str, Any]:
-    """``mmlm data convert-karpathy``: :func:`~datamodules.converters.convert_karpathy`."""
-    from datamodules.converters import convert_karpathy as convert
+    """``mmlm data convert-karpathy``: :func:`~datamodules.formats.converters.convert_karpathy`."""
+    from datamodules.formats.converters import convert_karpathy as convert
 
     split = args.split[0] if len(args.split) == 1 else args.split
     return convert(args.karpathy_json, args.images, args.out, split=split, shard_size=args.shard_size,

@@ -6,14 +6,14 @@ import argparse
 import json
 from typing import Any
 
-from datamodules.shard_tools import add_synthetic_arguments
+from datamodules.tools.general import add_synthetic_arguments
 
 
 def read_vqa_answers(urls: str) -> list[list[str]]:
     """The human answers of every sample of VQA shards (brace pattern or glob), in shard order."""
     import webdataset as wds
 
-    from datamodules.urls import expand_urls
+    from datamodules.pipeline.urls import expand_urls
 
     return [json.loads(sample["json"]).get("answers", [])
             for sample in wds.WebDataset(expand_urls(urls), shardshuffle=False)]
@@ -21,7 +21,7 @@ def read_vqa_answers(urls: str) -> list[list[str]]:
 
 def vqa_answers_main(args: argparse.Namespace) -> dict[str, Any]:
     """Write the answer vocabulary of ``args.urls`` to ``args.out`` (a JSON list, most frequent first)."""
-    from datamodules.outputs import prepare_output_file
+    from datamodules.formats.outputs import prepare_output_file
     from mmlm.metrics.vqa import build_answer_vocab
 
     out = prepare_output_file(args.out, args.overwrite)
@@ -49,4 +49,4 @@ def add_data_tools(sub: argparse._SubParsersAction) -> None:
     answers.add_argument("--out", required=True, help="output .json file")
     answers.add_argument("--min-count", type=int, default=1, help="drop answers given fewer times")
     answers.add_argument("--max-size", type=int, default=None, help="keep at most this many answers")
-    answers.set_defaults(run=vqa_answers_main, output="file")  # --out is a file (datamodules.outputs)
+    answers.set_defaults(run=vqa_answers_main, output="file")  # --out is a file (datamodules.formats.outputs)

@@ -1,7 +1,7 @@
 """Image + prompt + target examples as multimodal sentences: the input of the prefix families (Frozen, BLIP-2,
 MetaLM) and of the text-only LM, in the same :class:`~mmlm.batch.SentenceBatch` as KOSMOS-1 and PaLM-E.
 
-A collated :class:`~mmlm.batch.Batch` (``datamodules.collate``) becomes a sentence batch whose every row starts with
+A collated :class:`~mmlm.batch.Batch` (``datamodules.pipeline.collate``) becomes a sentence batch whose every row starts with
 one image span of ``M`` placeholders (``M`` = the model's connector output length; 0: text-only sentences)::
 
     input_ids  = <image>×M [bos]? prompt target eos pad…        spans:        [Span("image", b, 0, M)]
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from datamodules.collate import pad_id
+from datamodules.pipeline.collate import pad_id
 from mmlm.batch import Batch, SentenceBatch
 from mmlm.fewshot import with_demonstrations
 from mmlm.fusion import prepend_placeholders
@@ -65,7 +65,7 @@ class PrefixSentences:
     :func:`as_sentences`, then ``shots`` in-batch demonstrations before each prompt (evaluation only).
 
     Attributes:
-        collate: the :class:`Batch` collator (``datamodules.collate.Collator`` or the cached-features one).
+        collate: the :class:`Batch` collator (``datamodules.pipeline.collate.Collator`` or the cached-features one).
         image_tokens: M placeholders per image (0: text-only sentences).
         placeholder_id: the image placeholder's id (``None`` when ``image_tokens`` is 0).
         pad_id: the tokenizer's padding id (few-shot prompts are re-padded).

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datamodules.downloads import UrlImages, is_parquet, parquet_rows, url_images
-from datamodules.outputs import check_output, prepare_output, write_summary
-from datamodules.shard_tools import add_synthetic_arguments
-from datamodules.shards import ShardWriter
+from datamodules.formats.downloads import UrlImages, is_parquet, parquet_rows, url_images
+from datamodules.formats.outputs import check_output, prepare_output, write_summary
+from datamodules.formats.shards import ShardWriter
+from datamodules.tools.general import add_synthetic_arguments
 
 IMAGE_TYPES = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp"}
 
@@ -104,7 +104,7 @@ def input_problem(path: Path) -> str | None:
 @dataclass
 class ImageFinder:
     """Finds a document's image: a ``data:`` URI, a local path (under ``folder``), or a URL downloaded beforehand
-    (``urls``: an img2dataset folder or url → file map, :mod:`datamodules.downloads`)."""
+    (``urls``: an img2dataset folder or url → file map, :mod:`datamodules.formats.downloads`)."""
 
     folder: Path
     urls: UrlImages | None = None
@@ -203,12 +203,12 @@ def convert(path: str | Path, out: str | Path, layout: str, images: str | Path |
 
     Args:
         path: the input file.
-        out: output folder; must be empty unless ``overwrite`` (:mod:`datamodules.outputs`).
+        out: output folder; must be empty unless ``overwrite`` (:mod:`datamodules.formats.outputs`).
         layout: ``"obelics"`` or ``"mmc4"``.
         images: folder that image paths are relative to (default: the input's folder), or an img2dataset download
             folder whose parquet maps image URLs to the downloaded files.
         shard_size: documents per shard.
-        image_map: a url → file map (:mod:`datamodules.downloads`), read before ``images``.
+        image_map: a url → file map (:mod:`datamodules.formats.downloads`), read before ``images``.
         overwrite: replace an earlier run's files in ``out``.
     """
     path = Path(path)
