@@ -287,6 +287,36 @@ def bert_init(module: nn.Module, std: float = 0.02) -> None:
         nn.init.zeros_(module.bias)
 
 
+@torch.no_grad()
+def cross_attention_maps(qformer: QFormer, image_embeds: torch.Tensor,
+                         image_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention weights of every cross-attention layer of ``qformer`` over the image tokens, for its queries.
+
+    ``image_embeds [B, N, Dv]`` (``image_mask [B, N]``) → ``[B, L, heads, M, N]`` with ``L`` the cross-attention
+    layers; each row sums to 1. The forward pass is the ordinary one (fused attention): hooks record each
+    cross-attention's query input and image context, and the weights ``softmax(q kᵀ / √d)`` are recomputed from them,
+    so the Q-Former's own code and outputs are untouched.
+    """
+    records: list[torch.Tensor] = []
+
+    def record(module: QFormerAttention, args: tuple[Any, ...]) -> None:
+        x, context, mask = (list(args) + [None, None])[:3]
+        q, k = module._heads(module.q(x)), module._heads(module.k(context))
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # [B, heads, M, N]
+        if mask is not None:
+            scores = scores.masked_fill(~mask.bool().unsqueeze(1), float("-inf"))
+        records.append(scores.softmax(-1))
+
+    hooks = [layer.cross_attn.register_forward_pre_hook(record) for layer in qformer.layers
+             if layer.cross_attn is not None]
+    try:
+        qformer(image_embeds, image_mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(records, dim=1)
+
+
 class QFormerConnector(nn.Module):
     """BLIP-2 stage-2 soft prompt: Q-Former over the image tokens → Linear(H, out_dim).
 
