@@ -41,6 +41,8 @@ DEFAULT_MAX_EXAMPLES = 200
 #: Longest side of an embedded image, in pixels (documents: :data:`DOCUMENT_SIDE`).
 THUMBNAIL_SIDE = 256
 DOCUMENT_SIDE = 720
+#: Examples that get attention maps with ``--attention`` (each one a pass of the model).
+MAX_ATTENTION_EXAMPLES = 24
 #: Unigram F1 from which a caption that matches no reference counts as ``partial`` (:func:`caption_score`).
 CAPTION_PARTIAL = 0.5
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -212,13 +214,18 @@ def find_samples(shard_sets: Sequence[ShardSet], wanted: set[str], id_fields: tu
     return found
 
 
+def image_of(sample: dict[str, Any] | None) -> bytes | None:
+    """The encoded bytes of the sample's first image member (``jpg``, ``png``, ``img1.png`` …), ``None`` if none."""
+    return next((v for k, v in sorted((sample or {}).items()) if k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+                 and isinstance(v, bytes) and v), None)
+
+
 def thumbnail(sample: dict[str, Any] | None, side: int) -> str:
     """The sample's image (its first member named ``*.jpg``/``png``/…) as a ``data:`` URI (JPEG, or PNG with
     transparency), longest side at most ``side``; ``""`` when it has none or it does not decode."""
     from PIL import Image, UnidentifiedImageError
 
-    data = next((v for k, v in sorted((sample or {}).items()) if k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
-                 and isinstance(v, bytes) and v), None)  # jpg, png, img1.png (the first image of several)
+    data = image_of(sample)
     if data is None:
         return ""
     try:
@@ -395,17 +402,18 @@ def task_examples(files: Sequence[ResultFile], stage: str, step: int, max_exampl
 
 
 def gallery_rows(records: dict[str, list[dict]], shard_sets: Sequence[ShardSet],
-                 prompts: dict[str, str] | None = None) -> list[GalleryRow]:
-    """Each task's rows joined with their samples (found in ``shard_sets``) and built into gallery rows;
-    ``prompts``: a prompt per task where the samples do not carry one (the caption prompt)."""
-    rows: list[GalleryRow] = []
+                 prompts: dict[str, str] | None = None) -> list[tuple[GalleryRow, Example]]:
+    """Each task's rows joined with their samples (found in ``shard_sets``) and built into gallery rows, each with
+    its example; ``prompts``: a prompt per task where the samples do not carry one (the caption prompt)."""
+    rows: list[tuple[GalleryRow, Example]] = []
     for task, task_records in records.items():
         spec = TASKS[task]
         ids = [str(r.get(spec.row_id, r.get("id", ""))) for r in task_records]
         found = find_samples(shard_sets, set(ids), spec.sample_ids, spec.kinds)
         shown = [str(r.get("id", i)) if task == "documents" else i for i, r in zip(ids, task_records)]
-        rows += [spec.build(Example(s, r, found.get(i), (prompts or {}).get(task, "")))
-                 for s, i, r in zip(shown, ids, task_records)]
+        examples = [Example(s, r, found.get(i), (prompts or {}).get(task, "")) for s, i, r in zip(shown, ids,
+                                                                                                  task_records)]
+        rows += [(spec.build(e), e) for e in examples]
     return rows
 
 
@@ -466,8 +474,26 @@ def search_bases(log_dir: Path) -> list[Path]:
     return [Path.cwd(), *log_dir.resolve().parents]
 
 
-def build_page(log_dir: Path, stage: str | None = None, max_examples: int = DEFAULT_MAX_EXAMPLES) -> Page:
-    """Collect the run's metrics, curves and examples into a :class:`Page` (see the module docstring)."""
+def add_attention(report: Page, rows: Sequence[tuple[GalleryRow, Example]], log_dir: Path,
+                  config: dict[str, Any]) -> None:
+    """Draw the Q-Former's attention per query under the first :data:`MAX_ATTENTION_EXAMPLES` images
+    (:mod:`mmlm.app.report_attention`), or say why there is none."""
+    from mmlm.app.report_attention import QueryAttention
+
+    attention = QueryAttention.from_run(log_dir, config)
+    if attention is None:
+        report.subtitle.append("no attention maps: no checkpoint of a model with a Q-Former (BLIP-2) in this run")
+        return
+    drawn = [(row, image) for row, example in rows if (image := image_of(example.sample))][:MAX_ATTENTION_EXAMPLES]
+    for row, image in drawn:
+        row.extra = attention.overlays(image)
+    report.subtitle.append(f"attention maps: Q-Former cross-attention per query under {len(drawn)} images")
+
+
+def build_page(log_dir: Path, stage: str | None = None, max_examples: int = DEFAULT_MAX_EXAMPLES,
+               attention: bool = False) -> Page:
+    """Collect the run's metrics, curves and examples into a :class:`Page` (see the module docstring);
+    ``attention``: also draw attention maps (loads the run's checkpoint)."""
     config, files = read_config(log_dir), result_files(log_dir)
     chosen = latest(files, stage)
     metrics_file = training_metrics(log_dir, config)
@@ -483,8 +509,11 @@ def build_page(log_dir: Path, stage: str | None = None, max_examples: int = DEFA
         shard_sets = [ShardSet(expand_local(p, search_bases(log_dir)), kind) for p, kind in
                       stage_sources(config, evaluated)]
         prompt = ((config.get("data") or {}).get("init_args") or {}).get("caption_prompt")
-        rows = gallery_rows(task_examples(files, evaluated, step, max_examples), [s for s in shard_sets if s.urls],
-                            {"caption": prompt} if isinstance(prompt, str) else {})
+        joined = gallery_rows(task_examples(files, evaluated, step, max_examples), [s for s in shard_sets if s.urls],
+                              {"caption": prompt} if isinstance(prompt, str) else {})
+        rows = [row for row, _ in joined]
+        if attention:
+            add_attention(report, joined, log_dir, config)
         tables = metrics + breakdown_tables(files, evaluated, step) + (gallery_breakdown(rows) if rows else "")
         report.sections.append(Section("Metrics", f'<div class="tables">{tables}</div>', "metrics"))
     if curves:
@@ -499,12 +528,13 @@ def build_page(log_dir: Path, stage: str | None = None, max_examples: int = DEFA
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None, stage: str | None = None,
-                 max_examples: int = DEFAULT_MAX_EXAMPLES) -> Path:
+                 max_examples: int = DEFAULT_MAX_EXAMPLES, attention: bool = False) -> Path:
     """Write the report of ``run_dir`` (:func:`find_log_dir`) to ``out`` (default ``<log dir>/report.html``);
-    returns the path written. ``stage``: ``val``, ``test`` or ``predict`` (default: the newest predictions')."""
+    returns the path written. ``stage``: ``val``, ``test`` or ``predict`` (default: the newest predictions');
+    ``attention``: draw BLIP-2's per-query attention under the first images (loads the run's checkpoint)."""
     log_dir = find_log_dir(run_dir)
     path = Path(out) if out is not None else log_dir / "report.html"
-    html = page(build_page(log_dir, stage, max_examples))
+    html = page(build_page(log_dir, stage, max_examples, attention))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html, encoding="utf-8")
     return path
@@ -533,9 +563,12 @@ def report_main(argv: Sequence[str]) -> int:
     parser.add_argument("--stage", default=None, choices=["val", "test", "predict"],
                         help="which evaluation to show (default: the newest predictions')")
     parser.add_argument("--max-examples", type=int, default=DEFAULT_MAX_EXAMPLES, help="gallery size cap")
+    parser.add_argument("--attention", action="store_true",
+                        help=f"draw BLIP-2's Q-Former attention per query under the first {MAX_ATTENTION_EXAMPLES} "
+                             "images (loads the run's checkpoint)")
     args = parser.parse_args(list(argv))
     try:
-        path = build_report(args.run_dir, args.out, args.stage, args.max_examples)
+        path = build_report(args.run_dir, args.out, args.stage, args.max_examples, args.attention)
     except FileNotFoundError as err:
         parser.error(str(err))
     print(path)
