@@ -1,0 +1,99 @@
+"""What a run records and prints (mmlm/app/loggers.py, mmlm/app/progress.py, mmlm/app/lightning.py): the default
+TensorBoard + CSV loggers with the resolved config, versions and data report; a missing logger package in one line;
+plain progress lines when stdout is not a terminal; ``--model.help`` of a ``from_hf`` constructor; a quiet quickstart."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmlm.app.cli import main
+from mmlm.app.loggers import logger_problem
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT_LM = ROOT / "configs" / "tiny" / "text_lm.yaml"
+
+
+def tiny_text_lm(shapes_data: Path, root: Path, tiny_gpt2: dict, steps: int = 4) -> list[str]:
+    """``mmlm fit`` of the tiny text LM for ``steps`` steps on the test shards, logging every 2 steps."""
+    def sources(split: str) -> str:
+        return json.dumps([{"urls": str(shapes_data / split / "vqa-*.tar"), "kind": "vqa"}])
+
+    return ["fit", "--config", str(TEXT_LM), "--trainer.default_root_dir", str(root),
+            "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+            "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "2",
+            "--trainer.enable_model_summary", "false", "--model.init_args.generation.max_new_tokens", "3",
+            "--model.init_args.language_model.init_args.config", json.dumps(tiny_gpt2),
+            "--model.init_args.export_dir", "null", "--model.init_args.tokenizer", str(shapes_data / "tokenizer"),
+            "--data.init_args.train", sources("train"), "--data.init_args.val", sources("val"),
+            "--data.init_args.batch_size", "8", "--data.init_args.num_workers", "0"]
+
+
+def test_a_missing_logger_package_is_named_in_one_line(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(TEXT_LM), "--trainer.logger", "WandbLogger"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'wandb'" in err[0] and "pip install 'mmlm[wandb]'" in err[0], err
+    mlflow = {"class_path": "pytorch_lightning.loggers.MLFlowLogger"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert "mmlm[mlflow]" in logger_problem([mlflow])
+    assert logger_problem(None) is None and logger_problem(True) is None
+
+
+def test_a_tiny_fit_writes_tensorboard_and_csv_with_config_versions_and_data_report(shapes_data, tmp_path,
+                                                                                   tiny_gpt2, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(tiny_text_lm(shapes_data, tmp_path, tiny_gpt2)) == 0
+    out = capsys.readouterr().out
+    log_dir = tmp_path / "lightning_logs" / "version_0"
+    events = list(log_dir.glob("events.out.tfevents.*"))
+    assert events and (log_dir / "metrics.csv").is_file() and (log_dir / "config.yaml").is_file()
+
+    tensorboard = EventAccumulator(str(log_dir), size_guidance={"tensors": 0, "scalars": 0}).Reload()
+    assert "train/loss" in tensorboard.Tags()["scalars"] and "data/total_skipped" in tensorboard.Tags()["scalars"]
+    assert {"config/text_summary", "data_report/fit/text_summary"} <= set(tensorboard.Tags()["tensors"])
+    hparams = yaml.safe_load((log_dir / "hparams.yaml").read_text())
+    assert hparams["config"]["trainer"]["max_steps"] == 4 and hparams["versions"]["torch"]
+
+    # stdout is not a terminal here: plain lines every 2 steps and one per evaluation, no bar
+    lines = out.splitlines()
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split(" |")[0] for line in steps] == ["step 2/4", "step 4/4"], lines
+    assert all(re.search(r"train/loss [\d.]+ \| lr [\d.e+-]+ \| \d+ samples/s \| ETA \d+:\d\d:\d\d", s) for s in steps)
+    assert any(line.startswith("validation at step 4: 1 batches in") and "val/vqa_acc" in line for line in lines)
+
+
+def test_model_help_works_for_from_hf_constructors(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--model.help", "mmlm.models.Blip2.from_hf"])
+    assert stop.value.code == 0
+    shown = capsys.readouterr().out
+    assert "--model.init_args.name_or_path" in shown and "Help for --model.help=mmlm.models.Blip2.from_hf" in shown
+
+
+def test_quickstart_prints_no_warnings_tips_or_bars_into_a_log(tmp_path):
+    """``mmlm quickstart > log`` at a reduced size: life (a line per evaluation), no warning, tip or ``\\r`` bar."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "mmlm.app.cli", "quickstart", "--data-dir", str(tmp_path / "data"),
+         "--out-dir", str(tmp_path / "out"), "--train-images", "32", "--val-images", "16", "--lm-steps", "2",
+         "--frozen-steps", "2", "--val-batches", "1", "--workers", "0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = (done.stdout + done.stderr).splitlines()
+    noise = [line for line in printed if re.search(r"Warning|Tip|\.py:\d+: |it/s\]", line)]
+    assert noise == [], noise
+    assert sum(line.startswith("validation at step 2:") for line in printed) == 2, printed
+    assert len(printed) < 60, printed
