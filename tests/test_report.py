@@ -106,6 +106,67 @@ def test_qformer_cross_attention_maps_are_the_weights_its_forward_used():
     torch.testing.assert_close(layer.norm(x + layer.out(attended.transpose(1, 2).flatten(2))), out)
 
 
+
+def test_value_spans_pair_with_the_leaves_of_the_parsed_prediction():
+    from mmlm.app.report_confidence import field_confidences, prompt_length, value_spans
+
+    tokens = ["<s_cord-v2>", "<s_menu>", "<s_nm>", "▁CO", "LA", "</s_nm>", "<sep/>", "<s_nm>", "▁TEA", "</s_nm>",
+              "</s_menu>", "<s_class>", "<receipt/>", "</s_class>"]
+    probabilities = [None, 0.9, 0.9, 0.5, 0.7, 0.9, 0.9, 0.9, 0.8, 0.9, 0.9, 0.9, 0.4, 0.9]
+    assert value_spans(tokens, probabilities) == [[0.5, 0.7], [0.8], [0.4]]
+    prediction = {"menu": [{"nm": "COLA"}, {"nm": "TEA"}], "class": "receipt"}
+    assert field_confidences(tokens, probabilities, prediction) == {
+        "menu[0].nm": {"mean": 0.6, "min": 0.5}, "menu[1].nm": {"mean": 0.8, "min": 0.8},
+        "class": {"mean": 0.4, "min": 0.4}}
+    assert field_confidences(tokens, probabilities, {"menu": "COLA"}) == {}  # three values, one leaf: no pairing
+    docvqa = ["<s_docvqa>", "<s_question>", "▁what", "</s_question>", "<s_answer>", "▁12", "</s_answer>"]
+    assert prompt_length(docvqa) == 5
+    assert field_confidences(docvqa, [None] * 5 + [0.3, 0.9], {"question": "what", "answer": "12"}) == {
+        "answer": {"mean": 0.3, "min": 0.3}}
+
+
+def test_document_confidence_is_the_teacher_forced_probability_of_each_token(tmp_path):
+    import io
+
+    import torch
+    from PIL import Image
+
+    from mmlm.app.report_confidence import DocumentConfidence
+    from mmlm.batch import Batch
+    from mmlm.encoders import HFVisionEncoder
+    from mmlm.language.cross_attention import CrossAttentionLM
+    from mmlm.models import Donut
+    from mmlm.piece_tokenizer import train_piece_tokenizer
+
+    train_piece_tokenizer(["Total 12.50", "Latte 3.50", "Bagel 2.25 Cash"] * 4, tmp_path, vocab_size=50)
+    torch.manual_seed(0)
+    swin = {"image_size": [32, 32], "patch_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [2, 2],
+            "window_size": 4}
+    mbart = {"model_type": "mbart", "d_model": 32, "decoder_layers": 1, "encoder_layers": 1,
+             "decoder_attention_heads": 2, "decoder_ffn_dim": 64, "max_position_embeddings": 64, "vocab_size": 60,
+             "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "dropout": 0.0, "forced_eos_token_id": None}
+    model = Donut(HFVisionEncoder(model_type="donut-swin", config=swin), CrossAttentionLM(config=mbart),
+                  tokenizer=str(tmp_path)).eval()
+    model.add_tokens(["<s_cord-v2>", "<s_total>", "</s_total>"])
+    image = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 180, 90)).save(image, "PNG")
+    confidence = DocumentConfidence(model)
+    tokens, probabilities = confidence.probabilities(image.getvalue(), "<s_cord-v2><s_total>12.50</s_total>")
+    assert tokens[:2] == ["<s_cord-v2>", "<s_total>"] and tokens[-1] == "</s_total>"
+    assert probabilities[0] is None and all(0 < p <= 1 for p in probabilities[1:])
+    ids = torch.tensor([model.tokenizer("<s_cord-v2><s_total>12.50</s_total>", add_special_tokens=False).input_ids])
+    labels = ids.clone()
+    labels[:, 0] = -100
+    batch = Batch(pixels=confidence.transform(image.getvalue())[None], input_ids=ids,
+                  attention_mask=torch.ones_like(ids), labels=labels, prompt_ids=ids[:, :1],
+                  prompt_mask=torch.ones(1, 1, dtype=torch.long))
+    nll = -torch.tensor(probabilities[1:]).log().mean()
+    torch.testing.assert_close(model.training_loss(batch), nll, rtol=1e-4, atol=1e-5)
+    fields = confidence.confidences(image.getvalue(), {"text": "<s_cord-v2><s_total>12.50</s_total>",
+                                                       "prediction": {"total": "12.50"}})
+    assert set(fields) == {"total"} and 0 < fields["total"]["min"] <= fields["total"]["mean"] <= 1
+
+
 # --------------------------------------------------------------------------- a Donut run written by hand
 
 
@@ -139,9 +200,9 @@ def donut_run(tmp_path_factory) -> Path:
 def test_donut_report_shows_documents_beside_their_ground_truth(donut_run, monkeypatch):
     monkeypatch.chdir(donut_run.parents[3])  # the config's shard path is relative to the workspace
     out = donut_run / "report.html"
-    assert main(["report", str(donut_run.parents[2]), "--out", str(out), "--attention"]) == 0
+    assert main(["report", str(donut_run.parents[2]), "--out", str(out), "--load-model"]) == 0
     page = out.read_text()
-    assert "no attention maps: no checkpoint" in page
+    assert "no model views: no checkpoint" in page
     assert page.count('<tr data-verdict="right" data-type="cord-v2">') == 1
     assert page.count('data-verdict="partial"') + page.count('data-verdict="wrong"') == 2
     assert page.count('src="data:image/') == 3 and "image not found" not in page
@@ -197,7 +258,7 @@ def frozen_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def blip2_run(tmp_path_factory) -> Path:
     """``mmlm fit`` of the tiny BLIP-2 stage-2 config (2 steps, validation at step 2), then ``mmlm report
-    --attention``; returns the run's log dir."""
+    --load-model``; returns the run's log dir."""
     from datamodules.synthetic.shapes import write_shapes
 
     root = tmp_path_factory.mktemp("blip2")
@@ -212,7 +273,7 @@ def blip2_run(tmp_path_factory) -> Path:
                  "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "8",
                  "--data.init_args.train", json.dumps([{"urls": str(data / "train" / "vqa-*.tar"), "kind": "vqa"}]),
                  "--data.init_args.val", json.dumps([{"urls": str(data / "val" / "vqa-*.tar"), "kind": "vqa"}])]) == 0
-    assert main(["report", str(root / "run"), "--attention"]) == 0
+    assert main(["report", str(root / "run"), "--load-model"]) == 0
     return max((root / "run" / "lightning_logs").iterdir())
 
 

@@ -41,8 +41,8 @@ DEFAULT_MAX_EXAMPLES = 200
 #: Longest side of an embedded image, in pixels (documents: :data:`DOCUMENT_SIDE`).
 THUMBNAIL_SIDE = 256
 DOCUMENT_SIDE = 720
-#: Examples that get attention maps with ``--attention`` (each one a pass of the model).
-MAX_ATTENTION_EXAMPLES = 24
+#: Examples that get model views with ``--load-model`` (each one a pass of the model).
+MAX_MODEL_EXAMPLES = 24
 #: Unigram F1 from which a caption that matches no reference counts as ``partial`` (:func:`caption_score`).
 CAPTION_PARTIAL = 0.5
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -474,26 +474,40 @@ def search_bases(log_dir: Path) -> list[Path]:
     return [Path.cwd(), *log_dir.resolve().parents]
 
 
-def add_attention(report: Page, rows: Sequence[tuple[GalleryRow, Example]], log_dir: Path,
-                  config: dict[str, Any]) -> None:
-    """Draw the Q-Former's attention per query under the first :data:`MAX_ATTENTION_EXAMPLES` images
-    (:mod:`mmlm.app.report_attention`), or say why there is none."""
-    from mmlm.app.report_attention import QueryAttention
+def add_model_views(report: Page, rows: list[tuple[GalleryRow, Example]], log_dir: Path,
+                    config: dict[str, Any]) -> list[GalleryRow]:
+    """What only the run's model can tell about the first :data:`MAX_MODEL_EXAMPLES` examples: BLIP-2's Q-Former
+    attention per query under the image (:mod:`mmlm.app.report_attention`), Donut's per-field confidence
+    (:mod:`mmlm.app.report_confidence`); the rows, rebuilt where they changed. The checkpoint is the evaluated one."""
+    from mmlm.app.report_attention import QueryAttention, evaluated_checkpoint
+    from mmlm.app.report_confidence import DocumentConfidence
+    from mmlm.models.exported import load_checkpoint
 
-    attention = QueryAttention.from_run(log_dir, config)
-    if attention is None:
-        report.subtitle.append("no attention maps: no checkpoint of a model with a Q-Former (BLIP-2) in this run")
-        return
-    drawn = [(row, image) for row, example in rows if (image := image_of(example.sample))][:MAX_ATTENTION_EXAMPLES]
-    for row, image in drawn:
-        row.extra = attention.overlays(image)
-    report.subtitle.append(f"attention maps: Q-Former cross-attention per query under {len(drawn)} images")
+    ckpt = evaluated_checkpoint(log_dir, config)
+    model = None if ckpt is None else load_checkpoint(ckpt)
+    drawn = [(row, example, image) for row, example in rows if (image := image_of(example.sample))]
+    drawn = drawn[:MAX_MODEL_EXAMPLES]
+    if model is not None and hasattr(model, "qformer"):
+        attention = QueryAttention(model)
+        for row, _, image in drawn:
+            row.extra = attention.overlays(image)
+        report.subtitle.append(f"attention maps: Q-Former cross-attention per query under {len(drawn)} images")
+    elif model is not None and hasattr(model, "generate_sequences") and hasattr(model, "decoder"):
+        confidence = DocumentConfidence(model)
+        for _, example, image in drawn:
+            example.record["confidence"] = confidence.confidences(image, example.record)
+        report.subtitle.append(f"field confidence (p̄ mean · min token probability) of {len(drawn)} documents")
+        return [TASKS["documents"].build(example) if "confidence" in example.record else row for row, example in rows]
+    else:
+        report.subtitle.append("no model views: no checkpoint of a BLIP-2 or Donut model in this run"
+                               if model is None or ckpt is None else f"no model views for {type(model).__name__}")
+    return [row for row, _ in rows]
 
 
 def build_page(log_dir: Path, stage: str | None = None, max_examples: int = DEFAULT_MAX_EXAMPLES,
-               attention: bool = False) -> Page:
+               load_model: bool = False) -> Page:
     """Collect the run's metrics, curves and examples into a :class:`Page` (see the module docstring);
-    ``attention``: also draw attention maps (loads the run's checkpoint)."""
+    ``load_model``: also what the run's model tells of the shown examples (:func:`add_model_views`)."""
     config, files = read_config(log_dir), result_files(log_dir)
     chosen = latest(files, stage)
     metrics_file = training_metrics(log_dir, config)
@@ -511,9 +525,7 @@ def build_page(log_dir: Path, stage: str | None = None, max_examples: int = DEFA
         prompt = ((config.get("data") or {}).get("init_args") or {}).get("caption_prompt")
         joined = gallery_rows(task_examples(files, evaluated, step, max_examples), [s for s in shard_sets if s.urls],
                               {"caption": prompt} if isinstance(prompt, str) else {})
-        rows = [row for row, _ in joined]
-        if attention:
-            add_attention(report, joined, log_dir, config)
+        rows = add_model_views(report, joined, log_dir, config) if load_model else [row for row, _ in joined]
         tables = metrics + breakdown_tables(files, evaluated, step) + (gallery_breakdown(rows) if rows else "")
         report.sections.append(Section("Metrics", f'<div class="tables">{tables}</div>', "metrics"))
     if curves:
@@ -528,13 +540,14 @@ def build_page(log_dir: Path, stage: str | None = None, max_examples: int = DEFA
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None, stage: str | None = None,
-                 max_examples: int = DEFAULT_MAX_EXAMPLES, attention: bool = False) -> Path:
+                 max_examples: int = DEFAULT_MAX_EXAMPLES, load_model: bool = False) -> Path:
     """Write the report of ``run_dir`` (:func:`find_log_dir`) to ``out`` (default ``<log dir>/report.html``);
     returns the path written. ``stage``: ``val``, ``test`` or ``predict`` (default: the newest predictions');
-    ``attention``: draw BLIP-2's per-query attention under the first images (loads the run's checkpoint)."""
+    ``load_model``: add BLIP-2's attention per query and Donut's per-field confidence of the first examples, from
+    the run's checkpoint (:func:`add_model_views`)."""
     log_dir = find_log_dir(run_dir)
     path = Path(out) if out is not None else log_dir / "report.html"
-    html = page(build_page(log_dir, stage, max_examples, attention))
+    html = page(build_page(log_dir, stage, max_examples, load_model))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html, encoding="utf-8")
     return path
@@ -563,12 +576,12 @@ def report_main(argv: Sequence[str]) -> int:
     parser.add_argument("--stage", default=None, choices=["val", "test", "predict"],
                         help="which evaluation to show (default: the newest predictions')")
     parser.add_argument("--max-examples", type=int, default=DEFAULT_MAX_EXAMPLES, help="gallery size cap")
-    parser.add_argument("--attention", action="store_true",
-                        help=f"draw BLIP-2's Q-Former attention per query under the first {MAX_ATTENTION_EXAMPLES} "
-                             "images (loads the run's checkpoint)")
+    parser.add_argument("--load-model", action="store_true",
+                        help=f"load the run's checkpoint and add, for the first {MAX_MODEL_EXAMPLES} examples, "
+                             "BLIP-2's Q-Former attention per query and Donut's per-field confidence")
     args = parser.parse_args(list(argv))
     try:
-        path = build_report(args.run_dir, args.out, args.stage, args.max_examples, args.attention)
+        path = build_report(args.run_dir, args.out, args.stage, args.max_examples, args.load_model)
     except FileNotFoundError as err:
         parser.error(str(err))
     print(path)

@@ -1,6 +1,6 @@
-"""Attention maps for ``mmlm report --attention``: where each BLIP-2 query looks in the image.
+"""Attention maps for ``mmlm report --load-model``: where each BLIP-2 query looks in the image.
 
-The run's checkpoint is loaded (:func:`mmlm.models.exported.load_checkpoint`), each shown image goes through the
+With the run's checkpoint loaded (:func:`mmlm.models.exported.load_checkpoint`), each shown image goes through the
 model's evaluation transform and frozen encoder, and :func:`mmlm.connectors.qformer.cross_attention_maps` gives the
 Q-Former's cross-attention over the image tokens; averaged over layers and heads it is one map per query ``[M, N]``,
 drawn over the image as a red overlay (one small picture per query). Families without a Q-Former get none.
@@ -52,17 +52,6 @@ class QueryAttention:
         from mmlm.inference import image_transform
 
         self.model, self.transform = model.eval(), image_transform(model)
-
-    @classmethod
-    def from_run(cls, log_dir: Path, config: dict[str, Any]) -> QueryAttention | None:
-        """The run's model when it has a Q-Former, else ``None`` (no checkpoint, or another family)."""
-        from mmlm.models.exported import load_checkpoint
-
-        ckpt = evaluated_checkpoint(log_dir, config)
-        if ckpt is None:
-            return None
-        model = load_checkpoint(ckpt)
-        return cls(model) if hasattr(model, "qformer") and model.image_preprocess is not None else None
 
     @torch.no_grad()
     def maps(self, image: bytes) -> torch.Tensor:
