@@ -15,7 +15,9 @@ folder or any folder above it, the newest log dir below it is taken):
 The page (``<log dir>/report.html`` unless ``--out``) holds a metrics table with per-type breakdowns, the curves as
 inline SVG, and a gallery of examples — image, prompt, prediction, references, verdict — filterable by verdict and
 type; Donut predictions are shown beside their ground truth with field differences marked. Images are embedded as
-``data:`` URIs (thumbnails); the page loads nothing. See ``docs/report.md``.
+``data:`` URIs (thumbnails); the page loads nothing. ``--load-model`` adds what the evaluated checkpoint tells of the
+first examples: BLIP-2's attention per query, Donut's per-field confidence (:func:`add_model_views`). See
+``docs/report.md``.
 """
 
 from __future__ import annotations
