@@ -130,4 +130,7 @@ def quickstart_main(argv: Sequence[str]) -> int:
     start = time.time()
     results = run_quickstart(**vars(args))
     print_results(results, time.time() - start)
+    from mmlm.app.report import build_report
+
+    print(f"report (metrics, curves, examples): {build_report(Path(args.out_dir) / 'frozen')}")
     return 0
