@@ -1,4 +1,4 @@
-"""Every public class is exported from its package, and configs name classes by package path.
+"""Every public class is exported from its package (or a package above it), and configs name classes by package path.
 
 A class a user may name in a config or import is reachable as ``package.Name`` (``mmlm.models.VLMOStage1``, not
 ``mmlm.models.vlmo.VLMOStage1``), so moving it between the package's modules breaks no config.
@@ -31,10 +31,21 @@ def packages() -> list[str]:
     return [name for name in names if name not in LAZY_PACKAGES and name != "mmlm"]
 
 
+def exports(package_name: str) -> set[str]:
+    """The ``__all__`` of the package and of every package above it: a floor of a package (``datamodules.pipeline``)
+    may leave its classes to the package's one public surface (``datamodules.ShardPipeline``)."""
+    parts = package_name.split(".")
+    names: set[str] = set()
+    for depth in range(1, len(parts) + 1):
+        names |= set(getattr(importlib.import_module(".".join(parts[:depth])), "__all__", ()))
+    return names
+
+
 def unexported(package_name: str) -> list[str]:
-    """``module.Class`` for each public class defined in a module of the package and missing from its ``__all__``."""
+    """``module.Class`` for each public class defined in a module of the package and missing from the ``__all__`` of the
+    package and of the packages above it."""
     package = importlib.import_module(package_name)
-    exported = set(getattr(package, "__all__", ()))
+    exported = exports(package_name)
     missing = []
     for info in pkgutil.iter_modules(package.__path__, package_name + "."):
         if info.ispkg:

@@ -98,7 +98,8 @@ def test_hostile_set_trains_to_completion_and_reports_exact_counts(tmp_path, cap
         for row in csv.DictReader(f):
             logged.update({k: float(v) for k, v in row.items() if k.startswith("data/total_") and v})
     assert logged["data/total_skipped_tar_error"] == 1 and logged["data/total_converted_cmyk"] == 1
-    assert len(logged) == len(summary["expected"])
+    assert len(logged) == len(summary["expected"]) + 1  # every reason, and the skipped total
+    assert logged["data/total_skipped"] == sum(n for r, n in summary["expected"].items() if not r.startswith("converted"))
     trained = [k for line in keys.read_text().splitlines() for k in line.split("\t")[1].split()]
     assert sorted(trained) == sorted(k for k in summary["used_keys"] if k.startswith("captions"))
     out = capsys.readouterr().out
