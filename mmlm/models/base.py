@@ -17,7 +17,7 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 import pytorch_lightning as pl
 import torch
@@ -77,6 +77,23 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
     return factor
 
 
+def warmup_linear(warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """LR multiplier: linear warmup to 1, then linear decay to ``min_lr_ratio`` at ``total_steps`` (KOSMOS-1's
+    schedule; fairseq's ``polynomial_decay`` with power 1)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1 - (1 - min_lr_ratio) * progress
+
+    return factor
+
+
+#: ``schedule`` values of :class:`MultimodalModule` and the LR multipliers they use.
+SCHEDULES = {"cosine": warmup_cosine, "linear": warmup_linear}
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised when ``max_nonfinite_steps`` training steps in a row had a NaN or infinite loss."""
 
@@ -113,6 +130,7 @@ class ModuleSettings(TypedDict, total=False):
     weight_decay: float
     warmup_steps: int
     min_lr_ratio: float
+    schedule: Literal["cosine", "linear"]
     betas: tuple[float, float]
     generation: GenerationConfig | None
     predictions_dir: str | None
@@ -129,7 +147,9 @@ class MultimodalModule(pl.LightningModule):
         lr: peak learning rate of AdamW.
         weight_decay: decoupled weight decay (not applied to norms, biases, embeddings).
         warmup_steps: linear warmup steps.
-        min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
+        min_lr_ratio: the schedule ends at ``lr * min_lr_ratio``.
+        schedule: the decay after warmup: ``"cosine"`` (:func:`warmup_cosine`) or ``"linear"``
+            (:func:`warmup_linear`, KOSMOS-1's).
         betas: AdamW betas.
         generation: decoding settings used by validation, test and predict (recorded beside predictions).
         predictions_dir: where evaluation writes its result files (default: the trainer's log dir).
@@ -151,7 +171,8 @@ class MultimodalModule(pl.LightningModule):
     tokenizer: Any
 
     def __init__(self, lr: float = 1e-4, weight_decay: float = 0.05, warmup_steps: int = 100,
-                 min_lr_ratio: float = 0.1, betas: tuple[float, float] = (0.9, 0.98),
+                 min_lr_ratio: float = 0.1, schedule: Literal["cosine", "linear"] = "cosine",
+                 betas: tuple[float, float] = (0.9, 0.98),
                  generation: GenerationConfig | None = None, predictions_dir: str | None = None,
                  max_nonfinite_steps: int = 10, torch_compile: bool = False,
                  compile_options: dict[str, Any] | None = None, frozen_weights: str = "auto") -> None:
@@ -160,6 +181,9 @@ class MultimodalModule(pl.LightningModule):
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         if frozen_weights not in FROZEN_WEIGHTS:
             raise ValueError(f"frozen_weights={frozen_weights!r} is not one of {FROZEN_WEIGHTS}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} is not one of {tuple(SCHEDULES)}")
+        self.schedule = schedule
         self.frozen_weights = frozen_weights
         self.builder: str | None = None  # the classmethod that built the module (record_builder), if not __init__
         self.lr, self.weight_decay, self.betas = lr, weight_decay, betas
@@ -244,16 +268,17 @@ class MultimodalModule(pl.LightningModule):
 
     # --- training ------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW over decay/no-decay groups with warmup + cosine, stepped every optimizer step."""
+        """AdamW over decay/no-decay groups with warmup + ``schedule`` (cosine or linear decay), stepped every
+        optimizer step."""
         groups = param_groups(self, self.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
         if not (0 < total < float("inf")):
             raise ValueError(
-                f"the cosine schedule needs a known number of steps, but the trainer estimates {total}: "
+                f"the {self.schedule} schedule needs a known number of steps, but the trainer estimates {total}: "
                 "set trainer.max_steps, or data.init_args.epoch_samples with trainer.max_epochs")
-        schedule = warmup_cosine(self.warmup_steps, int(total), self.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        factor = SCHEDULES[self.schedule](self.warmup_steps, int(total), self.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
