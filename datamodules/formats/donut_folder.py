@@ -19,9 +19,7 @@ Module-level imports stay light (the ``mmlm data`` parser imports this module).
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,20 +77,6 @@ def read_span(folder: str | Path, first_line: int, start: int, end: int) -> list
     with open(Path(folder) / METADATA, "rb") as file:
         file.seek(start)
         return parse_lines(file.read(end - start), first_line, start)
-
-
-def chunk_tar(folder: str | Path, records: Sequence[MetadataLine]) -> bytes:
-    """An in-memory tar of the raw samples of ``records`` (the same members a converted shard has)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for record in records:
-            sample = raw_sample(folder, record)
-            for ext, data in sample.items():
-                if not ext.startswith("__"):
-                    info = tarfile.TarInfo(f"{record.key}.{ext}")
-                    info.size, info.mtime = len(data), 0
-                    tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def _file_name(text: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import platform
+from collections.abc import Iterable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -64,15 +65,21 @@ def logger_problem(logger: Any) -> str | None:
     return None
 
 
-def package_versions() -> dict[str, str]:
-    """Python, CUDA and the versions of :data:`RECORDED_PACKAGES` (``"-"`` for one not installed)."""
-    versions = {"python": platform.python_version(), "cuda": str(torch.version.cuda or "-")}
-    for name in RECORDED_PACKAGES:
+def installed_versions(names: Iterable[str], missing: str = "-") -> dict[str, str]:
+    """The installed version of each distribution in ``names`` (``missing`` for one not installed)."""
+    versions = {}
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            versions[name] = "-"
+            versions[name] = missing
     return versions
+
+
+def package_versions() -> dict[str, str]:
+    """Python, CUDA and the versions of :data:`RECORDED_PACKAGES` (``"-"`` for one not installed)."""
+    return {"python": platform.python_version(), "cuda": str(torch.version.cuda or "-"),
+            **installed_versions(RECORDED_PACKAGES)}
 
 
 def log_text(logger: Logger, tag: str, text: str) -> None:

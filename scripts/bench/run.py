@@ -56,13 +56,9 @@ def machine() -> dict[str, str]:
 
 def versions() -> dict[str, str]:
     """Installed versions of the libraries the benchmarks compare against."""
-    found = {}
-    for name in PACKAGES:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+    from mmlm.app.loggers import installed_versions
+
+    return installed_versions(PACKAGES, missing="not installed")
 
 
 def fmt(value: float) -> str:
