@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mmlm.distributed import gather_padded, gather_sizes, gather_with_grad, rank_and_world
 
@@ -28,19 +29,60 @@ IGNORE_INDEX = -100
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of ``logits [B, T, V]`` against ``labels [B, T]`` over labels ``!= -100``.
 
-    Computed in float32. With no target at all the loss is 0 (still attached to the graph), not NaN.
-    ``label_smoothing`` mixes each target with the uniform distribution over ``V`` (torch's ``label_smoothing``;
-    BLIP-2's ITG uses 0.1).
+    Computed in float32, on the target positions only (the float32 copy is ``[N, V]``, N targets). With no target
+    at all the loss is 0 (still attached to the graph), not NaN. ``label_smoothing`` mixes each target with the
+    uniform distribution over ``V`` (torch's ``label_smoothing``; BLIP-2's ITG uses 0.1).
     """
-    total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                            reduction="sum", label_smoothing=label_smoothing)
-    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+    keep = labels != IGNORE_INDEX
+    total = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum", label_smoothing=label_smoothing)
+    return total / keep.sum().clamp(min=1)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Next-token loss: position ``t`` of ``logits [B, T, V]`` predicts ``labels [B, T]`` at ``t + 1``
     (``label_smoothing`` as in :func:`token_cross_entropy`)."""
     return token_cross_entropy(logits[:, :-1], labels[:, 1:], label_smoothing)
+
+
+def _rows_cross_entropy(head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor,
+                        label_smoothing: float) -> Tensor:
+    """Summed float32 cross-entropy of ``head(hidden [n, D]) → [n, V]`` against ``targets [n]``."""
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum", label_smoothing=label_smoothing)
+
+
+def head_cross_entropy(hidden: Tensor, head: Callable[[Tensor], Tensor], labels: Tensor,
+                       label_smoothing: float = 0.0, chunk_rows: int = 1024) -> Tensor:
+    """:func:`token_cross_entropy` of ``head(hidden)`` with the head applied to the target positions only.
+
+    Args:
+        hidden: ``[B, T, D]`` what the output head reads (``head`` maps ``[n, D]`` to logits ``[n, V]`` row by row).
+        head: the LM head (a module or function acting on each row alone: a final norm may be part of it).
+        labels: ``[B, T]``, ``-100`` ignored; only the ``N`` labelled rows of ``hidden`` reach ``head``.
+        label_smoothing: as in :func:`token_cross_entropy`.
+        chunk_rows: most rows whose logits are held at once (1024: 200 MiB of float32 logits for a 50k
+            vocabulary). With more targets, they go through the head ``chunk_rows`` at a time and each chunk's logits
+            are recomputed in the backward pass (activation checkpointing), so peak memory is one chunk's
+            ``[chunk_rows, V]`` instead of ``[N, V]``, for one more head pass over the targets.
+
+    Returns:
+        The scalar mean loss, equal (to float tolerance) to ``token_cross_entropy(head(hidden), labels)``, with the
+        same gradients; 0 (attached to the graph) without targets.
+    """
+    keep = labels != IGNORE_INDEX
+    rows, targets = hidden[keep], labels[keep]
+    if len(rows) <= chunk_rows:
+        total = _rows_cross_entropy(head, rows, targets, label_smoothing)
+    else:
+        total = sum(checkpoint(_rows_cross_entropy, head, rows[i:i + chunk_rows], targets[i:i + chunk_rows],
+                               label_smoothing, use_reentrant=False) for i in range(0, len(rows), chunk_rows))
+    return total / keep.sum().clamp(min=1)
+
+
+def causal_head_loss(hidden: Tensor, head: Callable[[Tensor], Tensor], labels: Tensor,
+                     label_smoothing: float = 0.0, chunk_rows: int = 1024) -> Tensor:
+    """Next-token :func:`head_cross_entropy`: position ``t`` of ``hidden [B, T, D]`` predicts ``labels [B, T]`` at
+    ``t + 1``; equals ``causal_lm_loss(head(hidden), labels, label_smoothing)`` with logits on the targets only."""
+    return head_cross_entropy(hidden[:, :-1], head, labels[:, 1:], label_smoothing, chunk_rows)
 
 
 # --------------------------------------------------------------------------- contrastive (ITC)

@@ -6,6 +6,7 @@ Shape legend: B batch, T text tokens, D width, V vocabulary.
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -15,17 +16,47 @@ from mmlm.freezing import Freezable, freeze_
 from mmlm.lora import LoRA, add_lora, lora_modules, merge_lora_
 
 
-@dataclass
 class LMOutput:
     """What a language model adapter returns from ``forward``.
 
-    Attributes:
+    An adapter computes the loss from the logits of the target positions only
+    (:func:`mmlm.losses.causal_head_loss`) and hands over the head and its input instead of full logits: ``logits``
+    are then computed on first read (once, under the grad mode and autocast settings of the forward pass), so a
+    training step that reads only ``loss`` never holds ``[B, T, V]`` logits, and a caller that reads ``logits``
+    (scoring, parity checks) gets the full ones.
+
+    Args:
         loss: scalar mean cross-entropy over labels ``!= -100`` (``None`` without labels).
+        logits: ``[B, T, V]`` computed logits; or ``None`` with ``hidden`` and ``head``.
+        hidden: ``[B, T, D]`` what ``head`` reads, for logits computed on first read.
+        head: maps ``hidden`` to ``logits [B, T, V]`` (the LM's output head, a final norm included).
+
+    Attributes:
+        loss: as given.
         logits: ``[B, T, V]`` (decoder positions for seq2seq).
+
+    Raises:
+        ValueError: neither ``logits`` nor both ``hidden`` and ``head``.
     """
 
-    loss: torch.Tensor | None
-    logits: torch.Tensor
+    def __init__(self, loss: torch.Tensor | None, logits: torch.Tensor | None = None,
+                 hidden: torch.Tensor | None = None, head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        if logits is None and (hidden is None or head is None):
+            raise ValueError("LMOutput needs logits, or hidden and head to compute them from")
+        self.loss, self._logits, self._hidden, self._head = loss, logits, hidden, head
+        if logits is None:
+            kind = hidden.device.type
+            self._modes = (torch.is_grad_enabled(), kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """``[B, T, V]``, computed from ``hidden`` on first read when the adapter deferred them."""
+        if self._logits is None:
+            grad, kind, autocast, dtype = self._modes
+            with torch.set_grad_enabled(grad), torch.autocast(kind, dtype=dtype, enabled=autocast):
+                self._logits = self._head(self._hidden)
+            self._hidden = self._head = None
+        return self._logits
 
 
 @dataclass(frozen=True)

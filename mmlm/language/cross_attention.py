@@ -24,7 +24,6 @@ from transformers import AutoModelForCausalLM, DynamicCache, EncoderDecoderCache
 from mmlm.language.base import GenerationConfig, LMOutput
 from mmlm.language.hf_base import HFLanguageModel
 from mmlm.lora import LoRA
-from mmlm.losses import causal_lm_loss
 
 
 def align_cache_layers(config: PretrainedConfig) -> None:
@@ -74,11 +73,10 @@ class CrossAttentionLM(HFLanguageModel):
                 encoder_states: torch.Tensor | None = None) -> LMOutput:
         """Teacher-forced pass over ``inputs_embeds [B, T, D]`` (right padding), attending to ``encoder_states
         [B, N, D]``. ``labels [B, T]`` are aligned with the inputs (shifted inside, ``-100`` ignored) → logits
-        ``[B, T, V]`` and the mean next-token loss."""
-        out = self.model(inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask,
-                         encoder_hidden_states=_require_states(encoder_states).to(self.dtype), use_cache=False)
-        loss = None if labels is None else causal_lm_loss(out.logits, labels)
-        return LMOutput(loss=loss, logits=out.logits)
+        ``[B, T, V]`` (computed when read) and the mean next-token loss, whose head runs on the target positions
+        only (:meth:`~mmlm.language.hf_base.HFLanguageModel.causal_output`)."""
+        return self.causal_output(labels, inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask,
+                                  encoder_hidden_states=_require_states(encoder_states).to(self.dtype))
 
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,

@@ -17,9 +17,14 @@ from torch import nn
 
 from mmlm.freezing import freeze_, parse_dtype
 from mmlm.hub import build_hf_config, check_hf_loading_info, config_kwargs, id_list, require_local
-from mmlm.language.base import GenerationConfig, LanguageModel
+from mmlm.language.base import GenerationConfig, LanguageModel, LMOutput
 from mmlm.language.recompute import hf_blocks, recompute_blocks
 from mmlm.lora import LoRA, default_targets, merge_lora_
+from mmlm.losses import causal_head_loss, causal_lm_loss
+
+#: Config settings with which a transformers LM changes its logits after the output head (softcapping, scaling):
+#: such a model computes its loss from its own full logits instead of the head's target rows.
+HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
 
 #: ``quantization`` values: bitsandbytes 8-bit (LLM.int8) or 4-bit NF4 weights (QLoRA).
 QUANTIZATIONS = ("8bit", "4bit")
@@ -147,6 +152,29 @@ class HFLanguageModel(LanguageModel):
         """Built from the model's own config (``config``), no ``name_or_path`` to read weights from (nor quantization,
         which needs them)."""
         return {"name_or_path": None, "config": config_kwargs(self.model.config), "quantization": None}
+
+    def plain_head(self) -> nn.Module | None:
+        """The output head when the logits are ``head(base_model(...).last_hidden_state)`` exactly (no softcapping
+        or scaling after it, :data:`HEAD_TRANSFORMS`, and a base model apart from the head), else ``None``."""
+        config, head = self.model.config, self.model.get_output_embeddings()
+        transformed = any(getattr(config, name, None) not in (None, 1, 1.0) for name in HEAD_TRANSFORMS)
+        return None if transformed or head is None or self.model.base_model is self.model else head
+
+    def causal_output(self, labels: torch.Tensor | None, **model_kwargs: Any) -> LMOutput:
+        """Run the causal model on ``model_kwargs`` (``inputs_embeds [B, T, D]``, ``attention_mask``…) → the
+        next-token loss against ``labels [B, T]`` (``None``: no loss) and ``logits [B, T, V]``.
+
+        With a :meth:`plain_head`, the base model gives the hidden states, the loss reads the head's logits at the
+        target positions only (:func:`~mmlm.losses.causal_head_loss`) and the full logits are computed when read
+        (:class:`~mmlm.language.base.LMOutput`); otherwise the model's own full logits serve both.
+        """
+        head = self.plain_head()
+        if head is None:
+            logits = self.model(**model_kwargs, use_cache=False).logits
+            return LMOutput(loss=None if labels is None else causal_lm_loss(logits, labels), logits=logits)
+        hidden = self.model.base_model(**model_kwargs, use_cache=False).last_hidden_state
+        loss = None if labels is None else causal_head_loss(hidden, head, labels)
+        return LMOutput(loss=loss, hidden=hidden, head=head)
 
     def check_model(self) -> None:
         """Hook for subclasses: raise ``ValueError`` when ``self.model`` cannot serve this adapter."""

@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM
 from mmlm.attention_masks import positions_from_mask
 from mmlm.language.base import GenerationConfig, LMOutput
 from mmlm.language.hf_base import HFLanguageModel
-from mmlm.losses import causal_lm_loss
 
 
 class HFCausalLM(HFLanguageModel):
@@ -38,12 +37,11 @@ class HFCausalLM(HFLanguageModel):
         """Teacher-forced pass over ``inputs_embeds [B, T, D]`` with ``attention_mask [B, T]``.
 
         ``labels [B, T]`` are aligned with the inputs (shifted inside: position ``t`` predicts
-        ``labels[:, t + 1]``), ``-100`` ignored. Returns ``logits [B, T, V]`` and the mean loss.
+        ``labels[:, t + 1]``), ``-100`` ignored. Returns ``logits [B, T, V]`` (computed when read) and the mean
+        loss, whose head runs on the target positions only (:meth:`~HFLanguageModel.causal_output`).
         """
-        out = self.model(inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask,
-                         use_cache=False, **self._position_kwargs(attention_mask))
-        loss = None if labels is None else causal_lm_loss(out.logits, labels)
-        return LMOutput(loss=loss, logits=out.logits)
+        return self.causal_output(labels, inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask,
+                                  **self._position_kwargs(attention_mask))
 
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,

@@ -40,7 +40,7 @@ from mmlm.freezing import freeze_
 from mmlm.language.base import GenerationConfig, LanguageModel, LMOutput, next_tokens
 from mmlm.language.recompute import recompute_blocks
 from mmlm.lora import LoRA, merge_lora_
-from mmlm.losses import causal_lm_loss
+from mmlm.losses import causal_head_loss
 
 #: One layer's cached keys and values, each ``[B, H, S, D / H]``.
 LayerCache = tuple[torch.Tensor, torch.Tensor]
@@ -361,7 +361,7 @@ class SubLNDecoder(LanguageModel):
         return self.embed_tokens(input_ids)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden [B, T, D]`` → ``logits [B, T, V]`` through the final LN and (tied) head."""
+        """``hidden [..., D]`` → ``logits [..., V]`` through the final LN and (tied) head (each row alone)."""
         hidden = self.final_norm(hidden)
         return self.lm_head(hidden) if self.lm_head is not None else hidden @ self.embed_tokens.weight.T
 
@@ -378,7 +378,8 @@ class SubLNDecoder(LanguageModel):
             mask: ``[B, 1, T, S]`` attention mask replacing the causal one built from ``key_mask``.
 
         Returns:
-            ``(logits [B, T, V], new cache per layer)``.
+            ``(hidden [B, T, D], new cache per layer)``: the last layer's output, before the final LN that
+            :meth:`_logits` applies.
         """
         keys = positions if past is None else positions_from_mask(key_mask)
         x, rotation = self._positions(inputs_embeds.to(self.dtype), positions, keys)
@@ -387,7 +388,7 @@ class SubLNDecoder(LanguageModel):
         for i, layer in enumerate(self.layers):
             x, cache = layer(x, mask, None if past is None else past[i], rotation)
             caches.append(cache)
-        return self._logits(x), caches
+        return x, caches
 
     def _positions(self, x: torch.Tensor, positions: torch.Tensor,
                    keys: torch.Tensor) -> tuple[torch.Tensor, Rotation | None]:
@@ -409,33 +410,35 @@ class SubLNDecoder(LanguageModel):
         """Teacher-forced pass over ``inputs_embeds [B, T, D]`` with ``attention_mask [B, T]`` (any padding side).
 
         ``labels [B, T]`` are aligned with the inputs (position ``t`` predicts ``labels[:, t + 1]``),
-        ``-100`` ignored. Returns ``logits [B, T, V]`` and the mean loss. Packed rows give
+        ``-100`` ignored. Returns ``logits [B, T, V]`` (computed when read) and the mean loss, whose head runs on
+        the target positions only (:func:`~mmlm.losses.causal_head_loss`). Packed rows give
         ``segment_ids [B, T]`` (1, 2, … per sample, 0 on padding): attention stays inside each sample
         and positions restart (``position_ids [B, T]``, default from the segments).
         """
         if segment_ids is None:
-            logits, _ = self._decode(inputs_embeds, positions_from_mask(attention_mask), attention_mask)
+            hidden, _ = self._decode(inputs_embeds, positions_from_mask(attention_mask), attention_mask)
         else:
             positions = segment_positions(segment_ids) if position_ids is None else position_ids
             mask = packed_causal_mask(segment_ids)[:, None]
-            logits, _ = self._decode(inputs_embeds, positions, attention_mask, mask=mask)
-        return LMOutput(loss=None if labels is None else causal_lm_loss(logits, labels), logits=logits)
+            hidden, _ = self._decode(inputs_embeds, positions, attention_mask, mask=mask)
+        loss = None if labels is None else causal_head_loss(hidden, self._logits, labels)
+        return LMOutput(loss=loss, hidden=hidden, head=self._logits)
 
     # ------------------------------------------------------------------ generation
 
     def _prefill(self, inputs_embeds: torch.Tensor,
                  attention_mask: torch.Tensor) -> tuple[torch.Tensor, list[LayerCache]]:
         """Encode the prompt: last-position ``logits [B, V]`` and the cache."""
-        logits, past = self._decode(inputs_embeds, positions_from_mask(attention_mask), attention_mask)
-        return logits[:, -1].float(), past
+        hidden, past = self._decode(inputs_embeds, positions_from_mask(attention_mask), attention_mask)
+        return self._logits(hidden[:, -1:])[:, -1].float(), past
 
     def _step(self, tokens: torch.Tensor, attention_mask: torch.Tensor,
               past: list[LayerCache]) -> tuple[torch.Tensor, torch.Tensor, list[LayerCache]]:
         """Feed ``tokens [B]`` after ``attention_mask [B, S]`` → ``(logits [B, V], mask [B, S + 1], cache)``."""
         positions = attention_mask.sum(-1, keepdim=True)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(tokens), 1)], dim=1)
-        logits, past = self._decode(self.embed(tokens[:, None]), positions, attention_mask, past)
-        return logits[:, -1].float(), attention_mask, past
+        hidden, past = self._decode(self.embed(tokens[:, None]), positions, attention_mask, past)
+        return self._logits(hidden[:, -1:])[:, -1].float(), attention_mask, past
 
     def _process(self, logits: torch.Tensor, generated: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
         """Apply repetition penalty (on ``generated [B, t]``) and ``min_new_tokens`` to ``logits [B, V]``."""
