@@ -3,6 +3,7 @@
 from mmlm.models.base import ModuleSettings, MultimodalModule, NonFiniteLossError
 from mmlm.models.blip2 import Blip2
 from mmlm.models.blip2_stage1 import Blip2Stage1, Stage1Output
+from mmlm.models.dino import Dino
 from mmlm.models.documents import DocumentModule
 from mmlm.models.donut import Donut
 from mmlm.models.exported import LoadExportedWeights
@@ -19,6 +20,7 @@ __all__ = [
     "Blip2",
     "Blip2Stage1",
     "CausalLMPretraining",
+    "Dino",
     "DocumentModule",
     "Donut",
     "Frozen",
