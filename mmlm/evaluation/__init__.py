@@ -14,6 +14,7 @@ from mmlm.evaluation.generation import (
     VQAScorer,
     text_scorers,
 )
+from mmlm.evaluation.knn import KnnEvaluator, knn_classify
 from mmlm.evaluation.retrieval import RerankStore, RetrievalEvaluator, RetrievalStep
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "Evaluator",
     "GenerationEvaluator",
     "GQAScorer",
+    "KnnEvaluator",
+    "knn_classify",
     "LossEvaluator",
     "PlanScorer",
     "RerankStore",
