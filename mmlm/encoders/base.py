@@ -6,11 +6,12 @@ Shape legend: B batch, N image tokens, D width, H/W image height/width.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from mmlm.freezing import Freezable
 
@@ -75,13 +76,51 @@ class ImagePreprocess:
 class VisionEncoder(Freezable):
     """Images ``[B, 3, H, W]`` → token features ``[B, N, D]``.
 
-    Implementations set ``width`` (D), ``num_tokens`` (N) and ``preprocess`` in ``__init__``
-    and call ``setup_freezing(freeze, dtype)`` last.
+    Implementations set ``width`` (D), ``num_tokens`` (N) and ``preprocess`` in ``__init__``, name the blocks
+    ``trainable_blocks`` may leave trainable with :meth:`keep_blocks_trainable`, and call
+    ``setup_freezing(freeze, dtype)`` last.
     """
 
     width: int
     num_tokens: int
     preprocess: ImagePreprocess
+    trainable_blocks: int = 0
+
+    def keep_blocks_trainable(self, count: int, freeze: bool, blocks: Sequence[nn.Module] | None,
+                              norm: nn.Module | None = None) -> None:
+        """With ``freeze``, leave the last ``count`` of ``blocks`` (and ``norm``, the final norm the output goes
+        through, if any) trainable: :func:`mmlm.freezing.freeze_` keeps them so and they follow train/eval mode,
+        while the rest stays frozen in eval mode; the forward then records the graph from the first trainable block
+        on (earlier blocks see no tensor that needs a gradient). ``count = 0`` changes nothing.
+
+        Raises:
+            ValueError: ``count`` is negative or larger than ``len(blocks)``, given without ``freeze`` (an unfrozen
+                encoder trains every block), or the encoder has no block list (``blocks`` is ``None``).
+        """
+        if count == 0:
+            self._kept_trainable: list[nn.Module] = []
+            return
+        name = type(self).__name__
+        if not freeze:
+            raise ValueError(f"{name}: trainable_blocks={count} needs freeze: true (an unfrozen encoder trains "
+                             "all its blocks)")
+        if blocks is None:
+            raise ValueError(f"{name}: trainable_blocks={count} is not supported for this model (no list of "
+                             "transformer blocks found)")
+        if not 0 < count <= len(blocks):
+            raise ValueError(f"{name}: trainable_blocks={count} must be between 0 and the {len(blocks)} blocks kept")
+        self.trainable_blocks = count
+        norms = [norm] if norm is not None and any(True for _ in norm.parameters()) else []
+        self._kept_trainable = list(blocks)[-count:] + norms
+
+    def adapters(self) -> list[nn.Module]:
+        """The blocks (and final norm) ``trainable_blocks`` keeps trainable when frozen; ``[]`` otherwise."""
+        return list(getattr(self, "_kept_trainable", []))
+
+    @property
+    def no_grad_forward(self) -> bool:
+        """Whether the forward runs under ``no_grad``: frozen, and no block kept trainable."""
+        return self.frozen and not self.adapters()
 
     @abstractmethod
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

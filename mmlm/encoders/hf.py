@@ -29,6 +29,16 @@ from mmlm.encoders.common import as_image_size, grad_context, probe_output_shape
 from mmlm.freezing import parse_dtype
 from mmlm.hub import check_hf_loading_info, config_kwargs
 
+#: Model types whose ``post_layernorm`` normalises ``last_hidden_state`` (CLIP's applies to the pooled output only).
+POST_LAYERNORM_OUTPUT = ("blip_2_vision_model", "siglip_vision_model", "siglip2_vision_model")
+
+
+def getattr_path(module: nn.Module, path: str) -> object | None:
+    """``module.a.b`` for ``path = "a.b"``; ``None`` where an attribute is missing."""
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    return module
+
 
 def _from_config(config: PretrainedConfig) -> PreTrainedModel:
     """``AutoModel.from_config``, or the class named after the config (``Blip2VisionConfig`` →
@@ -121,7 +131,10 @@ class HFVisionEncoder(VisionEncoder):
             ``"clip_vision_model"``, …).
         layer: ``-1`` ``last_hidden_state`` (after the final norm where the model has one), otherwise
             ``hidden_states[layer]`` (``-2`` the penultimate layer's/stage's output).
-        freeze: no grads, eval mode kept, forward under ``no_grad``.
+        freeze: no grads, eval mode kept, forward under ``no_grad`` (unless ``trainable_blocks``).
+        trainable_blocks: with ``freeze``, the last this many of the layers up to ``layer`` (``encoder.layer`` or
+            ``encoder.layers``) still train, in train mode, and so does a final ``layernorm`` (ViT, DINOv2) with
+            ``layer=-1``; 0: none. Staged models (Swin, DonutSwin) refuse it.
         grad_checkpointing: enable transformers' gradient checkpointing.
         dtype: parameter dtype (``"bfloat16"``, ``"fp16"``, …); inputs are cast to it.
         preprocess: the image preprocessing (``ImagePreprocess`` fields: ``size``, ``mean``, ``std``, ``resize``,
@@ -135,6 +148,7 @@ class HFVisionEncoder(VisionEncoder):
         model_type: str | None = None,
         layer: int = -1,
         freeze: bool = False,
+        trainable_blocks: int = 0,
         grad_checkpointing: bool = False,
         dtype: str | None = None,
         preprocess: dict | None = None,
@@ -152,6 +166,7 @@ class HFVisionEncoder(VisionEncoder):
         if any(p.requires_grad for p in getattr(self.model, "pooler", nn.Identity()).parameters()):
             self.model.pooler = None  # unused, would only trip DDP's unused-parameter check
         self.num_tokens, self.width = probe_output_shape(self, self.preprocess.size)
+        self.keep_blocks_trainable(trainable_blocks, freeze, *self._blocks())
         self.setup_freezing(freeze, dtype)
 
     def offline_args(self) -> dict[str, Any]:
@@ -160,8 +175,24 @@ class HFVisionEncoder(VisionEncoder):
         return {"name_or_path": None, "config": config_kwargs(self.model.config, with_type=False),
                 "model_type": self.model.config.model_type, "preprocess": dataclasses.asdict(self.preprocess)}
 
+    def _blocks(self) -> tuple[list[nn.Module] | None, nn.Module | None]:
+        """The transformer layers whose output ``layer`` reads (``encoder.layer``/``encoder.layers``/``layers``, up
+        to ``layer``) and, for ``layer=-1``, the final norm ``last_hidden_state`` goes through (``layernorm``, or
+        ``post_layernorm`` of :data:`POST_LAYERNORM_OUTPUT` models; CLIP's pools before it); ``(None, None)`` for
+        staged models (Swin) or models without such a list."""
+        layers = next((found for path in ("encoder.layer", "encoder.layers", "layers", "layer")
+                       if isinstance(found := getattr_path(self.model, path), nn.ModuleList)), None)
+        if layers is None or hasattr(self.model.config, "depths"):
+            return None, None
+        if self.layer == -1:
+            post = self.model.config.model_type in POST_LAYERNORM_OUTPUT
+            return list(layers), getattr(self.model, "layernorm", None) or (
+                getattr(self.model, "post_layernorm", None) if post else None)
+        end = self.layer if self.layer >= 0 else len(layers) + 1 + self.layer  # hidden_states[k]: after layer k - 1
+        return list(layers)[:end], None
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels [B, 3, H, W]`` → ``tokens [B, N, D]``."""
-        with grad_context(self.frozen):
+        with grad_context(self.no_grad_forward):
             out = self.model(pixel_values=pixels.to(self.dtype), output_hidden_states=self.layer != -1)
             return out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]

@@ -81,7 +81,9 @@ class OpenClipEncoder(VisionEncoder):
         layer: ``-1`` the last block's tokens after the final norm (``ln_post``), ``-2`` the
             penultimate block's (no final norm), …
         prefix_tokens: keep the class token in front of the patch tokens (ViT towers).
-        freeze: no grads, eval mode kept, forward under ``no_grad``.
+        freeze: no grads, eval mode kept, forward under ``no_grad`` (unless ``trainable_blocks``).
+        trainable_blocks: with ``freeze``, the last this many blocks kept (those up to ``layer``) still train, in
+            train mode, and so does the final norm when the output goes through it (``layer=-1``); 0: none.
         grad_checkpointing: enable the tower's activation checkpointing.
         dtype: parameter dtype (``"bfloat16"``, ``"fp16"``, …); inputs are cast to it.
     """
@@ -95,6 +97,7 @@ class OpenClipEncoder(VisionEncoder):
         layer: int = -1,
         prefix_tokens: bool = True,
         freeze: bool = False,
+        trainable_blocks: int = 0,
         grad_checkpointing: bool = False,
         dtype: str | None = None,
     ) -> None:
@@ -115,6 +118,7 @@ class OpenClipEncoder(VisionEncoder):
         self.visual.set_grad_checkpointing(grad_checkpointing)
         self.preprocess = _preprocess(cfg)
         self.num_tokens, self.width = probe_output_shape(self, self.preprocess.size)
+        self.keep_blocks_trainable(trainable_blocks, freeze, *self._blocks())
         self.setup_freezing(freeze, dtype)
 
     def offline_args(self) -> dict[str, Any]:
@@ -138,6 +142,18 @@ class OpenClipEncoder(VisionEncoder):
         visual.attnpool = nn.Identity()
         return take
 
+    def _blocks(self) -> tuple[nn.Sequential | nn.ModuleList | None, nn.Module | None]:
+        """The tower's blocks kept up to ``layer`` (ViT ``transformer.resblocks``, a timm trunk's ``blocks``) and its
+        final norm (``ln_post``/``norm``, an ``Identity`` once pruned for ``layer != -1``); ``(None, None)`` for
+        ResNet towers."""
+        if isinstance(self.visual, TimmModel):
+            trunk = self.visual.trunk
+            return getattr(trunk, "blocks", None), getattr(trunk, "norm", None)
+        transformer = getattr(self.visual, "transformer", None)
+        if transformer is None:
+            return None, None
+        return transformer.resblocks, getattr(self.visual, "ln_post", None)
+
     def _has_prefix(self) -> bool:
         """Whether the tower puts prefix (class/register) tokens before the patch tokens."""
         if isinstance(self.visual, TimmModel):
@@ -146,7 +162,7 @@ class OpenClipEncoder(VisionEncoder):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels [B, 3, H, W]`` → ``tokens [B, N, D]``."""
-        with grad_context(self.frozen):
+        with grad_context(self.no_grad_forward):
             out = self.visual.forward_intermediates(
                 pixels.to(self.dtype), indices=self._take, stop_early=True, intermediates_only=True,
                 normalize_intermediates=self.layer == -1, output_extra_tokens=self._with_prefix)

@@ -52,7 +52,10 @@ class TimmEncoder(VisionEncoder):
             penultimate block/stage (no final norm), … Unused later blocks are pruned.
         prefix_tokens: keep cls/register tokens in front of the patch tokens (ViT-like models).
         model_kwargs: extra ``timm.create_model`` keyword arguments (e.g. a tiny ``embed_dim``/``depth``).
-        freeze: no grads, eval mode kept, forward under ``no_grad``.
+        freeze: no grads, eval mode kept, forward under ``no_grad`` (unless ``trainable_blocks``).
+        trainable_blocks: with ``freeze``, the last this many of timm's ``blocks`` kept (those up to ``layer``) still
+            train, in train mode, and so does the final ``norm`` when the output goes through it (``layer=-1``);
+            0: none. Models without a ``blocks`` list (Swin's ``layers``, ResNets' stages) refuse it.
         grad_checkpointing: enable timm's activation checkpointing.
         dtype: parameter dtype (``"bfloat16"``, ``"fp16"``, …); inputs are cast to it.
     """
@@ -66,6 +69,7 @@ class TimmEncoder(VisionEncoder):
         prefix_tokens: bool = True,
         model_kwargs: dict | None = None,
         freeze: bool = False,
+        trainable_blocks: int = 0,
         grad_checkpointing: bool = False,
         dtype: str | None = None,
     ) -> None:
@@ -84,6 +88,9 @@ class TimmEncoder(VisionEncoder):
             self.model.set_grad_checkpointing(True)
         self.preprocess = self._preprocess(img_size or kwargs.get("img_size"))
         self.num_tokens, self.width = probe_output_shape(self, self.preprocess.size)
+        blocks = getattr(self.model, "blocks", None)
+        blocks = blocks if isinstance(blocks, (nn.Sequential, nn.ModuleList)) else None
+        self.keep_blocks_trainable(trainable_blocks, freeze, blocks, getattr(self.model, "norm", None))
         self.setup_freezing(freeze, dtype)
 
     def offline_args(self) -> dict[str, Any]:
@@ -128,7 +135,7 @@ class TimmEncoder(VisionEncoder):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels [B, 3, H, W]`` → ``tokens [B, N, D]``."""
         pixels = pixels.to(self.dtype)
-        with grad_context(self.frozen):
+        with grad_context(self.no_grad_forward):
             return self._final_features(pixels) if self.layer == -1 else self._intermediate(pixels)
 
 

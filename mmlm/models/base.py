@@ -259,7 +259,8 @@ class MultimodalModule(pl.LightningModule):
         if trainable:
             raise ValueError(f"the batch carries cached features but {type(self).__name__}.encoder is trainable "
                              f"({len(trainable)} tensors, e.g. {trainable[0]!r}): features can stand in for a frozen "
-                             "encoder only (set the encoder's freeze: true, or turn cached features off)")
+                             "encoder only (set the encoder's freeze: true and trainable_blocks: 0, or turn cached "
+                             "features off)")
         check_features(encoder, features)
 
     def decode(self, ids: torch.Tensor) -> list[str]:
