@@ -18,7 +18,7 @@ from datamodules import ImageTextDataModule, Source
 from mmlm.connectors import MLP
 from mmlm.fusion import splice
 from mmlm.language import GenerationConfig, HFCausalLM
-from mmlm.language.hf_causal import causal_lm_loss
+from mmlm.losses import causal_lm_loss
 from mmlm.models import CausalLMPretraining
 from mmlm.models.base import param_groups, warmup_cosine
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
