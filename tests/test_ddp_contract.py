@@ -54,6 +54,8 @@ JOBS = {
                        ["--model.init_args.itm_weight=0", "--model.init_args.mlm_weight=0"]),
     "vlmo_vqa": ("vlmo_vqa", "vlmo/vqav2_base.yaml", []),
     "vlmo_nlvr2": ("vlmo_nlvr2", "vlmo/nlvr2_base.yaml", []),
+    # the teacher (EMA, no gradient) and the centre (all-reduced) must end equal on both ranks too
+    "dino": ("dino", "dino/vits16_imagenet.yaml", []),
     "donut_read": ("donut_read", "donut/pretrain_synthdog.yaml", ["--data.init_args.batch_size=2"]),
     # finetune_cord.yaml runs on one device (no strategy); on several Lightning picks plain ddp, as the other Donut
     # fine-tuning configs (finetune_docvqa.yaml, finetune_rvlcdip.yaml) name

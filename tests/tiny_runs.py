@@ -59,7 +59,8 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 class WeightDigest(pl.Callback):
     """Write ``out_dir/rank{r}.json``: ``{"rank", "world_size", "global_step", "start", "end", "trainable",
     "frozen"}`` with ``start``/``end`` a digest (:func:`tensor_digest`) per state-dict tensor at the start and the
-    end of training and ``trainable``/``frozen`` the names of the parameters with and without ``requires_grad``.
+    end of training and ``trainable``/``frozen`` the names of the parameters with and without ``requires_grad`` (not
+    counting, as frozen, those under the module's ``ema_prefixes``: updated by an average of trained ones).
 
     Args:
         out_dir: directory that receives one file per rank.
@@ -78,10 +79,12 @@ class WeightDigest(pl.Callback):
         self.start = self.digests(pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        averaged = tuple(getattr(pl_module, "ema_prefixes", ()))  # no gradient, but moved by an EMA (DINO's teacher)
         record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
                   "start": self.start, "end": self.digests(pl_module),
                   "trainable": [n for n, p in pl_module.named_parameters() if p.requires_grad],
-                  "frozen": [n for n, p in pl_module.named_parameters() if not p.requires_grad]}
+                  "frozen": [n for n, p in pl_module.named_parameters() if not p.requires_grad
+                             and not n.startswith(averaged)]}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 

@@ -40,6 +40,8 @@ POOLING = ("cls", "mean")
 class Dino(MultimodalModule):
     """DINO self-distillation of ``encoder`` (see the module docstring).
 
+    The teacher's parameters (under :attr:`ema_prefixes`) have no gradient but move: an EMA of the student's.
+
     Args:
         encoder: the student backbone (``TimmEncoder`` of a ViT with ``dynamic_img_size: true`` when local crops have
             another size than global ones); the teacher is a copy of it and of the head.
@@ -65,6 +67,9 @@ class Dino(MultimodalModule):
             (:meth:`export_backbone`); ``None``: not written.
         **kwargs: optimisation settings of :class:`MultimodalModule` (``lr``, ``warmup_steps``, ``betas`` …).
     """
+
+    #: parameters without gradient that training still moves (the EMA teacher)
+    ema_prefixes: tuple[str, ...] = ("teacher.",)
 
     def __init__(self, encoder: VisionEncoder, out_dim: int = 65536, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, head_layers: int = 3, norm_last_layer: bool = True, pooling: str = "cls",
@@ -109,7 +114,9 @@ class Dino(MultimodalModule):
 
     @torch.no_grad()
     def teacher_views(self, batch: MultiCropBatch) -> Tensor:
-        """Teacher head logits of the global views ``[G, B, K]``."""
+        """Teacher head logits of the global views ``[G, B, K]``. The teacher runs in eval mode (no drop path: the
+        paper builds it without), whatever mode Lightning gave the module's children."""
+        self.teacher.eval()
         pixels = batch.global_crops.transpose(0, 1).flatten(0, 1)
         logits = self.teacher.head(self.pooled(self.teacher.encoder, pixels))
         return logits.unflatten(0, (-1, len(batch)))
@@ -133,12 +140,6 @@ class Dino(MultimodalModule):
         return self.pooled(self.teacher.encoder, pixels)
 
     # --- schedules and the teacher --------------------------------------------------------------
-    def train(self, mode: bool = True) -> Dino:
-        """The teacher always runs in eval mode (no drop path: the paper's teacher is built without it)."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
     def on_train_start(self) -> None:
         self.total_steps = int(self.trainer.estimated_stepping_batches)
         self.ema_step = self.global_step
