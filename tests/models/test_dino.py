@@ -1,0 +1,214 @@
+"""DINO: the loss against a hand computation, centre and EMA updates (with a process group), schedules, the teacher
+without gradient, last-layer freezing and per-parameter clipping, k-NN on hand-made features, the timm export round
+trip, the multi-crop pipeline, and the tiny config fitting a few steps through the CLI."""
+
+from __future__ import annotations
+
+import math
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from datamodules.multicrop import CaptionLabels, MultiCropTransform, unique_word
+from mmlm.encoders import TimmEncoder
+from mmlm.evaluation import KnnEvaluator, knn_classify
+from mmlm.evaluation.base import ResultFiles
+from mmlm.models import Dino
+from mmlm.ssl import (
+    DinoHead,
+    DinoLoss,
+    LabelledImageBatch,
+    MultiCropBatch,
+    cosine_schedule,
+    ema_update_,
+    linear_warmup,
+)
+
+TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "dino.yaml"
+VIT = {"name": "vit_tiny_patch16_224", "img_size": 32,
+       "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "dynamic_img_size": True}}
+
+
+def tiny_dino(**kwargs) -> Dino:
+    torch.manual_seed(0)
+    return Dino(TimmEncoder(**VIT), out_dim=16, hidden_dim=32, bottleneck_dim=8, **kwargs)
+
+
+def crops(batch: int = 3, local: int = 2) -> MultiCropBatch:
+    return MultiCropBatch(torch.randn(batch, 2, 3, 32, 32), torch.randn(batch, local, 3, 16, 16))
+
+
+def log_softmax(row: list[float]) -> list[float]:
+    top = math.log(sum(math.exp(x) for x in row))
+    return [x - top for x in row]
+
+
+def test_loss_equals_a_hand_computation():
+    student = [[1.0, 0.0, -1.0], [0.5, 0.2, 0.1], [-0.3, 0.4, 0.0]]  # 2 global views + 1 local, one image, K = 3
+    teacher = [[0.2, 0.1, 0.0], [0.0, 0.3, -0.1]]
+    center = [0.05, -0.05, 0.1]
+    loss_fn = DinoLoss(3, student_temp=0.1)
+    loss_fn.center.copy_(torch.tensor([center]))
+    # by hand: q_t = softmax((t - c) / 0.04); p_v = log_softmax(s / 0.1); mean over pairs v != t of -sum q_t p_v
+    terms = []
+    for t, row in enumerate(teacher):
+        logq = log_softmax([(x - c) / 0.04 for x, c in zip(row, center)])
+        for v, srow in enumerate(student):
+            if v != t:
+                terms.append(-sum(math.exp(q) * p for q, p in zip(logq, log_softmax([x / 0.1 for x in srow]))))
+    expected = sum(terms) / len(terms)
+    got = loss_fn(torch.tensor(student)[:, None], torch.tensor(teacher)[:, None], teacher_temp=0.04)
+    assert len(terms) == 4 and got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("with_group", [False, True])
+def test_centre_is_an_ema_of_the_teacher_batch_mean(with_group):
+    if with_group:  # the all-reduce branch (a world of one: the sum of one rank)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        loss_fn = DinoLoss(2, center_momentum=0.9)
+        teacher = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]])  # [G=2, B=2, K=2], mean (4, 5)
+        loss_fn.update_center(teacher)
+        assert torch.allclose(loss_fn.center, torch.tensor([[0.4, 0.5]]))
+        loss_fn.update_center(teacher)
+        assert torch.allclose(loss_fn.center, torch.tensor([[0.4 * 0.9 + 0.4, 0.5 * 0.9 + 0.5]]))
+    finally:
+        if with_group:
+            dist.destroy_process_group()
+
+
+def test_training_loss_moves_the_centre_only_in_training_mode():
+    model = tiny_dino()
+    model.eval()
+    model.training_loss(crops())
+    assert model.loss.center.abs().sum() == 0
+    model.train()
+    model.training_loss(crops())
+    assert model.loss.center.abs().sum() > 0
+
+
+def test_ema_update_and_schedules():
+    student, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    expected = {n: 0.9 * p.detach() + 0.1 * dict(student.named_parameters())[n].detach()
+                for n, p in teacher.named_parameters()}
+    ema_update_(teacher, student, 0.9)
+    assert all(torch.allclose(p, expected[n]) for n, p in teacher.named_parameters())
+    assert cosine_schedule(0.996, 1.0, 0, 100) == pytest.approx(0.996)
+    assert cosine_schedule(0.996, 1.0, 50, 100) == pytest.approx(0.998)
+    assert cosine_schedule(0.996, 1.0, 100, 100) == pytest.approx(1.0)
+    assert cosine_schedule(0.04, 0.4, 50, 100) == pytest.approx(0.22)
+    assert [linear_warmup(0.04, 0.07, s, 4) for s in (0, 1, 3, 10)] == pytest.approx([0.04, 0.05, 0.07, 0.07])
+
+
+def test_teacher_gets_no_gradient_and_follows_the_student_by_ema():
+    model = tiny_dino()
+    model.train()
+    model.training_loss(crops()).backward()
+    assert all(not p.requires_grad and p.grad is None for p in model.teacher.parameters())
+    assert all(p.grad is not None for p in model.encoder.parameters()) and model.head.mlp[0].weight.grad is not None
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    before = model.teacher.encoder.model.cls_token.clone()
+    model.update_teacher(0.75)
+    after = model.teacher.encoder.model.cls_token
+    assert torch.allclose(after, 0.75 * before + 0.25 * model.encoder.model.cls_token)
+
+
+def test_head_last_layer_is_weight_normalised_with_norm_one():
+    head = DinoHead(8, out_dim=5, hidden_dim=16, bottleneck_dim=4)
+    assert torch.allclose(head.last_layer.weight.norm(dim=1), torch.ones(5))
+    assert head.last_layer.weight_g is None and head(torch.randn(3, 8)).shape == (3, 5)
+    assert DinoHead(8, 5, 16, 4, norm_last_layer=False).last_layer.weight_g.requires_grad
+
+
+def test_last_layer_frozen_early_and_gradients_clipped_per_parameter():
+    model = tiny_dino(freeze_last_layer_steps=1, clip_grad=0.01)
+    model.train()
+    (model.training_loss(crops()) * 1000).backward()
+    model.on_before_optimizer_step(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert model.head.last_layer.weight_v.grad is None
+    norms = [p.grad.norm().item() for p in model.parameters() if p.grad is not None]
+    assert norms and max(norms) <= 0.01 * (1 + 1e-4)
+
+
+def test_knn_on_hand_made_features():
+    bank = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 2])
+    query = torch.tensor([[0.6, 0.8]])  # similarities 0.6, 0.96, 0.8, -0.6
+    votes = knn_classify(bank, labels, query, k=3, temperature=0.1, num_classes=3)
+    expected = [math.exp(6.0) + math.exp(9.6), math.exp(8.0), 0.0]
+    assert votes[0].tolist() == pytest.approx(expected, rel=1e-5)
+
+    class Identity:
+        device = torch.device("cpu")
+
+        def knn_features(self, pixels):
+            return pixels
+
+    evaluator = KnnEvaluator(k=3, temperature=0.1)
+    two = torch.stack([labels, torch.tensor([-1, 1, 0, 0])], dim=1)  # a second label set; -1: not in its bank
+    evaluator.step(Identity(), LabelledImageBatch(bank, two, ["a", "b"], "bank"), "val")
+    queries = torch.tensor([[0.6, 0.8], [-0.9, 0.1]])
+    evaluator.step(Identity(), LabelledImageBatch(queries, torch.tensor([[1, 1], [2, 0]]), ["a", "b"], "query"), "val")
+    metrics = evaluator.finish(Identity(), "val", ResultFiles(None, "val", 0))
+    # set a: query 0 → class 0 (wrong), query 1 → nearest (-1, 0) is class 2 (right); set b: bank rows 1-3 only
+    assert metrics["knn_top1_a"] == 0.5 and metrics["knn_top5_a"] == 1.0
+    assert metrics["knn_top1_b"] == 1.0 and evaluator.main_metric == "knn_top1_a"
+
+
+def test_exported_backbone_loads_strictly_into_timm_encoder_and_timm(tmp_path):
+    model = tiny_dino()
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            p.add_(torch.randn_like(p))
+    path = model.export_backbone(tmp_path / "backbone.safetensors")
+    loaded = TimmEncoder(**VIT, pretrained=str(path))
+    pixels = torch.randn(2, 3, 32, 32)
+    model.eval()
+    assert torch.equal(loaded.eval()(pixels), model.teacher.encoder(pixels))
+    plain = timm.create_model(VIT["name"], num_classes=0, img_size=32, **VIT["model_kwargs"])
+    plain.load_state_dict(load_file(str(path)), strict=True)
+    assert torch.allclose(plain.forward_features(pixels)[:, 0], model.knn_features(pixels))
+
+
+def test_multicrop_transform_and_caption_labels(shapes_data):
+    import webdataset as wds
+
+    sample = next(iter(wds.WebDataset(str(shapes_data / "train" / "captions-00000.tar"), shardshuffle=False)))
+    globals_, locals_ = MultiCropTransform(32, local_size=16, local_crops=3)(sample["jpg"])
+    assert globals_.shape == (2, 3, 32, 32) and locals_.shape == (3, 3, 16, 16)
+    assert MultiCropTransform(32, local_crops=0)(sample["jpg"])[1].shape == (0, 3, 96, 96)
+    assert unique_word("two green triangles.", ("circle", "square", "triangle")) == 2
+    assert unique_word("a red circle left of a blue square.", ("circle", "square", "triangle")) == -1
+    rule = CaptionLabels({"colour": ("red", "green", "blue"), "shape": ("circle", "square", "triangle")})
+    assert rule({"txt": b"a blue circle and a blue square."}) == [2, -1] and rule.names == ["colour", "shape"]
+
+
+def test_tiny_config_fits_through_the_cli(shapes_data, tmp_path, monkeypatch):
+    from mmlm.app.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["mmlm"])
+    backbone = tmp_path / "backbone.safetensors"
+    code = main(["fit", "--config", str(TINY_CONFIG), "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+                 "--trainer.limit_val_batches", "2", "--trainer.logger", "false", "--trainer.enable_progress_bar",
+                 "false", "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", str(tmp_path),
+                 "--data.init_args.batch_size", "8", "--data.init_args.local_crops", "2",
+                 "--data.init_args.train_urls", str(shapes_data / "train" / "captions-*.tar"),
+                 "--data.init_args.bank_urls", str(shapes_data / "train" / "captions-*.tar"),
+                 "--data.init_args.val_urls", str(shapes_data / "val" / "captions-*.tar"),
+                 "--model.init_args.backbone_file", str(backbone)])
+    assert code == 0 and backbone.is_file()
+    assert list(tmp_path.rglob("val-knn-step3.json"))
