@@ -20,6 +20,7 @@ weights tied to a loaded weight (``lm_head`` ↔ input embeddings) may be absent
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,11 +40,13 @@ from transformers import (
 
 from mmlm.convert.blip2 import qformer_from_hf, qformer_kwargs_from_hf, qformer_to_hf
 from mmlm.convert.keys import load_part, read_checkpoint, split_by_prefix
+from mmlm.convert.language_part import language_part
 from mmlm.encoders.base import INTERPOLATIONS, ImagePreprocess, interpolation_of
 from mmlm.encoders.hf import HFVisionEncoder
 from mmlm.language.hf_base import HFLanguageModel
 from mmlm.language.hf_causal import HFCausalLM
 from mmlm.language.hf_seq2seq import HFSeq2SeqLM
+from mmlm.lora import LoRA, merge_lora_
 
 if TYPE_CHECKING:
     from mmlm.connectors.qformer import QFormer
@@ -108,21 +111,27 @@ def check_blip_processor(processor: BlipImageProcessor, directory: Path) -> None
                          "rescales by 1/255 and normalises)")
 
 
-def _language_model(text_config: Any, seq2seq: bool, dtype: str | None) -> HFLanguageModel:
-    """A randomly initialised LM adapter of the checkpoint's text config (weights are loaded next)."""
+def _language_model(text_config: Any, seq2seq: bool, state: Mapping[str, torch.Tensor], source: str,
+                    **options: Any) -> HFLanguageModel:
+    """The frozen LM adapter of the checkpoint's text config with its ``language_model.*`` weights and ``options``
+    (``dtype``, ``attn_implementation``, ``quantization``, ``lora``: :func:`mmlm.convert.language_part.language_part`)."""
     config = {k: v for k, v in text_config.to_dict().items() if k not in ("architectures", "transformers_version")}
     adapter = HFSeq2SeqLM if seq2seq else HFCausalLM
-    return adapter(config=config, freeze=True, dtype=dtype)
+    return language_part(adapter, config, state, f"{source} language_model.*", freeze=True, **options)
 
 
 def blip2_from_hf(cls: type[Blip2], name_or_path: str, tokenizer: str | None = None, vision_dtype: str | None = None,
-                  lm_dtype: str | None = None, **kwargs: Any) -> Blip2:
+                  lm_dtype: str | None = None, attn_implementation: str | None = None, quantization: str | None = None,
+                  lora: LoRA | None = None, **kwargs: Any) -> Blip2:
     """Build ``cls`` (:class:`mmlm.models.Blip2`) from a ``Blip2ForConditionalGeneration`` checkpoint, strictly.
 
     Args:
         name_or_path: ``save_pretrained`` directory or hub id.
         tokenizer: tokenizer directory/hub id; default the checkpoint's own.
         vision_dtype, lm_dtype: dtypes of the frozen ViT and LM (default float32); the Q-Former stays fp32.
+        attn_implementation, quantization, lora: the LM adapter's options
+            (:class:`~mmlm.language.hf_base.HFLanguageModel`): attention kernel, bitsandbytes ``"4bit"``/``"8bit"``
+            weights (CUDA only), LoRA adapters (then only they train in the LM).
         **kwargs: further :class:`Blip2` arguments (optimisation, generation).
     """
     directory, state = read_checkpoint(name_or_path)
@@ -134,8 +143,9 @@ def blip2_from_hf(cls: type[Blip2], name_or_path: str, tokenizer: str | None = N
                               layer=config.vision_config.num_hidden_layers)  # before post_layernorm = vision_norm
     load_part(encoder.model, parts["vision_model."], f"{name_or_path} vision_model.*")
     encoder.preprocess = image_preprocess(directory, config.vision_config.image_size)
-    lm = _language_model(config.text_config, not config.use_decoder_only_language_model, lm_dtype)
-    load_part(lm.model, parts["language_model."], f"{name_or_path} language_model.*")
+    lm = _language_model(config.text_config, not config.use_decoder_only_language_model, parts["language_model."],
+                         name_or_path, dtype=lm_dtype, attn_implementation=attn_implementation,
+                         quantization=quantization, lora=lora)
     encoder.source = lm.source = name_or_path  # their weights are re-read from the checkpoint
     qformer = qformer_kwargs_from_hf(config.qformer_config, config.num_query_tokens)
     for key in ("encoder_width", "num_query_tokens", "with_text", "vocab_size", "max_position_embeddings"):
@@ -195,7 +205,7 @@ def _check_vision_norm(encoder: HFVisionEncoder, qformer: QFormer) -> None:
 
 def blip2_state_to_hf(model: Blip2) -> dict[str, torch.Tensor]:
     """Our module's weights under ``Blip2ForConditionalGeneration`` keys (``qformer.vision_norm`` as
-    ``vision_model.post_layernorm``)."""
+    ``vision_model.post_layernorm``; an LM's LoRA adapters merged into a copy of its weights)."""
     state = {f"vision_model.{k}": v for k, v in model.encoder.model.state_dict().items()}
     qformer = model.qformer.state_dict()
     for key in [k for k in qformer if k.startswith("vision_norm.")]:
@@ -203,7 +213,9 @@ def blip2_state_to_hf(model: Blip2) -> dict[str, torch.Tensor]:
     for key, value in qformer_to_hf(qformer).items():
         state[key if key == "query_tokens" else f"qformer.{key}"] = value
     state |= {f"language_projection.{k}": v for k, v in model.language_projection.state_dict().items()}
-    state |= {f"language_model.{k}": v for k, v in model.language_model.model.state_dict().items()}
+    lm = model.language_model.model
+    lm = merge_lora_(copy.deepcopy(lm)) if model.language_model.lora is not None else lm  # LoRA merged in
+    state |= {f"language_model.{k}": v for k, v in lm.state_dict().items()}
     return state
 
 

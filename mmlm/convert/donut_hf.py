@@ -16,6 +16,7 @@ ties may be absent). The image size, mean/std, ``resample`` (the interpolation o
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -31,9 +32,11 @@ from transformers import (
 )
 
 from mmlm.convert.keys import load_part, read_checkpoint, split_by_prefix
+from mmlm.convert.language_part import language_part
 from mmlm.encoders.base import INTERPOLATIONS, ImagePreprocess, interpolation_of
 from mmlm.encoders.hf import HFVisionEncoder
 from mmlm.language.cross_attention import CrossAttentionLM
+from mmlm.lora import LoRA, merge_lora_
 
 if TYPE_CHECKING:
     from mmlm.models.donut import Donut
@@ -76,6 +79,7 @@ def build_encoder(config: Any, image_size: tuple[int, int] | None, grad_checkpoi
 
 def donut_from_hf(cls: type[Donut], name_or_path: str, tokenizer: str | None = None,
                   image_size: tuple[int, int] | None = None, grad_checkpointing: bool = False,
+                  attn_implementation: str | None = None, quantization: str | None = None, lora: LoRA | None = None,
                   **kwargs: Any) -> Donut:
     """Build ``cls`` (:class:`mmlm.models.Donut`) from a ``VisionEncoderDecoderModel`` checkpoint, strictly.
 
@@ -85,6 +89,9 @@ def donut_from_hf(cls: type[Donut], name_or_path: str, tokenizer: str | None = N
         image_size: ``(H, W)`` input size instead of the checkpoint's (e.g. ``(1280, 960)``); Swin's windowed
             attention has no absolute positions, so the weights serve any size.
         grad_checkpointing: recompute activations of encoder and decoder in the backward pass.
+        attn_implementation, quantization, lora: the decoder adapter's options
+            (:class:`~mmlm.language.hf_base.HFLanguageModel`); with ``lora`` (or ``quantization``) the decoder's
+            base weights are frozen and only its adapters train.
         **kwargs: further :class:`Donut` arguments (optimisation, generation).
     """
     directory, state = read_checkpoint(name_or_path)
@@ -94,9 +101,10 @@ def donut_from_hf(cls: type[Donut], name_or_path: str, tokenizer: str | None = N
     load_part(encoder.model, parts["encoder."], f"{name_or_path} encoder.*")
     preprocess, align = read_processor(directory, encoder)
     encoder.preprocess = preprocess if image_size is None else replace(preprocess, size=tuple(image_size))
-    decoder = CrossAttentionLM(config={"model_type": config.decoder.model_type, **config_dict(config.decoder)},
-                               grad_checkpointing=grad_checkpointing)
-    load_part(decoder.model, parts["decoder."], f"{name_or_path} decoder.*")
+    decoder = language_part(CrossAttentionLM, {"model_type": config.decoder.model_type, **config_dict(config.decoder)},
+                            parts["decoder."], f"{name_or_path} decoder.*", freeze=False,
+                            grad_checkpointing=grad_checkpointing, attn_implementation=attn_implementation,
+                            quantization=quantization, lora=lora)
     encoder.source = decoder.source = name_or_path  # their weights are re-read from the checkpoint
     model = cls(encoder=encoder, decoder=decoder, tokenizer=tokenizer or str(directory), align_long_axis=align,
                 **kwargs)
@@ -116,7 +124,9 @@ def _check_exportable(model: Donut) -> None:
 def donut_state_to_hf(model: Donut) -> dict[str, torch.Tensor]:
     """Our module's weights under ``VisionEncoderDecoderModel`` keys."""
     state = {f"encoder.{k}": v for k, v in model.encoder.model.state_dict().items()}
-    state |= {f"decoder.{k}": v for k, v in model.decoder.model.state_dict().items()}
+    decoder = model.decoder.model
+    decoder = merge_lora_(copy.deepcopy(decoder)) if model.decoder.lora is not None else decoder  # LoRA merged in
+    state |= {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
     if model.enc_to_dec_proj is not None:
         state |= {f"enc_to_dec_proj.{k}": v for k, v in model.enc_to_dec_proj.state_dict().items()}
     return {k: v.detach() for k, v in state.items()}

@@ -36,6 +36,7 @@ from mmlm.freezing import freeze_
 from mmlm.fusion import targets_only
 from mmlm.language.base import LanguageModel, LMOutput
 from mmlm.language.hf_seq2seq import HFSeq2SeqLM
+from mmlm.lora import LoRA
 from mmlm.models.base import ModuleSettings, MultimodalModule
 from mmlm.sentences import Span, embed_sentence, placeholder_ids, prefix_image_marker
 from mmlm.sizes import part_kwargs
@@ -87,7 +88,8 @@ class Blip2(MultimodalModule):
 
     @classmethod
     def from_hf(cls, name_or_path: str, tokenizer: str | None = None, vision_dtype: str | None = None,
-                lm_dtype: str | None = None, **settings: Unpack[ModuleSettings]) -> Blip2:
+                lm_dtype: str | None = None, attn_implementation: str | None = None, quantization: str | None = None,
+                lora: LoRA | None = None, **settings: Unpack[ModuleSettings]) -> Blip2:
         """Build from a ``transformers.Blip2ForConditionalGeneration`` directory or hub id, strictly.
 
         Args:
@@ -95,14 +97,20 @@ class Blip2(MultimodalModule):
             tokenizer: hub id or directory of the tokenizer (default: the checkpoint's).
             vision_dtype: dtype of the ViT (see :func:`mmlm.convert.blip2_hf.blip2_from_hf`).
             lm_dtype: dtype of the language model.
+            attn_implementation: the LM's attention kernel (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``…);
+                ``None`` keeps transformers' default.
+            quantization: ``"4bit"`` (NF4, QLoRA) or ``"8bit"`` bitsandbytes LM weights (CUDA only; docs/lora.md).
+            lora: LoRA adapters on the LM (:class:`~mmlm.lora.LoRA`): they train, its base stays frozen.
             **settings: any :class:`~mmlm.models.base.ModuleSettings` key (``lr``, ``generation``, …); LightningCLI
                 checks each one from YAML (``class_path: mmlm.models.Blip2.from_hf``).
         """
         kwargs = dict(settings)
+        lora = LoRA(**lora) if isinstance(lora, dict) else lora  # a checkpoint records it as a dict
+        options = dict(attn_implementation=attn_implementation, quantization=quantization, lora=lora)
         model = blip2_from_hf(cls, name_or_path, tokenizer=tokenizer, vision_dtype=vision_dtype, lm_dtype=lm_dtype,
-                              **kwargs)
+                              **options, **kwargs)
         model.record_builder("from_hf", dict(name_or_path=name_or_path, tokenizer=tokenizer, vision_dtype=vision_dtype,
-                                             lm_dtype=lm_dtype, **kwargs))
+                                             lm_dtype=lm_dtype, **options, **kwargs))
         return model
 
     def to_hf(self, directory: str | Path) -> None:

@@ -30,6 +30,7 @@ from mmlm.data_spec import DataSpec
 from mmlm.encoders.base import VisionEncoder
 from mmlm.language.base import LMOutput
 from mmlm.language.cross_attention import CrossAttentionLM
+from mmlm.lora import LoRA
 from mmlm.models.base import ModuleSettings
 from mmlm.models.documents import DocumentModule
 from mmlm.tokenizers import load_tokenizer
@@ -76,7 +77,9 @@ class Donut(DocumentModule):
     @classmethod
     def from_hf(cls, name_or_path: str, tokenizer: str | None = None, image_size: tuple[int, int] | None = None,
                 grad_checkpointing: bool = False, align_long_axis: bool | None = None, suppress_unk: bool = True,
-                export_dir: str | None = None, **settings: Unpack[ModuleSettings]) -> Donut:
+                export_dir: str | None = None, attn_implementation: str | None = None,
+                quantization: str | None = None, lora: LoRA | None = None,
+                **settings: Unpack[ModuleSettings]) -> Donut:
         """Build from a transformers ``VisionEncoderDecoderModel`` directory or hub id (naver-clova-ix/donut-base
         layout), strictly; see :func:`mmlm.convert.donut_hf.donut_from_hf`.
 
@@ -88,17 +91,25 @@ class Donut(DocumentModule):
             align_long_axis: rotate portrait pages to landscape; ``None`` keeps the processor's setting.
             suppress_unk: see :class:`Donut`.
             export_dir: see :class:`Donut`.
+            attn_implementation: the decoder's attention kernel (``"sdpa"``, ``"eager"``…); ``None`` keeps
+                transformers' default.
+            quantization: ``"4bit"``/``"8bit"`` bitsandbytes decoder weights (CUDA only; docs/lora.md).
+            lora: LoRA adapters on the decoder (:class:`~mmlm.lora.LoRA`): they train, its base weights are frozen.
+                Token rows added later (task and field tokens, :meth:`add_tokens`) are then frozen too, at their
+                initial values.
             **settings: any :class:`~mmlm.models.base.ModuleSettings` key (``lr``, ``generation``, …); LightningCLI
                 checks each one from YAML (``class_path: mmlm.models.Donut.from_hf``).
         """
+        lora = LoRA(**lora) if isinstance(lora, dict) else lora  # a checkpoint records it as a dict
         kwargs = dict(settings, suppress_unk=suppress_unk, export_dir=export_dir)
+        options = dict(attn_implementation=attn_implementation, quantization=quantization, lora=lora)
         model = donut_from_hf(cls, name_or_path, tokenizer=tokenizer, image_size=image_size,
-                              grad_checkpointing=grad_checkpointing, **kwargs)
+                              grad_checkpointing=grad_checkpointing, **options, **kwargs)
         if align_long_axis is not None:
             model.align_long_axis = align_long_axis
         model.record_builder("from_hf", dict(name_or_path=name_or_path, tokenizer=tokenizer, image_size=image_size,
                                              grad_checkpointing=grad_checkpointing, align_long_axis=align_long_axis,
-                                             **kwargs))
+                                             **options, **kwargs))
         return model
 
     def to_hf(self, directory: str | Path) -> None:
