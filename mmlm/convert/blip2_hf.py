@@ -156,6 +156,7 @@ def blip2_from_hf(cls: type[Blip2], name_or_path: str, tokenizer: str | None = N
     vision_norm = {f"vision_norm.{k}": parts["vision_model."][f"{POST_LAYERNORM}{k}"] for k in ("weight", "bias")}
     load_part(model.qformer, qformer_from_hf(parts["qformer."]) | vision_norm, f"{name_or_path} qformer.*")
     load_part(model.language_projection, parts["language_projection."], f"{name_or_path} language_projection.*")
+    encoder.model.post_layernorm.requires_grad_(False)  # unused (vision_norm is in its place): no gradient, even trained
     return model
 
 

@@ -43,6 +43,12 @@ from mmlm.sizes import part_kwargs
 from mmlm.tokenizers import load_tokenizer
 
 
+def unfreeze_(encoder: VisionEncoder) -> VisionEncoder:
+    """Make every parameter of ``encoder`` trainable and let it follow train/eval mode (in place)."""
+    encoder.frozen = False
+    return encoder.requires_grad_(True)
+
+
 def is_seq2seq(language_model: LanguageModel) -> bool:
     """Whether the LM is an encoder-decoder (prefix-LM layout) rather than decoder-only."""
     return isinstance(language_model, HFSeq2SeqLM)
@@ -55,7 +61,8 @@ class Blip2(MultimodalModule):
     """BLIP-2 stage 2: Q-Former soft prompt for a frozen causal or seq2seq LM.
 
     Args:
-        encoder: the vision encoder; frozen here whatever its own ``freeze`` says (as in BLIP-2).
+        encoder: the vision encoder; frozen here whatever its own ``freeze`` says (as in BLIP-2), except the blocks its
+            ``trainable_blocks`` keeps training, unless ``train_encoder``.
         language_model: an ``HFCausalLM`` (soft prompt before the text) or ``HFSeq2SeqLM`` (prefix LM);
             frozen here.
         tokenizer: hub id or local directory of the LM's tokenizer (``<image>`` is added as the
@@ -64,14 +71,17 @@ class Blip2(MultimodalModule):
         qformer: the Q-Former's size (:class:`~mmlm.connectors.QFormerConfig`: ``hidden_size``,
             ``num_layers``, ``num_heads``, ``intermediate_size``, ``cross_attention_freq``, ``layer_norm_eps``,
             ``dropout``); the Q-Former is queries-only (``with_text=False``) and reads ``encoder.width``.
+        train_encoder: the whole encoder trains (LAVIS's ``freeze_vit: False`` of its caption finetuning), in train
+            mode, whatever its own ``freeze`` says; keep its weights in float32 then (``vision_dtype``).
         **kwargs: optimisation and evaluation settings of :class:`MultimodalModule`.
     """
 
     def __init__(self, encoder: VisionEncoder, language_model: LanguageModel, tokenizer: str,
-                 num_query_tokens: int = 32, qformer: QFormerConfig | None = None, **kwargs: Any) -> None:
+                 num_query_tokens: int = 32, qformer: QFormerConfig | None = None, train_encoder: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        self.encoder = freeze_(encoder)
+        self.encoder = unfreeze_(encoder) if train_encoder else freeze_(encoder)
         self.qformer = QFormer(encoder.width, num_query_tokens=num_query_tokens, with_text=False,
                                **part_kwargs(QFormerConfig, qformer))
         self.language_projection = nn.Linear(self.qformer.query_tokens.shape[-1], language_model.width)
@@ -89,7 +99,7 @@ class Blip2(MultimodalModule):
     @classmethod
     def from_hf(cls, name_or_path: str, tokenizer: str | None = None, vision_dtype: str | None = None,
                 lm_dtype: str | None = None, attn_implementation: str | None = None, quantization: str | None = None,
-                lora: LoRA | None = None, **settings: Unpack[ModuleSettings]) -> Blip2:
+                lora: LoRA | None = None, train_encoder: bool = False, **settings: Unpack[ModuleSettings]) -> Blip2:
         """Build from a ``transformers.Blip2ForConditionalGeneration`` directory or hub id, strictly.
 
         Args:
@@ -101,10 +111,12 @@ class Blip2(MultimodalModule):
                 ``None`` keeps transformers' default.
             quantization: ``"4bit"`` (NF4, QLoRA) or ``"8bit"`` bitsandbytes LM weights (CUDA only; docs/lora.md).
             lora: LoRA adapters on the LM (:class:`~mmlm.lora.LoRA`): they train, its base stays frozen.
+            train_encoder: the ViT trains too (see :class:`Blip2`), but for its ``post_layernorm``, which the Q-Former's
+                ``vision_norm`` replaces.
             **settings: any :class:`~mmlm.models.base.ModuleSettings` key (``lr``, ``generation``, …); LightningCLI
                 checks each one from YAML (``class_path: mmlm.models.Blip2.from_hf``).
         """
-        kwargs = dict(settings)
+        kwargs = dict(settings, train_encoder=train_encoder)
         lora = LoRA(**lora) if isinstance(lora, dict) else lora  # a checkpoint records it as a dict
         options = dict(attn_implementation=attn_implementation, quantization=quantization, lora=lora)
         model = blip2_from_hf(cls, name_or_path, tokenizer=tokenizer, vision_dtype=vision_dtype, lm_dtype=lm_dtype,

@@ -152,3 +152,19 @@ def test_donut_from_hf_with_lora_trains_decoder_adapters_only_and_exports(donut_
     recorded = {k: v for k, v in model.hparams.items() if k != "_class_path"}
     rebuilt = Donut.from_hf(**recorded)
     assert {n for n, p in rebuilt.named_parameters() if p.requires_grad} == trainable
+
+
+# --------------------------------------------------------------------------------------- BLIP-2 ViT finetuning
+
+
+def test_blip2_train_encoder_finetunes_the_vit(blip2_dir, shapes_batch):
+    frozen = Blip2.from_hf(str(blip2_dir))
+    assert not any(p.requires_grad for p in frozen.encoder.parameters())  # BLIP-2's default: a frozen ViT
+    model = Blip2.from_hf(str(blip2_dir), train_encoder=True).train()
+    assert model.hparams["train_encoder"] is True
+    assert model.encoder.training and not model.encoder.frozen
+    trainable = {n for n, p in model.encoder.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.encoder.named_parameters() if "post_layernorm" not in n}
+    batch = shapes_batch(kind="vqa", size=2, image_size=32, model=model)
+    model.training_loss(batch).backward()
+    assert all(p.grad is not None for n, p in model.encoder.named_parameters() if n in trainable)
