@@ -103,7 +103,7 @@ def frozen_encoder(model: torch.nn.Module) -> torch.nn.Module:
     trainable = [n for n, p in encoder.named_parameters() if p.requires_grad]
     if trainable:
         raise ValueError(f"{type(model).__name__}.encoder is trainable ({len(trainable)} tensors, e.g. {trainable[0]!r}): "
-                         "only a frozen encoder's features can be cached (set its freeze: true)")
+                         "only a frozen encoder's features can be cached (set its freeze: true and trainable_blocks: 0)")
     return encoder
 
 

@@ -31,7 +31,7 @@ from mmlm.language.base import GenerationConfig
 from mmlm.models.base import MultimodalModule
 
 #: The model settings of :class:`MultimodalModule`'s own optimiser and schedule (named when ``--optimizer`` is refused).
-MODEL_OPTIMIZER_SETTINGS = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "betas")
+MODEL_OPTIMIZER_SETTINGS = ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "betas", "schedule")
 #: Warnings mmlm causes on purpose (message patterns): frozen parts stay in eval mode, shard loaders have a length
 #: (``epoch_samples``) and are split per worker, and ``mmlm quickstart`` runs LightningCLI from Python.
 INTENDED_WARNINGS = (
@@ -49,14 +49,14 @@ def optimizer_problem(config: Any) -> str | None:
     """Why LightningCLI's ``--optimizer``/``--lr_scheduler`` are refused when given, else ``None``.
 
     Lightning would replace the model's ``configure_optimizers`` by them, silently dropping the model's AdamW with
-    decay/no-decay groups and its warmup + cosine schedule; the model's own settings are named instead.
+    decay/no-decay groups and its warmup + cosine (or linear) schedule; the model's own settings are named instead.
     """
     given = [f"--{key}" for key in ("optimizer", "lr_scheduler") if config.get(key) is not None]
     if not given:
         return None
     settings = ", ".join(f"--model.init_args.{name}" for name in MODEL_OPTIMIZER_SETTINGS)
     return (f"{' and '.join(given)} would replace the model's own optimiser (AdamW over decay/no-decay parameter "
-            f"groups) and its warmup + cosine schedule; mmlm refuses them. Set the model's settings instead: {settings}")
+            f"groups) and its warmup + cosine (or linear) schedule; mmlm refuses them. Set the model's settings instead: {settings}")
 
 
 def strategy_label(strategy: Any) -> str:

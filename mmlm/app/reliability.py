@@ -257,7 +257,7 @@ def is_fit_config(config: dict[str, Any]) -> bool:
 
 
 def schedule_problem(config: dict[str, Any]) -> str | None:
-    """Why ``fit`` cannot size the warmup + cosine schedule (``MultimodalModule.configure_optimizers`` needs the
+    """Why ``fit`` cannot size the warmup + decay schedule (``MultimodalModule.configure_optimizers`` needs the
     run's length in steps): no ``trainer.max_steps``, no integer ``limit_train_batches`` and a data module making one
     pass of unknown length (its ``epoch_samples`` unset), so ``max_epochs`` cannot be turned into steps."""
     trainer, data = config.get("trainer") or {}, config.get("data") or {}
@@ -272,7 +272,7 @@ def schedule_problem(config: dict[str, Any]) -> str | None:
     epochs = trainer.get("max_epochs")
     given = f"trainer.max_epochs={epochs} without trainer.max_steps" if epochs is not None else "no trainer.max_steps"
     return (f"{given}, and data.init_args.epoch_samples is not set: the learning-rate "
-            "schedule (warmup + cosine) needs the run's length in steps, and a one-pass epoch over shards has no "
+            "schedule (warmup, then cosine or linear decay) needs the run's length in steps, and a one-pass epoch over shards has no "
             "known length. Set --trainer.max_steps=N, or --data.init_args.epoch_samples=N (with max_epochs)")
 
 
