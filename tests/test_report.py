@@ -218,6 +218,39 @@ def test_report_of_a_run_without_reachable_shards_says_so(donut_run, tmp_path, m
     assert page.count("image not found") == 3 and "are not reachable" in page
 
 
+# --------------------------------------------------------------------------- a retrieval run written by hand
+
+
+def test_retrieval_report_shows_each_images_top_texts_with_its_own_marked(tmp_path, monkeypatch):
+    """The ``.top.json`` of :func:`mmlm.evaluation.retrieval.top_matches` over 3 shapes images, one caption each, with
+    a similarity that ranks image 0's caption first, image 1's second and image 2's not at all."""
+    import torch
+
+    from datamodules.synthetic.shapes import write_shapes
+    from mmlm.evaluation.retrieval import top_matches
+
+    write_shapes(tmp_path / "data", train=1, val=3, seed=0, shard_size=8, progress=False)
+    log_dir = tmp_path / "runs" / "stage1" / "lightning_logs" / "version_0"
+    (log_dir / "predictions").mkdir(parents=True)
+    (log_dir / "config.yaml").write_text(json.dumps({"model": {"class_path": "mmlm.models.Blip2Stage1"}, "data": {
+        "init_args": {"val": [{"urls": "data/val/captions-*.tar", "kind": "caption"}]}}}))
+    texts = [{"id": f"val-{i:09d}", "key": f"{i:09d}", "text": f"caption <{i}>"} for i in range(3)]
+    sim = torch.tensor([[0.9, 0.1, 0.2], [0.8, 0.7, 0.1], [0.9, 0.8, 0.0]])
+    top = top_matches(sim, torch.arange(3), texts, k=2)
+    (log_dir / "predictions" / "val-retrieval-step4.top.json").write_text(json.dumps(top))
+    (log_dir / "predictions" / "val-retrieval-step4.json").write_text(json.dumps({"i2t_r1": 33.3, "r_mean": 50.0}))
+    monkeypatch.chdir(tmp_path)
+    page = build_report(log_dir).read_text()
+    assert "i2t_r1" in page and page.count('data-type="retrieval"') == 3
+    assert page.count('<tr data-verdict="right" data-type="retrieval">') == 1
+    assert page.count('<tr data-verdict="partial" data-type="retrieval">') == 1
+    assert page.count('<tr data-verdict="wrong" data-type="retrieval">') == 1
+    assert page.count('<li class="f-same">✓ caption &lt;') == 2 and "caption &lt;2&gt;" in page
+    assert page.count('src="data:image/jpeg;base64,') == 3 and "image not found" not in page
+    first = page.index('<td>val-000000000<br>retrieval</td>')
+    assert page.index("✓ caption &lt;0&gt;", first) < page.index("caption &lt;2&gt;", first)
+
+
 # --------------------------------------------------------------------------- a tiny Frozen run, in a browser
 
 

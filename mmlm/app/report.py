@@ -7,7 +7,8 @@ folder or any folder above it, the newest log dir below it is taken):
   metric). A ``validate``/``test`` run records no training: its curves come from the log dir of the checkpoint it
   evaluated (``ckpt_path`` in its ``config.yaml``);
 * ``predictions/{stage}-{task}-step{N}…`` (:mod:`mmlm.evaluation`): VQA/GQA/caption/plan predictions, the
-  ``.accuracy.json`` per-type breakdown, ``.scores.json``, Donut's ``documents.jsonl``, retrieval recall;
+  ``.accuracy.json`` per-type breakdown, ``.scores.json``, Donut's ``documents.jsonl``, retrieval recall and the
+  top texts retrieved per image (``retrieval-step{N}.top.json``);
 * ``config.yaml``: the data sources of the stage, whose shards are read again for the images, questions and
   references of the shown examples (at most ``max_examples``; the shards are found relative to the current directory
   or any folder above the run).
@@ -366,17 +367,33 @@ def document_row(example: Example) -> GalleryRow:
                       truth if references else '<span class="note">—</span>', score, document=True)
 
 
+def retrieval_row(example: Example) -> GalleryRow:
+    """An image and the texts retrieval ranked first for it (``retrieval-step{N}.top.json``), its own captions marked
+    ✓; scored by the reciprocal rank of the first of them (right when it is first, wrong when none is listed)."""
+    record = example.record
+    texts = [t for t in record.get("texts") or [] if isinstance(t, dict)]
+    ranks = [rank for rank, t in enumerate(texts, 1) if t.get("match")]
+    score = 1.0 / ranks[0] if ranks else 0.0 if texts else None
+    marked = ('<li class="f-same">✓ ', "<li>")
+    items = "".join(f'{marked[not t.get("match")]}{esc(t.get("text", ""))} <span class="conf">'
+                    f'{float(t.get("score", float("nan"))):.3f}</span></li>' for t in texts)
+    return GalleryRow(example.id, "retrieval", verdict(score), thumbnail(example.sample, THUMBNAIL_SIDE),
+                      f"top {len(texts)} texts", f'<ol class="ranked">{items}</ol>',
+                      text_list([str(c) for c in record.get("captions") or []]), score)
+
+
 @dataclass(frozen=True)
 class TaskRows:
     """How one task's predictions become gallery rows: the file suffix, the id field of its rows, the fields of
-    the samples' JSON that may hold that id (else the sample key), the source kinds holding its samples, and the
-    row builder."""
+    the samples' JSON that may hold that id (else the sample key), the source kinds holding its samples, the
+    row builder, and (``records``) the list of rows inside a file that is a JSON object."""
 
     suffix: str
     row_id: str
     sample_ids: tuple[str, ...]
     kinds: tuple[str, ...] | None
     build: Callable[[Example], GalleryRow]
+    records: str | None = None
 
 
 TASKS: dict[str, TaskRows] = {
@@ -385,13 +402,17 @@ TASKS: dict[str, TaskRows] = {
     "caption": TaskRows(".json", "image_id", ("image_id", "id"), ("caption",), caption_row),
     "plan": TaskRows(".json", "id", ("id",), None, plan_row),
     "documents": TaskRows(".jsonl", "key", (), None, document_row),
+    "retrieval": TaskRows(".top.json", "id", ("image_id", "id"), ("caption",), retrieval_row, records="images"),
 }
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The rows of a predictions ``.json`` (a list) or ``.jsonl`` file."""
+def read_records(path: Path, records: str | None = None) -> list[dict[str, Any]]:
+    """The rows of a predictions ``.json`` (a list, or with ``records`` the list under that key of an object) or
+    ``.jsonl`` file."""
     text = path.read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
+    if records is not None:
+        rows = rows.get(records) if isinstance(rows, dict) else None
     return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
 
 
@@ -400,7 +421,7 @@ def task_examples(files: Sequence[ResultFile], stage: str, step: int, max_exampl
     present = {f.task: f for f in files if f.stage == stage and f.step == step and f.task in TASKS
                and f.suffix == TASKS[f.task].suffix}
     share = max_examples // max(len(present), 1)
-    return {task: read_records(f.path)[:share] for task, f in sorted(present.items())}
+    return {task: read_records(f.path, TASKS[task].records)[:share] for task, f in sorted(present.items())}
 
 
 def gallery_rows(records: dict[str, list[dict]], shard_sets: Sequence[ShardSet],

@@ -33,6 +33,7 @@ th{background:#f4f4f4;text-align:left}td.num{text-align:right;font-variant-numer
 pre.json{margin:0;font-size:12px;white-space:pre-wrap}
 .f-same{background:#e6f5e6}.f-diff{background:#f8d4d4}.f-missing{background:#ffe6b3}.f-extra{background:#e0e0ff}
 .tables{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
+ol.ranked{margin:0;padding-left:1.4em}
 .conf{color:#666;font-size:11px}.attn img{width:64px;height:64px;margin:1px}.note{color:#666}
 """
 

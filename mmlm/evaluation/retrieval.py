@@ -3,7 +3,12 @@
 Per batch the module's ``retrieval_step(batch)`` gives its loss terms (logged as ``{stage}/{name}``) and the
 contrastive features; at the end of the epoch R@1/5/10 in both directions and their mean are computed over the
 whole evaluation set (:class:`mmlm.metrics.retrieval.RetrievalRecall`, gathered across ranks), and written to
-``{stage}-retrieval-step{N}.json``.
+``{stage}-retrieval-step{N}.json``. Beside it, ``{stage}-retrieval-step{N}.top.json`` holds what was retrieved
+(:func:`top_matches`, by ITC similarity): ``{"k", "images": [...], "texts": [...]}``, per distinct image (ordered as
+the similarity matrix: by image id) its ``id``, ``key``, own ``captions`` and its top-``k`` texts, per caption its
+``text``, ``id``, ``key`` and its top-``k`` images; each hit with its ``score`` and ``match`` (a positive). The
+caption texts are the batch's target tokens decoded with the module's ``tokenizer``; the rows of every rank are
+gathered in rank order, the order of the metric's gathered features, and rank 0 writes.
 
 Re-ranking (``rerank_k > 0``, as LAVIS's ``compute_sim_matrix``): the evaluator keeps, on the CPU, each distinct
 image's ITM input (``RetrievalStep.images``: frozen image tokens ``[N, Dv]`` for BLIP-2, pixels for VLMO) and every
@@ -25,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from mmlm.distributed import any_rank, rank_and_world
+from mmlm.distributed import any_rank, gather_objects, rank_and_world
 from mmlm.evaluation.base import Evaluator, ResultFiles, StepOutput
 from mmlm.losses import ItmLogits
 from mmlm.metrics.retrieval import RetrievalRecall, rerank, retrieval_recall
@@ -92,6 +97,49 @@ class RerankStore:
         return retrieval_recall(i2t, txt2img.cpu(), ks=ks, sim_t2i=t2i)
 
 
+def caption_texts(module: Any, batch: Any, rows: Tensor) -> list[str]:
+    """The caption of each of ``rows``: its target tokens (``labels`` not ``-100``) decoded with ``module.tokenizer``
+    (special tokens dropped); ``""`` when the module has no tokenizer."""
+    tokenizer = getattr(module, "tokenizer", None)
+    if tokenizer is None:
+        return [""] * len(rows)
+    labels = batch.labels.detach().cpu()
+    return [tokenizer.decode(labels[r][labels[r] != -100].tolist(), skip_special_tokens=True).strip()
+            for r in rows.tolist()]
+
+
+def _hit(row: dict[str, Any], score: float, match: bool, text: bool) -> dict[str, Any]:
+    """One retrieved item: a caption (``text``) or an image, with its similarity and whether it is a positive."""
+    return {**({"text": row["text"]} if text else {}), "id": row["id"], "key": row["key"], "score": round(score, 6),
+            "match": match}
+
+
+def top_matches(sim_i2t: Tensor, txt2img: Tensor, texts: list[dict[str, Any]], k: int = 5) -> dict[str, Any]:
+    """The top-``k`` texts of every image and images of every text (``.top.json``, see the module docstring).
+
+    Args:
+        sim_i2t: ``[Ni, Nt]`` image×text similarity (rows: the distinct images by id; columns: the texts).
+        txt2img: ``[Nt]`` row of each text's image.
+        texts: ``Nt`` rows ``{"id", "key", "text"}`` in column order (``id``, ``key``: the text's image sample).
+    """
+    sim, txt2img = sim_i2t.float().cpu(), txt2img.cpu()
+    num_images, num_texts = sim.shape
+    if len(texts) != num_texts:
+        raise ValueError(f"{num_texts} texts in the similarity matrix, {len(texts)} text rows")
+    first = {int(i): t for t, i in reversed(list(enumerate(txt2img.tolist())))}  # image row → its first caption
+    i2t = sim.topk(min(k, num_texts), dim=1)
+    t2i = sim.t().topk(min(k, num_images), dim=1)
+    images = [{"id": texts[first[i]]["id"], "key": texts[first[i]]["key"],
+               "captions": [texts[t]["text"] for t in (txt2img == i).nonzero()[:, 0].tolist()],
+               "texts": [_hit(texts[t], s, int(txt2img[t]) == i, True)
+                         for s, t in zip(i2t.values[i].tolist(), i2t.indices[i].tolist())]}
+              for i in range(num_images)]
+    ranked = [{**texts[t], "images": [_hit(texts[first[i]], s, int(txt2img[t]) == i, False)
+                                      for s, i in zip(t2i.values[t].tolist(), t2i.indices[t].tolist())]}
+              for t in range(num_texts)]
+    return {"k": k, "images": images, "texts": ranked}
+
+
 class RetrievalEvaluator(Evaluator):
     """Loss terms per batch and R@K over the evaluation set (see the module docstring).
 
@@ -103,17 +151,19 @@ class RetrievalEvaluator(Evaluator):
         ks: the K of R@K.
         rerank_k: > 0: also re-rank each image's top-k texts (and each text's top-k images) with ITM and log
             ``rerank_i2t_r1`` … (single process only).
+        top_k: how many retrieved items per image and per text ``….top.json`` lists (0: no file).
     """
 
     main_metric = "r_mean"
     predicts = False
 
-    def __init__(self, ks: tuple[int, ...] = (1, 5, 10), rerank_k: int = 0) -> None:
+    def __init__(self, ks: tuple[int, ...] = (1, 5, 10), rerank_k: int = 0, top_k: int = 5) -> None:
         super().__init__()
-        if rerank_k < 0:
-            raise ValueError(f"rerank_k must be >= 0, got {rerank_k}")
-        self.recall, self.rerank_k = RetrievalRecall(ks=ks), rerank_k
+        if rerank_k < 0 or top_k < 0:
+            raise ValueError(f"rerank_k and top_k must be >= 0, got {rerank_k} and {top_k}")
+        self.recall, self.rerank_k, self.top_k = RetrievalRecall(ks=ks), rerank_k, top_k
         self._store = RerankStore()
+        self._texts: list[dict[str, Any]] = []
 
     def step(self, module: Any, batch: Any, stage: str) -> StepOutput:
         out = module.retrieval_step(batch)
@@ -124,6 +174,10 @@ class RetrievalEvaluator(Evaluator):
             rows_dev = rows.to(out.image_ids.device)
             ids = out.image_ids[rows_dev]
             self.recall.update(out.image_feats[rows_dev], ids, out.text_feats[rows_dev], ids)
+            if self.top_k > 0:
+                self._texts += [{"id": batch.ids[r] if batch.ids else batch.keys[r],
+                                 "key": batch.keys[r] if batch.keys else "", "text": text}
+                                for r, text in zip(rows.tolist(), caption_texts(module, batch, rows))]
             if self.rerank_k > 0:
                 self._check_single_process()
                 self._store.add(out, rows)
@@ -138,14 +192,18 @@ class RetrievalEvaluator(Evaluator):
     @torch.no_grad()
     def finish(self, module: Any, stage: str, files: ResultFiles) -> dict[str, Tensor | float]:
         metrics: dict[str, Tensor | float] = {}
+        texts, self._texts = gather_objects(self._texts), []
         if any_rank(bool(self.recall.update_called), module.device):
-            metrics = {name: float(value) for name, value in self.recall.compute().items()}
-            if self._store.texts:
+            with self.recall.sync_context():  # every rank: the features of the whole set, in rank order
                 sim, txt2img, image_ids = self.recall.similarity()
+            metrics = retrieval_recall(sim, txt2img, ks=self.recall.ks)
+            if self._store.texts:
                 reranked = self._store.rerank_recall(sim, txt2img, image_ids, self.rerank_k, module.itm_logits,
                                                      module.pad_id, self.recall.ks, module.device)
                 metrics |= {f"rerank_{name}": value for name, value in reranked.items()}
             files.write_json("retrieval", metrics)
+            if self.top_k > 0 and files.directory is not None:
+                files.write_json("retrieval", top_matches(sim, txt2img, texts, self.top_k), ".top.json")
         self.recall.reset()
         self._store = RerankStore()
         return metrics
