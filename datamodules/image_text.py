@@ -293,7 +293,8 @@ class ImageTextDataModule(WebDataModule):
     Tokenizer, image preprocessing and image marker come from the arguments, or — when ``tokenizer`` /
     ``image_size`` / ``image_tokens`` is ``None`` — from the trainer's model's :class:`~mmlm.data_spec.DataSpec` in
     :meth:`setup` (``tokenizer``, a Hugging Face tokenizer; ``image_preprocess``, an
-    :class:`~mmlm.encoders.base.ImagePreprocess`; the ``"image"`` marker of ``markers``). With an image marker (the
+    :class:`~mmlm.encoders.base.ImagePreprocess`; the ``"image"`` marker of ``markers``; the ``end_token_id`` that ends
+    targets, when ``end_token_id`` is ``None``). With an image marker (the
     generative families) batches are :class:`~mmlm.batch.SentenceBatch` whose sentences start with the image's span
     (:mod:`datamodules.pipeline.prefix_sentences`); without one (BLIP-2 stage 1, VLMO) they are :class:`~mmlm.batch.Batch`.
 
@@ -327,6 +328,9 @@ class ImageTextDataModule(WebDataModule):
         eval_shots: demonstrations before each prompt at evaluation (0 = zero-shot): the next examples of the same
             batch that show another image, with their targets (:func:`mmlm.fewshot.with_demonstrations`); needs
             sentence batches.
+        end_token_id: the token id that ends every target; ``None``: the model's
+            :attr:`~mmlm.data_spec.DataSpec.end_token_id` (``"\\n"`` for a BLIP-2 OPT checkpoint from LAVIS), else the
+            tokenizer's eos.
     """
 
     def __init__(
@@ -352,6 +356,7 @@ class ImageTextDataModule(WebDataModule):
         raw_chunk: int = 64,
         image_tokens: int | None = None,
         eval_shots: int = 0,
+        end_token_id: int | None = None,
     ) -> None:
         super().__init__(train=train, val=val, test=test, predict=predict, batch_size=batch_size,
                          num_workers=num_workers, epoch_samples=epoch_samples,
@@ -367,12 +372,16 @@ class ImageTextDataModule(WebDataModule):
         if eval_shots < 0:
             raise ValueError(f"eval_shots must be ≥ 0, got {eval_shots}")
         self.image_tokens, self.eval_shots = image_tokens, eval_shots
+        self.end_token_id = end_token_id
         self.tokenizer: Any = None
         self.preprocess: ImagePreprocess | None = None
         self.marker: Marker | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        """Resolve the tokenizer, image preprocessing and image marker (arguments first, else the model's)."""
+        """Resolve the tokenizer, image preprocessing, image marker and end token (arguments first, else the
+        model's)."""
+        if self.end_token_id is None:
+            self.end_token_id = self.model_spec().end_token_id  # None: the tokenizer's eos
         if self.marker is None:
             self.marker = (prefix_image_marker(self.image_tokens) if self.image_tokens is not None
                            else image_marker(self.model_spec().markers))
@@ -422,7 +431,7 @@ class ImageTextDataModule(WebDataModule):
         """Examples → :class:`~mmlm.batch.Batch`, or sentences when there is an image marker (see the class)."""
         if self.tokenizer is None:
             self.setup(stage)
-        collate: Collator | FeatureCollator = Collator(self.tokenizer, self.max_text_tokens)
+        collate: Collator | FeatureCollator = Collator(self.tokenizer, self.max_text_tokens, self.end_token_id)
         collate = FeatureCollator(collate) if self.cached_features else collate
         return sentence_collate(collate, self.marker, self.tokenizer, 0 if stage == "fit" else self.eval_shots)
 

@@ -28,6 +28,9 @@ class DataSpec:
         add_tokens: tokens the data needs that the model must learn (Donut's ``<s_key>`` tags, collected from the
             ground truth): the datamodule calls it once, with the sorted tokens, before building any batch; ``None``
             for a model that takes none.
+        end_token_id: the token that ends every target, which the model learns to emit and stops generating at;
+            ``None``: the tokenizer's eos. BLIP-2 checkpoints converted from LAVIS's OPT models end text with ``"\\n"``
+            (their generation config's eos), not the tokenizer's ``</s>``.
     """
 
     tokenizer: Any = None
@@ -37,6 +40,7 @@ class DataSpec:
     object_dim: int | None = None
     align_long_axis: bool | None = None
     add_tokens: Callable[[Sequence[str]], None] | None = None
+    end_token_id: int | None = None
 
     def require(self, name: str, needed_by: str, argument: str) -> Any:
         """The value of field ``name``.

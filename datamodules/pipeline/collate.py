@@ -2,7 +2,7 @@
 
 Shape legend: B batch, T text tokens, P prompt tokens, H/W image height/width.
 
-Sequence layout of one example (``max_text_tokens`` caps the whole sequence; eos is kept)::
+Sequence layout of one example (``max_text_tokens`` caps the whole sequence; eos, the end token, is kept)::
 
     input_ids  = [bos]? prompt_ids target_ids eos pad…      (right-padded)
     labels     = -100…  -100…     target_ids eos -100…
@@ -10,7 +10,9 @@ Sequence layout of one example (``max_text_tokens`` caps the whole sequence; eos
 
 The target is tokenised as ``" " + target`` when the prompt is non-empty (so "Answer: red"
 tokenises like running text), else as ``target``. All tokenizer calls use
-``add_special_tokens=False``; bos/eos/pad come from the tokenizer's ids.
+``add_special_tokens=False``; bos/eos/pad come from the tokenizer's ids. The token that ends each target is the
+tokenizer's eos unless the collator is given another ``end_token_id`` (the model's
+:attr:`~mmlm.data_spec.DataSpec.end_token_id`: ``"\\n"`` for LAVIS's BLIP-2 OPT checkpoints).
 """
 
 from __future__ import annotations
@@ -86,25 +88,42 @@ def pad_left(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([[value] * (width - len(r)) + r for r in rows], dtype=torch.long).reshape(len(rows), width)
 
 
-def collate_examples(examples: list[Example], tokenizer: Any, max_text_tokens: int) -> Batch:
+def end_token(tokenizer: Any, end_token_id: int | None = None) -> int:
+    """The id that ends every target: ``end_token_id``, else the tokenizer's eos.
+
+    Raises:
+        ValueError: neither is set, or ``end_token_id`` lies outside the tokenizer's ids (both named).
+    """
+    if end_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no eos token id; collate needs one (or an end_token_id) "
+                             "to end targets")
+        return tokenizer.eos_token_id
+    if not 0 <= end_token_id < len(tokenizer):
+        raise ValueError(f"end_token_id={end_token_id} is not an id of {type(tokenizer).__name__} "
+                         f"({len(tokenizer)} ids)")
+    return end_token_id
+
+
+def collate_examples(examples: list[Example], tokenizer: Any, max_text_tokens: int,
+                     end_token_id: int | None = None) -> Batch:
     """Collate examples into a :class:`Batch` (see the module docstring for the token layout).
 
     Args:
         examples: ``B`` examples with equally sized images ``[3, H, W]``.
-        tokenizer: a Hugging Face tokenizer (``eos_token_id`` required; bos used when set).
-        max_text_tokens: cap on ``T`` (and ``P``); the eos token always survives truncation.
+        tokenizer: a Hugging Face tokenizer (``eos_token_id`` required unless ``end_token_id``; bos used when set).
+        max_text_tokens: cap on ``T`` (and ``P``); the end token always survives truncation.
+        end_token_id: the token that ends every target (:func:`end_token`); ``None``: the tokenizer's eos.
 
     Returns:
         A batch with ``pixels [B, 3, H, W]``, ``input_ids/attention_mask/labels [B, T]`` and
         ``prompt_ids/prompt_mask [B, P]``.
     """
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, pad_id(tokenizer)
-    if eos is None:
-        raise ValueError(f"{type(tokenizer).__name__} has no eos token id; collate needs one to end targets")
+    bos, end, pad = tokenizer.bos_token_id, end_token(tokenizer, end_token_id), pad_id(tokenizer)
     start = [bos] if bos is not None else []
     prompts = [start + ids for ids in token_ids(tokenizer, [e.prompt for e in examples])]
     targets = token_ids(tokenizer, [" " + e.target if e.prompt else e.target for e in examples])
-    seqs = [sequence(p, t, eos, max_text_tokens) for p, t in zip(prompts, targets)]
+    seqs = [sequence(p, t, end, max_text_tokens) for p, t in zip(prompts, targets)]
     ids = [s[0] for s in seqs]
     prompt_rows = [p[:max_text_tokens] for p in prompts]
     return Batch(
@@ -129,6 +148,7 @@ class Collator:
 
     tokenizer: Any
     max_text_tokens: int
+    end_token_id: int | None = None
 
     def __call__(self, examples: list[Example]) -> Batch:
-        return collate_examples(examples, self.tokenizer, self.max_text_tokens)
+        return collate_examples(examples, self.tokenizer, self.max_text_tokens, self.end_token_id)
