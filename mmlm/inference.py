@@ -205,9 +205,10 @@ def build_batch(model: MultimodalModule, prompts: Sequence[str], images: Images,
         if continuations is not None:
             raise NotImplementedError(f"{type(model).__name__} does not score continuations")
         return collate_documents(examples, model.tokenizer, limit)
-    batch = collate_examples(examples, model.tokenizer, limit)
+    spec = model.data_spec()
+    batch = collate_examples(examples, model.tokenizer, limit, spec.end_token_id)
     batch = batch if continuations is None else with_continuations(batch, model.tokenizer, continuations)
-    marker = image_marker(model.data_spec().markers)
+    marker = image_marker(spec.markers)
     return batch if marker is None else to_sentences(batch, marker, model.tokenizer)
 
 

@@ -16,6 +16,10 @@ copied into the Q-Former's trainable ``vision_norm``, and the encoder returns th
 
 A key outside these prefixes, or one a part does not take, raises a ``RuntimeError`` naming it; only
 weights tied to a loaded weight (``lm_head`` ↔ input embeddings) may be absent from the file.
+
+The token that ends text is the checkpoint's generation eos (``generation_config.json``, else the text config's): for
+Salesforce's OPT checkpoints ``"\\n"`` (id 50118, as LAVIS's ``blip2_opt.py`` trains and generates), not the
+tokenizer's ``</s>``. Import makes it the model's ``end_token_id``; export writes it back as the generation eos.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from transformers import (
     Blip2VisionModel,
     BlipImageProcessor,
 )
+from transformers import GenerationConfig as HFGenerationConfig
+from transformers.utils import GENERATION_CONFIG_NAME
 
 from mmlm.convert.blip2 import qformer_from_hf, qformer_kwargs_from_hf, qformer_to_hf
 from mmlm.convert.keys import load_part, read_checkpoint, split_by_prefix
@@ -111,6 +117,24 @@ def check_blip_processor(processor: BlipImageProcessor, directory: Path) -> None
                          "rescales by 1/255 and normalises)")
 
 
+def checkpoint_end_token(directory: Path, config: Blip2Config) -> int | None:
+    """The id at which the checkpoint's text ends: the eos of its ``generation_config.json``, else of its text config
+    (``None`` when neither names one).
+
+    Raises:
+        ValueError: the checkpoint names several eos ids (naming them; pass ``end_token_id`` to choose one).
+    """
+    if (directory / GENERATION_CONFIG_NAME).is_file():
+        eos = HFGenerationConfig.from_pretrained(str(directory)).eos_token_id
+    else:
+        eos = config.text_config.eos_token_id
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if len(ids) > 1:
+        raise ValueError(f"{directory}: the checkpoint ends text at any of the eos ids {ids}; Blip2 trains one end "
+                         "token: pass end_token_id")
+    return ids[0] if ids else None
+
+
 def _language_model(text_config: Any, seq2seq: bool, state: Mapping[str, torch.Tensor], source: str,
                     **options: Any) -> HFLanguageModel:
     """The frozen LM adapter of the checkpoint's text config with its ``language_model.*`` weights and ``options``
@@ -122,7 +146,7 @@ def _language_model(text_config: Any, seq2seq: bool, state: Mapping[str, torch.T
 
 def blip2_from_hf(cls: type[Blip2], name_or_path: str, tokenizer: str | None = None, vision_dtype: str | None = None,
                   lm_dtype: str | None = None, attn_implementation: str | None = None, quantization: str | None = None,
-                  lora: LoRA | None = None, **kwargs: Any) -> Blip2:
+                  lora: LoRA | None = None, end_token_id: int | None = None, **kwargs: Any) -> Blip2:
     """Build ``cls`` (:class:`mmlm.models.Blip2`) from a ``Blip2ForConditionalGeneration`` checkpoint, strictly.
 
     Args:
@@ -132,6 +156,8 @@ def blip2_from_hf(cls: type[Blip2], name_or_path: str, tokenizer: str | None = N
         attn_implementation, quantization, lora: the LM adapter's options
             (:class:`~mmlm.language.hf_base.HFLanguageModel`): attention kernel, bitsandbytes ``"4bit"``/``"8bit"``
             weights (CUDA only), LoRA adapters (then only they train in the LM).
+        end_token_id: the token that ends targets and stops generation; ``None``: the checkpoint's
+            (:func:`checkpoint_end_token`).
         **kwargs: further :class:`Blip2` arguments (optimisation, generation).
     """
     directory, state = read_checkpoint(name_or_path)
@@ -151,8 +177,9 @@ def blip2_from_hf(cls: type[Blip2], name_or_path: str, tokenizer: str | None = N
     for key in ("encoder_width", "num_query_tokens", "with_text", "vocab_size", "max_position_embeddings"):
         qformer.pop(key)
     qformer.update(vision_norm=True, vision_norm_eps=config.vision_config.layer_norm_eps)
+    end_token_id = end_token_id if end_token_id is not None else checkpoint_end_token(directory, config)
     model = cls(encoder=encoder, language_model=lm, tokenizer=tokenizer or str(directory),
-                num_query_tokens=config.num_query_tokens, qformer=qformer, **kwargs)
+                num_query_tokens=config.num_query_tokens, qformer=qformer, end_token_id=end_token_id, **kwargs)
     vision_norm = {f"vision_norm.{k}": parts["vision_model."][f"{POST_LAYERNORM}{k}"] for k in ("weight", "bias")}
     load_part(model.qformer, qformer_from_hf(parts["qformer."]) | vision_norm, f"{name_or_path} qformer.*")
     load_part(model.language_projection, parts["language_projection."], f"{name_or_path} language_projection.*")
@@ -222,7 +249,8 @@ def blip2_state_to_hf(model: Blip2) -> dict[str, torch.Tensor]:
 
 def blip2_to_hf(model: Blip2, directory: str | Path) -> None:
     """Write ``directory`` so ``Blip2ForConditionalGeneration.from_pretrained`` / ``Blip2Processor`` load it:
-    config, safetensors weights, tokenizer (with ``<image>``) and image processor."""
+    config, safetensors weights, generation config (eos: the model's ``end_token_id`` when set), tokenizer (with
+    ``<image>``) and image processor."""
     _check_exportable(model)
     config = Blip2Config(vision_config=model.encoder.model.config.to_dict(),
                          qformer_config=qformer_config_to_hf(model.qformer).to_dict(),
@@ -232,6 +260,8 @@ def blip2_to_hf(model: Blip2, directory: str | Path) -> None:
         hf = Blip2ForConditionalGeneration(config)
     load_part(hf, {k: v.detach() for k, v in blip2_state_to_hf(model).items()}, "Blip2 export", assign=True)
     hf.tie_weights()
+    if model.end_token_id is not None:
+        hf.generation_config.eos_token_id = model.end_token_id
     hf.save_pretrained(str(directory))
     Blip2Processor(blip_image_processor(model.encoder.preprocess), model.tokenizer,
                    num_query_tokens=model.qformer.num_query_tokens).save_pretrained(str(directory))

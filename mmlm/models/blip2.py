@@ -54,7 +54,24 @@ def is_seq2seq(language_model: LanguageModel) -> bool:
     return isinstance(language_model, HFSeq2SeqLM)
 
 
+def check_token_id(token_id: int, tokenizer: Any) -> int:
+    """``token_id``, or a ``ValueError`` naming it when it is not one of ``tokenizer``'s ids."""
+    if not 0 <= token_id < len(tokenizer):
+        raise ValueError(f"Blip2: end_token_id={token_id} is not an id of the tokenizer ({len(tokenizer)} ids)")
+    return token_id
 
+
+def stop_generation_at(language_model: LanguageModel, token_id: int) -> None:
+    """Make ``token_id`` the eos of the LM's transformers generation config (where ``generate`` stops).
+
+    Raises:
+        TypeError: the LM is not a transformers adapter (it has no ``model.generation_config``).
+    """
+    config = getattr(getattr(language_model, "model", None), "generation_config", None)
+    if config is None:
+        raise TypeError(f"Blip2: end_token_id needs a transformers LM adapter (HFCausalLM, HFSeq2SeqLM), got "
+                        f"{type(language_model).__name__}")
+    config.eos_token_id = token_id
 
 
 class Blip2(MultimodalModule):
@@ -73,12 +90,14 @@ class Blip2(MultimodalModule):
             ``dropout``); the Q-Former is queries-only (``with_text=False``) and reads ``encoder.width``.
         train_encoder: the whole encoder trains (LAVIS's ``freeze_vit: False`` of its caption finetuning), in train
             mode, whatever its own ``freeze`` says; keep its weights in float32 then (``vision_dtype``).
+        end_token_id: the token that ends every target and stops generation (LAVIS's OPT models end text with
+            ``"\\n"``); ``None``: the tokenizer's eos for targets, the LM's own generation config to stop.
         **kwargs: optimisation and evaluation settings of :class:`MultimodalModule`.
     """
 
     def __init__(self, encoder: VisionEncoder, language_model: LanguageModel, tokenizer: str,
                  num_query_tokens: int = 32, qformer: QFormerConfig | None = None, train_encoder: bool = False,
-                 **kwargs: Any) -> None:
+                 end_token_id: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self.encoder = unfreeze_(encoder) if train_encoder else freeze_(encoder)
@@ -93,13 +112,17 @@ class Blip2(MultimodalModule):
         if len(self.tokenizer) > language_model.vocab_size:
             language_model.resize_token_embeddings(len(self.tokenizer))
         freeze_(language_model)
+        self.end_token_id = end_token_id
+        if end_token_id is not None:
+            stop_generation_at(language_model, check_token_id(end_token_id, self.tokenizer))
         self.seq2seq = is_seq2seq(language_model)
         self.evaluation = Evaluation(LossEvaluator(), GenerationEvaluator())
 
     @classmethod
     def from_hf(cls, name_or_path: str, tokenizer: str | None = None, vision_dtype: str | None = None,
                 lm_dtype: str | None = None, attn_implementation: str | None = None, quantization: str | None = None,
-                lora: LoRA | None = None, train_encoder: bool = False, **settings: Unpack[ModuleSettings]) -> Blip2:
+                lora: LoRA | None = None, train_encoder: bool = False, end_token_id: int | None = None,
+                **settings: Unpack[ModuleSettings]) -> Blip2:
         """Build from a ``transformers.Blip2ForConditionalGeneration`` directory or hub id, strictly.
 
         Args:
@@ -113,6 +136,9 @@ class Blip2(MultimodalModule):
             lora: LoRA adapters on the LM (:class:`~mmlm.lora.LoRA`): they train, its base stays frozen.
             train_encoder: the ViT trains too (see :class:`Blip2`), but for its ``post_layernorm``, which the Q-Former's
                 ``vision_norm`` replaces.
+            end_token_id: the token that ends targets and stops generation (see :class:`Blip2`); ``None``: the
+                checkpoint's generation config's eos (``"\\n"`` in Salesforce's OPT checkpoints), else its text
+                config's. The id used is recorded, so a training checkpoint reloads with it.
             **settings: any :class:`~mmlm.models.base.ModuleSettings` key (``lr``, ``generation``, …); LightningCLI
                 checks each one from YAML (``class_path: mmlm.models.Blip2.from_hf``).
         """
@@ -120,9 +146,9 @@ class Blip2(MultimodalModule):
         lora = LoRA(**lora) if isinstance(lora, dict) else lora  # a checkpoint records it as a dict
         options = dict(attn_implementation=attn_implementation, quantization=quantization, lora=lora)
         model = blip2_from_hf(cls, name_or_path, tokenizer=tokenizer, vision_dtype=vision_dtype, lm_dtype=lm_dtype,
-                              **options, **kwargs)
+                              end_token_id=end_token_id, **options, **kwargs)
         model.record_builder("from_hf", dict(name_or_path=name_or_path, tokenizer=tokenizer, vision_dtype=vision_dtype,
-                                             lm_dtype=lm_dtype, **options, **kwargs))
+                                             lm_dtype=lm_dtype, end_token_id=model.end_token_id, **options, **kwargs))
         return model
 
     def to_hf(self, directory: str | Path) -> None:
@@ -130,8 +156,10 @@ class Blip2(MultimodalModule):
         blip2_to_hf(self, directory)
 
     def data_spec(self) -> DataSpec:
-        """The base's spec plus the image marker (M query slots) that starts every sentence."""
-        return replace(super().data_spec(), markers=(self.image_marker,))
+        """The base's spec plus the image marker (M query slots) that starts every sentence and the end token of
+        targets (``None`` when it is the tokenizer's eos)."""
+        end = None if self.end_token_id == self.tokenizer.eos_token_id else self.end_token_id
+        return replace(super().data_spec(), markers=(self.image_marker,), end_token_id=end)
 
     def encode_images(self, pixels: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """``pixels [B, 3, H, W]`` (or the frozen encoder's cached ``features [B, N, Dv]``) → soft prompt ``[B, M, D]``
@@ -157,7 +185,7 @@ class Blip2(MultimodalModule):
         return self.language_model(embeds, batch.attention_mask, batch.labels)
 
     def training_loss(self, batch: SentenceBatch) -> torch.Tensor:
-        """Cross-entropy of the target tokens (caption/answer + eos) given the image and the prompt."""
+        """Cross-entropy of the target tokens (caption/answer + end token) given the image and the prompt."""
         return self(batch).loss
 
     @torch.no_grad()
