@@ -108,7 +108,7 @@ def test_qformer_cross_attention_maps_are_the_weights_its_forward_used():
 
 
 def test_value_spans_pair_with_the_leaves_of_the_parsed_prediction():
-    from mmlm.app.report_confidence import field_confidences, prompt_length, value_spans
+    from mmlm.evaluation.documents import field_confidences, prompt_length, value_spans
 
     tokens = ["<s_cord-v2>", "<s_menu>", "<s_nm>", "▁CO", "LA", "</s_nm>", "<sep/>", "<s_nm>", "▁TEA", "</s_nm>",
               "</s_menu>", "<s_class>", "<receipt/>", "</s_class>"]

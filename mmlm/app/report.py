@@ -515,7 +515,7 @@ def add_model_views(report: Page, rows: list[tuple[GalleryRow, Example]], log_di
         for row, _, image in drawn:
             row.extra = attention.overlays(image)
         report.subtitle.append(f"attention maps: Q-Former cross-attention per query under {len(drawn)} images")
-    elif model is not None and hasattr(model, "generate_sequences") and hasattr(model, "decoder"):
+    elif model is not None and hasattr(model, "token_probabilities"):
         confidence = DocumentConfidence(model)
         for _, example, image in drawn:
             example.record["confidence"] = confidence.confidences(image, example.record)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmlm.evaluation.documents import leaf_paths
+
 #: Verdicts of a gallery row, in the order of the filter.
 VERDICTS = ("right", "partial", "wrong", "unscored")
 
@@ -112,15 +114,6 @@ def line_chart(title: str, points: Sequence[tuple[float, float]], width: int = 3
 def charts(curves: dict[str, list[tuple[float, float]]]) -> str:
     """One :func:`line_chart` per curve, side by side."""
     return '<div class="charts">' + "".join(line_chart(name, points) for name, points in curves.items()) + "</div>"
-
-
-def leaf_paths(data: Any, path: str = "") -> dict[str, Any]:
-    """Every leaf of JSON ``data`` by its path (``menu[0].nm``); an empty dict or list is a leaf."""
-    if isinstance(data, dict) and data:
-        return {p: v for k, item in data.items() for p, v in leaf_paths(item, f"{path}.{k}" if path else k).items()}
-    if isinstance(data, list) and data:
-        return {p: v for i, item in enumerate(data) for p, v in leaf_paths(item, f"{path}[{i}]").items()}
-    return {path: data}
 
 
 def field_status(prediction: Any, reference: Any) -> dict[str, str]:

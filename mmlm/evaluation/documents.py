@@ -13,8 +13,15 @@ lenient :func:`mmlm.json_tokens.tokens_to_json`. Scores by task (``batch.tasks``
   ground-truth parses), field F1 (``cal_f1``, micro over the set) and normalised edit distance → ``ted_accuracy``,
   ``f1``, ``ned``.
 
+Per-field confidence (``confidence=True`` and a module with ``token_probabilities``, as
+:class:`mmlm.models.documents.DocumentModule`): each decoded sequence is teacher-forced once with its image and the
+probability of each generated token grouped into the values of the JSON tags (:func:`value_spans`), paired in order
+with the leaves of the parsed prediction (:func:`field_confidences`): ``{"menu[0].nm": {"mean": …, "min": …}}``, in
+the predict rows and in ``documents.jsonl`` (``mmlm report`` shows it; ``--load-model`` computes it with the same
+functions for runs written without it).
+
 Files (rank 0): ``{stage}-documents-step{N}.jsonl`` (one row per document: ``id``, ``key``, ``task``, ``text``,
-``prediction`` and, when known, ``references``), one JSON per document in ``{stage}-documents-step{N}/{id}.json``,
+``prediction``, ``confidence`` when computed and, when known, ``references``), one JSON per document in ``{stage}-documents-step{N}/{id}.json``,
 the decoding settings in ``….generation.json`` and the scores in ``….scores.json``. Shape legend: B batch.
 """
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
@@ -41,6 +49,50 @@ from mmlm.metrics.documents import (
 ANSWER_TASKS = ("docvqa",)
 #: Tasks scored on their class (Donut's RVL-CDIP accuracy) as well as TED.
 CLASS_TASKS = ("rvlcdip",)
+#: The JSON tags that open and close a value (``<s_key>``, ``</s_key>``, ``<sep/>``).
+TAG = re.compile(r"</?s_[^>]+>|<sep/>")
+
+
+def leaf_paths(data: Any, path: str = "") -> dict[str, Any]:
+    """Every leaf of JSON ``data`` by its path (``menu[0].nm``); an empty dict or list is a leaf."""
+    if isinstance(data, dict) and data:
+        return {p: v for k, item in data.items() for p, v in leaf_paths(item, f"{path}.{k}" if path else k).items()}
+    if isinstance(data, list) and data:
+        return {p: v for i, item in enumerate(data) for p, v in leaf_paths(item, f"{path}[{i}]").items()}
+    return {path: data}
+
+
+def prompt_length(tokens: Sequence[str]) -> int:
+    """Tokens of the task prompt: through ``<s_answer>`` when present (DocVQA), else the first token."""
+    return tokens.index("<s_answer>") + 1 if "<s_answer>" in tokens else 1
+
+
+def value_spans(tokens: Sequence[str], probabilities: Sequence[float | None]) -> list[list[float]]:
+    """The probabilities of each value: runs of non-tag tokens closed by a tag (``<s_x>``, ``</s_x>``, ``<sep/>``);
+    a category token (``<x/>``) is a value of its own. Prompt tokens (probability ``None``) start no value."""
+    spans: list[list[float]] = []
+    current: list[float] = []
+    for token, probability in zip(tokens, probabilities):
+        if TAG.fullmatch(token) or re.fullmatch(r"<[^>]+/>", token):
+            if current:
+                spans.append(current)
+            current = []
+            if not TAG.fullmatch(token) and probability is not None:
+                spans.append([probability])
+        elif probability is not None:
+            current.append(probability)
+    return spans + ([current] if current else [])
+
+
+def field_confidences(tokens: Sequence[str], probabilities: Sequence[float | None],
+                      prediction: Any) -> dict[str, dict[str, float]]:
+    """``leaf path → {"mean", "min"}`` of the prediction's leaves, paired in order with :func:`value_spans` (the
+    last leaves when the prompt holds the first ones, as DocVQA's question); ``{}`` when they do not pair up."""
+    spans, paths = value_spans(tokens, probabilities), list(leaf_paths(prediction))
+    if not spans or len(spans) > len(paths):
+        return {}
+    return {path: {"mean": sum(span) / len(span), "min": min(span)}
+            for path, span in zip(paths[len(paths) - len(spans):], spans)}
 
 
 def file_name(doc_id: Any) -> str:
@@ -88,28 +140,46 @@ class DocumentEvaluator(Evaluator):
     """Generate, parse and score documents as Donut (see the module docstring).
 
     The module provides ``generate_sequences(batch) -> list[str]`` (prompt + generation, tags kept, no eos/pad) and a
-    ``tokenizer`` (its added vocabulary decides which ``<x/>`` leaves are categories).
+    ``tokenizer`` (its added vocabulary decides which ``<x/>`` leaves are categories); for confidence also
+    ``token_probabilities(pixels, texts, features) -> [(tokens, probabilities)]``.
+
+    Args:
+        confidence: add each predicted field's mean and minimum token probability (``confidence`` of the rows; one
+            teacher-forced pass per batch).
     """
 
     main_metric = "ted_accuracy"
 
-    def __init__(self) -> None:
+    def __init__(self, confidence: bool = True) -> None:
         super().__init__()
+        self.confidence = confidence
         self._rows: list[dict[str, Any]] = []
+
+    def confidences(self, module: Any, batch: Any, sequences: list[str],
+                    predictions: list[Any]) -> list[dict[str, dict[str, float]] | None]:
+        """:func:`field_confidences` of each sequence (``None`` each when off or the module cannot say)."""
+        if not self.confidence or not hasattr(module, "token_probabilities"):
+            return [None] * len(sequences)
+        scored = module.token_probabilities(batch.pixels, sequences, batch.features)
+        return [field_confidences(tokens, probabilities, prediction)
+                for (tokens, probabilities), prediction in zip(scored, predictions)]
 
     def step(self, module: Any, batch: Any, stage: str) -> StepOutput:
         sequences = module.generate_sequences(batch)
         vocab = set(module.tokenizer.get_added_vocab())
+        parsed = [tokens_to_json(s) if stage == "predict" else donut_prediction(s, vocab) for s in sequences]
         rows = []
-        for i, sequence in enumerate(sequences):
-            parsed = tokens_to_json(sequence) if stage == "predict" else donut_prediction(sequence, vocab)
+        for i, (sequence, confidence) in enumerate(zip(sequences, self.confidences(module, batch, sequences, parsed))):
             row = {"id": batch.ids[i] if batch.ids else batch.keys[i], "key": batch.keys[i] if batch.keys else "",
-                   "task": batch.tasks[i] if batch.tasks else "", "text": sequence, "prediction": parsed}
+                   "task": batch.tasks[i] if batch.tasks else "", "text": sequence, "prediction": parsed[i]}
+            if confidence is not None:
+                row["confidence"] = confidence
             if batch.references and batch.references[i]:
                 row["references"] = [json.loads(r) for r in batch.references[i]]
             rows.append(row)
         self._rows += rows
-        return StepOutput(rows=[{"id": r["id"], "task": r["task"], "prediction": r["prediction"]} for r in rows])
+        shown = ("id", "task", "prediction", "confidence")
+        return StepOutput(rows=[{k: r[k] for k in shown if k in r} for r in rows])
 
     def finish(self, module: Any, stage: str, files: ResultFiles) -> dict[str, Tensor | float]:
         rows, self._rows = gather_objects(self._rows), []

@@ -2,8 +2,9 @@
 
 A family implements ``training_loss`` and ``generate_ids`` (each row's prompt and generated ids); this class decodes
 them keeping the JSON tags and composes :class:`mmlm.evaluation.documents.DocumentEvaluator` (Donut's parsing;
-TED accuracy, field F1 and NED for extraction, ANLS and exact match for DocVQA; result files per document).
-Shape legend: B batch, P prompt tokens, T_new generated tokens.
+TED accuracy, field F1 and NED for extraction, ANLS and exact match for DocVQA; result files per document; per-field
+confidence from :meth:`DocumentModule.token_probabilities`, which a family provides through ``sequence_logits``).
+Shape legend: B batch, P prompt tokens, T_new generated tokens, T tokens, V vocabulary.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from mmlm.batch import Batch
 from mmlm.evaluation import Evaluation, LossEvaluator
-from mmlm.evaluation.documents import DocumentEvaluator
+from mmlm.evaluation.documents import DocumentEvaluator, prompt_length
 from mmlm.models.base import MultimodalModule
 
 
@@ -31,6 +33,30 @@ class DocumentModule(MultimodalModule):
     def generate_ids(self, batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per document: ``(prompt ids [P_i], generated ids [T_new_i])`` without padding."""
         raise NotImplementedError
+
+    def sequence_logits(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                        features: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits ``[B, T, V]`` of ``ids [B, T]`` (right-padded, ``mask``) given the documents."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def token_probabilities(self, pixels: torch.Tensor, texts: list[str], features: torch.Tensor | None = None
+                            ) -> list[tuple[list[str], list[float | None]]]:
+        """Per document: ``(tokens, probability of each token given the image and the tokens before it)`` of its
+        decoded sequence ``texts[i]`` (prompt + generation, tags kept), tokenised again and teacher-forced once;
+        ``None`` for the prompt's tokens (:func:`~mmlm.evaluation.documents.prompt_length`)."""
+        rows = [torch.tensor(self.tokenizer(t, add_special_tokens=False).input_ids or [self.tokenizer.pad_token_id])
+                for t in texts]
+        ids = pad_sequence(rows, batch_first=True, padding_value=self.tokenizer.pad_token_id).to(self.device)
+        mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True).to(self.device)
+        logits = self.sequence_logits(pixels, ids, mask, features)
+        chosen = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0].exp().cpu()  # t+1 | ≤t
+        out = []
+        for i, (row, text) in enumerate(zip(rows, texts)):
+            tokens = self.tokenizer.convert_ids_to_tokens(row.tolist()) if text else []
+            start = min(prompt_length(tokens), len(tokens))
+            out.append((tokens, [None] * start + chosen[i, start - 1:len(tokens) - 1].tolist() if tokens else []))
+        return out
 
     def decode_rows(self, rows: list[list[int]]) -> list[str]:
         """Token id rows → sequences keeping the JSON tags (added special tokens), without bos, eos and padding."""

@@ -172,6 +172,12 @@ class Donut(DocumentModule):
         states = self.encoder_tokens(pixels, features)
         return states if self.enc_to_dec_proj is None else self.enc_to_dec_proj(states.to(self.enc_to_dec_proj.weight.dtype))
 
+    def sequence_logits(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                        features: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits ``[B, T, V]`` of ``ids`` given the documents (per-field confidence)."""
+        states = self.encode_images(pixels, features)
+        return self.decoder(self.decoder.embed(ids), mask, None, encoder_states=states).logits
+
     def forward(self, batch: Batch) -> LMOutput:
         """Teacher-forced pass: logits ``[B, T, V]`` over ``batch.input_ids`` (prompt + target + eos, right-padded)
         and the next-token loss on ``batch.labels``."""
