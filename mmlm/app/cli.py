@@ -31,6 +31,8 @@ USAGE = """usage: mmlm COMMAND [options]
   quickstart          the main job: synthetic data, tiny Frozen on CPU, evaluation (mmlm quickstart --help)
   report RUN_DIR [--out FILE]
                       one self-contained HTML page of a run: metrics, curves, examples (also after validate/test)
+  memory --config FILE.yaml [--gpu-memory 24GB] [--batch-size N] [--seq-len T] [--json]
+                      predicted GPU memory of a training step, and the knobs that make it fit (mmlm.app.memory)
 """
 
 
@@ -140,9 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mmlm.app.report import report_main
 
         return report_main(argv[1:])
+    if argv[0] == "memory":
+        from mmlm.app.memory import memory_main
+
+        return memory_main(argv[1:])
     if argv[0] not in LIGHTNING_COMMANDS:
         print(f"mmlm: unknown command {argv[0]!r}; expected one of "
-              f"{', '.join(LIGHTNING_COMMANDS + ('export', 'data', 'quickstart', 'report'))}", file=sys.stderr)
+              f"{', '.join(LIGHTNING_COMMANDS + ('export', 'data', 'quickstart', 'report', 'memory'))}", file=sys.stderr)
         return 2
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
