@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
+from test_blip2 import OPT, QFORMER, VISION, M  # the tiny BLIP-2 sizes of the parity tests
 from transformers import AddedToken, Blip2Config, Blip2ForConditionalGeneration
 
 from datamodules import ImageTextDataModule, Source
@@ -20,14 +21,6 @@ from mmlm.language import GenerationConfig
 from mmlm.models import Blip2
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
 
-M = 4  # query tokens
-VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-          "image_size": 32, "patch_size": 8}
-QFORMER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-           "encoder_hidden_size": 32, "cross_attention_frequency": 1}
-OPT = {"model_type": "opt", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "ffn_dim": 64,
-       "vocab_size": 100, "word_embed_proj_dim": 32, "max_position_embeddings": 64, "pad_token_id": 0,
-       "bos_token_id": 1, "eos_token_id": 2}
 NEWLINE = "\n"
 
 
