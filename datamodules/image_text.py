@@ -431,7 +431,8 @@ class ImageTextDataModule(WebDataModule):
         """Examples → :class:`~mmlm.batch.Batch`, or sentences when there is an image marker (see the class)."""
         if self.tokenizer is None:
             self.setup(stage)
-        collate: Collator | FeatureCollator = Collator(self.tokenizer, self.max_text_tokens, self.end_token_id)
+        collate: Collator | FeatureCollator = Collator(self.tokenizer, self.max_text_tokens, self.end_token_id,
+                                                       self.model_spec().instruction_tokenizer)
         collate = FeatureCollator(collate) if self.cached_features else collate
         return sentence_collate(collate, self.marker, self.tokenizer, 0 if stage == "fit" else self.eval_shots)
 

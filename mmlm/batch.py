@@ -65,6 +65,9 @@ class Batch(MovesTensors):
         answer_types: ``B`` answer types (VQA: ``"yes/no"``, ``"number"``, ``"other"``), ``""`` where unknown.
         features: ``[B, N, D]`` cached frozen-encoder features (``mmlm data cache-features``) or ``None``;
             when set, ``pixels`` is ``[B, 0]`` and the model's frozen encoder returns these instead of running.
+        instruction_ids: ``[B, Q]`` each prompt in the model's instruction tokenizer
+            (:attr:`~mmlm.data_spec.DataSpec.instruction_tokenizer`), right-padded, or ``None`` without one.
+        instruction_mask: ``[B, Q]`` 1 for real instruction tokens, or ``None``.
     """
 
     pixels: torch.Tensor
@@ -80,6 +83,8 @@ class Batch(MovesTensors):
     question_types: list[str] = field(default_factory=list)
     answer_types: list[str] = field(default_factory=list)
     features: torch.Tensor | None = None
+    instruction_ids: torch.Tensor | None = None
+    instruction_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
@@ -115,6 +120,9 @@ class SentenceBatch(MovesTensors):
             input MetaLM encodes), or ``None``.
         features: ``[I, N, Dv]`` cached frozen-encoder features of the images (``mmlm data cache-features``) or
             ``None``; when set, ``images`` is ``[I, 0]`` and the frozen encoder does not run.
+        instruction_ids: ``[I, Q]`` per image item, the prompt of the example it belongs to in the model's
+            instruction tokenizer (BLIP-2's instruction-aware queries), right-padded; ``None`` without one.
+        instruction_mask: ``[I, Q]`` 1 for real instruction tokens, or ``None``.
         keys: sample keys, one per sentence (several per packed row).
         tasks: ``B`` task names for evaluation rows (``"vqa"``, ``"caption"``), else empty.
         references: ``B`` lists of reference strings (evaluation).
@@ -137,6 +145,8 @@ class SentenceBatch(MovesTensors):
     prompt_spans: list[list[Span]] = field(default_factory=list)
     prompt_labels: torch.Tensor | None = None
     features: torch.Tensor | None = None
+    instruction_ids: torch.Tensor | None = None
+    instruction_mask: torch.Tensor | None = None
     keys: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
     references: list[list[str]] = field(default_factory=list)

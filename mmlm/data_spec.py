@@ -31,6 +31,9 @@ class DataSpec:
         end_token_id: the token that ends every target, which the model learns to emit and stops generating at;
             ``None``: the tokenizer's eos. BLIP-2 checkpoints converted from LAVIS's OPT models end text with ``"\\n"``
             (their generation config's eos), not the tokenizer's ``</s>``.
+        instruction_tokenizer: the tokenizer of a second reading of each example's prompt (BLIP-2's instruction-aware
+            Q-Former, InstructBLIP's ``qformer_input_ids``): the datamodule tokenises every prompt with it into
+            ``instruction_ids``; ``None`` for a model that takes none.
     """
 
     tokenizer: Any = None
@@ -41,6 +44,7 @@ class DataSpec:
     align_long_axis: bool | None = None
     add_tokens: Callable[[Sequence[str]], None] | None = None
     end_token_id: int | None = None
+    instruction_tokenizer: Any = None
 
     def require(self, name: str, needed_by: str, argument: str) -> Any:
         """The value of field ``name``.

@@ -41,6 +41,8 @@ CASES = {
                      None),
     "blip2_stage2": ("Blip2", [], ["--data.init_args.test", shards("data/shapes/val/vqa-*.tar", "vqa")],
                      ["--data.init_args.predict", shards("data/shapes/val/vqa-*.tar", "vqa")]),
+    "blip2_vqa_instruct": ("Blip2", [], ["--data.init_args.test", shards("data/shapes/val/vqa-*.tar", "vqa")],
+                           ["--data.init_args.predict", shards("data/shapes/val/vqa-*.tar", "vqa")]),
     "kosmos1": ("Kosmos1", [], ["--data.init_args.test", shards("data/interleaved/val/vqa-*.tar", "vqa")],
                 ["--data.init_args.predict", shards("data/interleaved/val/vqa-*.tar", "vqa")]),
     "palme": ("PaLME", [], ["--data.init_args.test_urls", "data/tabletop/val/tabletop-*.tar"],
@@ -135,7 +137,7 @@ def test_fit_then_validate_test_predict_resume_and_load(name):
     reloaded = family_class(config).from_pretrained(exported)
     # BLIP-2 reads the ViT before its post_layernorm (the Q-Former's vision_norm, exported as post_layernorm), so the
     # ViT's own post_layernorm is an unused frozen weight that the round trip replaces by vision_norm's values:
-    unused = {k for k in weights if k.startswith("encoder.model.post_layernorm.")} if name == "blip2_stage2" else set()
+    unused = {k for k in weights if k.startswith("encoder.model.post_layernorm.")} if name.startswith("blip2_") else set()
     assert not unused or torch.equal(reloaded.state_dict()["encoder.model.post_layernorm.weight"],
                                      weights["qformer.vision_norm.weight"])
     for key, value in weights.items():

@@ -38,6 +38,8 @@ JOBS = {
     "frozen": ("frozen", "frozen/nfresnet50_opt.yaml", []),
     "blip2_stage1": ("blip2_stage1", "blip2/stage1_vitl.yaml", []),
     "blip2_stage2": ("blip2_stage2", "blip2/stage2_opt2.7b.yaml", []),
+    # instruction-aware queries and a trained ViT, as the VQA finetuning recipe
+    "blip2_vqa_instruct": ("blip2_vqa_instruct", "blip2/finetune_vqav2.yaml", []),
     "kosmos1": ("kosmos1", "kosmos1/pretrain_vitl_1.3b.yaml", []),
     # the tiny PaLM-E trains its LM too (freeze: false), as the 1B finetuning recipe; ddp_find_unused_parameters_true
     "palme": ("palme", "palme/vitl_llama1b_finetune.yaml", []),

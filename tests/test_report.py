@@ -106,6 +106,24 @@ def test_qformer_cross_attention_maps_are_the_weights_its_forward_used():
     torch.testing.assert_close(layer.norm(x + layer.out(attended.transpose(1, 2).flatten(2))), out)
 
 
+def test_instruction_aware_cross_attention_maps_follow_the_instruction():
+    import torch
+
+    from mmlm.connectors.qformer import QFormer, cross_attention_maps
+
+    torch.manual_seed(0)
+    qformer = QFormer(12, num_query_tokens=3, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=24,
+                      cross_attention_freq=1, vocab_size=20, initializer_range=0.5).eval()
+    image = torch.randn(1, 5, 12)
+    first = cross_attention_maps(qformer, image, input_ids=torch.tensor([[3, 4, 5]]),
+                                 attention_mask=torch.ones(1, 3))
+    second = cross_attention_maps(qformer, image, input_ids=torch.tensor([[7, 8, 9]]),
+                                  attention_mask=torch.ones(1, 3))
+    torch.testing.assert_close(first.sum(-1), torch.ones(1, 2, 2, 3))
+    # every cross-attention reads queries that have already met the instruction in self-attention
+    assert all((first[:, k] - second[:, k]).abs().max() > 1e-3 for k in range(2))
+
+
 
 def test_value_spans_pair_with_the_leaves_of_the_parsed_prediction():
     from mmlm.evaluation.documents import field_confidences, prompt_length, value_spans
@@ -288,16 +306,17 @@ def frozen_run(tmp_path_factory) -> Path:
     return max((root / "run" / "lightning_logs").iterdir())
 
 
-@pytest.fixture(scope="module")
-def blip2_run(tmp_path_factory) -> Path:
-    """``mmlm fit`` of the tiny BLIP-2 stage-2 config (2 steps, validation at step 2), then ``mmlm report
-    --load-model``; returns the run's log dir."""
+@pytest.fixture(scope="module", params=["blip2_stage2", "blip2_vqa_instruct"])
+def blip2_run(tmp_path_factory, request) -> Path:
+    """``mmlm fit`` of a tiny BLIP-2 config (2 steps, validation at step 2; queries-only, or instruction-aware with
+    a trained ViT), then ``mmlm report --load-model``; returns the run's log dir."""
     from datamodules.synthetic.shapes import write_shapes
 
     root = tmp_path_factory.mktemp("blip2")
     data = root / "data"
     write_shapes(data, train=8, val=8, seed=0, shard_size=8, progress=False)
-    assert main(["fit", "--config", str(CONFIGS / "tiny" / "blip2_stage2.yaml"),
+    instruct = ["--model.init_args.qformer_tokenizer", str(data / "tokenizer")] if "instruct" in request.param else []
+    assert main(["fit", "--config", str(CONFIGS / "tiny" / f"{request.param}.yaml"), *instruct,
                  "--trainer.default_root_dir", str(root / "run"), "--trainer.enable_progress_bar", "false",
                  "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
                  "--model.init_args.tokenizer", str(data / "tokenizer"),

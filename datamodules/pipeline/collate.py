@@ -105,8 +105,16 @@ def end_token(tokenizer: Any, end_token_id: int | None = None) -> int:
     return end_token_id
 
 
+def instructions(prompts: list[str], tokenizer: Any, max_text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B`` prompts in ``tokenizer`` with its special tokens (BERT: ``[CLS] prompt [SEP]``), right-padded and cut at
+    ``max_text_tokens`` as transformers' ``InstructBlipProcessor`` gives ``qformer_input_ids`` →
+    ``ids, mask [B, Q]``."""
+    encoded = tokenizer(prompts, padding="longest", truncation=True, max_length=max_text_tokens, return_tensors="pt")
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
 def collate_examples(examples: list[Example], tokenizer: Any, max_text_tokens: int,
-                     end_token_id: int | None = None) -> Batch:
+                     end_token_id: int | None = None, instruction_tokenizer: Any = None) -> Batch:
     """Collate examples into a :class:`Batch` (see the module docstring for the token layout).
 
     Args:
@@ -114,10 +122,11 @@ def collate_examples(examples: list[Example], tokenizer: Any, max_text_tokens: i
         tokenizer: a Hugging Face tokenizer (``eos_token_id`` required unless ``end_token_id``; bos used when set).
         max_text_tokens: cap on ``T`` (and ``P``); the end token always survives truncation.
         end_token_id: the token that ends every target (:func:`end_token`); ``None``: the tokenizer's eos.
+        instruction_tokenizer: when given, each prompt is also tokenised with it (:func:`instructions`).
 
     Returns:
-        A batch with ``pixels [B, 3, H, W]``, ``input_ids/attention_mask/labels [B, T]`` and
-        ``prompt_ids/prompt_mask [B, P]``.
+        A batch with ``pixels [B, 3, H, W]``, ``input_ids/attention_mask/labels [B, T]``,
+        ``prompt_ids/prompt_mask [B, P]`` and, with an instruction tokenizer, ``instruction_ids/instruction_mask [B, Q]``.
     """
     bos, end, pad = tokenizer.bos_token_id, end_token(tokenizer, end_token_id), pad_id(tokenizer)
     start = [bos] if bos is not None else []
@@ -126,6 +135,10 @@ def collate_examples(examples: list[Example], tokenizer: Any, max_text_tokens: i
     seqs = [sequence(p, t, end, max_text_tokens) for p, t in zip(prompts, targets)]
     ids = [s[0] for s in seqs]
     prompt_rows = [p[:max_text_tokens] for p in prompts]
+    instruction_ids = instruction_mask = None
+    if instruction_tokenizer is not None:
+        instruction_ids, instruction_mask = instructions([e.prompt for e in examples], instruction_tokenizer,
+                                                         max_text_tokens)
     return Batch(
         pixels=torch.stack([e.image for e in examples]),
         input_ids=pad_right(ids, pad),
@@ -139,6 +152,8 @@ def collate_examples(examples: list[Example], tokenizer: Any, max_text_tokens: i
         ids=[e.id for e in examples],
         question_types=[e.question_type for e in examples],
         answer_types=[e.answer_type for e in examples],
+        instruction_ids=instruction_ids,
+        instruction_mask=instruction_mask,
     )
 
 
@@ -149,6 +164,8 @@ class Collator:
     tokenizer: Any
     max_text_tokens: int
     end_token_id: int | None = None
+    instruction_tokenizer: Any = None
 
     def __call__(self, examples: list[Example]) -> Batch:
-        return collate_examples(examples, self.tokenizer, self.max_text_tokens, self.end_token_id)
+        return collate_examples(examples, self.tokenizer, self.max_text_tokens, self.end_token_id,
+                                self.instruction_tokenizer)

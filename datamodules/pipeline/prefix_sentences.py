@@ -55,7 +55,8 @@ def as_sentences(batch: Batch, image_tokens: int, placeholder_id: int | None) ->
     return SentenceBatch(
         input_ids=ids, attention_mask=mask, labels=labels, position_ids=positions(mask), segment_ids=mask.long(),
         spans=spans, images=batch.pixels, prompt_ids=prompt_ids, prompt_mask=prompt_mask, prompt_spans=prompt_spans,
-        features=batch.features, keys=batch.keys, tasks=batch.tasks, references=batch.references, ids=batch.ids,
+        features=batch.features, instruction_ids=batch.instruction_ids, instruction_mask=batch.instruction_mask,
+        keys=batch.keys, tasks=batch.tasks, references=batch.references, ids=batch.ids,
         question_types=batch.question_types, answer_types=batch.answer_types, num_samples=len(batch))
 
 

@@ -497,6 +497,21 @@ def search_bases(log_dir: Path) -> list[Path]:
     return [Path.cwd(), *log_dir.resolve().parents]
 
 
+def run_prompts(config: dict[str, Any]) -> dict[str, str]:
+    """The run's prompt per task (``caption_prompt``; ``vqa_prompt``, a template) where its data config sets them."""
+    data = (config.get("data") or {}).get("init_args") or {}
+    names = {"caption": "caption_prompt", "vqa": "vqa_prompt", "gqa": "vqa_prompt"}
+    return {task: data[key] for task, key in names.items() if isinstance(data.get(key), str)}
+
+
+def instruction_of(example: Example) -> str:
+    """The prompt the model read for ``example``: its task's prompt, with a VQA template filled with the question."""
+    from datamodules.image_text import fill_prompt
+
+    question = example.meta.get("question")
+    return fill_prompt(example.prompt, example.meta, str(question)) if question is not None else example.prompt
+
+
 def add_model_views(report: Page, rows: list[tuple[GalleryRow, Example]], log_dir: Path,
                     config: dict[str, Any]) -> list[GalleryRow]:
     """What only the run's model can tell about the first :data:`MAX_MODEL_EXAMPLES` examples: BLIP-2's Q-Former
@@ -512,8 +527,8 @@ def add_model_views(report: Page, rows: list[tuple[GalleryRow, Example]], log_di
     drawn = drawn[:MAX_MODEL_EXAMPLES]
     if model is not None and hasattr(model, "qformer"):
         attention = QueryAttention(model)
-        for row, _, image in drawn:
-            row.extra = attention.overlays(image)
+        for row, example, image in drawn:
+            row.extra = attention.overlays(image, instruction_of(example))
         report.subtitle.append(f"attention maps: Q-Former cross-attention per query under {len(drawn)} images")
     elif model is not None and hasattr(model, "token_probabilities"):
         confidence = DocumentConfidence(model)
@@ -545,9 +560,8 @@ def build_page(log_dir: Path, stage: str | None = None, max_examples: int = DEFA
         metrics = table(["metric", "value"], final_metrics(own, evaluated), f"{evaluated} metrics (metrics.csv)")
         shard_sets = [ShardSet(expand_local(p, search_bases(log_dir)), kind) for p, kind in
                       stage_sources(config, evaluated)]
-        prompt = ((config.get("data") or {}).get("init_args") or {}).get("caption_prompt")
         joined = gallery_rows(task_examples(files, evaluated, step, max_examples), [s for s in shard_sets if s.urls],
-                              {"caption": prompt} if isinstance(prompt, str) else {})
+                              run_prompts(config))
         rows = add_model_views(report, joined, log_dir, config) if load_model else [row for row, _ in joined]
         tables = metrics + breakdown_tables(files, evaluated, step) + (gallery_breakdown(rows) if rows else "")
         report.sections.append(Section("Metrics", f'<div class="tables">{tables}</div>', "metrics"))

@@ -3,7 +3,9 @@
 With the run's checkpoint loaded (:func:`mmlm.models.exported.load_checkpoint`), each shown image goes through the
 model's evaluation transform and frozen encoder, and :func:`mmlm.connectors.qformer.cross_attention_maps` gives the
 Q-Former's cross-attention over the image tokens; averaged over layers and heads it is one map per query ``[M, N]``,
-drawn over the image as a red overlay (one small picture per query). Families without a Q-Former get none.
+drawn over the image as a red overlay (one small picture per query). A Q-Former with instruction-aware queries
+(``qformer_text_input``) reads the example's prompt beside its queries, as in evaluation. Families without a Q-Former
+get none.
 """
 
 from __future__ import annotations
@@ -54,19 +56,26 @@ class QueryAttention:
         self.model, self.transform = model.eval(), image_transform(model)
 
     @torch.no_grad()
-    def maps(self, image: bytes) -> torch.Tensor:
+    def maps(self, image: bytes, prompt: str = "") -> torch.Tensor:
         """``image`` (encoded bytes) → ``[M, N]``: each query's cross-attention over the N image tokens, averaged
-        over the cross-attention layers and heads (rows sum to 1)."""
+        over the cross-attention layers and heads (rows sum to 1); ``prompt`` joins the queries where the Q-Former
+        reads instructions."""
+        from datamodules.pipeline.collate import instructions
         from mmlm.connectors.qformer import cross_attention_maps
 
         pixels = self.transform(image).unsqueeze(0).to(self.model.device)
         tokens = self.model.encoder_tokens(pixels)
-        return cross_attention_maps(self.model.qformer, tokens)[0].float().mean(dim=(0, 1)).cpu()
+        text = {}
+        if self.model.qformer.with_text:
+            ids, mask = instructions([prompt], self.model.qformer_tokenizer, self.model.qformer.embeddings.position
+                                     .num_embeddings)
+            text = dict(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device))
+        return cross_attention_maps(self.model.qformer, tokens, **text)[0].float().mean(dim=(0, 1)).cpu()
 
-    def overlays(self, image: bytes) -> str:
+    def overlays(self, image: bytes, prompt: str = "") -> str:
         """HTML: one small picture per query (the first :data:`MAX_QUERIES`), the query's attention in red over the
         image; ``""`` when the image tokens form no square grid."""
-        maps = self.maps(image)
+        maps = self.maps(image, prompt)
         grid = patch_grid(maps.shape[-1])
         if grid is None:
             return ""

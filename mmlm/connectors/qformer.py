@@ -29,6 +29,9 @@ from torch import nn
 
 from mmlm.attention_masks import bidirectional_mask
 
+#: Parts of the state dict of a :class:`QFormer` that only its text side has (``with_text=True``).
+TEXT_SIDE_KEYS = ("embeddings.word.", "embeddings.position.", ".text_ffn.")
+
 
 @dataclass(frozen=True)
 class QFormerConfig:
@@ -288,12 +291,14 @@ def bert_init(module: nn.Module, std: float = 0.02) -> None:
 
 
 @torch.no_grad()
-def cross_attention_maps(qformer: QFormer, image_embeds: torch.Tensor,
-                         image_mask: torch.Tensor | None = None) -> torch.Tensor:
+def cross_attention_maps(qformer: QFormer, image_embeds: torch.Tensor, image_mask: torch.Tensor | None = None,
+                         input_ids: torch.Tensor | None = None,
+                         attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The attention weights of every cross-attention layer of ``qformer`` over the image tokens, for its queries.
 
-    ``image_embeds [B, N, Dv]`` (``image_mask [B, N]``) → ``[B, L, heads, M, N]`` with ``L`` the cross-attention
-    layers; each row sums to 1. The forward pass is the ordinary one (fused attention): hooks record each
+    ``image_embeds [B, N, Dv]`` (``image_mask [B, N]``; with instruction-aware queries, the instruction's
+    ``input_ids``/``attention_mask [B, T]``) → ``[B, L, heads, M, N]`` with ``L`` the cross-attention layers; each
+    row sums to 1. The forward pass is the ordinary one (fused attention): hooks record each
     cross-attention's query input and image context, and the weights ``softmax(q kᵀ / √d)`` are recomputed from them,
     so the Q-Former's own code and outputs are untouched.
     """
@@ -310,7 +315,7 @@ def cross_attention_maps(qformer: QFormer, image_embeds: torch.Tensor,
     hooks = [layer.cross_attn.register_forward_pre_hook(record) for layer in qformer.layers
              if layer.cross_attn is not None]
     try:
-        qformer(image_embeds, image_mask)
+        qformer(image_embeds, image_mask, input_ids=input_ids, attention_mask=attention_mask)
     finally:
         for hook in hooks:
             hook.remove()

@@ -97,7 +97,8 @@ def qformer_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def qformer_kwargs_from_hf(config: Any, num_query_tokens: int = 32) -> dict[str, Any]:
-    """:class:`QFormer` arguments equal to a ``Blip2QFormerConfig`` (``with_text`` = ``use_qformer_text_input``).
+    """:class:`QFormer` arguments equal to a ``Blip2QFormerConfig`` (``with_text`` = ``use_qformer_text_input``) or an
+    ``InstructBlipQFormerConfig`` (always with text).
 
     ``vision_norm=False``: ``Blip2QFormerModel`` reads image tokens that the vision model has already normalised
     (its ``post_layernorm``, LAVIS's ``ln_vision``); :func:`mmlm.convert.blip2_hf.blip2_from_hf` moves that norm
@@ -110,7 +111,8 @@ def qformer_kwargs_from_hf(config: Any, num_query_tokens: int = 32) -> dict[str,
                 num_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
                 cross_attention_freq=config.cross_attention_frequency, vocab_size=config.vocab_size,
                 max_position_embeddings=config.max_position_embeddings, layer_norm_eps=config.layer_norm_eps,
-                dropout=config.hidden_dropout_prob, with_text=config.use_qformer_text_input,
+                dropout=config.hidden_dropout_prob,
+                with_text=getattr(config, "use_qformer_text_input", True),  # InstructBLIP's always reads text
                 initializer_range=config.initializer_range, vision_norm=False)
 
 
@@ -156,6 +158,22 @@ def load_bert_into_qformer(cls: type[QFormer], name_or_path: str, encoder_width:
     state = qformer_from_bert(bert.state_dict(), source=name_or_path)
     load_state_dict_strict(model, state, name_or_path, allow_missing=BERT_NEW_KEYS)
     return model
+
+
+def bert_text_side(name_or_path: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The text side of a Q-Former (word and position embeddings, each layer's text FFN; :data:`TEXT_SIDE_KEYS`)
+    from a BERT checkpoint, under our QFormer keys, with its ``vocab_size`` and ``max_position_embeddings``: what a
+    queries-only Q-Former (transformers' BLIP-2 checkpoints drop the text side) needs to read instructions. BERT's
+    self-attention, embedding norm and query FFNs are not taken: the checkpoint's own stay."""
+    from transformers import BertModel
+
+    from mmlm.connectors.qformer import TEXT_SIDE_KEYS
+
+    bert, info = BertModel.from_pretrained(name_or_path, output_loading_info=True)
+    check_hf_loading_info(info, name_or_path, allow_missing=BERT_IGNORED, allow_unexpected=BERT_HEADS)
+    state = qformer_from_bert(bert.state_dict(), source=name_or_path)
+    text = {k: v for k, v in state.items() if any(part in k for part in TEXT_SIDE_KEYS)}
+    return text, dict(vocab_size=bert.config.vocab_size, max_position_embeddings=bert.config.max_position_embeddings)
 
 
 def bert_lm_head_state(name_or_path: str, vocab_size: int) -> dict[str, torch.Tensor] | None:

@@ -86,6 +86,11 @@ class VisionEncoder(Freezable):
     preprocess: ImagePreprocess
     trainable_blocks: int = 0
 
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Parameters the forward never reaches (blocks after ``layer``, a final norm the output is read before); they
+        get no gradient, so a part that trains the encoder leaves them frozen (DDP would stop at them). None here."""
+        return []
+
     def keep_blocks_trainable(self, count: int, freeze: bool, blocks: Sequence[nn.Module] | None,
                               norm: nn.Module | None = None) -> None:
         """With ``freeze``, leave the last ``count`` of ``blocks`` (and ``norm``, the final norm the output goes

@@ -168,6 +168,8 @@ class HFVisionEncoder(VisionEncoder):
         self.num_tokens, self.width = probe_output_shape(self, self.preprocess.size)
         self.keep_blocks_trainable(trainable_blocks, freeze, *self._blocks())
         self.setup_freezing(freeze, dtype)
+        for param in self.unused_parameters():
+            param.requires_grad_(False)
 
     def offline_args(self) -> dict[str, Any]:
         """The tower rebuilt from its own config, with its preprocessing (which may have come from the source's
@@ -190,6 +192,21 @@ class HFVisionEncoder(VisionEncoder):
                 getattr(self.model, "post_layernorm", None) if post else None)
         end = self.layer if self.layer >= 0 else len(layers) + 1 + self.layer  # hidden_states[k]: after layer k - 1
         return list(layers)[:end], None
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """For ``layer`` other than ``-1``: the blocks after it and the final norm (``layernorm``, ``post_layernorm``)
+        that ``hidden_states[layer]`` never goes through."""
+        if self.layer == -1:
+            return []
+        used, _ = self._blocks()
+        layers = next((found for path in ("encoder.layer", "encoder.layers", "layers", "layer")
+                       if isinstance(found := getattr_path(self.model, path), nn.ModuleList)), None)
+        if used is None or layers is None:
+            return []
+        after = [module for module in layers if not any(module is kept for kept in used)]
+        norms = [getattr(self.model, name) for name in ("layernorm", "post_layernorm")
+                 if isinstance(getattr(self.model, name, None), nn.Module)]
+        return [param for module in after + norms for param in module.parameters()]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels [B, 3, H, W]`` → ``tokens [B, N, D]``."""

@@ -44,9 +44,13 @@ from mmlm.tokenizers import load_tokenizer
 
 
 def unfreeze_(encoder: VisionEncoder) -> VisionEncoder:
-    """Make every parameter of ``encoder`` trainable and let it follow train/eval mode (in place)."""
+    """Make every parameter of ``encoder`` that its forward uses trainable and let it follow train/eval mode (in
+    place); :meth:`~mmlm.encoders.base.VisionEncoder.unused_parameters` stay frozen."""
     encoder.frozen = False
-    return encoder.requires_grad_(True)
+    encoder.requires_grad_(True)
+    for param in encoder.unused_parameters():
+        param.requires_grad_(False)
+    return encoder
 
 
 def is_seq2seq(language_model: LanguageModel) -> bool:
@@ -59,6 +63,26 @@ def check_token_id(token_id: int, tokenizer: Any) -> int:
     if not 0 <= token_id < len(tokenizer):
         raise ValueError(f"Blip2: end_token_id={token_id} is not an id of the tokenizer ({len(tokenizer)} ids)")
     return token_id
+
+
+def instruction_tokenizer(qformer_text_input: bool, name_or_path: str | None) -> Any:
+    """The Q-Former's tokenizer for instruction-aware queries, or ``None`` without them.
+
+    Raises:
+        ValueError: ``qformer_text_input`` without ``qformer_tokenizer`` or the other way round.
+    """
+    if qformer_text_input != (name_or_path is not None):
+        raise ValueError("Blip2: qformer_text_input=true needs qformer_tokenizer=<the Q-Former's BERT tokenizer>, and "
+                         f"qformer_tokenizer is read only then (got qformer_text_input={qformer_text_input}, "
+                         f"qformer_tokenizer={name_or_path!r})")
+    return None if name_or_path is None else load_tokenizer(name_or_path)
+
+
+def check_instruction_vocab(tokenizer: Any, rows: int, name_or_path: str | None) -> None:
+    """Raise ``ValueError`` when ``tokenizer`` has more ids than the Q-Former's ``rows`` word embeddings (both named)."""
+    if len(tokenizer) > rows:
+        raise ValueError(f"Blip2: qformer_tokenizer {name_or_path!r} has {len(tokenizer)} ids but the Q-Former's word "
+                         f"table has {rows} rows (qformer.vocab_size)")
 
 
 def stop_generation_at(language_model: LanguageModel, token_id: int) -> None:
@@ -87,22 +111,35 @@ class Blip2(MultimodalModule):
         num_query_tokens: M.
         qformer: the Q-Former's size (:class:`~mmlm.connectors.QFormerConfig`: ``hidden_size``,
             ``num_layers``, ``num_heads``, ``intermediate_size``, ``cross_attention_freq``, ``layer_norm_eps``,
-            ``dropout``); the Q-Former is queries-only (``with_text=False``) and reads ``encoder.width``.
+            ``dropout``, ``vocab_size``…); it reads ``encoder.width`` and has a text side only with
+            ``qformer_text_input``.
         train_encoder: the whole encoder trains (LAVIS's ``freeze_vit: False`` of its caption finetuning), in train
             mode, whatever its own ``freeze`` says; keep its weights in float32 then (``vision_dtype``).
         end_token_id: the token that ends every target and stops generation (LAVIS's OPT models end text with
             ``"\\n"``); ``None``: the tokenizer's eos for targets, the LM's own generation config to stop.
+        qformer_text_input: instruction-aware queries (BLIP-2's VQA finetuning, InstructBLIP's
+            ``qformer_text_input``): each example's prompt, in ``qformer_tokenizer``, joins the queries in the
+            Q-Former's self-attention (bidirectional; only the queries read the image and reach the LM). ``False``:
+            a queries-only Q-Former, as BLIP-2's pretraining and zero-shot evaluation.
+        qformer_tokenizer: hub id or directory of the Q-Former's text tokenizer (BERT's, ``bert-base-uncased`` in
+            BLIP-2); needed with ``qformer_text_input`` and only then. The Q-Former's word table has as many rows as
+            it has ids unless ``qformer.vocab_size`` says otherwise.
         **kwargs: optimisation and evaluation settings of :class:`MultimodalModule`.
     """
 
     def __init__(self, encoder: VisionEncoder, language_model: LanguageModel, tokenizer: str,
                  num_query_tokens: int = 32, qformer: QFormerConfig | None = None, train_encoder: bool = False,
-                 end_token_id: int | None = None, **kwargs: Any) -> None:
+                 end_token_id: int | None = None, qformer_text_input: bool = False,
+                 qformer_tokenizer: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self.encoder = unfreeze_(encoder) if train_encoder else freeze_(encoder)
-        self.qformer = QFormer(encoder.width, num_query_tokens=num_query_tokens, with_text=False,
-                               **part_kwargs(QFormerConfig, qformer))
+        self.qformer_tokenizer = instruction_tokenizer(qformer_text_input, qformer_tokenizer)
+        sizes = part_kwargs(QFormerConfig, qformer)
+        if self.qformer_tokenizer is not None:
+            sizes.setdefault("vocab_size", len(self.qformer_tokenizer))
+            check_instruction_vocab(self.qformer_tokenizer, sizes["vocab_size"], qformer_tokenizer)
+        self.qformer = QFormer(encoder.width, num_query_tokens=num_query_tokens, with_text=qformer_text_input, **sizes)
         self.language_projection = nn.Linear(self.qformer.query_tokens.shape[-1], language_model.width)
         self.language_model = language_model
         self.image_marker = prefix_image_marker(num_query_tokens)
@@ -122,8 +159,10 @@ class Blip2(MultimodalModule):
     def from_hf(cls, name_or_path: str, tokenizer: str | None = None, vision_dtype: str | None = None,
                 lm_dtype: str | None = None, attn_implementation: str | None = None, quantization: str | None = None,
                 lora: LoRA | None = None, train_encoder: bool = False, end_token_id: int | None = None,
-                **settings: Unpack[ModuleSettings]) -> Blip2:
-        """Build from a ``transformers.Blip2ForConditionalGeneration`` directory or hub id, strictly.
+                qformer_text_input: bool | None = None, qformer_tokenizer: str | None = None,
+                qformer_text_from: str | None = None, **settings: Unpack[ModuleSettings]) -> Blip2:
+        """Build from a ``transformers.Blip2ForConditionalGeneration`` or ``InstructBlipForConditionalGeneration``
+        directory or hub id, strictly.
 
         Args:
             name_or_path: the checkpoint's directory or hub id.
@@ -139,16 +178,26 @@ class Blip2(MultimodalModule):
             end_token_id: the token that ends targets and stops generation (see :class:`Blip2`); ``None``: the
                 checkpoint's generation config's eos (``"\\n"`` in Salesforce's OPT checkpoints), else its text
                 config's. The id used is recorded, so a training checkpoint reloads with it.
+            qformer_text_input: instruction-aware queries (see :class:`Blip2`); ``None``: the checkpoint's
+                (InstructBLIP reads instructions, BLIP-2 does not).
+            qformer_tokenizer: the Q-Former's tokenizer; ``None``: an InstructBLIP checkpoint's ``qformer_tokenizer/``,
+                else ``qformer_text_from``.
+            qformer_text_from: a BERT checkpoint (``bert-base-uncased``) that gives a BLIP-2 checkpoint's queries-only
+                Q-Former the text side instruction-aware queries need (:func:`mmlm.convert.blip2_hf.blip2_from_hf`).
             **settings: any :class:`~mmlm.models.base.ModuleSettings` key (``lr``, ``generation``, …); LightningCLI
                 checks each one from YAML (``class_path: mmlm.models.Blip2.from_hf``).
         """
         kwargs = dict(settings, train_encoder=train_encoder)
         lora = LoRA(**lora) if isinstance(lora, dict) else lora  # a checkpoint records it as a dict
-        options = dict(attn_implementation=attn_implementation, quantization=quantization, lora=lora)
+        options = dict(attn_implementation=attn_implementation, quantization=quantization, lora=lora,
+                       qformer_text_from=qformer_text_from)
         model = blip2_from_hf(cls, name_or_path, tokenizer=tokenizer, vision_dtype=vision_dtype, lm_dtype=lm_dtype,
-                              end_token_id=end_token_id, **options, **kwargs)
+                              end_token_id=end_token_id, qformer_text_input=qformer_text_input,
+                              qformer_tokenizer=qformer_tokenizer, **options, **kwargs)
         model.record_builder("from_hf", dict(name_or_path=name_or_path, tokenizer=tokenizer, vision_dtype=vision_dtype,
-                                             lm_dtype=lm_dtype, end_token_id=model.end_token_id, **options, **kwargs))
+                                             lm_dtype=lm_dtype, end_token_id=model.end_token_id,
+                                             qformer_text_input=model.qformer.with_text,
+                                             qformer_tokenizer=model.hparams.qformer_tokenizer, **options, **kwargs))
         return model
 
     def to_hf(self, directory: str | Path) -> None:
@@ -159,19 +208,32 @@ class Blip2(MultimodalModule):
         """The base's spec plus the image marker (M query slots) that starts every sentence and the end token of
         targets (``None`` when it is the tokenizer's eos)."""
         end = None if self.end_token_id == self.tokenizer.eos_token_id else self.end_token_id
-        return replace(super().data_spec(), markers=(self.image_marker,), end_token_id=end)
+        return replace(super().data_spec(), markers=(self.image_marker,), end_token_id=end,
+                       instruction_tokenizer=self.qformer_tokenizer)
 
-    def encode_images(self, pixels: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor, features: torch.Tensor | None = None,
+                      instruction_ids: torch.Tensor | None = None,
+                      instruction_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``pixels [B, 3, H, W]`` (or the frozen encoder's cached ``features [B, N, Dv]``) → soft prompt ``[B, M, D]``
-        in the LM's dtype (Q-Former and projection in fp32)."""
+        in the LM's dtype (Q-Former and projection in fp32). With ``qformer_text_input``, ``instruction_ids`` and
+        ``instruction_mask [B, Q]`` (each image's prompt in the Q-Former's tokenizer) join the queries.
+
+        Raises:
+            ValueError: instructions missing with ``qformer_text_input``, or given without it.
+        """
+        if (instruction_ids is not None) != self.qformer.with_text:
+            raise ValueError("Blip2: the batch's instruction_ids do not fit qformer_text_input="
+                             f"{self.qformer.with_text} (the datamodule tokenises prompts for the Q-Former when the "
+                             "model's data_spec() gives its instruction_tokenizer)")
         image = self.encoder_tokens(pixels, features)  # [B, N, Dv], encoder dtype; the Q-Former casts it to fp32
-        queries = self.qformer(image).query  # [B, M, H]
+        queries = self.qformer(image, input_ids=instruction_ids, attention_mask=instruction_mask).query  # [B, M, H]
         projected = self.language_projection(queries.to(self.language_projection.weight.dtype))
         return projected.to(self.language_model.dtype)
 
     def embed(self, ids: torch.Tensor, spans: Sequence[Sequence[Span]], batch: SentenceBatch) -> torch.Tensor:
         """``ids [B, T]`` with their image spans filled with the soft prompts of the batch's images → ``[B, T, D]``."""
-        images = {"image": self.encode_images(batch.images, batch.features)}
+        images = {"image": self.encode_images(batch.images, batch.features, batch.instruction_ids,
+                                              batch.instruction_mask)}
         return embed_sentence(self.language_model.embed, ids, spans, images, self.placeholder_ids)
 
     def forward(self, batch: SentenceBatch) -> LMOutput:

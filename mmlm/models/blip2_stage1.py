@@ -32,7 +32,7 @@ from torch import nn
 from mmlm.attention_masks import bidirectional_mask, multimodal_causal_mask, unimodal_mask
 from mmlm.batch import Batch
 from mmlm.checkpointing import load_checkpoint_file
-from mmlm.connectors.qformer import QFormer, QFormerConfig, bert_init
+from mmlm.connectors.qformer import TEXT_SIDE_KEYS, QFormer, QFormerConfig, bert_init
 from mmlm.convert.blip2 import bert_lm_head_state
 from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, RetrievalEvaluator, RetrievalStep
@@ -55,7 +55,6 @@ from mmlm.tokenizers import load_tokenizer
 
 DEC_TOKEN = "[DEC]"
 #: Q-Former keys of the text side, absent from the queries-only stage-2 Q-Former.
-TEXT_SIDE_KEYS = ("embeddings.word.", "embeddings.position.", ".text_ffn.")
 #: ``qformer`` keys a BERT-initialised Q-Former takes (the rest comes from BERT).
 BERT_OPTIONS = {"cross_attention_freq", "vision_norm", "vision_norm_eps"}
 
@@ -232,19 +231,22 @@ class Blip2Stage1(MultimodalModule):
         return RetrievalStep(losses, out.image_feats, out.text_feats, image_ids, image, ids, mask)
 
 
-def qformer_state_for_stage2(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A :class:`Blip2Stage1` state dict (or Lightning checkpoint ``state_dict``) → the queries-only Q-Former's
-    state for ``Blip2.qformer``: ``qformer.*`` keys without the prefix, the text side dropped."""
+def qformer_state_for_stage2(state_dict: dict[str, torch.Tensor], with_text: bool = False) -> dict[str, torch.Tensor]:
+    """A :class:`Blip2Stage1` state dict (or Lightning checkpoint ``state_dict``) → the state of ``Blip2.qformer``:
+    ``qformer.*`` keys without the prefix; the text side (word/position embeddings, text FFNs) kept only
+    ``with_text`` (instruction-aware queries), else dropped (the queries-only Q-Former)."""
     prefix = "qformer."
     state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not state:
         raise KeyError(f"no '{prefix}*' keys in the stage-1 state dict (first keys: {list(state_dict)[:5]})")
-    return {k: v for k, v in state.items() if not any(part in k for part in TEXT_SIDE_KEYS)}
+    return {k: v for k, v in state.items() if with_text or not any(part in k for part in TEXT_SIDE_KEYS)}
 
 
 def load_stage1_qformer(stage2: nn.Module, checkpoint: str | Path | dict[str, torch.Tensor]) -> None:
     """Load a stage-1 Q-Former (a ``.ckpt`` path or a state dict) into ``stage2.qformer`` strictly
-    (every key must match: same sizes and number of queries)."""
+    (every key must match: same sizes and number of queries), with its text side when ``stage2`` reads instructions
+    (``qformer_text_input``)."""
     if not isinstance(checkpoint, dict):
         checkpoint = load_checkpoint_file(checkpoint)["state_dict"]
-    stage2.qformer.load_state_dict(qformer_state_for_stage2(checkpoint), strict=True)
+    state = qformer_state_for_stage2(checkpoint, with_text=stage2.qformer.with_text)
+    stage2.qformer.load_state_dict(state, strict=True)
