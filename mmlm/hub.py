@@ -163,3 +163,10 @@ def load_hf_model(auto_class: Any, name_or_path: str | None, config: dict[str, A
         check_hf_loading_info(info, name_or_path)
         return model
     return auto_class.from_config(build_hf_config(config), **dtype_kwargs)
+
+
+def sub_state(state: Mapping[str, torch.Tensor] | None, prefix: str) -> dict[str, torch.Tensor] | None:
+    """The entries of ``state`` under ``prefix``, with it stripped; ``None`` stays ``None``."""
+    if state is None:
+        return None
+    return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}

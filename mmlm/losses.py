@@ -122,6 +122,9 @@ class Temperature(nn.Module):
     ``forward()`` returns ``tau = exp(-log_scale)`` clamped to ``[min_value, max_value]`` (ALBEF's and BLIP's
     ``temp.clamp_(0.001, 0.5)``), ready for :func:`contrastive_loss`. LAVIS's BLIP-2 differs: it learns
     ``tau`` itself (``nn.Parameter(0.07)``), unclamped.
+
+    ``log_scale`` has shape ``[1]`` (FSDP2 shards no 0-dim parameter); a checkpoint written with the earlier 0-dim
+    one loads as is (reshaped on load).
     """
 
     def __init__(self, init: float = 0.07, min_value: float = 0.001, max_value: float = 0.5) -> None:
@@ -129,11 +132,20 @@ class Temperature(nn.Module):
         if not min_value <= init <= max_value:
             raise ValueError(f"Temperature init {init} outside [{min_value}, {max_value}]")
         self.min_value, self.max_value = min_value, max_value
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / init)))
+        self.log_scale = nn.Parameter(torch.tensor([math.log(1 / init)]))
+        self.register_load_state_dict_pre_hook(one_dim_log_scale)
 
     def forward(self) -> Tensor:
         """The temperature ``tau`` (0-dim tensor, differentiable inside the clamp range)."""
-        return torch.exp(-self.log_scale).clamp(self.min_value, self.max_value)
+        return torch.exp(-self.log_scale[0]).clamp(self.min_value, self.max_value)
+
+
+def one_dim_log_scale(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook of :class:`Temperature`: a 0-dim ``log_scale`` (checkpoints before it became
+    ``[1]``) is reshaped to ``[1]``."""
+    key = f"{prefix}log_scale"
+    if key in state_dict and state_dict[key].ndim == 0:
+        state_dict[key] = state_dict[key].reshape(1)
 
 
 def image_text_similarity(image_feats: Tensor, text_feats: Tensor) -> Tensor:

@@ -10,6 +10,10 @@ One launch of two ranks (a torchrun-style environment: ``LOCAL_RANK``, ``WORLD_S
 runs the real ``mmlm fit`` on every config in turn (``tests/tiny_runs.py``), so the ranks import torch, Lightning and
 transformers once, not once per config. ``tiny_runs.WeightDigest`` writes a hash of every state-dict tensor per rank
 at the start and the end of training. No validation, logger or checkpoint: 2 steps at batch 4 (Donut 2).
+
+The same launch runs once more with every config under FSDP2 (``configs/strategies/fsdp2.yaml``: Lightning's
+``ModelParallelStrategy``, each family sharded by ``MultimodalModule.configure_model``): every family must fit sharded;
+the digests are of the gathered full tensors (``DTensor.full_tensor``).
 """
 
 from __future__ import annotations
@@ -119,12 +123,19 @@ def launch(spec: Path, logs: Path) -> float:
     return time.perf_counter() - started
 
 
-@pytest.fixture(scope="module")
-def contract_run(tmp_path_factory) -> dict:
-    """Data, then every job on 2 ranks; per job and rank its status and digest record (``None`` when missing)."""
-    root = write_workspace(tmp_path_factory.mktemp("ddp_contract"))
+def fsdp2_strategy() -> str:
+    """``trainer.strategy`` of ``configs/strategies/fsdp2.yaml`` as one JSON command-line value."""
+    return json.dumps(yaml.safe_load((REPO / "configs/strategies/fsdp2.yaml").read_text())["trainer"]["strategy"])
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp2"])
+def contract_run(tmp_path_factory, request) -> dict:
+    """Data, then every job on 2 ranks, under its real config's DDP strategy or under FSDP2; per job and rank its
+    status and digest record (``None`` when missing)."""
+    root = write_workspace(tmp_path_factory.mktemp(f"{request.param}_contract"))
     out = root / "contract"
-    jobs = [{"name": name, "config": config, "strategy": strategy_of(real), "args": args}
+    jobs = [{"name": name, "config": config, "args": args,
+             "strategy": strategy_of(real) if request.param == "ddp" else fsdp2_strategy()}
             for name, (config, real, args) in JOBS.items()]
     spec = root / "jobs.json"
     spec.write_text(json.dumps({"out": str(out), "common": COMMON, "jobs": jobs}))
@@ -136,9 +147,9 @@ def contract_run(tmp_path_factory) -> dict:
     results = {name: {"status": [read(out / name / f"status-rank{r}.json") for r in range(WORLD)],
                       "digest": [read(out / name / f"rank{r}.json") for r in range(WORLD)]} for name in JOBS}
     seconds = {name: round(max((s or {}).get("seconds", 0) for s in r["status"]), 1) for name, r in results.items()}
-    print(f"\nDDP contract: {wall:.0f} s in all; per job (s): {seconds}")
+    print(f"\n{request.param} contract: {wall:.0f} s in all; per job (s): {seconds}")
     logs = "\n".join(f"--- rank {r}\n{(root / f'rank{r}.log').read_text()[-3000:]}" for r in range(WORLD))
-    return {"results": results, "logs": logs}
+    return {"results": results, "logs": logs, "strategy": request.param}
 
 
 @pytest.mark.parametrize("name", list(JOBS))
@@ -147,7 +158,8 @@ def test_fits_two_steps_on_two_ranks_with_identical_weights(contract_run, name):
     if None in result["status"]:
         pytest.fail(f"{name}: a rank did not finish (hang or crash before or during it)\n{contract_run['logs']}")
     errors = [s["status"] for s in result["status"] if s["status"] != "ok"]
-    assert not errors, f"{name} under {strategy_of(JOBS[name][1])}:\n{errors[0]}"
+    strategy = strategy_of(JOBS[name][1]) if contract_run["strategy"] == "ddp" else "fsdp2"
+    assert not errors, f"{name} under {strategy}:\n{errors[0]}"
     ranks = result["digest"]
     assert None not in ranks, f"{name}: a rank wrote no weight digest"
     assert [(r["rank"], r["world_size"], r["global_step"]) for r in ranks] == [(i, WORLD, STEPS) for i in range(WORLD)]

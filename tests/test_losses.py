@@ -211,3 +211,10 @@ def test_gather_is_identity_without_process_group() -> None:
     x = torch.randn(3, 2, requires_grad=True)
     assert gather_with_grad(x) is x
     assert rank_and_world() == (0, 1)
+
+
+def test_temperature_loads_a_checkpoint_of_the_earlier_0_dim_log_scale() -> None:
+    temp = Temperature(0.07)
+    assert temp.log_scale.shape == (1,)  # FSDP2 shards no 0-dim parameter
+    temp.load_state_dict({"log_scale": torch.tensor(math.log(1 / 0.05))})
+    assert temp.log_scale.shape == (1,) and float(temp()) == pytest.approx(0.05)

@@ -73,7 +73,12 @@ class WeightDigest(pl.Callback):
 
     @staticmethod
     def digests(module: torch.nn.Module) -> dict[str, str]:
-        return {name: tensor_digest(value) for name, value in module.state_dict().items()}
+        """A digest per state-dict tensor; an FSDP2 shard (``DTensor``) is gathered first (a collective: every rank
+        calls this at the same point)."""
+        from torch.distributed.tensor import DTensor
+
+        return {name: tensor_digest(value.full_tensor() if isinstance(value, DTensor) else value)
+                for name, value in module.state_dict().items()}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start = self.digests(pl_module)

@@ -38,6 +38,8 @@ INTENDED_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode",
     r"Your `IterableDataset` has `__len__` defined",
     r"LightningCLI's args parameter is intended",
+    # epoch metrics are reduced over the ranks by the evaluators themselves (every rank logs the same value)
+    r"It is recommended to use `self\.log\('(val|test)/",
 )
 #: Deprecation warning categories silenced when they come from a dependency (mmlm's own still show).
 DEPENDENCY_DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)

@@ -121,8 +121,20 @@ def _check_exportable(model: Donut) -> None:
         raise TypeError(f"to_hf needs decoder = CrossAttentionLM, got {type(model.decoder).__name__}")
 
 
-def donut_state_to_hf(model: Donut) -> dict[str, torch.Tensor]:
-    """Our module's weights under ``VisionEncoderDecoderModel`` keys."""
+def donut_state_to_hf(model: Donut, state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Our module's weights (or ``state_dict``, the module's own keys, as gathered from FSDP2 shards) under
+    ``VisionEncoderDecoderModel`` keys.
+
+    Raises:
+        ValueError: ``state_dict`` with LoRA adapters on the decoder (they are merged from the module).
+    """
+    if state_dict is not None:
+        if model.decoder.lora is not None:
+            raise ValueError("Donut export: LoRA adapters are merged from the module, not from a gathered state dict; "
+                             "export the checkpoint with `mmlm export` instead")
+        renamed = {"encoder.model.": "encoder.", "decoder.model.": "decoder.", "enc_to_dec_proj.": "enc_to_dec_proj."}
+        return {new + key.removeprefix(old): value.detach() for key, value in state_dict.items()
+                for old, new in renamed.items() if key.startswith(old)}
     state = {f"encoder.{k}": v for k, v in model.encoder.model.state_dict().items()}
     decoder = model.decoder.model
     decoder = merge_lora_(copy.deepcopy(decoder)) if model.decoder.lora is not None else decoder  # LoRA merged in
@@ -142,13 +154,14 @@ def hf_config(model: Donut) -> VisionEncoderDecoderConfig:
     return config
 
 
-def donut_to_hf(model: Donut, directory: str | Path) -> None:
+def donut_to_hf(model: Donut, directory: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write ``directory`` so ``VisionEncoderDecoderModel.from_pretrained`` and ``DonutProcessor.from_pretrained``
-    load it: config, safetensors weights, tokenizer (with the added task/field tokens) and image processor."""
+    load it: config, safetensors weights (``state_dict``'s when given: see :func:`donut_state_to_hf`), tokenizer
+    (with the added task/field tokens) and image processor."""
     _check_exportable(model)
     with torch.device("meta"):
         hf = VisionEncoderDecoderModel(hf_config(model))
-    load_part(hf, donut_state_to_hf(model), "Donut export", assign=True)
+    load_part(hf, donut_state_to_hf(model, state_dict), "Donut export", assign=True)
     hf.tie_weights()
     hf.save_pretrained(str(directory))
     pre = model.image_preprocess

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from mmlm.freezing import freeze_, parse_dtype
-from mmlm.hub import build_hf_config, check_hf_loading_info, config_kwargs, id_list, require_local
+from mmlm.hub import build_hf_config, check_hf_loading_info, config_kwargs, id_list, require_local, sub_state
 from mmlm.language.base import GenerationConfig, LanguageModel, LMOutput
 from mmlm.language.recompute import hf_blocks, recompute_blocks
 from mmlm.lora import LoRA, default_targets, merge_lora_
@@ -207,9 +208,20 @@ class HFLanguageModel(LanguageModel):
         if self.frozen:
             freeze_(self)
 
-    def save_pretrained(self, directory: str) -> None:
+    def save_pretrained(self, directory: str, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
         """Write weights, config and generation config so ``type(self)(name_or_path=directory)`` reloads them; LoRA
-        adapters are merged into the written weights (this adapter keeps them)."""
+        adapters are merged into the written weights (this adapter keeps them). ``state_dict``: this adapter's
+        weights as gathered from FSDP2 shards (``model.*`` keys), written instead of the module's own.
+
+        Raises:
+            ValueError: ``state_dict`` with LoRA adapters (merge them from a checkpoint with ``mmlm export``).
+        """
+        if state_dict is not None:
+            if self.lora is not None:
+                raise ValueError("save_pretrained: LoRA adapters are merged from the module, not from a gathered "
+                                 "state dict; export the checkpoint with `mmlm export` instead")
+            self.model.save_pretrained(directory, state_dict=sub_state(state_dict, "model."))
+            return
         model = merge_lora_(copy.deepcopy(self.model)) if self.lora is not None else self.model
         model.save_pretrained(directory)
 

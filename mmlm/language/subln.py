@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -547,13 +548,22 @@ class SubLNDecoder(LanguageModel):
         if self.frozen:
             freeze_(self)
 
-    def save_pretrained(self, directory: str) -> None:
+    def save_pretrained(self, directory: str, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
         """Write ``config.json`` (the architecture arguments) and ``model.safetensors`` to ``directory``; LoRA
-        adapters are merged into the written weights (this decoder keeps them)."""
+        adapters are merged into the written weights (this decoder keeps them). ``state_dict``: this decoder's weights
+        as gathered from FSDP2 shards, written instead of the module's own.
+
+        Raises:
+            ValueError: ``state_dict`` with LoRA adapters (merge them from a checkpoint with ``mmlm export``).
+        """
+        if state_dict is not None and self.lora is not None:
+            raise ValueError("save_pretrained: LoRA adapters are merged from the module, not from a gathered state "
+                             "dict; export the checkpoint with `mmlm export` instead")
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_NAME).write_text(json.dumps(self.config, indent=2, sort_keys=True))
         state = merge_lora_(copy.deepcopy(self)).state_dict() if self.lora is not None else self.state_dict()
+        state = dict(state_dict) if state_dict is not None else state
         save_file({k: v.contiguous() for k, v in state.items()}, str(path / WEIGHTS_NAME))
 
     @classmethod

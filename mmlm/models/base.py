@@ -222,12 +222,25 @@ class MultimodalModule(pl.LightningModule):
 
     # --- compilation and cached encoder features ---------------------------------------------------
     def configure_model(self) -> None:
-        """With ``torch_compile``: compile each :meth:`compile_targets` part's forward in place (once)."""
+        """Under Lightning's ``ModelParallelStrategy`` (a device mesh is set): shard with FSDP2 (:func:`mmlm.sharding.shard_`,
+        once). With ``torch_compile``: compile each :meth:`compile_targets` part's forward in place (once)."""
+        mesh = self.device_mesh
+        if mesh is not None:
+            from mmlm.sharding import shard_
+
+            shard_(self, mesh)
         if not self.torch_compile:
             return
         for part in self.compile_targets():
             if getattr(part, "_compiled_call_impl", None) is None:
                 part.compile(**self.compile_options)
+
+    def sharded_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP2, the whole state dict gathered on global rank 0 (:func:`mmlm.sharding.full_state_dict`; a
+        collective: every rank calls it, for an export at the end of ``fit``); ``None`` when not sharded."""
+        from mmlm.sharding import full_state_dict
+
+        return full_state_dict(self)
 
     def compile_targets(self) -> list[nn.Module]:
         """The parts ``torch_compile`` compiles: direct children that are vision encoders or language models."""

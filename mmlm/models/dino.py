@@ -14,6 +14,7 @@ Shape legend: B batch, G global views, L local views, D width, K prototypes.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, KnnEvaluator
+from mmlm.hub import sub_state
 from mmlm.models.base import MultimodalModule
 from mmlm.ssl import (
     DinoHead,
@@ -176,12 +178,19 @@ class Dino(MultimodalModule):
         ema_update_(self.teacher.head, self.head, momentum)
 
     # --- export ---------------------------------------------------------------------------------
-    def export_backbone(self, path: str | Path, which: str = "teacher") -> Path:
+    def export_backbone(self, path: str | Path, which: str = "teacher",
+                        state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
         """Write the ``teacher`` (or ``student``) encoder's timm model state dict as ``safetensors``: the file that
-        ``TimmEncoder(name, pretrained=path)`` (and ``timm.create_model(name, num_classes=0)``) load strictly."""
+        ``TimmEncoder(name, pretrained=path)`` (and ``timm.create_model(name, num_classes=0)``) load strictly.
+        ``state_dict``: this module's weights as gathered from FSDP2 shards, read instead of its own."""
         encoder = self.teacher.encoder if which == "teacher" else self.encoder
         model = getattr(encoder, "model", encoder)
-        state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+        if state_dict is None:
+            state = model.state_dict()
+        else:
+            prefix = next(name for name, module in self.named_modules() if module is model) + "."
+            state = sub_state(state_dict, prefix)
+        state = {key: value.detach().cpu().contiguous() for key, value in state.items()}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(state, str(path), metadata={"format": "pt", "source": f"mmlm Dino {which}",
@@ -189,7 +198,11 @@ class Dino(MultimodalModule):
         return path
 
     def on_fit_end(self) -> None:
-        """Write the teacher backbone to ``backbone_file`` (global rank zero)."""
-        if self.backbone_file is not None and self.trainer.is_global_zero:
-            self.export_backbone(self.backbone_file)
+        """Write the teacher backbone to ``backbone_file`` (global rank zero writes; every rank gathers sharded
+        weights)."""
+        if self.backbone_file is None:
+            return
+        state = self.sharded_state_dict()
+        if self.trainer.is_global_zero:
+            self.export_backbone(self.backbone_file, state_dict=state)
 

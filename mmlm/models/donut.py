@@ -16,6 +16,7 @@ Shape legend: B batch, N image tokens, Dv encoder width, D decoder width, T text
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -112,14 +113,18 @@ class Donut(DocumentModule):
                                              **options, **kwargs))
         return model
 
-    def to_hf(self, directory: str | Path) -> None:
-        """Write a directory that ``VisionEncoderDecoderModel.from_pretrained`` and ``DonutProcessor`` load."""
-        donut_to_hf(self, directory)
+    def to_hf(self, directory: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Write a directory that ``VisionEncoderDecoderModel.from_pretrained`` and ``DonutProcessor`` load;
+        ``state_dict``: this module's weights as gathered from FSDP2 shards, written instead of its own."""
+        donut_to_hf(self, directory, state_dict)
 
     def on_fit_end(self) -> None:
-        """Export to ``export_dir`` (rank zero only) when one is set."""
-        if self.export_dir is not None and self.trainer.is_global_zero:
-            self.to_hf(self.export_dir)
+        """Export to ``export_dir`` when one is set (rank zero writes; every rank gathers sharded weights)."""
+        if self.export_dir is None:
+            return
+        state = self.sharded_state_dict()
+        if self.trainer.is_global_zero:
+            self.to_hf(self.export_dir, state)
 
     # --- vocabulary ----------------------------------------------------------------------------
     def data_spec(self) -> DataSpec:

@@ -16,6 +16,7 @@ import torch
 from mmlm.batch import SentenceBatch
 from mmlm.data_spec import DataSpec
 from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator
+from mmlm.hub import sub_state
 from mmlm.language.base import LanguageModel
 from mmlm.models.base import MultimodalModule
 from mmlm.sentences import prefix_image_marker
@@ -65,9 +66,12 @@ class CausalLMPretraining(MultimodalModule):
         return self.decode(new)
 
     def on_fit_end(self) -> None:
-        """Export the trained LM and its tokenizer to ``export_dir`` (rank zero only)."""
-        if self.export_dir is None or not self.trainer.is_global_zero:
+        """Export the trained LM and its tokenizer to ``export_dir`` (rank zero writes; every rank gathers sharded
+        weights)."""
+        if self.export_dir is None:
             return
-        Path(self.export_dir).mkdir(parents=True, exist_ok=True)
-        self.language_model.save_pretrained(self.export_dir)
-        self.tokenizer.save_pretrained(self.export_dir)
+        state = self.sharded_state_dict()
+        if self.trainer.is_global_zero:
+            Path(self.export_dir).mkdir(parents=True, exist_ok=True)
+            self.language_model.save_pretrained(self.export_dir, sub_state(state, "language_model."))
+            self.tokenizer.save_pretrained(self.export_dir)
