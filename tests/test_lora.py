@@ -122,7 +122,8 @@ def test_merged_weights_give_the_unmerged_outputs(name):
     before = logits(lm, ids, mask)
     lm.merge_lora()
     assert lm.lora is None and not any(".lora_" in k or "base_layer" in k for k in lm.state_dict())
-    torch.testing.assert_close(logits(lm, ids, mask), before, atol=1e-5, rtol=1e-5)
+    # W x + B(A x) vs (W + BA) x: one more rounding per product; a wrong merge is off by orders of magnitude more
+    torch.testing.assert_close(logits(lm, ids, mask), before, atol=1e-4, rtol=1e-4)
 
 
 def test_save_pretrained_merges_and_a_peft_adapter_directory_loads_onto_its_base(tmp_path):
@@ -136,7 +137,7 @@ def test_save_pretrained_merges_and_a_peft_adapter_directory_loads_onto_its_base
     expected = logits(lm, ids, mask)
     lm.save_pretrained(str(tmp_path / "merged"))  # plain transformers weights
     torch.testing.assert_close(logits(HFCausalLM(name_or_path=str(tmp_path / "merged")), ids, mask), expected,
-                               atol=1e-5, rtol=1e-5)
+                               atol=1e-4, rtol=1e-4)  # merged: one more rounding per product
     assert lm.lora is not None  # the adapter itself keeps its LoRA layers
 
     save_adapter(lm.lora_root(), tmp_path / "adapter", lm.source, lm.peft_task_type)
