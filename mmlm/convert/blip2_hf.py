@@ -56,7 +56,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers.utils import GENERATION_CONFIG_NAME
 
 from mmlm.convert.blip2 import bert_text_side, qformer_from_hf, qformer_kwargs_from_hf, qformer_to_hf
-from mmlm.convert.keys import load_part, read_checkpoint, split_by_prefix
+from mmlm.convert.keys import assign_part, empty_weights, load_part, read_checkpoint, split_by_prefix
 from mmlm.convert.language_part import language_part
 from mmlm.encoders.base import INTERPOLATIONS, ImagePreprocess, interpolation_of
 from mmlm.encoders.hf import HFVisionEncoder
@@ -245,9 +245,10 @@ def blip2_from_hf(cls: type[Blip2], name_or_path: str, tokenizer: str | None = N
     parts = split_state_dict(state, name_or_path)
     vision = {k: v for k, v in config.vision_config.to_dict().items() if k not in ("model_type", "architectures",
                                                                                     "transformers_version")}
-    encoder = HFVisionEncoder(config=vision, model_type="blip_2_vision_model", freeze=True, dtype=vision_dtype,
-                              layer=config.vision_config.num_hidden_layers)  # before post_layernorm = vision_norm
-    load_part(encoder.model, parts["vision_model."], f"{name_or_path} vision_model.*")
+    with empty_weights():  # no random ViT first: the checkpoint's tensors become its weights
+        encoder = HFVisionEncoder(config=vision, model_type="blip_2_vision_model", freeze=True, dtype=vision_dtype,
+                                  layer=config.vision_config.num_hidden_layers)  # before post_layernorm = vision_norm
+    assign_part(encoder.model, parts["vision_model."], f"{name_or_path} vision_model.*")
     encoder.preprocess = image_preprocess(directory, config.vision_config.image_size)
     lm = _language_model(config.text_config, not config.use_decoder_only_language_model, parts["language_model."],
                          name_or_path, dtype=lm_dtype, attn_implementation=attn_implementation,

@@ -31,7 +31,7 @@ from transformers import (
     VisionEncoderDecoderModel,
 )
 
-from mmlm.convert.keys import load_part, read_checkpoint, split_by_prefix
+from mmlm.convert.keys import assign_part, empty_weights, load_part, read_checkpoint, split_by_prefix
 from mmlm.convert.language_part import language_part
 from mmlm.encoders.base import INTERPOLATIONS, ImagePreprocess, interpolation_of
 from mmlm.encoders.hf import HFVisionEncoder
@@ -97,8 +97,9 @@ def donut_from_hf(cls: type[Donut], name_or_path: str, tokenizer: str | None = N
     directory, state = read_checkpoint(name_or_path)
     config = VisionEncoderDecoderConfig.from_pretrained(str(directory))
     parts = split_state_dict(state, name_or_path)
-    encoder = build_encoder(config.encoder, image_size, grad_checkpointing)
-    load_part(encoder.model, parts["encoder."], f"{name_or_path} encoder.*")
+    with empty_weights():  # no random encoder first: the checkpoint's tensors become its weights
+        encoder = build_encoder(config.encoder, image_size, grad_checkpointing)
+    assign_part(encoder.model, parts["encoder."], f"{name_or_path} encoder.*")
     preprocess, align = read_processor(directory, encoder)
     encoder.preprocess = preprocess if image_size is None else replace(preprocess, size=tuple(image_size))
     decoder = language_part(CrossAttentionLM, {"model_type": config.decoder.model_type, **config_dict(config.decoder)},

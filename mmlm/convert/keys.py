@@ -4,6 +4,7 @@ safetensors checkpoint directory. The strict key checks themselves are core (:mo
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -61,6 +62,31 @@ def load_part(module: nn.Module, state: Mapping[str, torch.Tensor], source: str,
             state[target] = state[key]
     result = module.load_state_dict(state, strict=False, assign=assign)
     check_keys(result.missing_keys, result.unexpected_keys, source)
+
+
+def empty_weights() -> AbstractContextManager[None]:
+    """Inside, modules are built with their parameters on the meta device (no memory, no random init) and their
+    buffers real (accelerate's ``init_empty_weights(include_buffers=False)``); fill them with :func:`assign_part`."""
+    from accelerate import init_empty_weights
+
+    return init_empty_weights(include_buffers=False)
+
+
+def assign_part(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """:func:`load_part` into a module built under :func:`empty_weights`: the checkpoint's tensors become its
+    parameters (no copy), tied weights are tied again (a transformers model's ``tie_weights``; the empty build
+    re-registers each parameter, which unties them), and each tensor is cast to the dtype the module gave it (its
+    ``dtype`` argument, else float32), not the file's."""
+    tie = getattr(module, "tie_weights", None)
+    if callable(tie):
+        tie()
+    wanted = {name: tensor.dtype for name, tensor in module.state_dict(keep_vars=True).items()}
+    load_part(module, state, source, assign=True)
+    if callable(tie):
+        tie()
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if tensor.dtype != wanted[name]:
+            tensor.data = tensor.data.to(wanted[name])
 
 
 def read_checkpoint(name_or_path: str) -> tuple[Path, dict[str, torch.Tensor]]:

@@ -1,10 +1,9 @@
 """The language model of a composite Hugging Face checkpoint (BLIP-2's ``language_model.*``, Donut's ``decoder.*``)
 as an mmlm LM adapter, with the adapter's loading options: ``lora``, ``attn_implementation`` and ``quantization``.
 
-Without quantization the adapter is built from the text config with its parameters on the meta device (accelerate's
-``init_empty_weights``; buffers stay real), the checkpoint's tensors are put in their place strictly
-(:func:`mmlm.convert.keys.load_part` with ``assign``), cast to the adapter's dtype, tied weights tied again, then LoRA
-is added: no random weights are allocated, so the import's peak memory is about the checkpoint's size. bitsandbytes quantizes weights as ``from_pretrained``
+Without quantization the adapter is built from the text config with its parameters on the meta device
+(:func:`mmlm.convert.keys.empty_weights`) and the checkpoint's tensors are put in their place strictly
+(:func:`mmlm.convert.keys.assign_part`), then LoRA is added: no random weights are allocated first. bitsandbytes quantizes weights as ``from_pretrained``
 reads them, so with ``quantization`` the part is first written to a temporary directory (config + safetensors) that
 the adapter loads (its caller then sets ``source`` to the checkpoint).
 """
@@ -17,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
 
-from mmlm.convert.keys import load_part
+from mmlm.convert.keys import assign_part, empty_weights
 from mmlm.hub import build_hf_config
 from mmlm.language.hf_base import HFLanguageModel
 from mmlm.lora import LoRA
@@ -48,15 +46,9 @@ def language_part(adapter: type[HFLanguageModel], config: dict[str, Any], state:
     options = dict(freeze=freeze, dtype=dtype, grad_checkpointing=grad_checkpointing,
                    attn_implementation=attn_implementation)
     if quantization is None:
-        with init_empty_weights(include_buffers=False):  # no random weights: the checkpoint's tensors become them
+        with empty_weights():  # no random weights: the checkpoint's tensors become them
             lm = adapter(config=config, **options)
-        lm.model.tie_weights()  # init_empty_weights re-registers each parameter, which unties a tied head
-        wanted = {name: tensor.dtype for name, tensor in lm.model.state_dict(keep_vars=True).items()}
-        load_part(lm.model, state, where, assign=True)
-        lm.model.tie_weights()  # assign put the same tensor into tied parameters as two; tie them again
-        for name, tensor in lm.model.state_dict(keep_vars=True).items():
-            if tensor.dtype != wanted[name]:  # the adapter's dtype (``dtype``, else float32), not the file's
-                tensor.data = tensor.data.to(wanted[name])
+        assign_part(lm.model, state, where)
         if lora is not None:
             lm.add_lora(lora)
     else:

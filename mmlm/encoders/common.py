@@ -44,15 +44,17 @@ def probe_output_shape(encoder: VisionEncoder, size: tuple[int, int]) -> tuple[i
 
     The probe runs on fake tensors (shapes only, no compute), so a large encoder at a large input
     size (DonutSwin at 2560×1920) costs nothing on CPU; a model with an op fake tensors do not
-    support falls back to one real forward.
+    support falls back to one real forward. An encoder built with its parameters on the meta device
+    (:func:`mmlm.convert.keys.empty_weights`) is probed with a meta input.
     """
     was_training = encoder.training
     encoder.eval()
+    device = next((p.device for p in encoder.parameters()), torch.device("cpu"))  # meta: built empty, weights to come
     try:
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-            shape = encoder(torch.zeros(1, 3, *size)).shape
-    except Exception:  # any fake-tensor gap: measure with a real forward instead
+            shape = encoder(torch.zeros(1, 3, *size, device=device)).shape
+    except Exception:  # any fake-tensor gap: measure with a real (or meta: shapes only) forward instead
         with torch.no_grad():
-            shape = encoder(torch.zeros(1, 3, *size)).shape
+            shape = encoder(torch.zeros(1, 3, *size, device=device)).shape
     encoder.train(was_training)
     return shape[1], shape[2]
