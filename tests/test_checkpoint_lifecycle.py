@@ -137,7 +137,7 @@ def test_fit_then_validate_test_predict_resume_and_load(name):
     reloaded = family_class(config).from_pretrained(exported)
     # BLIP-2 reads the ViT before its post_layernorm (the Q-Former's vision_norm, exported as post_layernorm), so the
     # ViT's own post_layernorm is an unused frozen weight that the round trip replaces by vision_norm's values:
-    unused = {k for k in weights if k.startswith("encoder.model.post_layernorm.")} if name.startswith("blip2_") else set()
+    unused = {k for k in weights if k.startswith("encoder.model.post_layernorm.")} if family == "Blip2" else set()
     assert not unused or torch.equal(reloaded.state_dict()["encoder.model.post_layernorm.weight"],
                                      weights["qformer.vision_norm.weight"])
     for key, value in weights.items():
