@@ -532,10 +532,16 @@ def add_model_views(report: Page, rows: list[tuple[GalleryRow, Example]], log_di
         report.subtitle.append(f"attention maps: Q-Former cross-attention per query under {len(drawn)} images")
     elif model is not None and hasattr(model, "token_probabilities"):
         confidence = DocumentConfidence(model)
+        pictures = {}
         for _, example, image in drawn:
             example.record["confidence"] = confidence.confidences(image, example.record)
-        report.subtitle.append(f"field confidence (p̄ mean · min token probability) of {len(drawn)} documents")
-        return [TASKS["documents"].build(example) if "confidence" in example.record else row for row, example in rows]
+            pictures[id(example)] = confidence.attention_overlays(image, example.record)
+        report.subtitle.append(f"field confidence (p̄ mean · min token probability) and the decoder's attention per "
+                               f"field of {len(drawn)} documents")
+        rebuilt = [TASKS["documents"].build(example) if "confidence" in example.record else row for row, example in rows]
+        for row, (_, example) in zip(rebuilt, rows):
+            row.extra = pictures.get(id(example), row.extra)
+        return rebuilt
     else:
         report.subtitle.append("no model views: no checkpoint of a BLIP-2 or Donut model in this run"
                                if model is None or ckpt is None else f"no model views for {type(model).__name__}")

@@ -5,6 +5,10 @@ The run's checkpoint is loaded and each shown document's decoded sequence (``tex
 through :meth:`mmlm.models.documents.DocumentModule.token_probabilities` with its image, and
 :func:`mmlm.evaluation.documents.field_confidences` pairs the values with the leaves of the parsed prediction: the
 same functions as the document evaluator's, which writes ``confidence`` during validation and ``predict``.
+
+Field attention (as the Donut paper's figures): the decoder's cross-attention over the document while it wrote each
+field's value (:meth:`mmlm.models.Donut.token_attention`, averaged over the value's tokens, the layers and the heads),
+drawn in red over the document, one small picture per field.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ from typing import Any
 
 import torch
 
-from mmlm.evaluation.documents import field_confidences, prompt_length, value_spans
+from mmlm.evaluation.documents import field_confidences, field_positions, prompt_length, value_spans
+
+#: Fields drawn per document (the first ones).
+MAX_FIELDS = 8
 
 __all__ = ["DocumentConfidence", "field_confidences", "prompt_length", "value_spans"]
 
@@ -41,3 +48,36 @@ class DocumentConfidence:
         """:func:`field_confidences` of one ``documents.jsonl`` row (its ``text`` and ``prediction``)."""
         tokens, probabilities = self.probabilities(image, str(record.get("text", "")))
         return field_confidences(tokens, probabilities, record.get("prediction"))
+
+    def field_attention(self, image: bytes, record: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``leaf path → [h, w]``: the decoder's cross-attention while writing each predicted field's value, on the
+        encoder's token grid (``h × w = N`` in the input's aspect); ``{}`` without a grid or a pairing, or for a
+        model without :meth:`~mmlm.models.Donut.token_attention`."""
+        if not hasattr(self.model, "token_attention"):
+            return {}
+        pixels = self.transform(image).unsqueeze(0).to(self.model.device)
+        tokens, attention = self.model.token_attention(pixels, str(record.get("text", "")))
+        grid = token_grid(attention.shape[-1], pixels.shape[-2], pixels.shape[-1])
+        fields = field_positions(tokens, prompt_length(tokens), record.get("prediction"))
+        if grid is None:
+            return {}
+        return {path: attention[span].mean(0).reshape(grid) for path, span in fields.items()}
+
+    def attention_overlays(self, image: bytes, record: dict[str, Any]) -> str:
+        """HTML: one small picture per field (the first :data:`MAX_FIELDS`), the decoder's attention while writing
+        it in red over the document; ``""`` when there is none."""
+        from mmlm.app.report_attention import overlay
+
+        maps = list(self.field_attention(image, record).items())[:MAX_FIELDS]
+        if not maps:
+            return ""
+        return '<div class="attn">' + "".join(
+            f'<img src="{overlay(image, heat)}" title="{path}" alt="{path}">' for path, heat in maps) + "</div>"
+
+
+def token_grid(tokens: int, height: int, width: int) -> tuple[int, int] | None:
+    """``(h, w)`` with ``h × w = tokens`` and ``h / w`` nearest to ``height / width`` (a Swin's last stage), or
+    ``None`` when no factorisation is within 25 % of that aspect."""
+    pairs = [(h, tokens // h) for h in range(1, tokens + 1) if tokens % h == 0]
+    h, w = min(pairs, key=lambda p: abs(p[0] / p[1] - height / width))
+    return (h, w) if abs(h / w - height / width) <= 0.25 * height / width else None

@@ -67,32 +67,48 @@ def prompt_length(tokens: Sequence[str]) -> int:
     return tokens.index("<s_answer>") + 1 if "<s_answer>" in tokens else 1
 
 
-def value_spans(tokens: Sequence[str], probabilities: Sequence[float | None]) -> list[list[float]]:
-    """The probabilities of each value: runs of non-tag tokens closed by a tag (``<s_x>``, ``</s_x>``, ``<sep/>``);
-    a category token (``<x/>``) is a value of its own. Prompt tokens (probability ``None``) start no value."""
-    spans: list[list[float]] = []
-    current: list[float] = []
-    for token, probability in zip(tokens, probabilities):
+def value_positions(tokens: Sequence[str], counted: Sequence[bool]) -> list[list[int]]:
+    """The token positions of each value: runs of non-tag tokens closed by a tag (``<s_x>``, ``</s_x>``, ``<sep/>``);
+    a category token (``<x/>``) is a value of its own. Positions not ``counted`` (the prompt) start no value."""
+    spans: list[list[int]] = []
+    current: list[int] = []
+    for position, (token, count) in enumerate(zip(tokens, counted)):
         if TAG.fullmatch(token) or re.fullmatch(r"<[^>]+/>", token):
             if current:
                 spans.append(current)
             current = []
-            if not TAG.fullmatch(token) and probability is not None:
-                spans.append([probability])
-        elif probability is not None:
-            current.append(probability)
+            if not TAG.fullmatch(token) and count:
+                spans.append([position])
+        elif count:
+            current.append(position)
     return spans + ([current] if current else [])
+
+
+def value_spans(tokens: Sequence[str], probabilities: Sequence[float | None]) -> list[list[float]]:
+    """The probabilities of each value (:func:`value_positions`); prompt tokens (probability ``None``) start none."""
+    positions = value_positions(tokens, [p is not None for p in probabilities])
+    return [[probabilities[i] for i in span] for span in positions]  # type: ignore[misc]
+
+
+def field_positions(tokens: Sequence[str], start: int, prediction: Any) -> dict[str, list[int]]:
+    """``leaf path → token positions`` of the prediction's leaves, paired in order with the values after the prompt's
+    ``start`` tokens (the last leaves when the prompt holds the first ones); ``{}`` when they do not pair up."""
+    spans = value_positions(tokens, [i >= start for i in range(len(tokens))])
+    paths = list(leaf_paths(prediction))
+    if not spans or len(spans) > len(paths):
+        return {}
+    return dict(zip(paths[len(paths) - len(spans):], spans))
 
 
 def field_confidences(tokens: Sequence[str], probabilities: Sequence[float | None],
                       prediction: Any) -> dict[str, dict[str, float]]:
-    """``leaf path → {"mean", "min"}`` of the prediction's leaves, paired in order with :func:`value_spans` (the
-    last leaves when the prompt holds the first ones, as DocVQA's question); ``{}`` when they do not pair up."""
-    spans, paths = value_spans(tokens, probabilities), list(leaf_paths(prediction))
-    if not spans or len(spans) > len(paths):
-        return {}
-    return {path: {"mean": sum(span) / len(span), "min": min(span)}
-            for path, span in zip(paths[len(paths) - len(spans):], spans)}
+    """``leaf path → {"mean", "min"}`` of the prediction's leaves (:func:`field_positions`: paired in order with the
+    values, the last leaves when the prompt holds the first ones, as DocVQA's question); ``{}`` when they do not pair
+    up. ``probabilities`` is ``None`` on the prompt."""
+    start = next((i for i, p in enumerate(probabilities) if p is not None), len(probabilities))
+    fields = field_positions(tokens, start, prediction)
+    values = {path: [float(probabilities[i]) for i in span] for path, span in fields.items()}  # type: ignore[arg-type]
+    return {path: {"mean": sum(span) / len(span), "min": min(span)} for path, span in values.items()}
 
 
 def file_name(doc_id: Any) -> str:

@@ -16,6 +16,7 @@ Shape legend: B batch, N image tokens, T text tokens, T_new generated tokens, D 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,6 +25,40 @@ from transformers import AutoModelForCausalLM, DynamicCache, EncoderDecoderCache
 from mmlm.language.base import GenerationConfig, LMOutput
 from mmlm.language.hf_base import HFLanguageModel
 from mmlm.lora import LoRA
+
+
+@torch.no_grad()
+def recorded_cross_attention(model: torch.nn.Module, run: Callable[[], Any]) -> torch.Tensor:
+    """The cross-attention weights of every ``*.encoder_attn`` module of ``model`` (transformers' BART-family
+    decoders: MBart, Bart) during ``run()`` → ``[B, L, heads, T, N]`` (``L`` layers; rows sum to 1).
+
+    Forward pre-hooks record each cross-attention's queries and the encoder states, and the weights
+    ``softmax(q kᵀ · scaling)`` are recomputed from the module's own projections, so they are the same whatever
+    attention kernel ran (SDPA returns none) and the forward is untouched. The encoder states must be unpadded (Donut's
+    are).
+
+    Raises:
+        ValueError: ``model`` has no such module.
+    """
+    records: list[torch.Tensor] = []
+
+    def record(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        states = kwargs.get("key_value_states")
+        q = module.q_proj(hidden).unflatten(-1, (-1, module.head_dim)).transpose(1, 2)  # [B, heads, T, d]
+        k = module.k_proj(states).unflatten(-1, (-1, module.head_dim)).transpose(1, 2)  # [B, heads, N, d]
+        records.append((q.float() @ k.float().transpose(-1, -2) * module.scaling).softmax(-1))
+
+    modules = [m for name, m in model.named_modules() if name.endswith("encoder_attn")]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no encoder_attn modules (a BART-family decoder has)")
+    hooks = [module.register_forward_pre_hook(record, with_kwargs=True) for module in modules]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(records, dim=1)
 
 
 def align_cache_layers(config: PretrainedConfig) -> None:

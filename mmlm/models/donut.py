@@ -183,6 +183,22 @@ class Donut(DocumentModule):
         states = self.encode_images(pixels, features)
         return self.decoder(self.decoder.embed(ids), mask, None, encoder_states=states).logits
 
+    @torch.no_grad()
+    def token_attention(self, pixels: torch.Tensor, text: str) -> tuple[list[str], torch.Tensor]:
+        """Where the decoder looked for each token of one document's decoded sequence ``text`` (prompt + generation,
+        tags kept), teacher-forced: ``(tokens, attention [T, N])``, row ``j`` the cross-attention over the encoder's N
+        tokens of the step that produced token ``j`` (averaged over layers and heads; row 0, never produced, is 0).
+        ``pixels [1, 3, H, W]``."""
+        from mmlm.language.cross_attention import recorded_cross_attention
+
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids or [self.tokenizer.pad_token_id]
+        row = torch.tensor([ids], device=self.device)
+        maps = recorded_cross_attention(self.decoder.model,
+                                        lambda: self.sequence_logits(pixels, row, torch.ones_like(row)))
+        steps = maps[0].mean(dim=(0, 1))  # [T, N]
+        attention = torch.cat([torch.zeros_like(steps[:1]), steps[:-1]]).cpu()
+        return self.tokenizer.convert_ids_to_tokens(ids), attention
+
     def forward(self, batch: Batch) -> LMOutput:
         """Teacher-forced pass: logits ``[B, T, V]`` over ``batch.input_ids`` (prompt + target + eos, right-padded)
         and the next-token loss on ``batch.labels``."""
