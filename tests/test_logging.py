@@ -97,3 +97,21 @@ def test_quickstart_prints_no_warnings_tips_or_bars_into_a_log(tmp_path):
     assert noise == [], noise
     assert sum(line.startswith("validation at step 2:") for line in printed) == 2, printed
     assert len(printed) < 60, printed
+
+
+def test_mlflow_logger_records_metrics_the_config_and_the_data_report(shapes_data, tmp_path, tiny_gpt2, monkeypatch):
+    """``--trainer.logger MLFlowLogger`` with a local file store (no server, no network): the run's metrics, the
+    config and versions as params, the config and the data report as text artifacts."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants a database; a folder needs this (docs)
+    uri = (tmp_path / "mlruns").as_uri()
+    logger = {"class_path": "pytorch_lightning.loggers.MLFlowLogger",
+              "init_args": {"experiment_name": "tiny", "tracking_uri": uri}}
+    assert main(tiny_text_lm(shapes_data, tmp_path, tiny_gpt2) + ["--trainer.logger", json.dumps(logger)]) == 0
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert "train/loss" in run.data.metrics and "val/vqa_acc" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 3]
+    assert any(key.startswith("versions") for key in run.data.params), sorted(run.data.params)[:10]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.txt" in artifacts and any(a.startswith("data_report") for a in artifacts), artifacts
