@@ -235,7 +235,7 @@ class MultimodalModule(pl.LightningModule):
             if getattr(part, "_compiled_call_impl", None) is None:
                 part.compile(**self.compile_options)
 
-    def sharded_state_dict(self) -> dict[str, torch.Tensor] | None:
+    def gathered_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Under FSDP2, the whole state dict gathered on global rank 0 (:func:`mmlm.sharding.full_state_dict`; a
         collective: every rank calls it, for an export at the end of ``fit``); ``None`` when not sharded."""
         from mmlm.sharding import full_state_dict

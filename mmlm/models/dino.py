@@ -202,7 +202,7 @@ class Dino(MultimodalModule):
         weights)."""
         if self.backbone_file is None:
             return
-        state = self.sharded_state_dict()
+        state = self.gathered_state_dict()
         if self.trainer.is_global_zero:
             self.export_backbone(self.backbone_file, state_dict=state)
 

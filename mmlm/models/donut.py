@@ -122,7 +122,7 @@ class Donut(DocumentModule):
         """Export to ``export_dir`` when one is set (rank zero writes; every rank gathers sharded weights)."""
         if self.export_dir is None:
             return
-        state = self.sharded_state_dict()
+        state = self.gathered_state_dict()
         if self.trainer.is_global_zero:
             self.to_hf(self.export_dir, state)
 

@@ -70,7 +70,7 @@ class CausalLMPretraining(MultimodalModule):
         weights)."""
         if self.export_dir is None:
             return
-        state = self.sharded_state_dict()
+        state = self.gathered_state_dict()
         if self.trainer.is_global_zero:
             Path(self.export_dir).mkdir(parents=True, exist_ok=True)
             self.language_model.save_pretrained(self.export_dir, sub_state(state, "language_model."))

@@ -43,6 +43,17 @@ def make_donut(tokenizer_dir, grad_checkpointing: bool = False, **kwargs) -> Don
     return Donut(encoder, decoder, tokenizer=str(tokenizer_dir), **kwargs)
 
 
+def piece_donut(directory) -> Donut:
+    """A tiny Donut in eval mode over a 50-piece tokenizer trained in ``directory`` on receipt words, with the
+    :data:`FIELDS` tags added (the per-field confidence and attention tests' model)."""
+    from mmlm.piece_tokenizer import train_piece_tokenizer
+
+    train_piece_tokenizer(["Total 12.50", "Latte 3.50", "Bagel 2.25 Cash"] * 4, directory, vocab_size=50)
+    model = make_donut(directory).eval()
+    model.add_tokens(FIELDS)
+    return model
+
+
 def doc_batch(model: Donut, docs: list[dict], pixels: torch.Tensor | None = None) -> Batch:
     """Right-padded ``<s_cord-v2>`` + JSON tokens + eos, labels without the prompt; references as JSON."""
     tok = model.tokenizer

@@ -9,22 +9,17 @@ import io
 import pytest
 import torch
 from PIL import Image
-from test_donut import FIELDS, make_donut
+from test_donut import piece_donut
 
 from mmlm.app.report_confidence import DocumentConfidence, token_grid
 from mmlm.language.cross_attention import recorded_cross_attention
-from mmlm.piece_tokenizer import train_piece_tokenizer
 
 TEXT = "<s_cord-v2><s_name>Latte</s_name><s_total>3.50</s_total>"
 
 
 @pytest.fixture(scope="module")
 def donut(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    train_piece_tokenizer(["Total 12.50", "Latte 3.50", "Bagel 2.25 Cash"] * 4, out, vocab_size=50)
-    model = make_donut(out).eval()
-    model.add_tokens(FIELDS)
-    return model
+    return piece_donut(tmp_path_factory.mktemp("tok"))
 
 
 @torch.no_grad()

@@ -6,23 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_donut import FIELDS, doc_batch, make_donut
+from test_donut import doc_batch, piece_donut
 
 from mmlm.batch import Batch
 from mmlm.evaluation import ResultFiles
 from mmlm.evaluation.documents import DocumentEvaluator, field_confidences
-from mmlm.piece_tokenizer import train_piece_tokenizer
 
 TEXTS = ["<s_cord-v2><s_total>12.50</s_total>", "<s_cord-v2><s_name>Latte</s_name><s_total>3.50</s_total>"]
 
 
 @pytest.fixture(scope="module")
 def donut(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    train_piece_tokenizer(["Total 12.50", "Latte 3.50", "Bagel 2.25 Cash"] * 4, out, vocab_size=50)
-    model = make_donut(out).eval()
-    model.add_tokens(FIELDS)
-    return model
+    return piece_donut(tmp_path_factory.mktemp("tok"))
 
 
 def teacher_forced_loss(model, pixels: torch.Tensor, text: str) -> torch.Tensor:
