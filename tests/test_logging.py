@@ -8,8 +8,10 @@ import importlib.util
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,63 @@ def test_mlflow_logger_records_metrics_the_config_and_the_data_report(shapes_dat
     assert any(key.startswith("versions") for key in run.data.params), sorted(run.data.params)[:10]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.txt" in artifacts and any(a.startswith("data_report") for a in artifacts), artifacts
+
+
+def test_wandb_logger_records_metrics_the_config_and_the_data_report_offline(shapes_data, tmp_path, tiny_gpt2,
+                                                                              monkeypatch):
+    """``--trainer.logger WandbLogger`` in W&B's offline mode (no account, no network): W&B's run folder holds the
+    config with the package versions, and a summary with the last metrics, the config text and the data report;
+    mmlm's own files (config, metrics.csv, predictions) go to a run folder of their own, not to W&B's ``save_dir``
+    (the working folder by default, where they would overwrite a user's ``config.yaml``)."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text("mine: true\n")
+    logger = {"class_path": "pytorch_lightning.loggers.WandbLogger", "init_args": {"project": "tiny"}}
+    root = tmp_path / "runs"
+    assert main(tiny_text_lm(shapes_data, root, tiny_gpt2) + ["--trainer.logger", json.dumps(logger)]) == 0
+    wandb.finish()  # the CLI's process exit does this; W&B writes its files then
+    assert (tmp_path / "config.yaml").read_text() == "mine: true\n"
+    run = root / "lightning_logs" / "version_0"
+    assert (run / "config.yaml").is_file() and (run / "predictions").is_dir()
+    assert "train/loss" in (run / "metrics.csv").read_text()
+    (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    for _ in range(100):  # W&B's core process may still be writing the run's last records
+        if ("exit", {}) in (records := wandb_records(log)):
+            break
+        time.sleep(0.1)
+    steps = [json.loads(items["trainer/global_step"]) for kind, items in records if kind == "history"
+             and "train/loss" in items]
+    assert steps == [1, 3] and any("val/vqa_acc" in items for kind, items in records if kind == "history")
+    config = {key: json.loads(value) for kind, items in records if kind == "config" for key, value in items.items()}
+    assert config["versions"]["torch"] and config["config"]["trainer"]["max_steps"] == 4
+    summary = {key: json.loads(value) for kind, items in records if kind == "summary" for key, value in items.items()}
+    assert "max_steps: 4" in summary["config"] and "samples skipped" in summary["data_report/fit"], sorted(summary)
+
+
+def wandb_records(path: Path) -> list[tuple[str, dict[str, str]]]:
+    """The records of an offline W&B run file (``run-*.wandb``), each as its kind and ``{key: JSON value}`` (the
+    items of history, config and summary records; empty for other kinds, e.g. the final ``exit``).
+
+    Since wandb 0.2x only the Go core reads these files (no Python reader is left), so the test reads the format
+    itself: a 7-byte header (``:W&B``, magic, version), then LevelDB-log blocks of 32 KiB whose chunks (4-byte CRC,
+    2-byte length, 1-byte type: full, first, middle, last) carry serialised ``wandb_internal_pb2.Record``s."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, chunks, records = path.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunks, pos = chunks + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            chunks, which = b"", record.WhichOneof("record_type")
+            items = (record.history.item if which == "history" else getattr(record, which).update
+                     if which in ("config", "summary") else [])
+            records.append((which, {i.key or "/".join(i.nested_key): i.value_json for i in items}))
+    return records

@@ -18,7 +18,7 @@ from pytorch_lightning import Callback, LightningDataModule, Trainer
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.cli import LightningCLI
 
-from mmlm.app.loggers import LoggedConfig, default_loggers, logger_problem
+from mmlm.app.loggers import LoggedConfig, default_loggers, logger_problem, with_run_folder
 from mmlm.app.progress import progress_bar_for
 from mmlm.app.reliability import (
     TRAINER_ARGUMENT_DEFAULTS,
@@ -125,10 +125,15 @@ def quiet_known_messages(stream: Any = None) -> None:
 
 def add_logging_defaults(config: dict[str, Any], callbacks: list[Callback]) -> None:
     """The default loggers (:func:`mmlm.app.loggers.default_loggers`) where the trainer's ``logger`` is left at
-    ``True`` (or ``None``, Lightning's default meaning the same), and a progress display for stdout (:func:`mmlm.app.progress.progress_bar_for`) unless the progress bar is
+    ``True`` (or ``None``, Lightning's default meaning the same), a CSV logger first when the chosen loggers start
+    with neither TensorBoard nor CSV (:func:`mmlm.app.loggers.with_run_folder`), and a progress display for stdout (:func:`mmlm.app.progress.progress_bar_for`) unless the progress bar is
     turned off or one is given; in place."""
+    root = config.get("default_root_dir") or os.getcwd()
     if config.get("logger") in (None, True):
-        config["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
+        config["logger"] = default_loggers(root)
+    elif config.get("logger") is not False:  # the run's own folder first (see with_run_folder)
+        given = config["logger"]
+        config["logger"] = with_run_folder(list(given) if isinstance(given, (list, tuple)) else [given], root)
     given = list(config.get("callbacks") or []) + list(callbacks)
     if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
         callbacks.append(progress_bar_for(sys.stdout))
