@@ -1,7 +1,10 @@
 """BLIP-2's two stages end to end on the synthetic shapes data, on CPU.
 
 1. Render the shapes data (if missing); save one random tiny ViT (``configs/tiny/blip2_stage1.yaml``'s sizes) so
-   that both stages read the *same* frozen weights (``encoder.init_args.name_or_path``).
+   that both stages read the *same* frozen weights (``encoder.init_args.name_or_path``). With ``--vision-backbone
+   FILE`` both stages freeze instead the timm ViT of ``configs/tiny/dino.yaml`` with the weights of FILE:
+   ``scripts/dino_tiny.py`` writes ``backbone.safetensors`` (after DINO) and ``random_backbone.safetensors`` (the
+   same ViT at its random initialisation) for the comparison.
 2. Text LM (``configs/tiny/text_lm.yaml``): a tiny GPT-2 learns the data's text; exported as the frozen LM.
 3. Stage 1 (``configs/tiny/blip2_stage1.yaml``): Q-Former with ITC + ITM + ITG on the caption shards;
    validation logs retrieval R@K with ITC and, with ``--itm-rerank-k``, after ITM re-ranking.
@@ -46,6 +49,18 @@ def save_vit(out: Path, seed: int) -> Path:
     return out
 
 
+def timm_backbone(path: str) -> list[str]:
+    """The CLI override that makes a stage freeze ``configs/tiny/dino.yaml``'s timm ViT with the weights at ``path``.
+
+    Tokens after the ViT's final norm (DINO's output) go to the Q-Former's own ``vision_norm`` (LAVIS's
+    ``ln_vision``), at the resolution DINO's global crops and k-NN evaluation used."""
+    import yaml
+
+    encoder = yaml.safe_load((CONFIGS / "tiny" / "dino.yaml").read_text())["model"]["init_args"]["encoder"]
+    encoder["init_args"] |= {"pretrained": str(path), "freeze": True}
+    return ["--model.init_args.encoder", json.dumps(encoder)]
+
+
 def retrieval_ceilings(data_dir: Path, images: int) -> dict[str, float]:
     """Best reachable R@1 (%) on the first ``images`` val captions: shapes captions repeat ("a red square." …), and
     identical captions tie (ties count as misses) for image→text, and leave 1 in n images for text→image."""
@@ -64,18 +79,27 @@ def val_metrics(cli: Any) -> dict[str, float]:
     return {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
 
 
+def per_type(metrics: dict[str, float]) -> dict[str, float]:
+    """VQA accuracy per question type (``val/vqa_acc_qtype/<type>``)."""
+    return {k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k.startswith("val/vqa_acc_qtype/")}
+
+
 def run_blip2_tiny(data_dir: str | Path = "data/shapes", out_dir: str | Path = "runs/blip2_tiny",
                    train_images: int = 6000, val_images: int = 500, lm_steps: int = 300, stage1_steps: int = 400,
                    stage2_steps: int = 400, val_batches: int = 8, itm_rerank_k: int = 8, workers: int = 1,
-                   seed: int = 0) -> dict[str, float]:
-    """Run the four steps; returns (and writes to ``out_dir/results.json``) the numbers of the table."""
+                   seed: int = 0, vision_backbone: str = "") -> dict[str, float]:
+    """Run the four steps; returns (and writes to ``out_dir/results.json``) the numbers of the table.
+
+    ``vision_backbone``: a timm weights file of ``configs/tiny/dino.yaml``'s ViT to freeze in both stages
+    (:func:`timm_backbone`); empty: the random transformers ViT of the stage configs."""
     from mmlm.app.lightning import lightning_cli
     from mmlm.metrics import majority_answer_baseline
     from mmlm.models.blip2_stage1 import load_stage1_qformer
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     ensure_data(data_dir, train_images, val_images, seed)
-    vit = ["--model.init_args.encoder.init_args.name_or_path", str(save_vit(out_dir / "vit", seed))]
+    vit = (timm_backbone(vision_backbone) if vision_backbone else
+           ["--model.init_args.encoder.init_args.name_or_path", str(save_vit(out_dir / "vit", seed))])
     lm_export = out_dir / "text_lm" / "export"
     blind = val_metrics(lightning_cli(["fit", *stage_args("text_lm.yaml", data_dir, out_dir / "text_lm", lm_steps,
                                                           val_batches, workers),
@@ -102,8 +126,9 @@ def run_blip2_tiny(data_dir: str | Path = "data/shapes", out_dir: str | Path = "
                 "majority_vqa_acc": majority_answer_baseline(*train_val_answers(data_dir)),
                 "blind_lm_vqa_acc": blind.get("val/vqa_acc", float("nan")),
                 "blind_lm_cider": blind.get("val/cider", float("nan")),
+                "vqa_acc_by_type": per_type(second), "blind_lm_vqa_acc_by_type": per_type(blind),
                 "steps": {"text_lm": lm_steps, "stage1": stage1_steps, "stage2": stage2_steps},
-                "train_images": train_images}
+                "train_images": train_images, "vision": vision_backbone or "random transformers ViT"}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
@@ -113,7 +138,8 @@ def print_results(results: dict[str, Any], seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"BLIP-2 tiny two-stage run: held-out synthetic shapes ({seconds / 60:.1f} min)")
+    table = Table(title=f"BLIP-2 tiny two-stage run: held-out synthetic shapes ({seconds / 60:.1f} min); "
+                        f"frozen vision: {results['vision']}")
     for col in ("metric", "BLIP-2 tiny", "baseline"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     chance = f"{results['chance_r1']:.1f}% (chance, {results['val_images_retrieval']} images)"
@@ -130,6 +156,9 @@ def print_results(results: dict[str, Any], seconds: float) -> None:
     table.add_row("stage 2 VQA accuracy", f"{100 * results['vqa_acc']:.1f}%",
                   f"{100 * results['majority_vqa_acc']:.1f}% (majority answer)")
     table.add_row("", "", f"{100 * results['blind_lm_vqa_acc']:.1f}% (frozen text LM alone, blind)")
+    blind = results["blind_lm_vqa_acc_by_type"]
+    for kind, value in sorted(results["vqa_acc_by_type"].items()):
+        table.add_row(f"  {kind} questions", f"{100 * value:.1f}%", f"{100 * blind.get(kind, float('nan')):.1f}% (blind)")
     table.add_row("stage 2 CIDEr-D", f"{results['cider']:.3f}", f"{results['blind_lm_cider']:.3f} (text LM alone, blind)")
     table.add_row("stage 2 BLEU-4", f"{results['bleu4']:.3f}", "-")
     Console(width=max(Console().width, 120)).print(table)  # rows read best unwrapped

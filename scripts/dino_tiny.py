@@ -6,7 +6,9 @@
    images as queries, for the shape and the colour named in the caption (images whose caption names one shape / one
    colour only).
 3. Train DINO for ``--steps`` steps and validate the teacher again; print both beside the majority-class baseline and
-   write ``OUT_DIR/results.json``.
+   write ``OUT_DIR/results.json``. The teacher's backbone is written before training
+   (``OUT_DIR/random_backbone.safetensors``) and after (``OUT_DIR/backbone.safetensors``): ``scripts/blip2_tiny.py
+   --vision-backbone FILE`` freezes either in BLIP-2.
 
 Usage: ``python scripts/dino_tiny.py [--steps 300] [--train 2000] [--val 300] [--out runs/tiny/dino_recipe]``.
 """
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     cli = lightning_cli(cli_args, run=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     started = time.perf_counter()
+    model.export_backbone(args.out / "random_backbone.safetensors")  # the same ViT untrained (blip2_tiny.py)
     before = knn(trainer, model, data)
     baseline = majority(data)
     trainer.fit(model, datamodule=data)

@@ -8,7 +8,8 @@ import math
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "blip2_tiny.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "blip2_tiny.py"
 
 
 def load_script():
@@ -18,15 +19,38 @@ def load_script():
     return module
 
 
-def test_blip2_tiny_runs_both_stages_and_prints_the_table(tmp_path, capsys, monkeypatch):
+def test_blip2_tiny_runs_both_stages_on_a_timm_backbone_file_and_prints_the_table(tmp_path, capsys, monkeypatch):
+    """The recipe with ``--vision-backbone`` (the weights file ``scripts/dino_tiny.py`` writes): both stages freeze
+    the DINO config's timm ViT with exactly those weights."""
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    from mmlm.encoders import TimmEncoder
+
+    script = load_script()
+    args = yaml.safe_load((ROOT / "configs" / "tiny" / "dino.yaml").read_text())["model"]["init_args"]["encoder"]
+    torch.manual_seed(3)
+    backbone = TimmEncoder(**args["init_args"]).model.state_dict()
+    save_file({k: v.contiguous() for k, v in backbone.items()}, str(tmp_path / "backbone.safetensors"))
     monkeypatch.setattr(sys, "argv", ["blip2_tiny"])
     out = tmp_path / "out"
-    code = load_script().main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(out), "--train-images", "64",
-                               "--val-images", "16", "--lm-steps", "3", "--stage1-steps", "3", "--stage2-steps", "3",
-                               "--val-batches", "1", "--itm-rerank-k", "4", "--workers", "0"])
+    code = script.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(out), "--train-images", "64",
+                        "--val-images", "16", "--lm-steps", "3", "--stage1-steps", "3", "--stage2-steps", "3",
+                        "--val-batches", "1", "--itm-rerank-k", "4", "--workers", "0",
+                        "--vision-backbone", str(tmp_path / "backbone.safetensors")])
     assert code == 0
     printed = capsys.readouterr().out
     assert "R@1 image→text (ITC)" in printed and "ITM top-4" in printed and "majority answer" in printed
+    assert "colour questions" in printed and "backbone.safetensors" in printed
+    for stage in ("stage1", "stage2"):  # each stage froze exactly the file's weights
+        ckpt = torch.load(next((out / stage).rglob("*.ckpt")), map_location="cpu", weights_only=True)
+        stored = {key.removeprefix("encoder.model."): value for key, value in ckpt["state_dict"].items()
+                  if key.startswith("encoder.model.")}
+        if stored:  # kept in the checkpoint
+            assert stored.keys() == backbone.keys() and all(torch.equal(stored[k], backbone[k]) for k in backbone)
+        else:  # a lean checkpoint: left out, re-read from the file named as the encoder's source
+            assert "backbone.safetensors" in json.dumps(ckpt["hyper_parameters"]["encoder"], default=str), stage
 
     results = json.loads((out / "results.json").read_text())
     for key in ("i2t_r1", "t2i_r1", "rerank_i2t_r1", "rerank_t2i_r1", "chance_r1"):
@@ -35,8 +59,22 @@ def test_blip2_tiny_runs_both_stages_and_prints_the_table(tmp_path, capsys, monk
     for key in ("vqa_acc", "majority_vqa_acc"):
         assert 0.0 <= results[key] <= 1.0, (key, results[key])
     assert math.isfinite(results["cider"]) and results["cider"] >= 0.0
-    assert (out / "vit" / "config.json").is_file() and (out / "text_lm" / "export" / "config.json").is_file()
-    assert list((out / "stage1").rglob("*.ckpt")) and list((out / "stage2").rglob("*.ckpt"))
+    assert set(results["vqa_acc_by_type"]) == set(results["blind_lm_vqa_acc_by_type"]) == {
+        "colour", "shape", "count", "position"}
+    assert (out / "text_lm" / "export" / "config.json").is_file() and not (out / "vit").exists()
+
+
+def test_blip2_tiny_saves_one_random_vit_that_both_stages_load(tmp_path):
+    """Without ``--vision-backbone`` both stages read one saved random transformers ViT of the stage configs' sizes
+    (initialised with ``initializer_range`` 0.02, so its tokens differ between images)."""
+    from mmlm.encoders import HFVisionEncoder
+
+    path = load_script().save_vit(tmp_path / "vit", seed=0)
+    encoder = HFVisionEncoder(name_or_path=str(path), freeze=True, layer=4)
+    import torch
+
+    tokens = encoder(torch.randn(2, 3, 64, 64))
+    assert tokens.shape == (2, 65, 64) and (tokens[0] - tokens[1]).abs().mean() > 1e-2
 
 
 def test_eval_vqav2_zeroshot_config_runs_from_hf_on_a_tiny_checkpoint(shapes_data, tmp_path, monkeypatch):

@@ -6,6 +6,9 @@ Shape legend: B batch, T text tokens, T_new generated tokens, D width, V vocabul
 from __future__ import annotations
 
 import inspect
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -13,6 +16,33 @@ from transformers import AutoModelForCausalLM
 from mmlm.attention_masks import positions_from_mask
 from mmlm.language.base import GenerationConfig, LMOutput
 from mmlm.language.hf_base import HFLanguageModel
+
+#: transformers' note on ``input_ids`` with pad tokens and no attention mask (``warn_if_padding_and_no_attention_mask``).
+UNMASKED_PADDING_NOTE = "We strongly recommend passing in an `attention_mask`"
+
+
+class DroppedMaskNote(logging.Filter):
+    """Drops :data:`UNMASKED_PADDING_NOTE`, which ``generate`` provokes itself (see :func:`generating_quietly`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(UNMASKED_PADDING_NOTE)
+
+
+@contextmanager
+def generating_quietly() -> Iterator[None]:
+    """Hide transformers' "pass an attention_mask" note while ``generate`` runs with the mask mmlm gives.
+
+    transformers' ``generate`` drops an attention mask of all ones (no row of the prompt is padded), then pads the
+    rows that finished with the pad id and feeds those ids back without a mask, so GPT-2-like models note that the
+    ids "may be padded" (seen in the quickstart's validation whenever a batch's prompts have one length). Nothing is
+    wrong: the pad ids follow each row's end, and what follows them is discarded. The note is hidden for the call
+    only, on the logger that writes it."""
+    log, note = logging.getLogger("transformers.modeling_utils"), DroppedMaskNote()
+    log.addFilter(note)
+    try:
+        yield
+    finally:
+        log.removeFilter(note)
 
 
 class HFCausalLM(HFLanguageModel):
@@ -52,5 +82,6 @@ class HFCausalLM(HFLanguageModel):
         when every row ended with eos); rows that ended early are padded with the pad id. Runs in
         the current mode: call ``.eval()`` first unless dropout is wanted.
         """
-        return self.model.generate(inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask,
-                                   **self.generation_kwargs(config))
+        with generating_quietly():
+            return self.model.generate(inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask,
+                                       **self.generation_kwargs(config))

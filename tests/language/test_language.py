@@ -300,3 +300,42 @@ def test_builds_from_class_path_config(cls, config):
                                          "init_args": {"config": config, "freeze": True}}})
     lm = parser.instantiate(parsed).lm
     assert type(lm) is cls and lm.frozen and lm.width == 32
+
+
+def test_generate_hides_only_the_padding_note_transformers_provokes_itself():
+    """Prompts of one length (an all-ones mask, which transformers' ``generate`` drops) and a row that ends early
+    (its later ids are pad ids fed back unmasked): transformers' own ``generate`` notes "We strongly recommend passing
+    in an `attention_mask`"; mmlm's ``generate`` gives the same tokens without the note, and a forward of padded ids
+    without a mask outside ``generate`` still notes it."""
+    import logging
+
+    import transformers.utils.logging as hf_logging
+
+    from mmlm.language.hf_causal import UNMASKED_PADDING_NOTE
+
+    lm = build(HFCausalLM, CAUSAL["gpt2"])
+    ids = prompt_ids()
+    first = lm.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].argmax(-1)
+    lm.model.generation_config.eos_token_id = int(first[0])  # row 0 ends at its first token, then pads
+    notes = []
+    handler = logging.Handler()
+    handler.emit = lambda record: notes.append(record.getMessage())
+    log = logging.getLogger("transformers.modeling_utils")
+    log.addHandler(handler)
+    try:
+        def noted(run) -> bool:
+            notes.clear()
+            hf_logging.warning_once.cache_clear()
+            out = run()
+            return any(n.startswith(UNMASKED_PADDING_NOTE) for n in notes), out
+
+        ours_noted, ours = noted(lambda: lm.generate(lm.embed(ids), torch.ones_like(ids), GREEDY))
+        theirs_noted, theirs = noted(lambda: hf_new_tokens(lm, ids, max_new_tokens=GREEDY.max_new_tokens))
+        padded = ids.clone()
+        padded[:, 0] = 0
+        forward_noted, _ = noted(lambda: lm.model(input_ids=padded))
+    finally:
+        log.removeHandler(handler)
+        hf_logging.warning_once.cache_clear()
+    assert torch.equal(ours, theirs) and ours[0, 0] == first[0] and (ours[0, 1:] == 0).all()
+    assert theirs_noted and not ours_noted and forward_noted
