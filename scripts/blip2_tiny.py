@@ -57,7 +57,7 @@ def timm_backbone(path: str) -> list[str]:
     import yaml
 
     encoder = yaml.safe_load((CONFIGS / "tiny" / "dino.yaml").read_text())["model"]["init_args"]["encoder"]
-    encoder["init_args"] |= {"pretrained": str(path), "freeze": True}
+    encoder["init_args"] |= {"pretrained": str(path), "freeze": True, "layer": -1}  # (the stage configs say 4)
     return ["--model.init_args.encoder", json.dumps(encoder)]
 
 
