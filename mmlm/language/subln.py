@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmlm.attention_masks import packed_causal_mask, positions_from_mask, segment_positions
+from mmlm.attention_masks import causal_mask, packed_causal_mask, positions_from_mask, segment_positions
 from mmlm.freezing import freeze_
 from mmlm.language.base import GenerationConfig, LanguageModel, LMOutput, next_tokens
 from mmlm.language.recompute import recompute_blocks
@@ -210,9 +210,10 @@ class SubLNAttention(nn.Module):
         """``[B, T, D]`` → ``[B, H, T, D / H]``."""
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: LayerCache | None = None,
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past: LayerCache | None = None,
                 rotation: Rotation | None = None) -> tuple[torch.Tensor, LayerCache]:
-        """``x [B, T, D]``, ``mask [B, 1, T, S]`` → ``(out [B, T, D], (k, v) [B, H, S, D / H])``.
+        """``x [B, T, D]``, ``mask [B, 1, T, S]`` → ``(out [B, T, D], (k, v) [B, H, S, D / H])``; ``mask`` ``None``:
+        causal attention over ``T == S`` keys.
 
         With ``rotation`` the new queries and keys are rotated (keys before they enter the cache); xPos scales
         are applied per call (:func:`decayed_attention`), so the cache holds rotated, unscaled keys.
@@ -225,9 +226,10 @@ class SubLNAttention(nn.Module):
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         dropout = self.dropout if self.training else 0.0
         if rotation is not None and rotation.relative.scale_base is not None:
+            mask = causal_mask(q.shape[2], q.device)[None, None] if mask is None else mask
             out = decayed_attention(q, k, v, mask, rotation, dropout)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         return self.out_proj(self.inner_norm(out.transpose(1, 2).flatten(2))), (k, v)
 
 
@@ -253,7 +255,7 @@ class SubLNBlock(nn.Module):
         self.ffn = SubLNFeedForward(width, ffn_mult * width)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: LayerCache | None = None,
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past: LayerCache | None = None,
                 rotation: Rotation | None = None) -> tuple[torch.Tensor, LayerCache]:
         """``x [B, T, D]``, ``mask [B, 1, T, S]`` → ``(x [B, T, D], this layer's cache)``."""
         attn, cache = self.attn(x, mask, past, rotation)
@@ -376,7 +378,10 @@ class SubLNDecoder(LanguageModel):
             positions: ``[B, T]`` their position ids.
             key_mask: ``[B, S]`` real keys among cache + new tokens (``S = S_past + T``).
             past: one cache per layer, or ``None``.
-            mask: ``[B, 1, T, S]`` attention mask replacing the causal one built from ``key_mask``.
+            mask: ``[B, 1, T, S]`` attention mask replacing the causal one built from ``key_mask``. Without one,
+                no cache and no padding, attention runs with SDPA's ``is_causal`` and no mask tensor: memory
+                grows linearly with ``T`` where SDPA has a fused kernel (FlashAttention on GPU, the flash kernel on
+                CPU), instead of the ``[B, 1, T, T]`` mask and the math path's ``[B, H, T, T]`` scores.
 
         Returns:
             ``(hidden [B, T, D], new cache per layer)``: the last layer's output, before the final LN that
@@ -384,8 +389,9 @@ class SubLNDecoder(LanguageModel):
         """
         keys = positions if past is None else positions_from_mask(key_mask)
         x, rotation = self._positions(inputs_embeds.to(self.dtype), positions, keys)
-        mask = attention_bias(key_mask, x.shape[1]) if mask is None else mask
-        caches = []
+        if mask is None and (past is not None or not bool(key_mask.all())):
+            mask = attention_bias(key_mask, x.shape[1])
+        caches = []  # mask None: no padding, no cache: plain causal attention (SDPA's is_causal, no [T, S] mask)
         for i, layer in enumerate(self.layers):
             x, cache = layer(x, mask, None if past is None else past[i], rotation)
             caches.append(cache)

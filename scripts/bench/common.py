@@ -117,6 +117,27 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def peak_bytes(fn: Any) -> int:
+    """Most bytes allocated at once while ``fn()`` runs, beyond what was allocated before."""
+    if torch.cuda.is_available():
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        sync()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())  # net bytes of each op
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
 def step_times(steps: Iterator[Any], warmup: int, count: int) -> float:
     """Median seconds per item of ``steps`` (an iterator doing one step per ``next``) after ``warmup`` items."""
     for _ in range(warmup):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from common import Scale, alternate, autocast, device, median, row, sync, timed
+from common import Scale, alternate, autocast, device, median, peak_bytes, row, timed
 from torch import nn
 
 from mmlm.losses import IGNORE_INDEX, causal_head_loss, causal_lm_loss
@@ -46,27 +46,6 @@ def step(loss_fn: Any, head: nn.Module, hidden: torch.Tensor, labels: torch.Tens
     loss.backward()
     hidden.grad = None
     return float(loss.detach())
-
-
-def peak_bytes(fn: Any) -> int:
-    """Most bytes allocated at once while ``fn()`` runs, beyond what was allocated before."""
-    if torch.cuda.is_available():
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        sync()
-        return torch.cuda.max_memory_allocated() - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())  # net bytes of each op
-    live = peak = 0
-    for _, delta in events:
-        live += delta
-        peak = max(peak, live)
-    return peak
 
 
 def full_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torch.Tensor:

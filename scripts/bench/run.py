@@ -38,7 +38,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 BENCHMARKS = ("loader", "lightning_overhead", "blip2_step", "donut_step", "generation", "flops", "cached_features", "packing",
-              "lm_head", "import_memory", "large_lm")
+              "lm_head", "long_sequences", "import_memory", "large_lm")
 PACKAGES = ("torch", "transformers", "pytorch-lightning", "webdataset", "timm")
 NOT_YET: tuple[str, ...] = ()
 
