@@ -37,7 +37,7 @@ from common import SCALES, shapes_data  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-BENCHMARKS = ("loader", "lightning_overhead", "blip2_step", "donut_step", "generation", "flops", "cached_features", "packing",
+BENCHMARKS = ("loader", "loader_jpeg", "lightning_overhead", "blip2_step", "donut_step", "generation", "flops", "cached_features", "packing",
               "lm_head", "long_sequences", "import_memory", "large_lm")
 PACKAGES = ("torch", "transformers", "pytorch-lightning", "webdataset", "timm")
 NOT_YET: tuple[str, ...] = ()
@@ -103,7 +103,9 @@ def section(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float
     """One device kind's section: how it was run, the machine, the versions and the table."""
     lines = [f"## {section_kind()}", "",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-             f"- command: `python scripts/bench/run.py --scale {args.scale} --threads {args.threads}`",
+             f"- command: `python scripts/bench/run.py --scale {args.scale} --threads {args.threads}"
+             f"{' --only ' + ' '.join(args.only) if args.only else ''}`"
+             f"{' (the other rows are kept from the previous run)' if args.only else ''}",
              f"- scale: `{args.scale}` ({seconds:.0f} s in all); 1-minute load average {load[0]:.2f} before, "
              f"{load[1]:.2f} after"]
     lines += [f"- {key}: {value}" for key, value in machine().items()]
@@ -128,11 +130,39 @@ def sections(text: str) -> dict[str, str]:
     return found
 
 
+def row_key(name: str) -> str:
+    """What a row measures, without the shapes in parentheses (they change with ``--scale``)."""
+    return name.split(" (")[0]
+
+
+def kept_rows(section_text: str, replaced: set[str]) -> list[dict[str, Any]]:
+    """The table rows of an existing section whose :func:`row_key` is not in ``replaced``, as row dicts (the
+    cells of the markdown, numbers as written)."""
+    rows = []
+    for line in section_text.splitlines():
+        cells_ = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or len(cells_) != len(HEADER) or cells_[0] == HEADER[0] \
+                or row_key(cells_[0]) in replaced:
+            continue
+        name, mmlm, reference, unit, ratio, target, met = cells_
+        rows.append({"name": name, "mmlm": number(mmlm), "reference": number(reference), "unit": unit,
+                     "ratio": float(ratio), "target": None if target == "—" else target,
+                     "met": {"yes": True, "**no**": False}.get(met)})
+    return rows
+
+
+def number(cell: str) -> float:
+    """A table cell written by :func:`fmt` back to a number."""
+    return float(cell.replace(",", ""))
+
+
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float, load: tuple[float, float],
              existing: str = "") -> str:
     """docs/benchmarks.md: the intro, this run's section and the other device kind's section kept from
     ``existing``."""
     kept = sections(existing)
+    if args.only and section_kind() in kept:  # a partial run replaces its own rows and keeps the others
+        rows = kept_rows(kept[section_kind()], {row_key(r["name"]) for r in rows}) + rows
     kept[section_kind()] = section(rows, args, seconds, load)
     return "\n".join([INTRO] + [kept[kind] for kind in ("CPU", "GPU") if kind in kept])
 
