@@ -74,15 +74,20 @@ def test_a_run_keeps_the_other_device_kinds_section(tmp_path):
 
 
 def test_an_only_run_replaces_its_own_rows_and_keeps_the_others(tmp_path):
-    """``--only flops`` on a file with a full CPU table: the flops row is the new one, every other row is kept
-    with its numbers, and the section says which rows were rerun."""
+    """``--only flops`` on a file with a CPU table of the same scale: the flops row is the new one, every other row
+    is kept with its numbers, and the section says which rows were rerun and since when the others stand; at
+    another scale the section holds only the new rows."""
     out = tmp_path / "b.md"
     old = ["| loader, num_workers=0 | 3,712 | 3,715 | samples/s | 0.999 | >= 0.95 | yes |",
            "| BLIP-2 greedy generation (16 prompts × 16 tokens) | 5,408 | 5,470 | tokens/s | 0.989 | >= 1.0 | **no** |",
            "| Sub-LN decoder (4×256) step FLOP/s vs 2048² matmul peak | 80.8 | 104 | GFLOP/s | 0.776 | — | — |"]
-    out.write_text(run.INTRO + "\n## CPU\n\n| " + " | ".join(run.HEADER) + " |\n|---|---|---|---|---|---|---|\n"
+    out.write_text(run.INTRO + "\n## CPU\n\n- date: 2026-12-01 10:00 UTC\n- scale: `toy` (1 s in all)\n\n| "
+                   + " | ".join(run.HEADER) + " |\n|---|---|---|---|---|---|---|\n"
                    + "\n".join(old) + "\n")
     (new,) = run.main(["--scale", "toy", "--only", "flops", "--out", str(out)])
     table = [line for line in run.sections(out.read_text())["CPU"].splitlines() if line.startswith("| ")][1:]
     assert table[:2] == old[:2] and len(table) == 3 and table[2].startswith(f"| {new['name']} |")
-    assert "--only flops" in out.read_text() and "kept from the previous run" in out.read_text()
+    assert "--only flops" in out.read_text() and "kept from the run of 2026-12-01 10:00 UTC" in out.read_text()
+    out.write_text(out.read_text().replace("- scale: `toy`", "- scale: `quick`"))  # rows of another scale
+    run.main(["--scale", "toy", "--only", "flops", "--out", str(out)])
+    assert len([line for line in run.sections(out.read_text())["CPU"].splitlines() if line.startswith("| ")]) == 2

@@ -132,17 +132,20 @@ def test_wandb_logger_records_metrics_the_config_and_the_data_report_offline(sha
     (tmp_path / "config.yaml").write_text("mine: true\n")
     logger = {"class_path": "pytorch_lightning.loggers.WandbLogger", "init_args": {"project": "tiny"}}
     root = tmp_path / "runs"
-    assert main(tiny_text_lm(shapes_data, root, tiny_gpt2) + ["--trainer.logger", json.dumps(logger)]) == 0
-    wandb.finish()  # the CLI's process exit does this; W&B writes its files then
+    try:
+        assert main(tiny_text_lm(shapes_data, root, tiny_gpt2) + ["--trainer.logger", json.dumps(logger)]) == 0
+    finally:
+        wandb.finish()  # the CLI's process exit does this; W&B writes its last records then
     assert (tmp_path / "config.yaml").read_text() == "mine: true\n"
     run = root / "lightning_logs" / "version_0"
     assert (run / "config.yaml").is_file() and (run / "predictions").is_dir()
     assert "train/loss" in (run / "metrics.csv").read_text()
     (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    for _ in range(100):  # W&B's core process may still be writing the run's last records
+    for _ in range(300):  # W&B's core process may still be writing the run's last records
         if ("exit", {}) in (records := wandb_records(log)):
             break
         time.sleep(0.1)
+    assert ("exit", {}) in records, "the offline run file has no exit record after 30 s"
     steps = [json.loads(items["trainer/global_step"]) for kind, items in records if kind == "history"
              and "train/loss" in items]
     assert steps == [1, 3] and any("val/vqa_acc" in items for kind, items in records if kind == "history")
@@ -156,8 +159,8 @@ def wandb_records(path: Path) -> list[tuple[str, dict[str, str]]]:
     """The records of an offline W&B run file (``run-*.wandb``), each as its kind and ``{key: JSON value}`` (the
     items of history, config and summary records; empty for other kinds, e.g. the final ``exit``).
 
-    Since wandb 0.2x only the Go core reads these files (no Python reader is left), so the test reads the format
-    itself: a 7-byte header (``:W&B``, magic, version), then LevelDB-log blocks of 32 KiB whose chunks (4-byte CRC,
+    wandb 0.25 (the version lmms-eval pins) still has a Python reader (``wandb.sdk.internal.datastore``); later
+    versions (0.31) leave reading to the Go core only, so the test reads the format itself, the same for both: a 7-byte header (``:W&B``, magic, version), then LevelDB-log blocks of 32 KiB whose chunks (4-byte CRC,
     2-byte length, 1-byte type: full, first, middle, last) carry serialised ``wandb_internal_pb2.Record``s."""
     from wandb.proto import wandb_internal_pb2
 
@@ -168,6 +171,8 @@ def wandb_records(path: Path) -> list[tuple[str, dict[str, str]]]:
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         chunks, pos = chunks + data[pos + 7:pos + 7 + length], pos + 7 + length
         if kind in (1, 4):  # a full record, or the last chunk of one
             record = wandb_internal_pb2.Record()
@@ -177,3 +182,19 @@ def wandb_records(path: Path) -> list[tuple[str, dict[str, str]]]:
                      if which in ("config", "summary") else [])
             records.append((which, {i.key or "/".join(i.nested_key): i.value_json for i in items}))
     return records
+
+
+def test_a_run_folder_logger_comes_first(tmp_path):
+    """A chosen TensorBoard or CSV logger moves to the front (no second version folder); with neither, a new CSV
+    logger is put first; a list that starts with one, or an empty one, is left as it is."""
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    from pytorch_lightning.loggers.logger import DummyLogger
+
+    from mmlm.app.loggers import with_run_folder
+
+    other, tensorboard = DummyLogger(), TensorBoardLogger(save_dir=str(tmp_path))
+    assert with_run_folder([other, tensorboard], str(tmp_path)) == [tensorboard, other]
+    assert with_run_folder([tensorboard, other], str(tmp_path)) == [tensorboard, other]
+    assert with_run_folder([], str(tmp_path)) == []
+    first, rest = with_run_folder([other], str(tmp_path))[0], with_run_folder([other], str(tmp_path))[1:]
+    assert isinstance(first, CSVLogger) and rest == [other] and first.log_dir.startswith(str(tmp_path))

@@ -2,8 +2,8 @@
 
 * :func:`default_loggers`: TensorBoard (the default) with a CSV file beside its event files, in one version folder
   (``<default_root_dir>/lightning_logs/version_N/``: ``events.out.tfevents.*``, ``metrics.csv``, ``config.yaml``).
-* :func:`with_run_folder`: a CSV logger first when the chosen loggers start with another kind (W&B, MLflow), so a
-  run's files go to its own version folder.
+* :func:`with_run_folder`: a TensorBoard or CSV logger first when the chosen loggers start with another kind (W&B,
+  MLflow), so a run's files go to its own version folder.
 * :func:`logger_problem`: a logger chosen in the config whose package is not installed, named with the package
   and the ``pip install`` that adds it (W&B and MLflow are the extras ``mmlm[wandb]`` and ``mmlm[mlflow]``).
 * :class:`LoggedConfig`: LightningCLI's config saving, which also gives every logger the resolved config and the
@@ -51,18 +51,22 @@ def default_loggers(save_dir: str) -> list[Logger]:
 
 
 def with_run_folder(loggers: list[Logger], save_dir: str) -> list[Logger]:
-    """``loggers`` with a CSV logger first when the first is neither TensorBoard nor CSV (W&B, MLflow, …).
+    """``loggers`` with a TensorBoard or CSV logger first: the first such logger of the list moved to the front, or,
+    when there is none (W&B, MLflow, … only), a new CSV logger put there.
 
     Lightning's ``trainer.log_dir`` is the first logger's folder, where mmlm writes ``config.yaml``, the data report,
     ``predictions/`` and ``report.html``. For W&B and MLflow that folder is their ``save_dir`` (``.`` for W&B: a
     config named ``config.yaml`` in the working folder would be overwritten; ``None`` for a remote MLflow server);
-    the CSV logger gives every run its own ``<save_dir>/lightning_logs/version_N`` folder and the ``metrics.csv``
-    that ``mmlm report`` draws its curves from."""
-    if not loggers or isinstance(loggers[0], (TensorBoardLogger, CSVLogger)):
+    a TensorBoard or CSV logger gives every run its own ``<save_dir>/lightning_logs/version_N`` folder and the
+    ``metrics.csv`` that ``mmlm report`` draws its curves from. ``trainer.logger`` is then that logger: reach W&B
+    or MLflow through ``trainer.loggers``."""
+    own = next((logger for logger in loggers if isinstance(logger, (TensorBoardLogger, CSVLogger))), None)
+    if not loggers or own is loggers[0]:
         return loggers
-    csv = CSVLogger(save_dir=save_dir)
-    _ = csv.experiment
-    return [csv, *loggers]
+    if own is None:
+        own = CSVLogger(save_dir=save_dir)
+        _ = own.experiment
+    return [own, *(logger for logger in loggers if logger is not own)]
 
 
 def logger_class_names(logger: Any) -> list[str]:

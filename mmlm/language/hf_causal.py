@@ -21,13 +21,6 @@ from mmlm.language.hf_base import HFLanguageModel
 UNMASKED_PADDING_NOTE = "We strongly recommend passing in an `attention_mask`"
 
 
-class DroppedMaskNote(logging.Filter):
-    """Drops :data:`UNMASKED_PADDING_NOTE`, which ``generate`` provokes itself (see :func:`generating_quietly`)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(UNMASKED_PADDING_NOTE)
-
-
 @contextmanager
 def generating_quietly() -> Iterator[None]:
     """Hide transformers' "pass an attention_mask" note while ``generate`` runs with the mask mmlm gives.
@@ -35,14 +28,21 @@ def generating_quietly() -> Iterator[None]:
     transformers' ``generate`` drops an attention mask of all ones (no row of the prompt is padded), then pads the
     rows that finished with the pad id and feeds those ids back without a mask, so GPT-2-like models note that the
     ids "may be padded" (seen in the quickstart's validation whenever a batch's prompts have one length). Nothing is
-    wrong: the pad ids follow each row's end, and what follows them is discarded. The note is hidden for the call
-    only, on the logger that writes it."""
-    log, note = logging.getLogger("transformers.modeling_utils"), DroppedMaskNote()
-    log.addFilter(note)
+    wrong: the pad ids follow each row's end, and what follows them is discarded. For the call only, the logger that
+    writes the note gets its own ``warning_once`` that drops this note and passes every other message on; the
+    class's cached ``warning_once`` never sees it, so the note still shows once for a real unmasked call later."""
+    log = logging.getLogger("transformers.modeling_utils")
+    shown = log.warning_once  # transformers' (cached) method
+
+    def warning_once(*args: object, **kwargs: object) -> None:
+        if not (args and str(args[0]).startswith(UNMASKED_PADDING_NOTE)):
+            shown(*args, **kwargs)
+
+    log.warning_once = warning_once
     try:
         yield
     finally:
-        log.removeFilter(note)
+        del log.warning_once
 
 
 class HFCausalLM(HFLanguageModel):

@@ -379,9 +379,11 @@ class SubLNDecoder(LanguageModel):
             key_mask: ``[B, S]`` real keys among cache + new tokens (``S = S_past + T``).
             past: one cache per layer, or ``None``.
             mask: ``[B, 1, T, S]`` attention mask replacing the causal one built from ``key_mask``. Without one,
-                no cache and no padding, attention runs with SDPA's ``is_causal`` and no mask tensor: memory
-                grows linearly with ``T`` where SDPA has a fused kernel (FlashAttention on GPU, the flash kernel on
-                CPU), instead of the ``[B, 1, T, T]`` mask and the math path's ``[B, H, T, T]`` scores.
+                no cache and no padding, learned and rotary positions attend with SDPA's ``is_causal`` and no mask
+                tensor: memory grows linearly with ``T`` where SDPA has a fused kernel (FlashAttention on GPU, the
+                flash kernel on CPU), instead of the ``[B, 1, T, T]`` mask and the math path's ``[B, H, T, T]``
+                scores. xPos still builds the causal mask for its blockwise decay. Telling "no padding" costs one
+                host sync per forward (``key_mask.all()``).
 
         Returns:
             ``(hidden [B, T, D], new cache per layer)``: the last layer's output, before the final LN that

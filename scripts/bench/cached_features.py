@@ -22,7 +22,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from common import Scale, alternate, captions_glob, median, row
+from common import Scale, alternate, captions_glob, device, median, row
 from lightning_overhead import StepClock
 
 from datamodules import ImageTextDataModule, Source
@@ -105,7 +105,7 @@ def measure(shapes: Shapes, urls: str, tokenizer: str, batch_size: int, warmup: 
     """Steps/s ``{"cached", "live"}`` of the BLIP-2 of ``shapes``, the features cached from ``urls`` first."""
     model = build(tokenizer, shapes)
     with tempfile.TemporaryDirectory() as tmp:
-        cache_features(model, urls, tmp, batch_size=64 if shapes is TINY else 16, progress=False)
+        cache_features(model, urls, tmp, batch_size=64 if shapes is TINY else 16, device=device(), progress=False)
         sides = {"cached": datamodule(str(Path(tmp) / "*.tar"), tokenizer, batch_size, warmup + steps, True, shapes),
                  "live": datamodule(urls, tokenizer, batch_size, warmup + steps, False, shapes)}
         delta = abs(first_loss(model, sides["cached"]) - first_loss(model, sides["live"]))

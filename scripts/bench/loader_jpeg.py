@@ -115,7 +115,7 @@ def as_dict(batch: tuple[Any, Any]) -> dict[str, Any]:
 
 def run(scale: Scale, data: Path) -> list[dict[str, Any]]:
     """One row per output size and ``num_workers``."""
-    shards = write_jpeg_shards(data / "jpeg640", scale)
+    shards = write_jpeg_shards(data / ("jpeg320" if scale.name == "toy" else "jpeg640"), scale)
     tokenizer = data / "tokenizer"
     sizes = (64,) if scale.name == "toy" else (224, 384)
     samples = BATCH * (2 if scale.name == "toy" else 16)

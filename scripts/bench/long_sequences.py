@@ -5,7 +5,7 @@ mask tensor, so SDPA picks its fused kernel (the flash kernel on CPU, FlashAtten
 ``[T, T]`` matrix. Reference: the same model and weights with the explicit ``[B, 1, T, T]`` causal mask (what the
 decoder built for every batch before) under ``sdpa_kernel(SDPBackend.MATH)``, which materialises the ``[B, H, T, T]``
 scores and probabilities. Shapes: batch 1, width 256, 4 heads, 2 layers, rotary positions, vocabulary 1,000 (toy:
-width 32, lengths 64 and 128). A step = forward, the next-token loss over every position and the backward pass.
+width 32, 128 tokens). A step = forward, the next-token loss over every position and the backward pass.
 Rows: real tokens/s and the peak memory a step adds (``torch.cuda.max_memory_allocated`` on CUDA; on CPU the torch
 profiler's net allocation of each op in time order), per length. Both sides give the same loss (checked).
 """
@@ -25,7 +25,7 @@ from mmlm.losses import causal_head_loss
 
 def lengths(scale: Scale) -> tuple[int, ...]:
     """Sequence lengths measured at this scale."""
-    return (64, 128) if scale.name == "toy" else (512, 1024, 2048, 4096, 8192)
+    return (128,) if scale.name == "toy" else (512, 1024, 2048, 4096, 8192)
 
 
 def model(scale: Scale) -> SubLNDecoder:
@@ -66,7 +66,8 @@ def run(scale: Scale, data: Any = None) -> list[dict[str, Any]]:
     for length in lengths(scale):
         ids = torch.randint(3, 1000, (1, length), generator=torch.Generator().manual_seed(length)).to(device())
         values = {name: step(fn, lm, ids) for name, fn in sides.items()}  # warm-up, and the same loss
-        if abs(values["mmlm"] - values["reference"]) > 1e-3 * abs(values["reference"]):
+        if abs(values["mmlm"] - values["reference"]) > (2e-2 if torch.cuda.is_available() else 1e-3) * abs(
+                values["reference"]):  # bf16 autocast on CUDA
             raise AssertionError(f"long_sequences: fused loss {values['mmlm']} != math loss {values['reference']}")
         memory = {name: peak_bytes(lambda fn=fn, ids=ids: step(fn, lm, ids)) for name, fn in sides.items()}
         repeats = 1 if scale.name == "toy" else min(scale.repeats, 3)

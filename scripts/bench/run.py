@@ -99,13 +99,15 @@ def section_kind() -> str:
     return "GPU" if torch.cuda.is_available() else "CPU"
 
 
-def section(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float, load: tuple[float, float]) -> str:
-    """One device kind's section: how it was run, the machine, the versions and the table."""
+def section(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float, load: tuple[float, float],
+            kept_from: str | None = None) -> str:
+    """One device kind's section: how it was run, the machine, the versions and the table (``kept_from``: the date
+    of the earlier run whose other rows an ``--only`` run kept)."""
     lines = [f"## {section_kind()}", "",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
              f"- command: `python scripts/bench/run.py --scale {args.scale} --threads {args.threads}"
              f"{' --only ' + ' '.join(args.only) if args.only else ''}`"
-             f"{' (the other rows are kept from the previous run)' if args.only else ''}",
+             f"{f' (the other rows are kept from the run of {kept_from})' if kept_from else ''}",
              f"- scale: `{args.scale}` ({seconds:.0f} s in all); 1-minute load average {load[0]:.2f} before, "
              f"{load[1]:.2f} after"]
     lines += [f"- {key}: {value}" for key, value in machine().items()]
@@ -128,6 +130,12 @@ def sections(text: str) -> dict[str, str]:
         if kind in ("CPU", "GPU"):
             found[kind] = "## " + part.rstrip("\n") + "\n"
     return found
+
+
+def field(section_text: str, key: str) -> str | None:
+    """The value of a ``- key: value`` line of a section."""
+    line = next((line for line in section_text.splitlines() if line.startswith(f"- {key}: ")), None)
+    return None if line is None else line.split(": ", 1)[1]
 
 
 def row_key(name: str) -> str:
@@ -161,9 +169,12 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: floa
     """docs/benchmarks.md: the intro, this run's section and the other device kind's section kept from
     ``existing``."""
     kept = sections(existing)
-    if args.only and section_kind() in kept:  # a partial run replaces its own rows and keeps the others
-        rows = kept_rows(kept[section_kind()], {row_key(r["name"]) for r in rows}) + rows
-    kept[section_kind()] = section(rows, args, seconds, load)
+    earlier = kept.get(section_kind(), "")
+    same_scale = f"- scale: `{args.scale}`" in earlier
+    if args.only and same_scale:  # a partial run replaces its own rows and keeps the others of that scale
+        rows = kept_rows(earlier, {row_key(r["name"]) for r in rows}) + rows
+    kept[section_kind()] = section(rows, args, seconds, load,
+                                   kept_from=field(earlier, "date") if args.only and same_scale else None)
     return "\n".join([INTRO] + [kept[kind] for kind in ("CPU", "GPU") if kind in kept])
 
 

@@ -296,10 +296,11 @@ def test_builds_from_class_path_config():
     assert type(lm) is SubLNDecoder and lm.frozen and lm.width == D and lm.config["depth"] == 2
 
 
-@pytest.mark.parametrize("positions", ["learned", "rotary"])
+@pytest.mark.parametrize("positions", ["learned", "rotary", "xpos"])
 def test_unpadded_rows_attend_with_is_causal_and_no_mask_tensor(positions, monkeypatch):
     """Rows without padding run SDPA with ``is_causal`` and no ``[T, S]`` mask (the fused kernels' linear-memory
-    path); the logits equal those computed with the explicit causal mask, and a padded batch still passes a mask."""
+    path; xPos builds its causal mask for the blockwise decay); the logits equal those computed with the explicit
+    causal mask, and a padded batch still passes a mask."""
     from mmlm.language.subln import attention_bias
 
     lm = build(position=positions)
@@ -308,18 +309,19 @@ def test_unpadded_rows_attend_with_is_causal_and_no_mask_tensor(positions, monke
     sdpa = F.scaled_dot_product_attention
 
     def recording(*args, **kwargs):
-        calls.append((kwargs.get("attn_mask") is None, kwargs.get("is_causal")))
+        calls.append((kwargs.get("attn_mask") is None, bool(kwargs.get("is_causal"))))
         return sdpa(*args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
     fast = lm(lm.embed(ids), ones(ids)).logits
-    assert calls and all(c == (True, True) for c in calls)
+    masked = (False, False)  # an explicit mask, no is_causal (xPos's blocks pass none)
+    assert calls and all(c == ((True, True) if positions != "xpos" else masked) for c in calls)
     calls.clear()
     hidden, _ = lm._decode(lm.embed(ids), torch.arange(9).expand(3, 9), ones(ids), mask=attention_bias(ones(ids), 9))
-    assert all(c == (False, False) for c in calls)
+    assert all(c == masked for c in calls)
     torch.testing.assert_close(fast, lm._logits(hidden), rtol=1e-5, atol=1e-5)
     calls.clear()
     mask = ones(ids)
     mask[0, :3] = 0
     lm(lm.embed(ids), mask)
-    assert calls and all(c == (False, False) for c in calls)
+    assert calls and all(c == masked for c in calls)
