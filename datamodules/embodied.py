@@ -160,6 +160,9 @@ class EmbodiedDataModule(WebDataModule):
         object_dim: width of ``objects`` vectors (``None``: the model's); else ``bad_objects``.
         max_text_tokens: longer sentences are skipped and counted as ``too_long``.
         batch_size, num_workers, epoch_samples, shuffle_buffer, resampled, seed: see :class:`WebDataModule`.
+        pack: pack several training sentences into rows of at most ``max_text_tokens`` (a block-diagonal causal
+            mask, positions restarting; :class:`~datamodules.pipeline.packing.SentenceCollator`); evaluation batches
+            keep one sentence per row.
     """
 
     def __init__(self, train_urls: str | list[str] | None = None, val_urls: str | list[str] | None = None,
@@ -169,7 +172,7 @@ class EmbodiedDataModule(WebDataModule):
                  state_dim: int | None = None, object_dim: int | None = None,
                  max_text_tokens: int = 160, batch_size: int = 32, num_workers: int = 1,
                  epoch_samples: int | None = None, shuffle_buffer: int = 1000, resampled: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, pack: bool = False) -> None:
         def sources(urls: str | list[str] | None) -> list[UrlSource] | None:
             return None if urls is None else [UrlSource(urls)]
 
@@ -183,6 +186,7 @@ class EmbodiedDataModule(WebDataModule):
         self.tokenizer_name, self.image_size = tokenizer, image_size
         self.markers = None if markers is None else tuple(markers)
         self.state_dim, self.object_dim = state_dim, object_dim
+        self.pack = pack
         self.tokenizer: Any = None
         self.preprocess: ImagePreprocess | None = None
 
@@ -213,4 +217,4 @@ class EmbodiedDataModule(WebDataModule):
     def collate_fn(self, stage: str) -> SentenceCollator:
         if self.tokenizer is None:
             self.setup(stage)
-        return SentenceCollator(pad_id(self.tokenizer))
+        return SentenceCollator(pad_id(self.tokenizer), self.max_text_tokens, self.pack and stage == "fit")

@@ -331,6 +331,11 @@ class ImageTextDataModule(WebDataModule):
         end_token_id: the token id that ends every target; ``None``: the model's
             :attr:`~mmlm.data_spec.DataSpec.end_token_id` (``"\\n"`` for a BLIP-2 OPT checkpoint from LAVIS), else the
             tokenizer's eos.
+        pack_tokens: pack several training sentences into each row of at most this many tokens (a block-diagonal
+            causal mask and positions restarting per sentence, as KOSMOS-1's batches;
+            :func:`~datamodules.pipeline.prefix_sentences.pack_sentences`): fewer padding tokens per step for the
+            prefix families (Frozen, BLIP-2 with a decoder-only LM). 0: one sentence per row. At least
+            ``image_tokens + max_text_tokens``; evaluation batches are never packed.
     """
 
     def __init__(
@@ -357,6 +362,7 @@ class ImageTextDataModule(WebDataModule):
         image_tokens: int | None = None,
         eval_shots: int = 0,
         end_token_id: int | None = None,
+        pack_tokens: int = 0,
     ) -> None:
         super().__init__(train=train, val=val, test=test, predict=predict, batch_size=batch_size,
                          num_workers=num_workers, epoch_samples=epoch_samples,
@@ -373,6 +379,9 @@ class ImageTextDataModule(WebDataModule):
             raise ValueError(f"eval_shots must be ≥ 0, got {eval_shots}")
         self.image_tokens, self.eval_shots = image_tokens, eval_shots
         self.end_token_id = end_token_id
+        if pack_tokens < 0:
+            raise ValueError(f"pack_tokens must be ≥ 0, got {pack_tokens}")
+        self.pack_tokens = pack_tokens
         self.tokenizer: Any = None
         self.preprocess: ImagePreprocess | None = None
         self.marker: Marker | None = None
@@ -391,6 +400,10 @@ class ImageTextDataModule(WebDataModule):
         if self.preprocess is None:
             self.preprocess = (ImagePreprocess((self.image_size, self.image_size)) if self.image_size is not None
                                else self.from_model("image_preprocess", "image_size"))
+        longest = self.max_text_tokens + (self.marker.count if self.marker else 0)
+        if self.pack_tokens and self.pack_tokens < longest:
+            raise ValueError(f"pack_tokens={self.pack_tokens} is shorter than the longest sentence: image_tokens "
+                             f"{longest - self.max_text_tokens} + max_text_tokens {self.max_text_tokens} = {longest}")
 
     def build_pipeline(self, stage: str, sources: Sequence[Source], *,
                        rank: int | None = None, world_size: int | None = None) -> ShardPipeline:
@@ -434,7 +447,9 @@ class ImageTextDataModule(WebDataModule):
         collate: Collator | FeatureCollator = Collator(self.tokenizer, self.max_text_tokens, self.end_token_id,
                                                        self.model_spec().instruction_tokenizer)
         collate = FeatureCollator(collate) if self.cached_features else collate
-        return sentence_collate(collate, self.marker, self.tokenizer, 0 if stage == "fit" else self.eval_shots)
+        if stage == "fit":
+            return sentence_collate(collate, self.marker, self.tokenizer, pack_tokens=self.pack_tokens)
+        return sentence_collate(collate, self.marker, self.tokenizer, self.eval_shots)
 
 
 def url_sources(urls: str | None, kind: str) -> list[Source] | None:

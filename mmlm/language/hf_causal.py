@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from transformers import AutoModelForCausalLM
 
-from mmlm.attention_masks import positions_from_mask
+from mmlm.attention_masks import packed_causal_mask, positions_from_mask, segment_positions
 from mmlm.language.base import GenerationConfig, LMOutput
 from mmlm.language.hf_base import HFLanguageModel
 
@@ -62,16 +62,32 @@ class HFCausalLM(HFLanguageModel):
             return {}
         return {"position_ids": positions_from_mask(attention_mask)}
 
+    #: ``forward`` takes ``segment_ids`` / ``position_ids`` of packed rows (a 4D block-diagonal causal mask).
+    supports_packing = True
+
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None) -> LMOutput:
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> LMOutput:
         """Teacher-forced pass over ``inputs_embeds [B, T, D]`` with ``attention_mask [B, T]``.
 
         ``labels [B, T]`` are aligned with the inputs (shifted inside: position ``t`` predicts
         ``labels[:, t + 1]``), ``-100`` ignored. Returns ``logits [B, T, V]`` (computed when read) and the mean
-        loss, whose head runs on the target positions only (:meth:`~HFLanguageModel.causal_output`).
+        loss, whose head runs on the target positions only (:meth:`~HFLanguageModel.causal_output`). Packed rows
+        give ``segment_ids [B, T]`` (1, 2, … per sample, 0 on padding): the model gets the block-diagonal causal
+        mask ``[B, 1, T, T]`` (transformers takes a 4D mask as given) and positions restarting per sample
+        (``position_ids [B, T]``, default from the segments), so each sample's logits equal its own row's
+        (tested for GPT-2, OPT and Llama). A model whose forward takes no ``position_ids`` is refused.
         """
-        return self.causal_output(labels, inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask,
-                                  **self._position_kwargs(attention_mask))
+        embeds = inputs_embeds.to(self.dtype)
+        if segment_ids is None:
+            return self.causal_output(labels, inputs_embeds=embeds, attention_mask=attention_mask,
+                                      **self._position_kwargs(attention_mask))
+        if "position_ids" not in inspect.signature(self.model.forward).parameters:
+            raise ValueError(f"{type(self.model).__name__} takes no position_ids, so positions cannot restart in "
+                             "packed rows: set data.init_args.pack=false")
+        positions = segment_positions(segment_ids) if position_ids is None else position_ids
+        return self.causal_output(labels, inputs_embeds=embeds, attention_mask=packed_causal_mask(segment_ids)[:, None],
+                                  position_ids=positions)
 
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,

@@ -120,6 +120,22 @@ def check_features(encoder: nn.Module, features: torch.Tensor) -> None:
                          f"[B, {tokens}, {width}]: were they cached with another encoder or layer?")
 
 
+def packing_arguments(batch: Any, language_model: LanguageModel) -> dict[str, torch.Tensor]:
+    """The LM's extra ``forward`` arguments for a packed :class:`~mmlm.batch.SentenceBatch` (``segment_ids``,
+    ``position_ids``); none for a padded one.
+
+    Raises:
+        ValueError: packed rows for a language model that cannot keep attention inside each sentence.
+    """
+    if not getattr(batch, "packed", False):
+        return {}
+    if not getattr(language_model, "supports_packing", False):
+        raise ValueError(f"{type(language_model).__name__} cannot attend within packed sentences: use a decoder-only "
+                         "LM (HFCausalLM, SubLNDecoder) or set the datamodule's packing off (pack=false, "
+                         "pack_tokens=0)")
+    return {"position_ids": batch.position_ids, "segment_ids": batch.segment_ids}
+
+
 class ModuleSettings(TypedDict, total=False):
     """Every argument of :class:`MultimodalModule` (optimisation, schedule, evaluation output, non-finite guard,
     compilation, checkpoint contents), for constructors that forward them: ``**settings: Unpack[ModuleSettings]``

@@ -37,7 +37,7 @@ from mmlm.fusion import targets_only
 from mmlm.language.base import LanguageModel, LMOutput
 from mmlm.language.hf_seq2seq import HFSeq2SeqLM
 from mmlm.lora import LoRA
-from mmlm.models.base import ModuleSettings, MultimodalModule
+from mmlm.models.base import ModuleSettings, MultimodalModule, packing_arguments
 from mmlm.sentences import Span, embed_sentence, placeholder_ids, prefix_image_marker
 from mmlm.sizes import part_kwargs
 from mmlm.tokenizers import load_tokenizer
@@ -241,10 +241,12 @@ class Blip2(MultimodalModule):
         ``batch.labels``. Seq2seq: the encoder reads the prompt sentence ``prompt_ids``, decoder logits ``[B, T', V]``
         for the target tokens of ``batch.labels``."""
         if self.seq2seq:
+            packing_arguments(batch, self.language_model)  # refuses packed rows
             embeds = self.embed(batch.prompt_ids, batch.prompt_spans, batch)
             return self.language_model(embeds, batch.prompt_mask, targets_only(batch.labels))
         embeds = self.embed(batch.input_ids, batch.spans, batch)
-        return self.language_model(embeds, batch.attention_mask, batch.labels)
+        return self.language_model(embeds, batch.attention_mask, batch.labels,
+                                   **packing_arguments(batch, self.language_model))
 
     def training_loss(self, batch: SentenceBatch) -> torch.Tensor:
         """Cross-entropy of the target tokens (caption/answer + end token) given the image and the prompt."""

@@ -23,7 +23,7 @@ from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator
 from mmlm.freezing import freeze_
 from mmlm.fusion import output_tokens
 from mmlm.language.base import LanguageModel
-from mmlm.models.base import MultimodalModule
+from mmlm.models.base import MultimodalModule, packing_arguments
 from mmlm.sentences import Span, embed_sentence, placeholder_ids, prefix_image_marker
 from mmlm.tokenizers import load_tokenizer
 
@@ -74,7 +74,8 @@ class Frozen(MultimodalModule):
     def training_loss(self, batch: SentenceBatch) -> torch.Tensor:
         """Caption/answer cross-entropy with the image prefix; prompt and padding are ignored."""
         embeds = self.embed(batch.input_ids, batch.spans, batch)
-        return self.language_model(embeds, batch.attention_mask, batch.labels).loss
+        return self.language_model(embeds, batch.attention_mask, batch.labels,
+                                   **packing_arguments(batch, self.language_model)).loss
 
     @torch.no_grad()
     def generate_text(self, batch: SentenceBatch) -> list[str]:

@@ -24,7 +24,7 @@ from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator
 from mmlm.fusion import output_tokens
 from mmlm.language.base import LanguageModel
-from mmlm.models.base import MultimodalModule
+from mmlm.models.base import MultimodalModule, packing_arguments
 from mmlm.sentences import Span, embed_sentence, kosmos_image_marker, placeholder_ids, special_tokens
 from mmlm.tokenizers import load_tokenizer
 
@@ -81,16 +81,8 @@ class Kosmos1(MultimodalModule):
     def training_loss(self, batch: SentenceBatch) -> torch.Tensor:
         """Mean cross-entropy over text tokens (labels ``-100`` on placeholders, wrappers, prompts, padding)."""
         embeds = self.sentence_embeds(batch.input_ids, batch.spans, batch.images)
-        return self.language_model(embeds, batch.attention_mask, batch.labels, **self._packing(batch)).loss
-
-    def _packing(self, batch: SentenceBatch) -> dict[str, torch.Tensor]:
-        """Extra LM arguments of a packed batch (segment and position ids); none when unpacked."""
-        if not batch.packed:
-            return {}
-        if not getattr(self.language_model, "supports_packing", False):
-            raise ValueError(f"{type(self.language_model).__name__} cannot attend within packed samples: "
-                             "use the SubLNDecoder or set data.init_args.pack=false")
-        return {"position_ids": batch.position_ids, "segment_ids": batch.segment_ids}
+        return self.language_model(embeds, batch.attention_mask, batch.labels,
+                                   **packing_arguments(batch, self.language_model)).loss
 
     def training_step(self, batch: SentenceBatch, batch_idx: int) -> torch.Tensor:
         """The LM loss, plus the share of padding positions (``train/padding_fraction``)."""

@@ -30,7 +30,7 @@ from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, GenerationEvaluator, LossEvaluator, PlanScorer, VQAScorer
 from mmlm.fusion import output_tokens
 from mmlm.language.base import LanguageModel
-from mmlm.models.base import MultimodalModule
+from mmlm.models.base import MultimodalModule, packing_arguments
 from mmlm.sentences import Marker, embed_sentence, placeholder_ids, special_tokens
 from mmlm.tokenizers import IMAGE_TOKEN, load_tokenizer
 
@@ -105,10 +105,9 @@ class PaLME(MultimodalModule):
     # --- training and generation -----------------------------------------------------------------
     def training_loss(self, batch: SentenceBatch) -> torch.Tensor:
         """Cross-entropy on target tokens of the multimodal sentences (prompts, spans and padding ignored)."""
-        if batch.packed:
-            raise ValueError("PaLME takes one sentence per row; got a packed SentenceBatch")
         embeds = self.sentence_embeddings(batch.input_ids, batch.spans, self.modality_embeddings(batch))
-        return self.language_model(embeds, batch.attention_mask, batch.labels).loss
+        return self.language_model(embeds, batch.attention_mask, batch.labels,
+                                   **packing_arguments(batch, self.language_model)).loss
 
     @torch.no_grad()
     def generate_text(self, batch: SentenceBatch) -> list[str]:

@@ -342,3 +342,27 @@ def test_generate_hides_only_the_padding_note_transformers_provokes_itself():
         hf_logging.set_verbosity(verbosity)
         hf_logging.warning_once.cache_clear()
     assert theirs_noted and not ours_noted and forward_noted
+
+
+@pytest.mark.parametrize("config", CAUSAL.values(), ids=list(CAUSAL))
+def test_packed_rows_give_each_sample_its_own_logits_and_loss(config):
+    """Two samples packed in one row (segments 1 and 2, then padding) give the logits each has alone, and the
+    packed loss equals the loss of the two rows padded."""
+    from mmlm.losses import causal_lm_loss
+
+    lm = build(HFCausalLM, config)
+    a, b = prompt_ids(1, 5, seed=1), prompt_ids(1, 7, seed=2)
+    row = torch.cat([a, b, torch.zeros(1, 2, dtype=torch.long)], dim=1)
+    segments = torch.tensor([[1] * 5 + [2] * 7 + [0] * 2])
+    labels = torch.where(segments > 0, row, -100)
+    labels[0, 0] = labels[0, 5] = -100  # a sample's first token is not predicted from the one before
+    out = lm(lm.embed(row), (segments > 0).long(), labels, segment_ids=segments)
+    alone = [lm(lm.embed(ids), torch.ones_like(ids)).logits[0] for ids in (a, b)]
+    torch.testing.assert_close(out.logits[0, :5], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits[0, 5:12], alone[1], rtol=1e-5, atol=1e-5)
+    padded = torch.cat([torch.cat([a, torch.zeros(1, 2, dtype=torch.long)], 1), b])
+    mask = torch.tensor([[1] * 5 + [0] * 2, [1] * 7])
+    padded_labels = torch.where(mask > 0, padded, -100)
+    padded_labels[:, 0] = -100
+    torch.testing.assert_close(out.loss, lm(lm.embed(padded), mask, padded_labels).loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, causal_lm_loss(out.logits, labels), rtol=1e-5, atol=1e-5)

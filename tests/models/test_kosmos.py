@@ -1,4 +1,5 @@
-"""KOSMOS-1 module: packed = padded loss, text-only loss, image spans matter, HF LMs, k-shot generation, learning."""
+"""KOSMOS-1 module: packed = padded loss (Sub-LN and transformers LMs), text-only loss, image spans matter, k-shot
+generation, learning."""
 
 from __future__ import annotations
 
@@ -97,13 +98,14 @@ def test_image_spans_change_the_output_after_them_only(synth, model):
     assert not torch.allclose(a[first:], b[first:])
 
 
-def test_hf_lm_trains_on_padded_rows_and_refuses_packed_ones(synth, tiny_resnet, tiny_gpt2):
+def test_hf_lm_packed_loss_equals_padded_loss(synth, tiny_resnet, tiny_gpt2):
+    """A transformers causal LM takes packed rows too (a 4D block-diagonal mask, positions restarting)."""
     model = make_model(synth, tiny_resnet, language_model=HFCausalLM(config=tiny_gpt2))
-    data = make_data(synth, model, pack=False)
-    assert torch.isfinite(model.training_loss(next(iter(data.train_dataloader()))))
-    packed = next(b for b in make_data(synth, model).train_dataloader() if b.packed)
-    with pytest.raises(ValueError, match="pack=false"):
-        model.training_loss(packed)
+    chunk, _ = samples(make_data(synth, model))
+    padded = collate_rows([[s] for s in chunk], model.tokenizer.pad_token_id)
+    packed = collate_rows([chunk[:3], chunk[3:]], model.tokenizer.pad_token_id)
+    assert packed.packed
+    torch.testing.assert_close(model.training_loss(packed), model.training_loss(padded), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shots", [0, 2])

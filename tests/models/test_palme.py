@@ -157,3 +157,14 @@ def test_vit_tokens_fill_image_spans_through_an_affine_projection(tabletop):
     span = next(s for s in batch.spans[0] if s.modality == "image")
     torch.testing.assert_close(filled[0, span.start:span.start + 5], embeds["image"][span.item])
     assert torch.isfinite(model.training_loss(batch))
+
+
+def test_packed_training_batches_give_the_padded_loss(tabletop):
+    """``EmbodiedDataModule(pack=True)``: the same training sentences several to a row (images, states and objects
+    keep their items), the loss equal to the padded batch's."""
+    model = make_palme(tabletop).eval()
+    padded = next(iter(make_data(tabletop, model, shuffle_buffer=0).train_dataloader()))
+    packed = next(iter(make_data(tabletop, model, shuffle_buffer=0, pack=True).train_dataloader()))
+    assert packed.packed and len(packed) < len(padded) and packed.num_samples == padded.num_samples
+    torch.testing.assert_close(model.training_loss(packed), model.training_loss(padded), rtol=1e-5, atol=1e-5)
+    assert not next(iter(make_data(tabletop, model, pack=True).val_dataloader())).packed
