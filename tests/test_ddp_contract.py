@@ -11,9 +11,10 @@ runs the real ``mmlm fit`` on every config in turn (``tests/tiny_runs.py``), so 
 transformers once, not once per config. ``tiny_runs.WeightDigest`` writes a hash of every state-dict tensor per rank
 at the start and the end of training. No validation, logger or checkpoint: 2 steps at batch 4 (Donut 2).
 
-The same launch runs once more with every config under FSDP2 (``configs/strategies/fsdp2.yaml``: Lightning's
-``ModelParallelStrategy``, each family sharded by ``MultimodalModule.configure_model``): every family must fit sharded;
-the digests are of the gathered full tensors (``DTensor.full_tensor``).
+The same launch runs once more under FSDP2 (``configs/strategies/fsdp2.yaml``: Lightning's ``ModelParallelStrategy``,
+each family sharded by ``MultimodalModule.configure_model``) with one config per family (:data:`FSDP2_JOBS`: the
+sharding follows the family's module structure, so its other configs add time, not coverage): every family must fit
+sharded; the digests are of the gathered full tensors (``DTensor.full_tensor``).
 """
 
 from __future__ import annotations
@@ -123,6 +124,12 @@ def launch(spec: Path, logs: Path) -> float:
     return time.perf_counter() - started
 
 
+#: One job per family under FSDP2 (BLIP-2's instruction-aware job also trains its ViT; MetaLM pretraining docks both
+#: encoders; VLMO stage 3 holds every expert).
+FSDP2_JOBS = ("text_lm", "frozen", "blip2_stage1", "blip2_vqa_instruct", "kosmos1", "palme", "metalm_pretrain",
+              "vlmo_stage3", "dino", "donut_read")
+
+
 def fsdp2_strategy() -> str:
     """``trainer.strategy`` of ``configs/strategies/fsdp2.yaml`` as one JSON command-line value."""
     return json.dumps(yaml.safe_load((REPO / "configs/strategies/fsdp2.yaml").read_text())["trainer"]["strategy"])
@@ -134,9 +141,10 @@ def contract_run(tmp_path_factory, request) -> dict:
     status and digest record (``None`` when missing)."""
     root = write_workspace(tmp_path_factory.mktemp(f"{request.param}_contract"))
     out = root / "contract"
-    jobs = [{"name": name, "config": config, "args": args,
-             "strategy": strategy_of(real) if request.param == "ddp" else fsdp2_strategy()}
-            for name, (config, real, args) in JOBS.items()]
+    names = list(JOBS) if request.param == "ddp" else list(FSDP2_JOBS)
+    jobs = [{"name": name, "config": JOBS[name][0], "args": JOBS[name][2],
+             "strategy": strategy_of(JOBS[name][1]) if request.param == "ddp" else fsdp2_strategy()}
+            for name in names]
     spec = root / "jobs.json"
     spec.write_text(json.dumps({"out": str(out), "common": COMMON, "jobs": jobs}))
     wall = launch(spec, root)
@@ -145,7 +153,7 @@ def contract_run(tmp_path_factory, request) -> dict:
         return json.loads(path.read_text()) if path.is_file() else None
 
     results = {name: {"status": [read(out / name / f"status-rank{r}.json") for r in range(WORLD)],
-                      "digest": [read(out / name / f"rank{r}.json") for r in range(WORLD)]} for name in JOBS}
+                      "digest": [read(out / name / f"rank{r}.json") for r in range(WORLD)]} for name in names}
     seconds = {name: round(max((s or {}).get("seconds", 0) for s in r["status"]), 1) for name, r in results.items()}
     print(f"\n{request.param} contract: {wall:.0f} s in all; per job (s): {seconds}")
     logs = "\n".join(f"--- rank {r}\n{(root / f'rank{r}.log').read_text()[-3000:]}" for r in range(WORLD))
@@ -154,6 +162,8 @@ def contract_run(tmp_path_factory, request) -> dict:
 
 @pytest.mark.parametrize("name", list(JOBS))
 def test_fits_two_steps_on_two_ranks_with_identical_weights(contract_run, name):
+    if name not in contract_run["results"]:
+        pytest.skip(f"{name}: FSDP2 runs one config per family (FSDP2_JOBS)")
     result = contract_run["results"][name]
     if None in result["status"]:
         pytest.fail(f"{name}: a rank did not finish (hang or crash before or during it)\n{contract_run['logs']}")
