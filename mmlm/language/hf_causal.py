@@ -56,9 +56,13 @@ class HFCausalLM(HFLanguageModel):
     auto_class = AutoModelForCausalLM
     peft_task_type = "CAUSAL_LM"
 
+    def takes_position_ids(self) -> bool:
+        """Whether the wrapped model's ``forward`` takes ``position_ids``."""
+        return "position_ids" in inspect.signature(self.model.forward).parameters
+
     def _position_kwargs(self, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"position_ids": [B, T]}`` from the mask when the model's forward takes ``position_ids``."""
-        if "position_ids" not in inspect.signature(self.model.forward).parameters:
+        if not self.takes_position_ids():
             return {}
         return {"position_ids": positions_from_mask(attention_mask)}
 
@@ -82,7 +86,7 @@ class HFCausalLM(HFLanguageModel):
         if segment_ids is None:
             return self.causal_output(labels, inputs_embeds=embeds, attention_mask=attention_mask,
                                       **self._position_kwargs(attention_mask))
-        if "position_ids" not in inspect.signature(self.model.forward).parameters:
+        if not self.takes_position_ids():
             raise ValueError(f"{type(self.model).__name__} takes no position_ids, so positions cannot restart in "
                              "packed rows: set data.init_args.pack=false")
         positions = segment_positions(segment_ids) if position_ids is None else position_ids
