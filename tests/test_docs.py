@@ -32,9 +32,10 @@ def test_quickstart_is_exactly_two_setup_commands_and_ci_runs_the_test_one():
     commands = re.findall(r"```bash\n(.*?)\n```", quickstart, flags=re.S)
     assert len(commands) == 2
     assert commands[0].endswith("mmlm quickstart") and "pip install -e" in commands[0]
-    assert commands[1].endswith("python -m pytest -q") and "pip install -e" in commands[1]
+    test_command = "python -m pytest -q -n 2 --dist loadfile"
+    assert commands[1].endswith(test_command) and "pip install -e" in commands[1]
     ci = (ROOT / ".ci" / "run").read_text()
-    assert 'pip install -q -e ".[dev]"' in ci and "python -m pytest -q" in ci
+    assert 'pip install -q -e ".[dev]"' in ci and test_command in ci.splitlines()
 
 
 @pytest.mark.parametrize("command", [c for c in readme_commands() if c.split()[1] in ("fit", "validate")])

@@ -183,9 +183,10 @@ def _gather_worker(rank: int, store: str, results: str) -> None:
 def test_gather_with_grad_on_two_ranks_matches_one_process(tmp_path) -> None:
     import torch.multiprocessing as mp
 
-    # fork: the children reuse the imported modules (spawn would re-import torch)
+    # spawn, not fork: a forked child cannot run backward once this process has (pytest-xdist runs other tests'
+    # backward passes in the same worker first)
     mp.start_processes(_gather_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     ranks = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
     batch = _full_batch()
     assert [r["rank_world"] for r in ranks] == [(0, 2), (1, 2)]
