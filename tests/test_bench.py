@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench"
 sys.path.insert(0, str(BENCH))
@@ -91,3 +92,24 @@ def test_an_only_run_replaces_its_own_rows_and_keeps_the_others(tmp_path):
     out.write_text(out.read_text().replace("- scale: `toy`", "- scale: `quick`"))  # rows of another scale
     run.main(["--scale", "toy", "--only", "flops", "--out", str(out)])
     assert len([line for line in run.sections(out.read_text())["CPU"].splitlines() if line.startswith("| ")]) == 2
+
+
+def test_vqa_like_rows_train_on_the_answer_only_and_pack_to_the_padded_loss(tmp_path):
+    """The packing benchmark's VQA-like batch: loss on the answer and eos only; its packed rows give the padded loss
+    (``packed_inputs`` raises otherwise) in fewer rows."""
+    import blip2_step
+    from common import SCALES
+
+    from datamodules.synthetic.shapes import write_shapes
+
+    write_shapes(tmp_path / "data", train=8, val=0, seed=0, shard_size=8, progress=False)
+    ours, hf = blip2_step.build_pair(tmp_path / "data", tmp_path / "hf")
+    images = torch.zeros(4, 3, 64, 64)
+    batch = blip2_step.vqa_like_batch(ours, images, 16)
+    answer = ours.tokenizer("Answer:", add_special_tokens=False)["input_ids"]
+    for ids, labels, mask in zip(batch.input_ids, batch.labels, batch.attention_mask):
+        trained = (labels != -100).nonzero().flatten().tolist()
+        assert 2 <= len(trained) <= 4 and trained == list(range(trained[0], int(mask.sum())))  # 1–3 words + eos
+        assert ids[trained[0] - len(answer):trained[0]].tolist() == answer  # right after "Answer:"
+    padded, packed = blip2_step.packed_inputs(ours, hf, images, SCALES["toy"], blip2_step.vqa_like_batch)
+    assert len(packed) < len(padded) and int(packed.attention_mask.sum()) == int(padded.attention_mask.sum())

@@ -8,9 +8,10 @@ batch, and for transformers the same ids with ``M`` image tokens put in front by
 ``datamodules.pipeline.prefix_sentences`` (so both read ``[soft prompt; prompt; answer]``). A step = forward, backward,
 optimizer step, zero grad.
 
-Second row, packed batches: captions whose lengths follow COCO's (a log-normal around a median of 10 words, a long
-tail to 48; :func:`coco_like_batch`, random words of the vocabulary after the prompt "a picture of"), one per row
-right-padded for transformers, packed first-fit into rows of twice the padded batch's width for mmlm
+Second and third rows, packed batches: captions whose lengths follow COCO's (a log-normal around a median of 10 words,
+a long tail to 48; :func:`coco_like_batch`, random words of the vocabulary after the prompt "a picture of"), and VQA
+sentences (:func:`vqa_like_batch`: questions of VQAv2-like lengths, median 6 words, and answers of 1–3 words, the
+loss on the answer only), one per row right-padded for transformers, packed first-fit into rows of twice the padded batch's width for mmlm
 (``datamodules.pipeline.prefix_sentences.pack_sentences``, what ``ImageTextDataModule(pack_tokens=…)`` does). Real
 (non-padding) tokens per second of the whole step; both sides' losses agree first (the packed loss equals the
 padded one).
@@ -100,33 +101,59 @@ def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def coco_like_batch(ours: Blip2, images: torch.Tensor, size: int, seed: int = 0) -> SentenceBatch:
-    """``size`` right-padded caption sentences ``<image>×M [bos] a picture of <caption> eos`` with COCO-like caption
-    lengths (log-normal, median 10 words, clipped to 5–48) of random words, over ``images`` (cycled)."""
-    tok, g = ours.tokenizer, torch.Generator().manual_seed(seed)
-    prompt = [tok.bos_token_id] + tok("a picture of", add_special_tokens=False)["input_ids"]
-    placeholder = ours.placeholder_ids["image"]
-    lengths = (torch.randn(size, generator=g) * 0.35 + torch.log(torch.tensor(10.0))).exp().round().clamp(5, 48)
-    rows = [[placeholder] * M + prompt + torch.randint(3, len(tok) - 1, (int(n),), generator=g).tolist()
-            + [tok.eos_token_id] for n in lengths]
-    width = max(len(r) for r in rows)
+def sentence_batch(ours: Blip2, images: torch.Tensor, rows: list[tuple[list[int], list[int]]]) -> SentenceBatch:
+    """Right-padded sentences ``<image>×M prompt target`` of ``rows`` = ``(prompt ids, target ids)``, the loss on
+    the target ids only, over ``images`` (cycled)."""
+    tok, placeholder, size = ours.tokenizer, ours.placeholder_ids["image"], len(rows)
+    width = max(M + len(prompt) + len(target) for prompt, target in rows)
     ids = torch.full((size, width), tok.pad_token_id)
     labels = torch.full_like(ids, IGNORE_INDEX)
     mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)], mask[b, :len(r)] = torch.tensor(r), 1
-        labels[b, M + len(prompt):len(r)] = ids[b, M + len(prompt):len(r)]
+    for b, (prompt, target) in enumerate(rows):
+        start, end = M + len(prompt), M + len(prompt) + len(target)
+        ids[b, :end], mask[b, :end] = torch.tensor([placeholder] * M + prompt + target), 1
+        labels[b, start:end] = ids[b, start:end]
     positions = (mask.cumsum(1) - 1).clamp(min=0) * mask
     return SentenceBatch(input_ids=ids, attention_mask=mask, labels=labels, position_ids=positions, segment_ids=mask,
                          spans=[[Span("image", b, 0, M)] for b in range(size)],
                          images=images[torch.arange(size) % len(images)], num_samples=size)
 
 
-def packed_inputs(ours: Blip2, hf: Blip2ForConditionalGeneration, images: torch.Tensor,
-                  scale: Scale) -> tuple[SentenceBatch, SentenceBatch]:
-    """COCO-like caption rows padded (transformers) and packed (mmlm) into rows of twice the padded width; the two
-    losses must agree (call before either side trains)."""
-    padded = coco_like_batch(ours, images.cpu(), max(scale.batch_size, 8))
+def log_normal_lengths(size: int, median: float, sigma: float, low: int, high: int,
+                       g: torch.Generator) -> list[int]:
+    """``size`` word counts, log-normal around ``median`` (``sigma`` in log space), clipped to ``[low, high]``."""
+    lengths = (torch.randn(size, generator=g) * sigma + torch.log(torch.tensor(median))).exp().round()
+    return [int(n) for n in lengths.clamp(low, high)]
+
+
+def coco_like_batch(ours: Blip2, images: torch.Tensor, size: int, seed: int = 0) -> SentenceBatch:
+    """``size`` caption sentences ``<image>×M [bos] a picture of <caption> eos`` with COCO-like caption lengths
+    (log-normal, median 10 words, clipped to 5–48) of random words."""
+    tok, g = ours.tokenizer, torch.Generator().manual_seed(seed)
+    prompt = [tok.bos_token_id] + tok("a picture of", add_special_tokens=False)["input_ids"]
+    words = lambda n: torch.randint(3, len(tok) - 1, (n,), generator=g).tolist()  # noqa: E731
+    return sentence_batch(ours, images, [(prompt, words(n) + [tok.eos_token_id])
+                                         for n in log_normal_lengths(size, 10.0, 0.35, 5, 48, g)])
+
+
+def vqa_like_batch(ours: Blip2, images: torch.Tensor, size: int, seed: int = 0) -> SentenceBatch:
+    """``size`` VQA sentences ``<image>×M [bos] Question: <question> Answer: <answer> eos``: questions of VQAv2-like
+    lengths (log-normal, median 6 words, clipped to 3–22), answers of 1–3 words (1 most often, as in VQAv2), the
+    loss on the answer and eos only."""
+    tok, g = ours.tokenizer, torch.Generator().manual_seed(seed)
+    words = lambda n: torch.randint(3, len(tok) - 1, (n,), generator=g).tolist()  # noqa: E731
+    question, answer = (tok(text, add_special_tokens=False)["input_ids"] for text in ("Question:", "Answer:"))
+    answers = torch.multinomial(torch.tensor([0.7, 0.2, 0.1]), size, replacement=True, generator=g) + 1
+    return sentence_batch(ours, images, [([tok.bos_token_id] + question + words(n) + answer,
+                                          words(int(a)) + [tok.eos_token_id])
+                                         for n, a in zip(log_normal_lengths(size, 6.0, 0.35, 3, 22, g), answers)])
+
+
+def packed_inputs(ours: Blip2, hf: Blip2ForConditionalGeneration, images: torch.Tensor, scale: Scale,
+                  make: Any = coco_like_batch) -> tuple[SentenceBatch, SentenceBatch]:
+    """Rows of ``make`` (:func:`coco_like_batch`, :func:`vqa_like_batch`) padded (transformers) and packed (mmlm)
+    into rows of twice the padded width; the two losses must agree (call before either side trains)."""
+    padded = make(ours, images.cpu(), max(scale.batch_size, 8))
     packed = pack_sentences(padded, 2 * padded.input_ids.shape[1], ours.tokenizer.pad_token_id)
     padded, packed = to_device(padded), to_device(packed)
     ours.eval(), hf.eval()
@@ -138,8 +165,8 @@ def packed_inputs(ours: Blip2, hf: Blip2ForConditionalGeneration, images: torch.
 
 
 def packed_row(ours: Blip2, hf: Blip2ForConditionalGeneration, padded: SentenceBatch, packed: SentenceBatch,
-               scale: Scale) -> dict[str, Any]:
-    """Real tokens/s of mmlm's step on the packed rows vs transformers' on the same captions padded."""
+               scale: Scale, what: str) -> dict[str, Any]:
+    """Real tokens/s of mmlm's step on the packed rows vs transformers' on the same sentences padded."""
     set_train(ours, hf)
     inputs = hf_inputs(padded)
     mine = train_steps(lambda: ours.training_loss(packed), trainable(ours))
@@ -148,14 +175,14 @@ def packed_row(ours: Blip2, hf: Blip2ForConditionalGeneration, padded: SentenceB
                          "reference": lambda: step_times(theirs, scale.warmup, scale.steps)}, scale.repeats)
     real = int(padded.attention_mask.sum())
     padding = 1 - real / padded.attention_mask.numel()
-    return row(f"BLIP-2 stage-2 step on COCO-like captions, packed ({len(packed)} rows) vs transformers padded "
+    return row(f"BLIP-2 stage-2 step on {what}, packed ({len(packed)} rows) vs transformers padded "
                f"({len(padded)} rows, {padding:.0%} padding)", real / seconds["mmlm"], real / seconds["reference"],
                "real tokens/s", seconds["reference"] / seconds["mmlm"], ">= 1.3")
 
 
 def run(scale: Scale, data: Path) -> list[dict[str, Any]]:
-    """Two rows: seconds per stage-2 step, mmlm / transformers, on the same batch; real tokens/s on COCO-like
-    caption lengths, packed vs padded."""
+    """Three rows: seconds per stage-2 step, mmlm / transformers, on the same batch; real tokens/s on COCO-like
+    caption lengths and on VQA-like question and answer lengths, packed vs padded."""
     with tempfile.TemporaryDirectory() as tmp:
         ours, hf = build_pair(data, Path(tmp))
         batch = sentences(ours, batches(data, 1, scale.batch_size, 64, tokenizer=tmp)[0])
@@ -166,7 +193,9 @@ def run(scale: Scale, data: Path) -> list[dict[str, Any]]:
         delta = abs(float(ours.training_loss(batch)) - float(hf(**inputs).loss))
     if delta > 1e-3:
         raise RuntimeError(f"mmlm and transformers losses differ by {delta:.2e}: not the same computation")
-    coco = None if scale.name == "toy" else packed_inputs(ours, hf, batch.images, scale)
+    packs = [] if scale.name == "toy" else [
+        (what, packed_inputs(ours, hf, batch.images, scale, make))
+        for what, make in (("COCO-like captions", coco_like_batch), ("VQA-like questions", vqa_like_batch))]
     set_train(ours, hf)
     mine = train_steps(lambda: ours.training_loss(batch), trainable(ours))
     theirs = train_steps(lambda: hf(**inputs).loss, trainable(hf))
@@ -174,4 +203,4 @@ def run(scale: Scale, data: Path) -> list[dict[str, Any]]:
                          "reference": lambda: step_times(theirs, scale.warmup, scale.steps)}, scale.repeats)
     first = row(f"BLIP-2 stage-2 train step (batch {scale.batch_size})", seconds["mmlm"] * 1e3,
                 seconds["reference"] * 1e3, "ms/step", seconds["mmlm"] / seconds["reference"], "<= 1.0")
-    return [first] if coco is None else [first, packed_row(ours, hf, *coco, scale)]
+    return [first] + [packed_row(ours, hf, *pair, scale, what) for what, pair in packs]
