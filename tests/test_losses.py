@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 
 import pytest
@@ -161,7 +162,8 @@ def _loss_and_grads(image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor |
 
 
 def _gather_worker(rank: int, store: str, results: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))  # a lost peer fails the test, never hangs it
     try:
         batch, local = _full_batch(), slice(3 * rank, 3 * rank + 3)
         result = {"rank_world": rank_and_world()}

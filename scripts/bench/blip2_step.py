@@ -11,8 +11,8 @@ optimizer step, zero grad.
 Second and third rows, packed batches: captions whose lengths follow COCO's (a log-normal around a median of 10 words,
 a long tail to 48; :func:`coco_like_batch`, random words of the vocabulary after the prompt "a picture of"), and VQA
 sentences (:func:`vqa_like_batch`: questions of VQAv2-like lengths, median 6 words, and answers of 1–3 words, the
-loss on the answer only), one per row right-padded for transformers, packed first-fit into rows of twice the padded batch's width for mmlm
-(``datamodules.pipeline.prefix_sentences.pack_sentences``, what ``ImageTextDataModule(pack_tokens=…)`` does). Real
+loss on the answer only), one per row right-padded for transformers, packed first-fit into rows of twice the padded
+batch's width for mmlm (``datamodules.pipeline.prefix_sentences.pack_sentences``, what ``ImageTextDataModule(pack_tokens=…)`` does). Real
 (non-padding) tokens per second of the whole step; both sides' losses agree first (the packed loss equals the
 padded one).
 """
@@ -20,6 +20,7 @@ padded one).
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,13 +127,17 @@ def log_normal_lengths(size: int, median: float, sigma: float, low: int, high: i
     return [int(n) for n in lengths.clamp(low, high)]
 
 
+def random_words(tokenizer: Any, count: int, g: torch.Generator) -> list[int]:
+    """``count`` random token ids of ``tokenizer``'s vocabulary (past the special ids 0–2, before the last id)."""
+    return torch.randint(3, len(tokenizer) - 1, (count,), generator=g).tolist()
+
+
 def coco_like_batch(ours: Blip2, images: torch.Tensor, size: int, seed: int = 0) -> SentenceBatch:
     """``size`` caption sentences ``<image>×M [bos] a picture of <caption> eos`` with COCO-like caption lengths
     (log-normal, median 10 words, clipped to 5–48) of random words."""
     tok, g = ours.tokenizer, torch.Generator().manual_seed(seed)
     prompt = [tok.bos_token_id] + tok("a picture of", add_special_tokens=False)["input_ids"]
-    words = lambda n: torch.randint(3, len(tok) - 1, (n,), generator=g).tolist()  # noqa: E731
-    return sentence_batch(ours, images, [(prompt, words(n) + [tok.eos_token_id])
+    return sentence_batch(ours, images, [(prompt, random_words(tok, n, g) + [tok.eos_token_id])
                                          for n in log_normal_lengths(size, 10.0, 0.35, 5, 48, g)])
 
 
@@ -141,16 +146,15 @@ def vqa_like_batch(ours: Blip2, images: torch.Tensor, size: int, seed: int = 0) 
     lengths (log-normal, median 6 words, clipped to 3–22), answers of 1–3 words (1 most often, as in VQAv2), the
     loss on the answer and eos only."""
     tok, g = ours.tokenizer, torch.Generator().manual_seed(seed)
-    words = lambda n: torch.randint(3, len(tok) - 1, (n,), generator=g).tolist()  # noqa: E731
     question, answer = (tok(text, add_special_tokens=False)["input_ids"] for text in ("Question:", "Answer:"))
     answers = torch.multinomial(torch.tensor([0.7, 0.2, 0.1]), size, replacement=True, generator=g) + 1
-    return sentence_batch(ours, images, [([tok.bos_token_id] + question + words(n) + answer,
-                                          words(int(a)) + [tok.eos_token_id])
+    return sentence_batch(ours, images, [([tok.bos_token_id] + question + random_words(tok, n, g) + answer,
+                                          random_words(tok, int(a), g) + [tok.eos_token_id])
                                          for n, a in zip(log_normal_lengths(size, 6.0, 0.35, 3, 22, g), answers)])
 
 
 def packed_inputs(ours: Blip2, hf: Blip2ForConditionalGeneration, images: torch.Tensor, scale: Scale,
-                  make: Any = coco_like_batch) -> tuple[SentenceBatch, SentenceBatch]:
+                  make: Callable[..., SentenceBatch] = coco_like_batch) -> tuple[SentenceBatch, SentenceBatch]:
     """Rows of ``make`` (:func:`coco_like_batch`, :func:`vqa_like_batch`) padded (transformers) and packed (mmlm)
     into rows of twice the padded width; the two losses must agree (call before either side trains)."""
     padded = make(ours, images.cpu(), max(scale.batch_size, 8))
