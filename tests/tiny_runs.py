@@ -56,6 +56,14 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(header + data.numpy().tobytes()).hexdigest()
 
 
+def abort_once(fault: dict[str, Any] | None, rank: int) -> None:
+    """Fault injection for the launcher's test: ``{"rank", "marker"}`` aborts that rank (SIGABRT, as glibc on a
+    double free) the first time, when ``marker`` does not exist yet (it is created first)."""
+    if fault is not None and fault["rank"] == rank and not Path(fault["marker"]).exists():
+        Path(fault["marker"]).touch()
+        os.abort()
+
+
 class WeightDigest(pl.Callback):
     """Write ``out_dir/rank{r}.json``: ``{"rank", "world_size", "global_step", "start", "end", "trainable",
     "frozen"}`` with ``start``/``end`` a digest (:func:`tensor_digest`) per state-dict tensor at the start and the
@@ -64,11 +72,14 @@ class WeightDigest(pl.Callback):
 
     Args:
         out_dir: directory that receives one file per rank.
+        abort_once: fault injection for the launcher's test (:func:`abort_once`), at the start of training, when
+            the process group exists.
     """
 
-    def __init__(self, out_dir: str) -> None:
+    def __init__(self, out_dir: str, abort_once: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.out_dir = Path(out_dir)
+        self.abort = abort_once
         self.start: dict[str, str] = {}
 
     @staticmethod
@@ -82,6 +93,7 @@ class WeightDigest(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start = self.digests(pl_module)
+        abort_once(self.abort, trainer.global_rank)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         averaged = tuple(getattr(pl_module, "ema_prefixes", ()))  # no gradient, but moved by an EMA (DINO's teacher)
@@ -97,7 +109,8 @@ class WeightDigest(pl.Callback):
 def fit_args(job: dict[str, Any], devices: int, digest_dir: Path, common: list[str]) -> list[str]:
     """``mmlm fit`` arguments of one job: ``configs/tiny/<config>.yaml`` with its strategy, the devices, the digest
     callback, the common arguments, then the job's own."""
-    callback = {"class_path": "tiny_runs.WeightDigest", "init_args": {"out_dir": str(digest_dir)}}
+    callback = {"class_path": "tiny_runs.WeightDigest",
+                "init_args": {"out_dir": str(digest_dir), "abort_once": job.get("abort_once")}}
     config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / f"{job['config']}.yaml"
     return ["fit", "--config", str(config), "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
             f"--trainer.strategy={job['strategy']}", f"--trainer.callbacks+={json.dumps(callback)}", *common,
@@ -106,7 +119,7 @@ def fit_args(job: dict[str, Any], devices: int, digest_dir: Path, common: list[s
 
 def run_jobs(spec_file: Path) -> None:
     """Fit every job of ``spec_file`` (JSON ``{"out", "common": [args], "jobs": [{"name", "config", "strategy",
-    "args"}]}``) in turn on this rank; after each, write ``out/<name>/status-rank{r}.json`` (``status`` "ok" or the
+    "args", optional "abort_once" (:func:`abort_once`)}]}``) in turn on this rank; after each, write ``out/<name>/status-rank{r}.json`` (``status`` "ok" or the
     error, ``seconds``), then wait for every rank."""
     from mmlm.app.cli import main
 
