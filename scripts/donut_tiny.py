@@ -2,14 +2,15 @@
 
 1. Render SynthDoG-style pages and CORD-like receipts (``datamodules.synthetic.documents``; skipped when present).
    Both stages use the pages' tokenizer (trained on their words, the menu names, digits and punctuation).
-2. Reading pretraining (``configs/tiny/donut_read.yaml``): a small DonutSwin + 2-layer MBart learn to write a
-   page's text after ``<s_synthdog>``; the model is exported in transformers' layout (``to_hf``).
-3. Extraction finetuning (``configs/tiny/donut_cord.yaml``): ``Donut.from_hf`` of that export, the receipts' field
+2. Reading pretraining (``configs/tiny/donut_read.yaml``): a narrow timm CNN with 2D sin-cos positions + a 2-layer
+   MBart learn to write a page's text after ``<s_synthdog>``; ``export_dir`` receives its weights and added tokens
+   (``weights.pt``: a timm CNN has no transformers layout).
+3. Extraction finetuning (``configs/tiny/donut_cord.yaml``) from that file (``init_from``), the receipts' field
    tokens added by the datamodule, trained to emit the receipt JSON after ``<s_cord-v2>``.
 
 Prints held-out TED accuracy, field F1 and normalised edit distance beside the trivial baseline (the training
 set's most common JSON for every receipt) and writes ``OUT_DIR/results.json``.
-Usage: ``python scripts/donut_tiny.py [--read-steps 2000] [--cord-steps 1000] …`` (``--help``).
+Usage: ``python scripts/donut_tiny.py [--read-steps 1000] [--cord-steps 1000] …`` (``--help``).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def val_metrics(cli: Any) -> dict[str, float]:
 
 
 def run_donut_tiny(data_dir: str | Path = "data/donut", out_dir: str | Path = "runs/donut_tiny",
-                   train_docs: int = 4000, train_receipts: int = 4000, val_docs: int = 128, read_steps: int = 2000,
+                   train_docs: int = 4000, train_receipts: int = 4000, val_docs: int = 128, read_steps: int = 1000,
                    cord_steps: int = 1000, batch_size: int = 16, val_batches: int = 8, workers: int = 1,
                    threads: int = 1, seed: int = 0) -> dict[str, Any]:
     """Run data → reading pretraining → extraction finetuning; returns (and writes) the numbers of the table.
@@ -79,14 +80,14 @@ def run_donut_tiny(data_dir: str | Path = "data/donut", out_dir: str | Path = "r
     docs = ensure_documents(data_dir / "docs", "docs", train_docs, val_docs, seed)
     receipts = ensure_documents(data_dir / "receipts", "receipts", train_receipts, val_docs, seed)
     export = out_dir / "read" / "export"
+    tokenizer = ["--model.init_args.tokenizer", str(docs / "tokenizer")]
     start = time.time()
     read = lightning_cli([*stage_args("donut_read.yaml", docs, out_dir / "read", read_steps, val_batches, batch_size,
-                                      workers),
-                          "--model.init_args.tokenizer", str(docs / "tokenizer"),
-                          "--model.init_args.export_dir", str(export)])
+                                      workers), *tokenizer, "--model.init_args.export_dir", str(export)])
+    weights = export / "weights.pt"
     middle = time.time()
     cord = lightning_cli([*stage_args("donut_cord.yaml", receipts, out_dir / "cord", cord_steps, val_batches,
-                                      batch_size, workers), "--model.init_args.name_or_path", str(export)])
+                                      batch_size, workers), *tokenizer, "--model.init_args.init_from", str(weights)])
     evaluated = min(val_docs, val_batches * batch_size)
     baseline = most_common_json_baseline([p for parses in read_ground_truths(receipts / "shards" / "train")
                                           for p in parses[:1]],

@@ -38,8 +38,8 @@ def test_donut_tiny_runs_both_stages_and_prints_the_table(tmp_path, capsys, monk
         assert math.isfinite(results[stage]["ned"])
     assert 0.0 <= results["read"]["ned"] <= 1.0
     assert set(results["baseline_json"]) == {"menu", "sub_total", "total"}
-    export = out / "read" / "export"
-    assert (export / "config.json").is_file() and (export / "processor_config.json").is_file()
+    weights = torch.load(out / "read" / "export" / "weights.pt", weights_only=True)  # stage 2's init_from
+    assert weights["donut_added_tokens"][0] == "<s_synthdog>" and "encoder.model.conv1.0.weight" in weights["state_dict"]
     rows = [json.loads(line) for line in next((out / "cord").rglob("val-documents-step3.jsonl")).read_text().splitlines()]
     assert len(rows) == 4 and all("prediction" in row and row["references"] for row in rows)
 
@@ -60,7 +60,8 @@ def test_predict_from_the_finetuned_checkpoint_writes_json_per_receipt(tmp_path,
     assert main(["predict", "--config", str(SCRIPT.parents[1] / "configs" / "tiny" / "donut_cord.yaml"),
                  "--ckpt_path", str(checkpoint), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
                  "--trainer.default_root_dir", str(tmp_path / "predict"),
-                 "--model.init_args.name_or_path", str(out / "read" / "export"),
+                 "--model.init_args.tokenizer", str(data / "docs" / "tokenizer"),
+                 "--model.init_args.init_from", str(out / "read" / "export" / "weights.pt"),
                  "--model.init_args.predictions_dir", str(tmp_path / "predict"), "--data.init_args.predict", predict,
                  "--data.init_args.train_path", str(data / "receipts" / "shards" / "train"),
                  "--data.init_args.val_path", str(data / "receipts" / "shards" / "validation"),

@@ -114,6 +114,13 @@ def donut_from_hf(cls: type[Donut], name_or_path: str, tokenizer: str | None = N
     return model
 
 
+def hf_exportable(model: Donut) -> bool:
+    """Whether every part has a place in ``VisionEncoderDecoderModel`` (an ``HFVisionEncoder`` read at its last
+    layer, a ``CrossAttentionLM``)."""
+    return (isinstance(model.encoder, HFVisionEncoder) and model.encoder.layer == -1
+            and isinstance(model.decoder, CrossAttentionLM))
+
+
 def _check_exportable(model: Donut) -> None:
     """Raise ``TypeError`` when a part has no place in ``VisionEncoderDecoderModel``."""
     if not (isinstance(model.encoder, HFVisionEncoder) and model.encoder.layer == -1):

@@ -34,6 +34,24 @@ def map_to_tokens(x: torch.Tensor, fmt: str = "NCHW") -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+def sincos_2d(height: int, width: int, dim: int, dtype: torch.dtype = torch.float32,
+              device: torch.device | str | None = None) -> torch.Tensor:
+    """Fixed 2D sin-cos positions of an ``height × width`` grid, row-major as :func:`map_to_tokens` flattens it:
+    ``[height·width, dim]``; the first half of the channels encode the row, the second half the column, each as
+    ``sin`` then ``cos`` of the index times ``10000^(-i / (dim/4))``, ``i < dim/4`` (MAE's 2D sin-cos embedding).
+
+    Raises:
+        ValueError: ``dim`` is not a multiple of 4.
+    """
+    if dim % 4:
+        raise ValueError(f"2D sin-cos positions need a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
+    rows = torch.arange(height, dtype=torch.float64, device=device).repeat_interleave(width)[:, None] * omega
+    cols = torch.arange(width, dtype=torch.float64, device=device).repeat(height)[:, None] * omega
+    return torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1).to(dtype)
+
+
 def grad_context(frozen: bool) -> contextlib.AbstractContextManager:
     """``torch.no_grad()`` for a frozen encoder, a no-op otherwise."""
     return torch.no_grad() if frozen else contextlib.nullcontext()

@@ -26,9 +26,11 @@ from torch import nn
 from typing_extensions import Unpack
 
 from mmlm.batch import Batch
-from mmlm.convert.donut_hf import donut_from_hf, donut_to_hf
+from mmlm.checkpointing import load_checkpoint_file
+from mmlm.convert.donut_hf import donut_from_hf, donut_to_hf, hf_exportable
 from mmlm.data_spec import DataSpec
 from mmlm.encoders.base import VisionEncoder
+from mmlm.hub import load_state_dict_strict
 from mmlm.language.base import LMOutput
 from mmlm.language.cross_attention import CrossAttentionLM
 from mmlm.lora import LoRA
@@ -37,6 +39,8 @@ from mmlm.models.documents import DocumentModule
 from mmlm.tokenizers import load_tokenizer
 
 ADDED_TOKENS_KEY = "donut_added_tokens"
+#: what ``on_fit_end`` writes under ``export_dir`` for a model without a transformers layout (``init_from`` loads it)
+WEIGHTS_FILE = "weights.pt"
 
 
 def prompt_groups(prompt_mask: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -58,14 +62,19 @@ class Donut(DocumentModule):
         align_long_axis: the datamodule rotates a document by 90° when its long axis disagrees with the input
             size's (Donut's ``do_align_long_axis``).
         suppress_unk: never generate ``<unk>`` (Donut's ``bad_words_ids``).
-        export_dir: where ``on_fit_end`` writes the trained model in transformers' layout (:meth:`to_hf`), e.g.
-            the reading-pretrained model that the extraction finetuning then loads with :meth:`from_hf`.
+        export_dir: where ``on_fit_end`` writes the trained model: in transformers' layout (:meth:`to_hf`) when
+            its parts have one, e.g. the reading-pretrained model that the extraction finetuning then loads with
+            :meth:`from_hf`; otherwise (a timm CNN encoder) ``export_dir/weights.pt`` for ``init_from``
+            (:meth:`save_weights`).
+        init_from: a Lightning checkpoint (or :meth:`save_weights` file) of a Donut with the same parts whose
+            weights start this module: its added tokens are added first, in their order, then its weights are
+            loaded strictly.
         **kwargs: optimisation and evaluation settings of :class:`~mmlm.models.base.MultimodalModule`.
     """
 
     def __init__(self, encoder: VisionEncoder, decoder: CrossAttentionLM, tokenizer: str,
                  align_long_axis: bool = False, suppress_unk: bool = True, export_dir: str | None = None,
-                 **kwargs: Any) -> None:
+                 init_from: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()  # Donut.from_hf records its own arguments instead (record_builder)
         self.encoder, self.decoder = encoder, decoder
@@ -74,6 +83,10 @@ class Donut(DocumentModule):
         self.tokenizer = load_tokenizer(tokenizer)
         self.added_tokens: list[str] = []
         self._fit_vocabulary()
+        if init_from is not None:
+            checkpoint = load_checkpoint_file(init_from)
+            self.add_tokens(checkpoint.get(ADDED_TOKENS_KEY, []))
+            load_state_dict_strict(self, checkpoint["state_dict"], init_from)
 
     @classmethod
     def from_hf(cls, name_or_path: str, tokenizer: str | None = None, image_size: tuple[int, int] | None = None,
@@ -118,13 +131,32 @@ class Donut(DocumentModule):
         ``state_dict``: this module's weights as gathered from FSDP2 shards, written instead of its own."""
         donut_to_hf(self, directory, state_dict)
 
+    @property
+    def exports_to_hf(self) -> bool:
+        """Whether :meth:`to_hf` can write this model (its parts have a place in ``VisionEncoderDecoderModel``)."""
+        return hf_exportable(self)
+
+    def save_weights(self, directory: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
+        """Write ``directory/weights.pt``: ``{"state_dict", "donut_added_tokens"}`` (``state_dict``'s tensors when
+        given, as gathered from FSDP2 shards), which ``init_from`` loads with ``weights_only=True``; returns it."""
+        state = self.state_dict() if state_dict is None else state_dict
+        path = Path(directory) / WEIGHTS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": {k: v.detach().cpu() for k, v in state.items()},
+                    ADDED_TOKENS_KEY: list(self.added_tokens)}, path)
+        return path
+
     def on_fit_end(self) -> None:
-        """Export to ``export_dir`` when one is set (rank zero writes; every rank gathers sharded weights)."""
+        """Export to ``export_dir`` when one is set: :meth:`to_hf`, or :meth:`save_weights` for parts without a
+        transformers layout (rank zero writes; every rank gathers sharded weights)."""
         if self.export_dir is None:
             return
         state = self.gathered_state_dict()
         if self.trainer.is_global_zero:
-            self.to_hf(self.export_dir, state)
+            if self.exports_to_hf:
+                self.to_hf(self.export_dir, state)
+            else:
+                self.save_weights(self.export_dir, state)
 
     # --- vocabulary ----------------------------------------------------------------------------
     def data_spec(self) -> DataSpec:

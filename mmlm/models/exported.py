@@ -284,7 +284,8 @@ def load_checkpoint(checkpoint_path: str | Path, config_file: str | Path | None 
 def export(checkpoint_path: str | Path, out: str | Path, config_file: str | Path | None = None,
            fmt: str = "auto") -> dict[str, Any]:
     """``mmlm export``: the checkpoint's module written to ``out`` as Hugging Face files (``fmt="hf"``: BLIP-2 and
-    Donut) or a self-contained mmlm directory (``"mmlm"``); ``"auto"``: Hugging Face where the family has it.
+    Donut) or a self-contained mmlm directory (``"mmlm"``); ``"auto"``: Hugging Face where the family has it and
+    the model's parts fit it (``exports_to_hf``: not a Donut with a timm CNN encoder).
 
     Returns:
         A summary: ``out``, ``format``, ``family``, ``global_step``.
@@ -294,7 +295,7 @@ def export(checkpoint_path: str | Path, out: str | Path, config_file: str | Path
     model = load_checkpoint(checkpoint_path, config_file)
     step = int(load_checkpoint_file(checkpoint_path).get("global_step", 0))
     source = {"checkpoint": str(Path(checkpoint_path).resolve()), "global_step": step}
-    use_hf = fmt == "hf" or (fmt == "auto" and hasattr(model, "to_hf"))
+    use_hf = fmt == "hf" or (fmt == "auto" and getattr(model, "exports_to_hf", hasattr(model, "to_hf")))
     out = Path(out)
     if use_hf:
         if not hasattr(model, "to_hf"):

@@ -307,3 +307,39 @@ def test_hf_sub_config_missing_from_automodel_uses_its_named_class(monkeypatch) 
                               model_type="blip_2_vision_model")
     assert isinstance(encoder.model, transformers.Blip2VisionModel)
     assert encoder(torch.randn(1, 3, 32, 32)).shape == (1, 5, 32)
+
+
+# ---- 2D sin-cos positions on CNN feature maps ---------------------------------------------------------------------
+
+
+def test_sincos_2d_by_hand() -> None:
+    from mmlm.encoders.common import sincos_2d
+
+    table = sincos_2d(2, 3, 8)  # 4 channels per axis: sin, sin, cos, cos of index × (1, 1/100)
+    assert table.shape == (6, 8)
+    s, c = torch.sin, torch.cos
+    one, two, hundredth, fiftieth = torch.tensor(1.0), torch.tensor(2.0), torch.tensor(0.01), torch.tensor(0.02)
+    row1_col1 = torch.stack([s(one), s(hundredth), c(one), c(hundredth), s(one), s(hundredth), c(one), c(hundredth)])
+    row0_col2 = torch.stack([torch.tensor(0.0), torch.tensor(0.0), torch.tensor(1.0), torch.tensor(1.0),
+                             s(two), s(fiftieth), c(two), c(fiftieth)])
+    torch.testing.assert_close(table[1 * 3 + 1], row1_col1)  # row-major, as map_to_tokens flattens
+    torch.testing.assert_close(table[0 * 3 + 2], row0_col2)
+    with pytest.raises(ValueError, match="divisible by 4, got 6"):
+        sincos_2d(2, 3, 6)
+
+
+def test_timm_cnn_sincos_positions_are_added_per_grid_cell() -> None:
+    from mmlm.encoders.common import sincos_2d
+
+    torch.manual_seed(0)
+    encoder = TimmEncoder(**{**TIMM_RESNET, "img_size": (64, 96)}, sincos_positions=True)
+    assert encoder.preprocess.size == (64, 96) and encoder.num_tokens == 2 * 3  # output stride 32: a 2×3 grid
+    x = torch.randn(2, 3, 64, 96)
+    with_positions = encoder(x)
+    encoder.sincos_positions = False
+    torch.testing.assert_close(with_positions - encoder(x), sincos_2d(2, 3, 64).expand(2, -1, -1))
+
+
+def test_timm_sincos_positions_refused_for_token_models() -> None:
+    with pytest.raises(ValueError, match="sincos_positions is for CNN feature maps"):
+        TimmEncoder(**TIMM_VIT, sincos_positions=True)

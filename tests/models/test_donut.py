@@ -9,6 +9,7 @@ import json
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 from mmlm.batch import Batch
@@ -232,3 +233,58 @@ def test_docvqa_answers_are_parsed_beside_their_question_and_scored_alone(tokeni
     assert rows[0]["prediction"] == {"question": "Total", "answer": "12.50"} and rows[1]["prediction"] == {"question": "Total"}
     metrics = evaluator.finish(model, "val", ResultFiles(tmp_path, "val", 0))
     assert metrics == {"anls": 0.5, "exact_match": 0.5}  # the unclosed answer of row 1 is no answer: 0, not 0.79
+
+
+def cnn_donut(tokenizer_dir, **kwargs) -> Donut:
+    """A tiny Donut over a timm CNN with 2D sin-cos positions (the tiny recipe's parts): no transformers layout."""
+    from mmlm.encoders import TimmEncoder
+
+    torch.manual_seed(0)
+    encoder = TimmEncoder("resnet10t", img_size=32, sincos_positions=True,
+                          model_kwargs={"channels": [8, 16, 32, 32], "stem_width": 8, "output_stride": 16})
+    return Donut(encoder, CrossAttentionLM(config=MBART), tokenizer=str(tokenizer_dir), **kwargs)
+
+
+def test_a_cnn_donut_exports_weights_that_init_from_loads_with_its_tokens_first(tokenizer_dir, tmp_path):
+    """``export_dir`` of a Donut with no transformers layout → ``weights.pt``; a fresh module built with
+    ``init_from`` of it adds the tokens in their order, holds the same weights and gives the same loss, and goes on
+    to add the next stage's tokens; a file of other parts is refused by key; ``mmlm export`` picks the mmlm format."""
+    from mmlm.models.exported import export, load_exported
+
+    model = cnn_donut(tokenizer_dir)
+    assert not model.exports_to_hf and make_donut(tokenizer_dir).exports_to_hf
+    with pytest.raises(TypeError, match="HFVisionEncoder"):
+        model.to_hf(tmp_path / "hf")
+    model.add_tokens(["<s_synthdog>", "<sep/>"])
+    with torch.no_grad():
+        model.encoder.model.conv1[0].weight.mul_(3.0)  # differs from a fresh module's
+    path = model.save_weights(tmp_path / "read")
+    assert path == tmp_path / "read" / "weights.pt"
+    stage2 = cnn_donut(tokenizer_dir, init_from=str(path))
+    assert stage2.added_tokens == ["<s_synthdog>", "<sep/>"]
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(stage2.state_dict()[name], value, msg=name)
+    stage2.add_tokens(FIELDS)  # <sep/> is there already
+    assert stage2.added_tokens == ["<s_synthdog>", "<sep/>", *FIELDS[:-1]]
+    model.add_tokens(FIELDS)
+    torch.testing.assert_close(stage2.training_loss(doc_batch(stage2, DOCS)), model.training_loss(doc_batch(model, DOCS)))
+    with pytest.raises(RuntimeError, match="encoder"):
+        Donut(HFVisionEncoder(model_type="donut-swin", config=SWIN), CrossAttentionLM(config=MBART),
+              tokenizer=str(tokenizer_dir), init_from=str(path))
+
+    checkpoint = tmp_path / "stage2.ckpt"
+    trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(
+        stage2, train_dataloaders=DataLoader([doc_batch(stage2, DOCS)], batch_size=None, collate_fn=lambda b: b))
+    stage2.trainer.save_checkpoint(checkpoint)
+    config = tmp_path / "donut.yaml"  # the module was built in Python: export reads its parts from a config
+    config.write_text(yaml.safe_dump({"model": {"class_path": "mmlm.models.Donut", "init_args": {
+        "tokenizer": str(tokenizer_dir), "init_from": str(path), "encoder": {
+            "class_path": "mmlm.encoders.TimmEncoder", "init_args": {
+                "name": "resnet10t", "img_size": 32, "sincos_positions": True,
+                "model_kwargs": {"channels": [8, 16, 32, 32], "stem_width": 8, "output_stride": 16}}},
+        "decoder": {"class_path": "mmlm.language.CrossAttentionLM", "init_args": {"config": MBART}}}}}))
+    summary = export(checkpoint, tmp_path / "export", config)
+    assert summary["format"] == "mmlm"
+    reloaded = load_exported(tmp_path / "export")
+    for name, value in stage2.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], value, msg=name)
