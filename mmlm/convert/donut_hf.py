@@ -115,10 +115,12 @@ def donut_from_hf(cls: type[Donut], name_or_path: str, tokenizer: str | None = N
 
 
 def hf_exportable(model: Donut) -> bool:
-    """Whether every part has a place in ``VisionEncoderDecoderModel`` (an ``HFVisionEncoder`` read at its last
-    layer, a ``CrossAttentionLM``)."""
-    return (isinstance(model.encoder, HFVisionEncoder) and model.encoder.layer == -1
-            and isinstance(model.decoder, CrossAttentionLM))
+    """Whether every part has a place in ``VisionEncoderDecoderModel`` (:func:`_check_exportable` passes)."""
+    try:
+        _check_exportable(model)
+    except TypeError:
+        return False
+    return True
 
 
 def _check_exportable(model: Donut) -> None:

@@ -38,7 +38,8 @@ def sincos_2d(height: int, width: int, dim: int, dtype: torch.dtype = torch.floa
               device: torch.device | str | None = None) -> torch.Tensor:
     """Fixed 2D sin-cos positions of an ``height × width`` grid, row-major as :func:`map_to_tokens` flattens it:
     ``[height·width, dim]``; the first half of the channels encode the row, the second half the column, each as
-    ``sin`` then ``cos`` of the index times ``10000^(-i / (dim/4))``, ``i < dim/4`` (MAE's 2D sin-cos embedding).
+    ``sin`` then ``cos`` of the index times ``10000^(-i / (dim/4))``, ``i < dim/4`` (the frequencies of MAE's 2D
+    sin-cos table; MAE puts the column's half first, so the tables are not interchangeable).
 
     Raises:
         ValueError: ``dim`` is not a multiple of 4.
