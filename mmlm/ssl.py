@@ -128,9 +128,14 @@ class DinoLoss(nn.Module):
     def forward(self, student: Tensor, teacher: Tensor, teacher_temp: float) -> Tensor:
         """``student [V, B, K]`` logits of every view (the G global views first), ``teacher [G, B, K]`` → scalar."""
         log_p = F.log_softmax(student.float() / self.student_temp, dim=-1)
-        q = F.softmax((teacher.float() - self.center) / teacher_temp, dim=-1).detach()
+        q = self.teacher_probs(teacher, teacher_temp)
         terms = [(-q[t] * log_p[v]).sum(-1).mean() for t in range(q.shape[0]) for v in range(log_p.shape[0]) if v != t]
         return torch.stack(terms).mean()
+
+    @torch.no_grad()
+    def teacher_probs(self, teacher: Tensor, teacher_temp: float) -> Tensor:
+        """Centred, sharpened teacher targets: ``softmax((teacher − centre)/τ_t)``, ``[..., K]`` → ``[..., K]``."""
+        return F.softmax((teacher.float() - self.center) / teacher_temp, dim=-1)
 
     @torch.no_grad()
     def update_center(self, teacher: Tensor) -> None:
@@ -142,6 +147,20 @@ class DinoLoss(nn.Module):
             dist.all_reduce(total)
             dist.all_reduce(count)
         self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
+
+
+@torch.no_grad()
+def target_entropies(q: Tensor) -> tuple[Tensor, Tensor]:
+    """Collapse monitor of teacher targets ``q [..., K]`` (rows sum to 1): the mean entropy of one row and the
+    entropy of the mean row, in nats.
+
+    Learning: the first low (each image its own sharp target), the second high (images spread over prototypes).
+    Uniform collapse (centring wins): both reach ``ln K``. One-prototype collapse (sharpening wins): both reach 0.
+    """
+    rows = q.reshape(-1, q.shape[-1]).float()
+    per_row = -(rows * rows.clamp_min(1e-12).log()).sum(-1).mean()
+    mean = rows.mean(0)
+    return per_row, -(mean * mean.clamp_min(1e-12).log()).sum()
 
 
 def cosine_schedule(start: float, end: float, step: int, total: int) -> float:

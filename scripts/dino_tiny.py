@@ -5,18 +5,20 @@
    a copy of the student at step 0): weighted k-NN (k=20, T=0.07) of the class token, train images as the bank, held-out
    images as queries, for the shape and the colour named in the caption (images whose caption names one shape / one
    colour only).
-3. Train DINO for ``--steps`` steps and validate the teacher again; print both beside the majority-class baseline and
-   write ``OUT_DIR/results.json``. The teacher's backbone is written before training
+3. Train DINO for ``--steps`` steps and validate the teacher again; print both beside the majority-class baseline,
+   and the teacher targets' entropies at the last step beside ``ln K`` (the collapse check), and write
+   ``OUT_DIR/results.json``. The teacher's backbone is written before training
    (``OUT_DIR/random_backbone.safetensors``) and after (``OUT_DIR/backbone.safetensors``): ``scripts/blip2_tiny.py
    --vision-backbone FILE`` freezes either in BLIP-2.
 
-Usage: ``python scripts/dino_tiny.py [--steps 300] [--train 2000] [--val 300] [--out runs/tiny/dino_recipe]``.
+Usage: ``python scripts/dino_tiny.py [--steps 1500] [--train 2000] [--val 300] [--out runs/tiny/dino_recipe]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -47,7 +49,7 @@ def majority(datamodule) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--train", type=int, default=2000, help="training images rendered (also the k-NN bank)")
     parser.add_argument("--val", type=int, default=300, help="held-out query images")
     parser.add_argument("--data", type=Path, default=Path("data/dino_shapes"))
@@ -71,9 +73,15 @@ def main(argv: list[str] | None = None) -> dict:
     before = knn(trainer, model, data)
     baseline = majority(data)
     trainer.fit(model, datamodule=data)
+    entropies = {name: round(float(trainer.callback_metrics[f"train/{name}"]), 3)
+                 for name in ("teacher_entropy", "teacher_mean_entropy")}
     after = knn(trainer, model, data)
     results = {"steps": args.steps, "seconds": round(time.perf_counter() - started), "random_init": before,
-               "dino": after, "majority": baseline}
+               "dino": after, "majority": baseline, "last_step": entropies,
+               "ln_K": round(math.log(model.loss.center.shape[-1]), 3)}
+    print(f"teacher targets at the last step: entropy {entropies['teacher_entropy']:.2f} per image, "
+          f"{entropies['teacher_mean_entropy']:.2f} of the batch mean (ln K = {results['ln_K']:.2f}: both there is "
+          "the uniform collapse)")
     for name in after:
         print(f"k-NN top-1 {name:>6}: DINO {after[name]:.3f} | same ViT at random init {before.get(name, 0):.3f} | "
               f"majority class {baseline.get(name, 0):.3f}")

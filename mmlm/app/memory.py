@@ -302,10 +302,13 @@ def autocast(precision: str | None, device: torch.device) -> Any:
 
 
 def optimizer_of(model: nn.Module) -> torch.optim.Optimizer:
-    """The module's AdamW (decay groups of :func:`mmlm.models.base.param_groups`), at a negligible learning rate."""
+    """The module's AdamW (its ``optimizer_groups()``, else :func:`mmlm.models.base.param_groups`), at a negligible
+    learning rate."""
     from mmlm.models.base import param_groups
 
-    return torch.optim.AdamW(param_groups(model, getattr(model, "weight_decay", 0.0)), lr=1e-12,
+    groups = model.optimizer_groups() if callable(getattr(model, "optimizer_groups", None)) else \
+        param_groups(model, getattr(model, "weight_decay", 0.0))
+    return torch.optim.AdamW(groups, lr=1e-12,
                              betas=getattr(model, "betas", (0.9, 0.999)))
 
 

@@ -37,13 +37,14 @@ log = logging.getLogger(__name__)
 NO_DECAY_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(module: nn.Module, weight_decay: float, declared: bool = True) -> list[dict[str, Any]]:
     """Split trainable parameters into decay / no-decay groups.
 
-    Biases, 1-d parameters (norm scales, learned scalars) and embedding tables get no weight decay.
+    Biases, 1-d parameters (norm scales, learned scalars) and embedding tables get no weight decay; with ``declared``
+    neither do the parameters a submodule lists in ``no_weight_decay()`` (timm ViTs: ``pos_embed``, ``cls_token``).
     """
     decay, no_decay, seen = [], [], set()
-    named = declared_no_decay(module)
+    named = declared_no_decay(module) if declared else set()
     for sub in module.modules():
         for name, param in sub.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
@@ -297,11 +298,14 @@ class MultimodalModule(pl.LightningModule):
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     # --- training ------------------------------------------------------------------------------
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups, the decayed one first (:func:`param_groups`)."""
+        return param_groups(self, self.weight_decay)
+
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over decay/no-decay groups with warmup + ``schedule`` (cosine or linear decay), stepped every
         optimizer step."""
-        groups = param_groups(self, self.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        optimizer = torch.optim.AdamW(self.optimizer_groups(), lr=self.lr, betas=self.betas)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
         if not (0 < total < float("inf")):
             raise ValueError(

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from mmlm.encoders.base import VisionEncoder
 from mmlm.evaluation import Evaluation, KnnEvaluator
 from mmlm.hub import sub_state
-from mmlm.models.base import MultimodalModule
+from mmlm.models.base import MultimodalModule, param_groups
 from mmlm.ssl import (
     DinoHead,
     DinoLoss,
@@ -34,6 +34,7 @@ from mmlm.ssl import (
     cosine_schedule,
     ema_update_,
     linear_warmup,
+    target_entropies,
 )
 
 POOLING = ("cls", "mean")
@@ -59,7 +60,7 @@ class Dino(MultimodalModule):
         teacher_temp_warmup_steps: optimizer steps of the linear τ_t warm-up (30 epochs in the paper's ViT-S runs).
         center_momentum: EMA momentum of the centre.
         momentum_teacher: teacher EMA momentum at step 0 (cosine to 1 at the end).
-        weight_decay: AdamW weight decay at step 0 (not on norms, biases, class and position embeddings).
+        weight_decay: AdamW weight decay at step 0 (not on biases and 1-d parameters: :meth:`optimizer_groups`).
         weight_decay_end: weight decay at the end (cosine from ``weight_decay``).
         freeze_last_layer_steps: optimizer steps during which the head's last layer gets no update.
         clip_grad: per-parameter gradient-norm clip (0: none).
@@ -128,11 +129,18 @@ class Dino(MultimodalModule):
                              self.teacher_temp_warmup_steps)
 
     def training_loss(self, batch: MultiCropBatch) -> Tensor:
-        """DINO's loss over all (teacher global view, other student view) pairs; in training mode the centre then
-        moves towards this step's teacher mean (all ranks)."""
+        """DINO's loss over all (teacher global view, other student view) pairs. In training mode it logs the
+        teacher targets' entropies (``train/teacher_entropy`` per image, ``train/teacher_mean_entropy`` of the batch
+        mean: :func:`~mmlm.ssl.target_entropies`; both at ``ln K`` is the uniform collapse), then the centre moves
+        towards this step's teacher mean (all ranks)."""
         teacher = self.teacher_views(batch)
-        loss = self.loss(self.student_views(batch), teacher, self.current_teacher_temp())
+        temperature = self.current_teacher_temp()
+        loss = self.loss(self.student_views(batch), teacher, temperature)
         if self.training:
+            if self._trainer is not None:
+                per_image, batch_mean = target_entropies(self.loss.teacher_probs(teacher, temperature))
+                self.log_dict({"train/teacher_entropy": per_image, "train/teacher_mean_entropy": batch_mean},
+                              batch_size=len(batch))
             self.loss.update_center(teacher)
         return loss
 
@@ -145,6 +153,11 @@ class Dino(MultimodalModule):
     def on_train_start(self) -> None:
         self.total_steps = int(self.trainer.estimated_stepping_batches)
         self.ema_step = self.global_step
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """``main_dino.py``'s split (``utils.get_params_groups``): only biases and 1-d parameters go undecayed; the
+        class token and position embeddings, which timm lists in ``no_weight_decay()``, are decayed."""
+        return param_groups(self, self.weight_decay, declared=False)
 
     def on_train_batch_start(self, batch: MultiCropBatch, batch_idx: int) -> None:
         """The base's, then this step's weight decay (cosine) on the decayed parameter group."""

@@ -28,6 +28,7 @@ from mmlm.ssl import (
     cosine_schedule,
     ema_update_,
     linear_warmup,
+    target_entropies,
 )
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "dino.yaml"
@@ -65,6 +66,21 @@ def test_loss_equals_a_hand_computation():
     expected = sum(terms) / len(terms)
     got = loss_fn(torch.tensor(student)[:, None], torch.tensor(teacher)[:, None], teacher_temp=0.04)
     assert len(terms) == 4 and got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_target_entropies_tell_learning_from_either_collapse():
+    k = 8
+    uniform = torch.full((2, 4, k), 1 / k)  # centring won: every target is uniform
+    one_hot = torch.nn.functional.one_hot(torch.tensor([[3, 3, 3, 3]] * 2), k).float()  # sharpening won
+    spread = torch.nn.functional.one_hot(torch.tensor([[0, 1, 2, 3]] * 2), k).float()  # each image its own target
+    for q, (per_image, mean) in [(uniform, (math.log(k), math.log(k))), (one_hot, (0.0, 0.0)),
+                                 (spread, (0.0, math.log(4)))]:
+        got = target_entropies(q)
+        assert got[0].item() == pytest.approx(per_image, abs=1e-5) and got[1].item() == pytest.approx(mean, abs=1e-5)
+    loss_fn = DinoLoss(k)
+    loss_fn.center.fill_(0.5)
+    teacher = torch.randn(2, 4, k)
+    assert torch.allclose(loss_fn.teacher_probs(teacher, 0.02), torch.softmax((teacher - 0.5) / 0.02, -1))
 
 
 def free_port() -> int:
@@ -212,3 +228,17 @@ def test_tiny_config_fits_through_the_cli(shapes_data, tmp_path, monkeypatch):
                  "--model.init_args.backbone_file", str(backbone)])
     assert code == 0 and backbone.is_file()
     assert list(tmp_path.rglob("val-knn-step3.json"))
+
+
+def test_optimizer_groups_decay_what_main_dino_decays():
+    """``utils.get_params_groups``: biases and 1-d parameters undecayed, everything else (class token and position
+    embeddings included, which timm exempts elsewhere) decayed; the teacher in neither group."""
+    model = tiny_dino()
+    decayed, undecayed = ({id(p) for p in group["params"]} for group in model.optimizer_groups())
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i] for i in decayed} == {n for n, p in model.named_parameters()
+                                            if p.requires_grad and p.ndim > 1 and not n.endswith(".bias")}
+    assert {"encoder.model.cls_token", "encoder.model.pos_embed"} <= {names[i] for i in decayed}
+    assert {names[i] for i in undecayed} == {n for n, p in model.named_parameters()
+                                              if p.requires_grad and (p.ndim == 1 or n.endswith(".bias"))}
+    assert not any(names[i].startswith("teacher.") for i in decayed | undecayed)
