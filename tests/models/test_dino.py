@@ -4,6 +4,7 @@ trip, the multi-crop pipeline, and the tiny config fitting a few steps through t
 
 from __future__ import annotations
 
+import copy
 import math
 import socket
 import sys
@@ -242,3 +243,145 @@ def test_optimizer_groups_decay_what_main_dino_decays():
     assert {names[i] for i in undecayed} == {n for n, p in model.named_parameters()
                                               if p.requires_grad and (p.ndim == 1 or n.endswith(".bias"))}
     assert not any(names[i].startswith("teacher.") for i in decayed | undecayed)
+
+
+class ReferenceHead(torch.nn.Module):
+    """``main_dino.py``'s ``DINOHead`` (3 layers, no BN, ``norm_last_layer=True``) re-derived: an MLP, L2
+    normalisation, then a weight-normalised bias-free linear layer whose norm ``g`` is fixed to 1."""
+
+    def __init__(self, mlp: torch.nn.Sequential, prototypes: torch.Tensor) -> None:
+        super().__init__()
+        self.mlp = mlp
+        last = torch.nn.Linear(prototypes.shape[1], prototypes.shape[0], bias=False)
+        last.weight.data.copy_(prototypes)
+        self.last_layer = torch.nn.utils.parametrizations.weight_norm(last)
+        self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
+        self.last_layer.parametrizations.weight.original0.requires_grad = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(torch.nn.functional.normalize(self.mlp(x), dim=-1, p=2))
+
+
+def reference_dino_steps(backbone, head, batches, *, lr, min_lr, wd, wd_end, momentum, teacher_temp, clip,
+                         freeze_last_layer, student_temp=0.1, center_momentum=0.9):
+    """facebookresearch/dino ``train_one_epoch`` re-derived from ``main_dino.py`` and ``utils.py`` (one process, no
+    warm-ups, one iteration per batch): schedules indexed by the global iteration, ``MultiCropWrapper`` (crops of one
+    resolution batched together, the backbone's class token, one head call), ``DINOLoss`` (centre updated after the
+    loss), ``clip_gradients`` then ``cancel_gradients_last_layer``, AdamW over ``get_params_groups``, then the EMA.
+    Returns the student, the teacher and the centre."""
+    import numpy as np
+
+    def cosine(base, final, total):
+        iters = np.arange(total)
+        return final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, backbone, head):
+            super().__init__()
+            self.backbone, self.head = backbone, head
+
+        def forward(self, crops):
+            sizes = torch.tensor([c.shape[-1] for c in crops])
+            ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0)
+            out, start = [], 0
+            for end in ends.tolist():
+                out.append(self.backbone.forward_features(torch.cat(crops[start:end]))[:, 0])
+                start = end
+            return self.head(torch.cat(out))
+
+    student = Wrapper(backbone, head)
+    teacher = copy.deepcopy(student)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    regularized = [p for n, p in student.named_parameters() if p.requires_grad and not (n.endswith(".bias")
+                                                                                         or p.ndim == 1)]
+    not_regularized = [p for n, p in student.named_parameters() if p.requires_grad and (n.endswith(".bias")
+                                                                                          or p.ndim == 1)]
+    optimizer = torch.optim.AdamW([{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}])
+    total = len(batches)
+    lr_schedule, wd_schedule = cosine(lr, min_lr, total), cosine(wd, wd_end, total)
+    momentum_schedule = cosine(momentum, 1, total)
+    center = torch.zeros(1, head.last_layer.weight.shape[0])
+    for it, batch in enumerate(batches):
+        for i, group in enumerate(optimizer.param_groups):
+            group["lr"] = lr_schedule[it]
+            if i == 0:
+                group["weight_decay"] = wd_schedule[it]
+        images = [*batch.global_crops.unbind(1), *batch.local_crops.unbind(1)]
+        teacher_output = teacher(images[:2])
+        student_output = student(images)
+        student_out = (student_output / student_temp).chunk(len(images))
+        teacher_out = torch.softmax((teacher_output - center) / teacher_temp, dim=-1).detach().chunk(2)
+        terms = [torch.sum(-q * torch.log_softmax(student_out[v], dim=-1), dim=-1).mean()
+                 for iq, q in enumerate(teacher_out) for v in range(len(student_out)) if v != iq]
+        loss = sum(terms) / len(terms)
+        center = center * center_momentum + teacher_output.mean(0, keepdim=True) * (1 - center_momentum)
+        optimizer.zero_grad()
+        loss.backward()
+        for p in student.parameters():
+            if p.grad is not None:
+                clip_coef = clip / (p.grad.norm(2) + 1e-6)
+                if clip_coef < 1:
+                    p.grad.mul_(clip_coef)
+        if it < freeze_last_layer:
+            for n, p in student.named_parameters():
+                if "last_layer" in n:
+                    p.grad = None
+        optimizer.step()
+        with torch.no_grad():
+            for param_q, param_k in zip(student.parameters(), teacher.parameters()):
+                param_k.data.mul_(momentum_schedule[it]).add_((1 - momentum_schedule[it]) * param_q.detach().data)
+    return student, teacher, center
+
+
+def test_training_steps_equal_the_reference_dino_loop(tmp_path):
+    """Three optimizer steps of ``Dino`` through Lightning equal three iterations of the reference loop: student,
+    teacher and centre, with every schedule, the per-parameter clip and the frozen last layer acting."""
+    import pytorch_lightning as pl
+
+    settings = {"lr": 1e-3, "min_lr_ratio": 0.1, "weight_decay": 0.04, "weight_decay_end": 0.4,
+                "momentum_teacher": 0.9, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04, "clip_grad": 0.3,
+                "freeze_last_layer_steps": 1}
+    model = tiny_dino(warmup_steps=0, betas=(0.9, 0.999), **settings)
+    initial = copy.deepcopy(model)
+    reference_head = ReferenceHead(copy.deepcopy(model.head.mlp), model.head.last_layer.weight_v.detach().clone())
+    reference_backbone = copy.deepcopy(model.encoder.model)
+    torch.manual_seed(1)
+    batches = [MultiCropBatch(torch.randn(4, 2, 3, 32, 32), torch.randn(4, 3, 3, 16, 16)) for _ in range(3)]
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, train_dataloaders=loader)
+
+    student, teacher, center = reference_dino_steps(
+        reference_backbone, reference_head, batches, lr=1e-3, min_lr=1e-4, wd=0.04, wd_end=0.4, momentum=0.9,
+        teacher_temp=0.04, clip=0.3, freeze_last_layer=1)
+    assert torch.allclose(model.loss.center, center, atol=1e-5)
+    for ours, theirs in ((model.encoder.model, student.backbone), (model.teacher.encoder.model, teacher.backbone),
+                         (model.head.mlp, student.head.mlp), (model.teacher.head.mlp, teacher.head.mlp)):
+        theirs = dict(theirs.named_parameters())
+        for name, param in ours.named_parameters():
+            assert torch.allclose(param, theirs[name], atol=1e-5), name
+    for ours, theirs in ((model.head, student.head), (model.teacher.head, teacher.head)):
+        assert torch.allclose(ours.last_layer.weight, theirs.last_layer.weight, atol=1e-5)
+    assert not torch.allclose(model.encoder.model.cls_token, initial.encoder.model.cls_token)  # it trained
+
+
+@pytest.mark.parametrize("change", [{"clip": 1e9}, {"freeze_last_layer": 0}, {"wd_end": 0.04}, {"momentum": 0.95},
+                                    {"teacher_temp": 0.05}, {"min_lr": 1e-3}])
+def test_the_reference_comparison_sees_each_setting(change, tmp_path):
+    """The equality above is not vacuous: the reference loop with any one setting changed ends elsewhere."""
+    settings = {"lr": 1e-3, "min_lr": 1e-4, "wd": 0.04, "wd_end": 0.4, "momentum": 0.9, "teacher_temp": 0.04,
+                "clip": 0.3, "freeze_last_layer": 1}
+    model = tiny_dino()
+    torch.manual_seed(1)
+    batches = [MultiCropBatch(torch.randn(4, 2, 3, 32, 32), torch.randn(4, 3, 3, 16, 16)) for _ in range(3)]
+    runs = []
+    for overrides in ({}, change):
+        head = ReferenceHead(copy.deepcopy(model.head.mlp), model.head.last_layer.weight_v.detach().clone())
+        runs.append(reference_dino_steps(copy.deepcopy(model.encoder.model), head, batches,
+                                         **{**settings, **overrides}))
+    (student_a, teacher_a, _), (student_b, teacher_b, _) = runs
+    differs = [not torch.allclose(a, b, atol=1e-5) for a, b in zip(
+        [*student_a.parameters(), *teacher_a.parameters()], [*student_b.parameters(), *teacher_b.parameters()])]
+    assert any(differs)
