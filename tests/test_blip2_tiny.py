@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
+from recipe_scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "blip2_tiny.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("blip2_tiny", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_blip2_tiny_runs_both_stages_on_a_timm_backbone_file_and_prints_the_table(tmp_path, capsys, monkeypatch):
@@ -28,7 +22,7 @@ def test_blip2_tiny_runs_both_stages_on_a_timm_backbone_file_and_prints_the_tabl
 
     from mmlm.encoders import TimmEncoder
 
-    script = load_script()
+    script = load_script("blip2_tiny")
     args = yaml.safe_load((ROOT / "configs" / "tiny" / "dino.yaml").read_text())["model"]["init_args"]["encoder"]
     torch.manual_seed(3)
     backbone = TimmEncoder(**args["init_args"]).model.state_dict()
@@ -36,9 +30,9 @@ def test_blip2_tiny_runs_both_stages_on_a_timm_backbone_file_and_prints_the_tabl
     monkeypatch.setattr(sys, "argv", ["blip2_tiny"])
     out = tmp_path / "out"
     code = script.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(out), "--train-images", "64",
-                        "--val-images", "16", "--lm-steps", "3", "--stage1-steps", "3", "--stage2-steps", "3",
-                        "--val-batches", "1", "--itm-rerank-k", "4", "--workers", "0",
-                        "--vision-backbone", str(tmp_path / "backbone.safetensors")])
+                       "--val-images", "16", "--lm-steps", "3", "--stage1-steps", "3", "--stage2-steps", "3",
+                       "--val-batches", "1", "--itm-rerank-k", "4", "--workers", "0",
+                       "--vision-backbone", str(tmp_path / "backbone.safetensors")])
     assert code == 0
     printed = capsys.readouterr().out
     assert "R@1 image→text (ITC)" in printed and "ITM top-4" in printed and "majority answer" in printed
@@ -70,7 +64,7 @@ def test_blip2_tiny_saves_one_random_vit_that_both_stages_load(tmp_path):
     (initialised with ``initializer_range`` 0.02, so its tokens differ between images)."""
     from mmlm.encoders import HFVisionEncoder
 
-    path = load_script().save_vit(tmp_path / "vit", seed=0)
+    path = load_script("blip2_tiny").save_vit(tmp_path / "vit", seed=0)
     encoder = HFVisionEncoder(name_or_path=str(path), freeze=True, layer=4)
     import torch
 

@@ -3,21 +3,11 @@ collapse check, both backbone files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "dino_tiny.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("dino_tiny", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from recipe_scripts import load_script
 
 
 def test_dino_tiny_prints_knn_before_and_after_and_the_teacher_entropies(tmp_path, capsys, monkeypatch):
@@ -25,8 +15,8 @@ def test_dino_tiny_prints_knn_before_and_after_and_the_teacher_entropies(tmp_pat
 
     monkeypatch.setattr(sys, "argv", ["dino_tiny"])
     out = tmp_path / "out"
-    results = load_script().main(["--steps", "4", "--train", "48", "--val", "24", "--data", str(tmp_path / "data"),
-                                  "--out", str(out), "--workers", "0"])
+    results = load_script("dino_tiny").main(["--steps", "4", "--train", "48", "--val", "24",
+                                             "--data", str(tmp_path / "data"), "--out", str(out), "--workers", "0"])
     printed = capsys.readouterr().out
     assert "k-NN top-1  shape: DINO" in printed and "teacher targets at the last step" in printed
     assert json.loads((out / "results.json").read_text()) == results
@@ -36,6 +26,7 @@ def test_dino_tiny_prints_knn_before_and_after_and_the_teacher_entropies(tmp_pat
     assert results["last_step"]["teacher_entropy"] <= results["last_step"]["teacher_mean_entropy"] + 1e-3
     for stage in ("random_init", "dino"):
         assert set(results[stage]) == {"shape", "colour"} and all(0 <= v <= 1 for v in results[stage].values())
-    random_init, trained = load_file(str(out / "random_backbone.safetensors")), load_file(str(out / "backbone.safetensors"))
+    random_init = load_file(str(out / "random_backbone.safetensors"))
+    trained = load_file(str(out / "backbone.safetensors"))
     assert random_init.keys() == trained.keys()
     assert any(not (random_init[k] == trained[k]).all() for k in trained)  # 4 steps moved the teacher

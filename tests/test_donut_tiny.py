@@ -2,30 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
 import torch
+from recipe_scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "donut_tiny.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("donut_tiny", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_donut_tiny_runs_both_stages_and_prints_the_table(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["donut_tiny"])
     out = tmp_path / "out"
-    code = load_script().main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(out), "--train-docs", "24",
-                               "--train-receipts", "24", "--val-docs", "8", "--read-steps", "3", "--cord-steps", "3",
-                               "--batch-size", "4", "--val-batches", "1", "--workers", "0"])
+    script = load_script("donut_tiny")
+    code = script.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(out), "--train-docs", "24",
+                       "--train-receipts", "24", "--val-docs", "8", "--read-steps", "3", "--cord-steps", "3",
+                       "--batch-size", "4", "--val-batches", "1", "--workers", "0"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "TED accuracy" in printed and "most common training JSON" in printed
@@ -52,9 +46,10 @@ def test_predict_from_the_finetuned_checkpoint_writes_json_per_receipt(tmp_path,
 
     monkeypatch.setattr(sys, "argv", ["mmlm"])
     out, data = tmp_path / "out", tmp_path / "data"
-    assert load_script().main(["--data-dir", str(data), "--out-dir", str(out), "--train-docs", "16",
-                               "--train-receipts", "16", "--val-docs", "4", "--read-steps", "2", "--cord-steps", "2",
-                               "--batch-size", "4", "--val-batches", "1", "--workers", "0"]) == 0
+    script = load_script("donut_tiny")
+    assert script.main(["--data-dir", str(data), "--out-dir", str(out), "--train-docs", "16",
+                       "--train-receipts", "16", "--val-docs", "4", "--read-steps", "2", "--cord-steps", "2",
+                       "--batch-size", "4", "--val-batches", "1", "--workers", "0"]) == 0
     checkpoint = next((out / "cord").rglob("*.ckpt"))
     predict = json.dumps([{"path": str(data / "receipts" / "shards" / "validation"), "task": "cord-v2"}])
     assert main(["predict", "--config", str(SCRIPT.parents[1] / "configs" / "tiny" / "donut_cord.yaml"),

@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "kosmos_tiny.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("kosmos_tiny", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from recipe_scripts import load_script
 
 
 def test_kosmos_tiny_trains_and_reports_k_shot_accuracy(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["kosmos_tiny"])
     out = tmp_path / "out"
-    code = load_script().main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(out), "--docs", "32",
-                               "--val", "8", "--steps", "3", "--batch-size", "4", "--val-batches", "1",
-                               "--workers", "0"])
+    script = load_script("kosmos_tiny")
+    code = script.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(out), "--docs", "32",
+                       "--val", "8", "--steps", "3", "--batch-size", "4", "--val-batches", "1",
+                       "--workers", "0"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "majority answer" in printed and "KOSMOS-1 tiny" in printed

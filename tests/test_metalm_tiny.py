@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
 import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "metalm_tiny.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("metalm_tiny", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from recipe_scripts import load_script
 
 
 def test_metalm_tiny_pretrains_finetunes_and_prints_the_table(shapes_data, tmp_path, capsys, monkeypatch):
@@ -24,9 +15,10 @@ def test_metalm_tiny_pretrains_finetunes_and_prints_the_table(shapes_data, tmp_p
     data = tmp_path / "data"
     shutil.copytree(shapes_data, data)  # 64 train / 16 val images: reused as they are (same sizes and seed)
     out = tmp_path / "out"
-    code = load_script().main(["--data-dir", str(data), "--out-dir", str(out), "--train-images", "64",
-                               "--val-images", "16", "--pretrain-steps", "2", "--finetune-steps", "2",
-                               "--val-batches", "1", "--batch-size", "8", "--workers", "0"])
+    script = load_script("metalm_tiny")
+    code = script.main(["--data-dir", str(data), "--out-dir", str(out), "--train-images", "64",
+                       "--val-images", "16", "--pretrain-steps", "2", "--finetune-steps", "2",
+                       "--val-batches", "1", "--batch-size", "8", "--workers", "0"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "MetaLM (semi-causal pretraining 2 steps" in printed and "no docked encoders" in printed

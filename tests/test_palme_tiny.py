@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "palme_tiny.py"
-
-
-def load_script(monkeypatch):
-    """The script as module ``palme_tiny`` (registered, so forked variant processes can unpickle its functions)."""
-    spec = importlib.util.spec_from_file_location("palme_tiny", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "palme_tiny", module)
-    spec.loader.exec_module(module)
-    return module
+from recipe_scripts import load_script
 
 
 def test_palme_tiny_trains_both_variants_and_prints_the_table(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["palme_tiny"])
     out = tmp_path / "out"
-    script = load_script(monkeypatch)
+    script = load_script("palme_tiny", register=monkeypatch)
     code = script.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(out), "--train", "48", "--val", "16",
-                        "--steps", "2", "--val-batches", "1", "--workers", "0", "--batch-size", "8",
-                        "--max-new-tokens", "4", "--parallel", "1"])  # no fork inside pytest (autograd already ran)
+                       "--steps", "2", "--val-batches", "1", "--workers", "0", "--batch-size", "8",
+                       "--max-new-tokens", "4", "--parallel", "1"])  # no fork inside pytest (autograd already ran)
     assert code == 0
     printed = capsys.readouterr().out
     assert "VQA accuracy" in printed and "plan exact match" in printed and "text_only" in printed

@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "vlmo_tiny.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("vlmo_tiny", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from recipe_scripts import load_script
 
 
 def test_vlmo_tiny_runs_every_stage_and_prints_the_table(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["vlmo_tiny"])
     out = tmp_path / "out"
-    code = load_script().main(["--data-dir", str(tmp_path / "shapes"), "--pairs-dir", str(tmp_path / "pairs"),
-                               "--out-dir", str(out), "--train-images", "64", "--val-images", "16",
-                               "--train-pairs", "32", "--val-pairs", "16", "--stage2-steps", "2",
-                               "--stage3-steps", "2", "--vqa-steps", "2", "--nlvr2-steps", "2", "--val-batches", "1",
-                               "--workers", "0", "--shuffle-buffer", "16"])
+    script = load_script("vlmo_tiny")
+    code = script.main(["--data-dir", str(tmp_path / "shapes"), "--pairs-dir", str(tmp_path / "pairs"),
+                       "--out-dir", str(out), "--train-images", "64", "--val-images", "16",
+                       "--train-pairs", "32", "--val-pairs", "16", "--stage2-steps", "2",
+                       "--stage3-steps", "2", "--vqa-steps", "2", "--nlvr2-steps", "2", "--val-batches", "1",
+                       "--workers", "0", "--shuffle-buffer", "16"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "R@1 image→text" in printed and "R@10 text→image" in printed and "majority answer" in printed
