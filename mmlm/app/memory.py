@@ -302,14 +302,8 @@ def autocast(precision: str | None, device: torch.device) -> Any:
 
 
 def optimizer_of(model: nn.Module) -> torch.optim.Optimizer:
-    """The module's AdamW (its ``optimizer_groups()``, else :func:`mmlm.models.base.param_groups`), at a negligible
-    learning rate."""
-    from mmlm.models.base import param_groups
-
-    groups = model.optimizer_groups() if callable(getattr(model, "optimizer_groups", None)) else \
-        param_groups(model, getattr(model, "weight_decay", 0.0))
-    return torch.optim.AdamW(groups, lr=1e-12,
-                             betas=getattr(model, "betas", (0.9, 0.999)))
+    """The family's AdamW (its ``optimizer_groups()``, as in training), at a negligible learning rate."""
+    return torch.optim.AdamW(model.optimizer_groups(), lr=1e-12, betas=getattr(model, "betas", (0.9, 0.999)))
 
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, precision: str | None,
