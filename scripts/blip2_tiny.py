@@ -9,7 +9,8 @@
 3. Stage 1 (``configs/tiny/blip2_stage1.yaml``): Q-Former with ITC + ITM + ITG on the caption shards;
    validation logs retrieval R@K with ITC and, with ``--itm-rerank-k``, after ITM re-ranking.
 4. Stage 2 (``configs/tiny/blip2_stage2.yaml``): the stage-1 Q-Former (``load_stage1_qformer``) + a new projection
-   trained through the frozen LM on VQA + captions; held-out VQA accuracy and CIDEr.
+   trained through the frozen LM on VQA + captions; held-out VQA accuracy and CIDEr. ``--lora-rank R`` (a named
+   variant, not BLIP-2's recipe) also trains LoRA adapters of rank R on the LM's attention (:func:`lora_args`).
 
 Prints retrieval R@1 vs chance, VQA accuracy vs the majority answer, CIDEr; writes ``OUT_DIR/results.json``.
 Usage: ``python scripts/blip2_tiny.py [--train-images 6000] [--stage1-steps 400] …`` (``--help``).
@@ -61,6 +62,16 @@ def timm_backbone(path: str) -> list[str]:
     return ["--model.init_args.encoder", json.dumps(encoder)]
 
 
+def lora_args(rank: int) -> list[str]:
+    """The stage-2 override that adds LoRA adapters (``peft``; rank ``rank``, alpha ``2 * rank``) to the LM's attention
+    projections: the base LM stays frozen, the adapters train with the Q-Former. ``rank`` 0: none (BLIP-2's frozen
+    LM)."""
+    if rank < 0:
+        raise ValueError(f"--lora-rank {rank}: expected 0 (BLIP-2's frozen LM) or a positive LoRA rank")
+    lora = {"rank": rank, "alpha": 2 * rank}
+    return ["--model.init_args.language_model.init_args.lora", json.dumps(lora)] if rank else []
+
+
 def retrieval_ceilings(data_dir: Path, images: int) -> dict[str, float]:
     """Best reachable R@1 (%) on the first ``images`` val captions: shapes captions repeat ("a red square." …), and
     identical captions tie (ties count as misses) for image→text, and leave 1 in n images for text→image."""
@@ -87,16 +98,18 @@ def per_type(metrics: dict[str, float]) -> dict[str, float]:
 def run_blip2_tiny(data_dir: str | Path = "data/shapes", out_dir: str | Path = "runs/blip2_tiny",
                    train_images: int = 6000, val_images: int = 500, lm_steps: int = 300, stage1_steps: int = 400,
                    stage2_steps: int = 400, val_batches: int = 8, itm_rerank_k: int = 8, workers: int = 1,
-                   seed: int = 0, vision_backbone: str = "") -> dict[str, float]:
+                   seed: int = 0, vision_backbone: str = "", lora_rank: int = 0) -> dict[str, float]:
     """Run the four steps; returns (and writes to ``out_dir/results.json``) the numbers of the table.
 
     ``vision_backbone``: a timm weights file of ``configs/tiny/dino.yaml``'s ViT to freeze in both stages
-    (:func:`timm_backbone`); empty: the random transformers ViT of the stage configs."""
+    (:func:`timm_backbone`); empty: the random transformers ViT of the stage configs. ``lora_rank``: LoRA adapters of
+    that rank on the stage-2 LM (:func:`lora_args`); 0: the LM stays wholly frozen, as in BLIP-2."""
     from mmlm.app.lightning import lightning_cli
     from mmlm.metrics import majority_answer_baseline
     from mmlm.models.blip2_stage1 import load_stage1_qformer
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    lora = lora_args(lora_rank)  # bad input is named before any work
     ensure_data(data_dir, train_images, val_images, seed)
     vit = (timm_backbone(vision_backbone) if vision_backbone else
            ["--model.init_args.encoder.init_args.name_or_path", str(save_vit(out_dir / "vit", seed))])
@@ -111,7 +124,7 @@ def run_blip2_tiny(data_dir: str | Path = "data/shapes", out_dir: str | Path = "
     first = val_metrics(stage1)
     stage2 = lightning_cli([*stage_args("blip2_stage2.yaml", data_dir, out_dir / "stage2", stage2_steps, val_batches,
                                         workers), *vit,
-                            "--model.init_args.language_model.init_args.name_or_path", str(lm_export)], run=False)
+                            "--model.init_args.language_model.init_args.name_or_path", str(lm_export), *lora], run=False)
     load_stage1_qformer(stage2.model, stage1.trainer.checkpoint_callback.best_model_path)
     stage2.trainer.fit(stage2.model, datamodule=stage2.datamodule)
     second = val_metrics(stage2)
@@ -128,7 +141,8 @@ def run_blip2_tiny(data_dir: str | Path = "data/shapes", out_dir: str | Path = "
                 "blind_lm_cider": blind.get("val/cider", float("nan")),
                 "vqa_acc_by_type": per_type(second), "blind_lm_vqa_acc_by_type": per_type(blind),
                 "steps": {"text_lm": lm_steps, "stage1": stage1_steps, "stage2": stage2_steps},
-                "train_images": train_images, "vision": vision_backbone or "random transformers ViT"}
+                "train_images": train_images, "vision": vision_backbone or "random transformers ViT",
+                "stage2_lm": f"LoRA rank {lora_rank}" if lora_rank else "frozen"}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
@@ -139,7 +153,7 @@ def print_results(results: dict[str, Any], seconds: float) -> None:
     from rich.table import Table
 
     table = Table(title=f"BLIP-2 tiny two-stage run: held-out synthetic shapes ({seconds / 60:.1f} min); "
-                        f"frozen vision: {results['vision']}")
+                        f"frozen vision: {results['vision']}; stage-2 LM: {results['stage2_lm']}")
     for col in ("metric", "BLIP-2 tiny", "baseline"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     chance = f"{results['chance_r1']:.1f}% (chance, {results['val_images_retrieval']} images)"

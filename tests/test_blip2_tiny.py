@@ -72,6 +72,42 @@ def test_blip2_tiny_saves_one_random_vit_that_both_stages_load(tmp_path):
     assert tokens.shape == (2, 65, 64) and (tokens[0] - tokens[1]).abs().mean() > 1e-2
 
 
+def test_blip2_tiny_lora_variant_trains_adapters_on_the_frozen_lm(tmp_path, capsys, monkeypatch):
+    """``--lora-rank 2`` (on the saved random ViT): stage 2 trains peft LoRA adapters on the LM's attention — B moves
+    off its zero start — while the LM's own weights stay frozen: those of the text stage's export."""
+    import torch
+
+    script = load_script("blip2_tiny")
+    monkeypatch.setattr(sys, "argv", ["blip2_tiny"])
+    out = tmp_path / "out"
+    code = script.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(out), "--train-images", "64",
+                        "--val-images", "16", "--lm-steps", "3", "--stage1-steps", "3", "--stage2-steps", "3",
+                        "--val-batches", "1", "--itm-rerank-k", "0", "--workers", "0", "--lora-rank", "2"])
+    assert code == 0
+    assert "stage-2 LM: LoRA rank 2" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["stage2_lm"] == "LoRA rank 2" and 0.0 <= results["vqa_acc"] <= 1.0
+
+    ckpt = torch.load(next((out / "stage2").rglob("*.ckpt")), map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    lora_a = {k: v for k, v in state.items() if ".lora_A." in k}
+    lora_b = {k: v for k, v in state.items() if ".lora_B." in k}
+    assert len(lora_a) == len(lora_b) == 2 * 4  # c_attn and attn.c_proj in each of the 4 GPT-2 blocks
+    assert all(v.shape[0] == 2 for v in lora_a.values()) and all(v.shape[1] == 2 for v in lora_b.values())
+    assert any(v.abs().sum() > 0 for v in lora_b.values())  # B starts at zero: trained
+    # the LM's own weights stay frozen: the lean checkpoint keeps only the adapters and names the export as the base
+    assert {k for k in ckpt["state_dict"] if k.startswith("language_model.")} == lora_a.keys() | lora_b.keys()
+    assert str(out / "text_lm" / "export") in json.dumps(ckpt["hyper_parameters"]["language_model"], default=str)
+
+
+def test_blip2_tiny_names_a_negative_lora_rank():
+    import pytest
+
+    with pytest.raises(ValueError, match="--lora-rank -1"):
+        load_script("blip2_tiny").lora_args(-1)
+    assert load_script("blip2_tiny").lora_args(0) == []
+
+
 def test_eval_vqav2_zeroshot_config_runs_from_hf_on_a_tiny_checkpoint(shapes_data, tmp_path, monkeypatch):
     """The real-size zero-shot VQA config (``class_path: mmlm.models.Blip2.from_hf``, beam 5,
     length penalty 0 as LAVIS for OPT)
