@@ -4,7 +4,8 @@
    that both stages read the *same* frozen weights (``encoder.init_args.name_or_path``). With ``--vision-backbone
    FILE`` both stages freeze instead the timm ViT of ``configs/tiny/dino.yaml`` with the weights of FILE:
    ``scripts/dino_tiny.py`` writes ``backbone.safetensors`` (after DINO) and ``random_backbone.safetensors`` (the
-   same ViT at its random initialisation) for the comparison.
+   same ViT at its random initialisation) for the comparison: ``--compare-backbone FILE`` runs both stages again on
+   the second file (same text LM) and prints its column beside.
 2. Text LM (``configs/tiny/text_lm.yaml``): a tiny GPT-2 learns the data's text; exported as the frozen LM.
 3. Stage 1 (``configs/tiny/blip2_stage1.yaml``): Q-Former with ITC + ITM + ITG on the caption shards;
    validation logs retrieval R@K with ITC and, with ``--itm-rerank-k``, after ITM re-ranking.
@@ -95,21 +96,54 @@ def per_type(metrics: dict[str, float]) -> dict[str, float]:
     return {k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k.startswith("val/vqa_acc_qtype/")}
 
 
+#: Stage-1 retrieval metrics (``val/<key>``) copied into the results.
+RETRIEVAL = ("i2t_r1", "t2i_r1", "i2t_r10", "t2i_r10", "r_mean", "rerank_i2t_r1", "rerank_t2i_r1", "rerank_r_mean")
+
+
+def run_stages(vit: list[str], lm_export: Path, lora: list[str], data_dir: Path, run_dir: Path, stage1_steps: int,
+               stage2_steps: int, val_batches: int, workers: int, itm_rerank_k: int) -> dict[str, Any]:
+    """Stage 1 then stage 2 (from stage 1's Q-Former) on the frozen vision of ``vit``, under ``run_dir``; returns
+    stage 1's retrieval and stage 2's VQA (overall and per question type), CIDEr-D and BLEU-4, and the batch size."""
+    from mmlm.app.lightning import lightning_cli
+    from mmlm.models.blip2_stage1 import load_stage1_qformer
+
+    stage1 = lightning_cli([
+        "fit", *stage_args("blip2_stage1.yaml", data_dir, run_dir / "stage1", stage1_steps, val_batches, workers),
+        *vit, "--data.init_args.val", sources("blip2_stage1.yaml", "val", data_dir),
+        "--model.init_args.itm_rerank_k", str(itm_rerank_k)])
+    first = val_metrics(stage1)
+    stage2 = lightning_cli([*stage_args("blip2_stage2.yaml", data_dir, run_dir / "stage2", stage2_steps, val_batches,
+                                        workers), *vit,
+                            "--model.init_args.language_model.init_args.name_or_path", str(lm_export), *lora], run=False)
+    load_stage1_qformer(stage2.model, stage1.trainer.checkpoint_callback.best_model_path)
+    stage2.trainer.fit(stage2.model, datamodule=stage2.datamodule)
+    second = val_metrics(stage2)
+    return {key: first.get(f"val/{key}", float("nan")) for key in RETRIEVAL} | {
+        key: second.get(f"val/{key}", float("nan")) for key in ("vqa_acc", "cider", "bleu4")} | {
+        "vqa_acc_by_type": per_type(second), "batch_size": stage1.datamodule.batch_size}
+
+
 def run_blip2_tiny(data_dir: str | Path = "data/shapes", out_dir: str | Path = "runs/blip2_tiny",
                    train_images: int = 6000, val_images: int = 500, lm_steps: int = 300, stage1_steps: int = 400,
                    stage2_steps: int = 400, val_batches: int = 8, itm_rerank_k: int = 8, workers: int = 1,
-                   seed: int = 0, vision_backbone: str = "", lora_rank: int = 0) -> dict[str, float]:
+                   seed: int = 0, vision_backbone: str = "", compare_backbone: str = "",
+                   lora_rank: int = 0) -> dict[str, Any]:
     """Run the four steps; returns (and writes to ``out_dir/results.json``) the numbers of the table.
 
     ``vision_backbone``: a timm weights file of ``configs/tiny/dino.yaml``'s ViT to freeze in both stages
-    (:func:`timm_backbone`); empty: the random transformers ViT of the stage configs. ``lora_rank``: LoRA adapters of
-    that rank on the stage-2 LM (:func:`lora_args`); 0: the LM stays wholly frozen, as in BLIP-2."""
+    (:func:`timm_backbone`); empty: the random transformers ViT of the stage configs. ``compare_backbone``: a second
+    such file (e.g. ``random_backbone.safetensors``, the same ViT before DINO) also run through both stages with the
+    same text LM, under ``out_dir/compare``; its numbers are printed beside (``results["compare"]``). ``lora_rank``:
+    LoRA adapters of that rank on the stage-2 LM (:func:`lora_args`); 0: the LM stays wholly frozen, as in BLIP-2."""
     from mmlm.app.lightning import lightning_cli
     from mmlm.metrics import majority_answer_baseline
-    from mmlm.models.blip2_stage1 import load_stage1_qformer
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     lora = lora_args(lora_rank)  # bad input is named before any work
+    for name, path in (("--vision-backbone", vision_backbone), ("--compare-backbone", compare_backbone)):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{name} {path}: no such weights file (scripts/dino_tiny.py writes "
+                                    "backbone.safetensors and random_backbone.safetensors)")
     ensure_data(data_dir, train_images, val_images, seed)
     vit = (timm_backbone(vision_backbone) if vision_backbone else
            ["--model.init_args.encoder.init_args.name_or_path", str(save_vit(out_dir / "vit", seed))])
@@ -117,29 +151,19 @@ def run_blip2_tiny(data_dir: str | Path = "data/shapes", out_dir: str | Path = "
     blind = val_metrics(lightning_cli(["fit", *stage_args("text_lm.yaml", data_dir, out_dir / "text_lm", lm_steps,
                                                           val_batches, workers),
                                        "--model.init_args.export_dir", str(lm_export)]))
-    stage1 = lightning_cli([
-        "fit", *stage_args("blip2_stage1.yaml", data_dir, out_dir / "stage1", stage1_steps, val_batches, workers),
-        *vit, "--data.init_args.val", sources("blip2_stage1.yaml", "val", data_dir),
-        "--model.init_args.itm_rerank_k", str(itm_rerank_k)])
-    first = val_metrics(stage1)
-    stage2 = lightning_cli([*stage_args("blip2_stage2.yaml", data_dir, out_dir / "stage2", stage2_steps, val_batches,
-                                        workers), *vit,
-                            "--model.init_args.language_model.init_args.name_or_path", str(lm_export), *lora], run=False)
-    load_stage1_qformer(stage2.model, stage1.trainer.checkpoint_callback.best_model_path)
-    stage2.trainer.fit(stage2.model, datamodule=stage2.datamodule)
-    second = val_metrics(stage2)
-    images = min(val_images, val_batches * stage1.datamodule.batch_size)
-    results = {key: first.get(f"val/{key}", float("nan")) for key in
-               ("i2t_r1", "t2i_r1", "i2t_r10", "t2i_r10", "r_mean", "rerank_i2t_r1", "rerank_t2i_r1",
-                "rerank_r_mean")}
+    stages = (lm_export, lora, data_dir)
+    steps = (stage1_steps, stage2_steps, val_batches, workers, itm_rerank_k)
+    results = run_stages(vit, *stages, out_dir, *steps)
+    images = min(val_images, val_batches * results.pop("batch_size"))
+    if compare_backbone:
+        results["compare"] = run_stages(timm_backbone(compare_backbone), *stages, out_dir / "compare", *steps)
+        results["compare"] |= {"vision": compare_backbone}
+        del results["compare"]["batch_size"]
     results |= retrieval_ceilings(data_dir, images)
     results |= {"chance_r1": 100.0 / images, "val_images_retrieval": images, "itm_rerank_k": itm_rerank_k,
-                "vqa_acc": second.get("val/vqa_acc", float("nan")), "cider": second.get("val/cider", float("nan")),
-                "bleu4": second.get("val/bleu4", float("nan")),
                 "majority_vqa_acc": majority_answer_baseline(*train_val_answers(data_dir)),
                 "blind_lm_vqa_acc": blind.get("val/vqa_acc", float("nan")),
-                "blind_lm_cider": blind.get("val/cider", float("nan")),
-                "vqa_acc_by_type": per_type(second), "blind_lm_vqa_acc_by_type": per_type(blind),
+                "blind_lm_cider": blind.get("val/cider", float("nan")), "blind_lm_vqa_acc_by_type": per_type(blind),
                 "steps": {"text_lm": lm_steps, "stage1": stage1_steps, "stage2": stage2_steps},
                 "train_images": train_images, "vision": vision_backbone or "random transformers ViT",
                 "stage2_lm": f"LoRA rank {lora_rank}" if lora_rank else "frozen"}
@@ -148,33 +172,47 @@ def run_blip2_tiny(data_dir: str | Path = "data/shapes", out_dir: str | Path = "
 
 
 def print_results(results: dict[str, Any], seconds: float) -> None:
-    """Retrieval R@1 vs chance, VQA accuracy vs the majority answer, CIDEr, side by side."""
+    """Retrieval R@1 vs chance, VQA accuracy vs the majority answer and the blind LM, CIDEr, side by side; with
+    ``results["compare"]`` (``--compare-backbone``) that encoder's numbers in a column of their own."""
     from rich.console import Console
     from rich.table import Table
 
+    compare = results.get("compare")
     table = Table(title=f"BLIP-2 tiny two-stage run: held-out synthetic shapes ({seconds / 60:.1f} min); "
-                        f"frozen vision: {results['vision']}; stage-2 LM: {results['stage2_lm']}")
-    for col in ("metric", "BLIP-2 tiny", "baseline"):
+                        f"frozen vision: {results['vision']}"
+                        + (f" (compared: {compare['vision']})" if compare else "")
+                        + f"; stage-2 LM: {results['stage2_lm']}")
+    columns = ("metric", "BLIP-2 tiny", *(("compared encoder",) if compare else ()), "baseline")
+    for col in columns:
         table.add_column(col, justify="left" if col == "metric" else "right")
+
+    def row(label: str, cell: Any, baseline: str) -> None:
+        """``cell(run_results) -> str`` for this run and, when present, the compared encoder's."""
+        cells = [cell(results), *([cell(compare)] if compare else [])] if callable(cell) else [cell] * (1 + bool(compare))
+        table.add_row(label, *cells, baseline)
+
+    def pct(key: str, scale: float = 1.0) -> Any:
+        return lambda r: f"{scale * r[key]:.1f}%"
+
     chance = f"{results['chance_r1']:.1f}% (chance, {results['val_images_retrieval']} images)"
     k = results["itm_rerank_k"]
-    table.add_row("stage 1 R@1 image→text (ITC)", f"{results['i2t_r1']:.1f}%", chance)
-    table.add_row("stage 1 R@1 text→image (ITC)", f"{results['t2i_r1']:.1f}%", chance)
-    table.add_row("  (best reachable R@1: duplicate captions)", "",
-                  f"i2t {results['i2t_r1_ceiling']:.1f}%, t2i {results['t2i_r1_ceiling']:.1f}%")
-    table.add_row("stage 1 R@10 image→text / text→image (ITC)", f"{results['i2t_r10']:.1f}% / {results['t2i_r10']:.1f}%",
-                  f"{10 * results['chance_r1']:.1f}% (chance)")
+    row("stage 1 R@1 image→text (ITC)", pct("i2t_r1"), chance)
+    row("stage 1 R@1 text→image (ITC)", pct("t2i_r1"), chance)
+    row("  (best reachable R@1: duplicate captions)", "",
+        f"i2t {results['i2t_r1_ceiling']:.1f}%, t2i {results['t2i_r1_ceiling']:.1f}%")
+    row("stage 1 R@10 image→text / text→image (ITC)", lambda r: f"{r['i2t_r10']:.1f}% / {r['t2i_r10']:.1f}%",
+        f"{10 * results['chance_r1']:.1f}% (chance)")
     if k > 0:
-        table.add_row(f"stage 1 R@1 image→text (ITM top-{k})", f"{results['rerank_i2t_r1']:.1f}%", chance)
-        table.add_row(f"stage 1 R@1 text→image (ITM top-{k})", f"{results['rerank_t2i_r1']:.1f}%", chance)
-    table.add_row("stage 2 VQA accuracy", f"{100 * results['vqa_acc']:.1f}%",
-                  f"{100 * results['majority_vqa_acc']:.1f}% (majority answer)")
-    table.add_row("", "", f"{100 * results['blind_lm_vqa_acc']:.1f}% (frozen text LM alone, blind)")
+        row(f"stage 1 R@1 image→text (ITM top-{k})", pct("rerank_i2t_r1"), chance)
+        row(f"stage 1 R@1 text→image (ITM top-{k})", pct("rerank_t2i_r1"), chance)
+    row("stage 2 VQA accuracy", pct("vqa_acc", 100), f"{100 * results['majority_vqa_acc']:.1f}% (majority answer)")
+    row("", "", f"{100 * results['blind_lm_vqa_acc']:.1f}% (frozen text LM alone, blind)")
     blind = results["blind_lm_vqa_acc_by_type"]
-    for kind, value in sorted(results["vqa_acc_by_type"].items()):
-        table.add_row(f"  {kind} questions", f"{100 * value:.1f}%", f"{100 * blind.get(kind, float('nan')):.1f}% (blind)")
-    table.add_row("stage 2 CIDEr-D", f"{results['cider']:.3f}", f"{results['blind_lm_cider']:.3f} (text LM alone, blind)")
-    table.add_row("stage 2 BLEU-4", f"{results['bleu4']:.3f}", "-")
+    for kind in sorted(results["vqa_acc_by_type"]):
+        row(f"  {kind} questions", lambda r, kind=kind: f"{100 * r['vqa_acc_by_type'].get(kind, float('nan')):.1f}%",
+            f"{100 * blind.get(kind, float('nan')):.1f}% (blind)")
+    row("stage 2 CIDEr-D", lambda r: f"{r['cider']:.3f}", f"{results['blind_lm_cider']:.3f} (text LM alone, blind)")
+    row("stage 2 BLEU-4", lambda r: f"{r['bleu4']:.3f}", "-")
     Console(width=max(Console().width, 120)).print(table)  # rows read best unwrapped
 
 

@@ -14,8 +14,9 @@ SCRIPT = ROOT / "scripts" / "blip2_tiny.py"
 
 
 def test_blip2_tiny_runs_both_stages_on_a_timm_backbone_file_and_prints_the_table(tmp_path, capsys, monkeypatch):
-    """The recipe with ``--vision-backbone`` (the weights file ``scripts/dino_tiny.py`` writes): both stages freeze
-    the DINO config's timm ViT with exactly those weights."""
+    """The recipe with ``--vision-backbone`` (the weights file ``scripts/dino_tiny.py`` writes) and
+    ``--compare-backbone`` (a second one, e.g. the ViT before DINO): both stages of each run freeze the DINO config's
+    timm ViT with exactly that file's weights, and the table prints the compared encoder's column."""
     import torch
     import yaml
     from safetensors.torch import save_file
@@ -24,39 +25,56 @@ def test_blip2_tiny_runs_both_stages_on_a_timm_backbone_file_and_prints_the_tabl
 
     script = load_script("blip2_tiny")
     args = yaml.safe_load((ROOT / "configs" / "tiny" / "dino.yaml").read_text())["model"]["init_args"]["encoder"]
-    torch.manual_seed(3)
-    backbone = TimmEncoder(**args["init_args"]).model.state_dict()
-    save_file({k: v.contiguous() for k, v in backbone.items()}, str(tmp_path / "backbone.safetensors"))
+    backbones = {}
+    for seed, name in ((3, "backbone.safetensors"), (4, "random_backbone.safetensors")):
+        torch.manual_seed(seed)
+        backbones[name] = TimmEncoder(**args["init_args"]).model.state_dict()
+        save_file({k: v.contiguous() for k, v in backbones[name].items()}, str(tmp_path / name))
     monkeypatch.setattr(sys, "argv", ["blip2_tiny"])
     out = tmp_path / "out"
     code = script.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(out), "--train-images", "64",
                        "--val-images", "16", "--lm-steps", "3", "--stage1-steps", "3", "--stage2-steps", "3",
                        "--val-batches", "1", "--itm-rerank-k", "4", "--workers", "0",
-                       "--vision-backbone", str(tmp_path / "backbone.safetensors")])
+                       "--vision-backbone", str(tmp_path / "backbone.safetensors"),
+                       "--compare-backbone", str(tmp_path / "random_backbone.safetensors")])
     assert code == 0
     printed = capsys.readouterr().out
     assert "R@1 image→text (ITC)" in printed and "ITM top-4" in printed and "majority answer" in printed
-    assert "colour questions" in printed
-    for stage in ("stage1", "stage2"):  # each stage froze exactly the file's weights
-        ckpt = torch.load(next((out / stage).rglob("*.ckpt")), map_location="cpu", weights_only=True)
-        stored = {key.removeprefix("encoder.model."): value for key, value in ckpt["state_dict"].items()
-                  if key.startswith("encoder.model.")}
-        if stored:  # kept in the checkpoint
-            assert stored.keys() == backbone.keys() and all(torch.equal(stored[k], backbone[k]) for k in backbone)
-        else:  # a lean checkpoint: left out, re-read from the file named as the encoder's source
-            assert "backbone.safetensors" in json.dumps(ckpt["hyper_parameters"]["encoder"], default=str), stage
+    assert "colour questions" in printed and "compared encoder" in printed
+    for run_dir, name in ((out, "backbone.safetensors"), (out / "compare", "random_backbone.safetensors")):
+        backbone = backbones[name]
+        for stage in ("stage1", "stage2"):  # each stage froze exactly the file's weights
+            ckpt = torch.load(next((run_dir / stage).rglob("*.ckpt")), map_location="cpu", weights_only=True)
+            stored = {key.removeprefix("encoder.model."): value for key, value in ckpt["state_dict"].items()
+                      if key.startswith("encoder.model.")}
+            if stored:  # kept in the checkpoint
+                assert stored.keys() == backbone.keys() and all(torch.equal(stored[k], backbone[k]) for k in backbone)
+            else:  # a lean checkpoint: left out, re-read from the file named as the encoder's source
+                source = json.dumps(ckpt["hyper_parameters"]["encoder"], default=str)
+                assert str(tmp_path / name) in source, (run_dir, stage)
 
     results = json.loads((out / "results.json").read_text())
-    for key in ("i2t_r1", "t2i_r1", "rerank_i2t_r1", "rerank_t2i_r1", "chance_r1"):
-        assert math.isfinite(results[key]) and 0.0 <= results[key] <= 100.0, (key, results[key])
+    for run in (results, results["compare"]):
+        for key in ("i2t_r1", "t2i_r1", "rerank_i2t_r1", "rerank_t2i_r1"):
+            assert math.isfinite(run[key]) and 0.0 <= run[key] <= 100.0, (key, run[key])
+        assert 0.0 <= run["vqa_acc"] <= 1.0 and math.isfinite(run["cider"]) and run["cider"] >= 0.0
+        assert set(run["vqa_acc_by_type"]) == {"colour", "shape", "count", "position"}
     assert results["chance_r1"] == 100.0 / 16
-    for key in ("vqa_acc", "majority_vqa_acc"):
-        assert 0.0 <= results[key] <= 1.0, (key, results[key])
-    assert math.isfinite(results["cider"]) and results["cider"] >= 0.0
+    assert 0.0 <= results["majority_vqa_acc"] <= 1.0
     assert results["vision"] == str(tmp_path / "backbone.safetensors")
-    assert set(results["vqa_acc_by_type"]) == set(results["blind_lm_vqa_acc_by_type"]) == {
-        "colour", "shape", "count", "position"}
+    assert results["compare"]["vision"] == str(tmp_path / "random_backbone.safetensors")
+    assert set(results["blind_lm_vqa_acc_by_type"]) == {"colour", "shape", "count", "position"}
     assert (out / "text_lm" / "export" / "config.json").is_file() and not (out / "vit").exists()
+    assert not (out / "compare" / "text_lm").exists()  # one text LM, the same blind baseline for both encoders
+
+
+def test_blip2_tiny_names_a_missing_backbone_file_before_any_work(tmp_path):
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="--compare-backbone .*nope.safetensors: no such weights file"):
+        load_script("blip2_tiny").run_blip2_tiny(data_dir=tmp_path / "data", out_dir=tmp_path / "out",
+                                                 compare_backbone=str(tmp_path / "nope.safetensors"))
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
 
 
 def test_blip2_tiny_saves_one_random_vit_that_both_stages_load(tmp_path):
