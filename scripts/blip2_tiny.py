@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:  # run as a file: make mmlm/ and datamodules/ impo
     sys.path.insert(0, str(ROOT))
 
 from mmlm.app.quickstart import CONFIGS, ensure_data, sources, stage_args, train_val_answers  # noqa: E402
-from mmlm.app.recipes import recipe_main  # noqa: E402
+from mmlm.app.recipes import RecipeInputError, recipe_main  # noqa: E402
 
 
 def save_vit(out: Path, seed: int) -> Path:
@@ -68,7 +68,7 @@ def lora_args(rank: int) -> list[str]:
     projections: the base LM stays frozen, the adapters train with the Q-Former. ``rank`` 0: none (BLIP-2's frozen
     LM)."""
     if rank < 0:
-        raise ValueError(f"--lora-rank {rank}: expected 0 (BLIP-2's frozen LM) or a positive LoRA rank")
+        raise RecipeInputError(f"--lora-rank {rank}: expected 0 (BLIP-2's frozen LM) or a positive LoRA rank")
     lora = {"rank": rank, "alpha": 2 * rank}
     return ["--model.init_args.language_model.init_args.lora", json.dumps(lora)] if rank else []
 
@@ -142,7 +142,7 @@ def run_blip2_tiny(data_dir: str | Path = "data/shapes", out_dir: str | Path = "
     lora = lora_args(lora_rank)  # bad input is named before any work
     for name, path in (("--vision-backbone", vision_backbone), ("--compare-backbone", compare_backbone)):
         if path and not Path(path).is_file():
-            raise FileNotFoundError(f"{name} {path}: no such weights file (scripts/dino_tiny.py writes "
+            raise RecipeInputError(f"{name} {path}: no such weights file (scripts/dino_tiny.py writes "
                                     "backbone.safetensors and random_backbone.safetensors)")
     ensure_data(data_dir, train_images, val_images, seed)
     vit = (timm_backbone(vision_backbone) if vision_backbone else

@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:  # run as a file: make mmlm/ and datamodules/ impo
     sys.path.insert(0, str(ROOT))
 
 from datamodules.tools.embodied import DEFAULT_TRAIN, DEFAULT_VAL  # noqa: E402
-from mmlm.app.recipes import recipe_main  # noqa: E402
+from mmlm.app.recipes import RecipeInputError, recipe_main  # noqa: E402
 
 CONFIG = ROOT / "configs" / "tiny" / "palme.yaml"
 VARIANTS = {"palme": ["image", "state", "object"], "text_only": [], "image_only": ["image"],
@@ -114,7 +114,7 @@ def run_palme_tiny(data_dir: str | Path = "data/tabletop", out_dir: str | Path =
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     unknown = set(variants.split(",")) - set(VARIANTS)
     if unknown:
-        raise ValueError(f"--variants: unknown {sorted(unknown)}; choose from {sorted(VARIANTS)}")
+        raise RecipeInputError(f"--variants: unknown {sorted(unknown)}; choose from {sorted(VARIANTS)}")
     ensure_data(data_dir, train, val, seed)
     results: dict[str, Any] = {"steps": steps, "train": train, "val": val}
     args = (data_dir, out_dir, steps, val_batches, workers, batch_size or None, max_new_tokens or None, threads)

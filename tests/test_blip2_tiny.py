@@ -71,7 +71,7 @@ def test_blip2_tiny_runs_both_stages_on_a_timm_backbone_file_and_prints_the_tabl
 def test_blip2_tiny_names_a_missing_backbone_file_before_any_work(tmp_path):
     import pytest
 
-    with pytest.raises(FileNotFoundError, match="--compare-backbone .*nope.safetensors: no such weights file"):
+    with pytest.raises(ValueError, match="--compare-backbone .*nope.safetensors: no such weights file"):
         load_script("blip2_tiny").run_blip2_tiny(data_dir=tmp_path / "data", out_dir=tmp_path / "out",
                                                  compare_backbone=str(tmp_path / "nope.safetensors"))
     assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()

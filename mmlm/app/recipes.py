@@ -10,6 +10,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 
+class RecipeInputError(ValueError):
+    """A recipe keyword's value is unusable (named, with what was expected); raised before any work, and printed by
+    :func:`recipe_main` as one usage error (exit code 2) instead of a traceback."""
+
+
 def parse_bool(text: str) -> bool:
     """``true/false``, ``yes/no``, ``1/0`` (any case) → bool; anything else raises ``ArgumentTypeError``."""
     value = text.strip().lower()
@@ -38,8 +43,16 @@ def recipe_parser(run: Callable[..., Any], description: str | None) -> argparse.
 
 def recipe_main(run: Callable[..., dict[str, Any]], report: Callable[[dict[str, Any], float], None],
                 description: str | None, argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` into ``run``'s keywords, run it and ``report(results, seconds)``; returns the exit code 0."""
-    args = recipe_parser(run, description).parse_args(None if argv is None else list(argv))
+    """Parse ``argv`` into ``run``'s keywords, run it and ``report(results, seconds)``; returns the exit code 0.
+
+    A :class:`RecipeInputError` from ``run`` ends the program as argparse's own errors do: ``usage`` and one
+    ``error:`` line on stderr, exit code 2."""
+    parser = recipe_parser(run, description)
+    args = parser.parse_args(None if argv is None else list(argv))
     start = time.time()
-    report(run(**vars(args)), time.time() - start)
+    try:
+        results = run(**vars(args))
+    except RecipeInputError as err:
+        parser.error(str(err))
+    report(results, time.time() - start)
     return 0
