@@ -6,7 +6,8 @@
    ``scripts/dino_tiny.py`` writes ``backbone.safetensors`` (after DINO) and ``random_backbone.safetensors`` (the
    same ViT at its random initialisation) for the comparison: ``--compare-backbone FILE`` runs both stages again on
    the second file (same text LM) and prints its column beside.
-2. Text LM (``configs/tiny/text_lm.yaml``): a tiny GPT-2 learns the data's text; exported as the frozen LM.
+2. Text LM (``configs/tiny/text_lm.yaml``, or ``--text-lm text_lm_reading.yaml``, which also learns to read scenes
+   described in words before a question): a tiny GPT-2 learns the data's text; exported as the frozen LM.
 3. Stage 1 (``configs/tiny/blip2_stage1.yaml``): Q-Former with ITC + ITM + ITG on the caption shards;
    validation logs retrieval R@K with ITC and, with ``--itm-rerank-k``, after ITM re-ranking.
 4. Stage 2 (``configs/tiny/blip2_stage2.yaml``): the stage-1 Q-Former (``load_stage1_qformer``) + a new projection
@@ -127,14 +128,16 @@ def run_blip2_tiny(data_dir: str | Path = "data/shapes", out_dir: str | Path = "
                    train_images: int = 6000, val_images: int = 500, lm_steps: int = 300, stage1_steps: int = 400,
                    stage2_steps: int = 400, val_batches: int = 8, itm_rerank_k: int = 8, workers: int = 1,
                    seed: int = 0, vision_backbone: str = "", compare_backbone: str = "",
-                   lora_rank: int = 0) -> dict[str, Any]:
+                   lora_rank: int = 0, text_lm: str = "text_lm.yaml") -> dict[str, Any]:
     """Run the four steps; returns (and writes to ``out_dir/results.json``) the numbers of the table.
 
     ``vision_backbone``: a timm weights file of ``configs/tiny/dino.yaml``'s ViT to freeze in both stages
     (:func:`timm_backbone`); empty: the random transformers ViT of the stage configs. ``compare_backbone``: a second
     such file (e.g. ``random_backbone.safetensors``, the same ViT before DINO) also run through both stages with the
     same text LM, under ``out_dir/compare``; its numbers are printed beside (``results["compare"]``). ``lora_rank``:
-    LoRA adapters of that rank on the stage-2 LM (:func:`lora_args`); 0: the LM stays wholly frozen, as in BLIP-2."""
+    LoRA adapters of that rank on the stage-2 LM (:func:`lora_args`); 0: the LM stays wholly frozen, as in BLIP-2.
+    ``text_lm``: the text LM's config in ``configs/tiny/`` (``text_lm_reading.yaml``: trained also on VQA lines after
+    the image's caption, so that the frozen LM reads what precedes the question; give it ``lm_steps`` 3000)."""
     from mmlm.app.lightning import lightning_cli
     from mmlm.metrics import majority_answer_baseline
 
@@ -144,11 +147,14 @@ def run_blip2_tiny(data_dir: str | Path = "data/shapes", out_dir: str | Path = "
         if path and not Path(path).is_file():
             raise RecipeInputError(f"{name} {path}: no such weights file (scripts/dino_tiny.py writes "
                                     "backbone.safetensors and random_backbone.safetensors)")
+    if not (CONFIGS / "tiny" / text_lm).is_file():
+        raise RecipeInputError(f"--text-lm {text_lm}: no such config in {CONFIGS / 'tiny'} (e.g. text_lm.yaml, "
+                               "text_lm_reading.yaml)")
     ensure_data(data_dir, train_images, val_images, seed)
     vit = (timm_backbone(vision_backbone) if vision_backbone else
            ["--model.init_args.encoder.init_args.name_or_path", str(save_vit(out_dir / "vit", seed))])
     lm_export = out_dir / "text_lm" / "export"
-    blind = val_metrics(lightning_cli(["fit", *stage_args("text_lm.yaml", data_dir, out_dir / "text_lm", lm_steps,
+    blind = val_metrics(lightning_cli(["fit", *stage_args(text_lm, data_dir, out_dir / "text_lm", lm_steps,
                                                           val_batches, workers),
                                        "--model.init_args.export_dir", str(lm_export)]))
     stages = (lm_export, lora, data_dir)
@@ -166,7 +172,7 @@ def run_blip2_tiny(data_dir: str | Path = "data/shapes", out_dir: str | Path = "
                 "blind_lm_cider": blind.get("val/cider", float("nan")), "blind_lm_vqa_acc_by_type": per_type(blind),
                 "steps": {"text_lm": lm_steps, "stage1": stage1_steps, "stage2": stage2_steps},
                 "train_images": train_images, "vision": vision_backbone or "random transformers ViT",
-                "stage2_lm": f"LoRA rank {lora_rank}" if lora_rank else "frozen"}
+                "stage2_lm": f"LoRA rank {lora_rank}" if lora_rank else "frozen", "text_lm": text_lm}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
@@ -181,7 +187,7 @@ def print_results(results: dict[str, Any], seconds: float) -> None:
     table = Table(title=f"BLIP-2 tiny two-stage run: held-out synthetic shapes ({seconds / 60:.1f} min); "
                         f"frozen vision: {results['vision']}"
                         + (f" (compared: {compare['vision']})" if compare else "")
-                        + f"; stage-2 LM: {results['stage2_lm']}")
+                        + f"; stage-2 LM ({results['text_lm']}): {results['stage2_lm']}")
     columns = ("metric", "BLIP-2 tiny", *(("compared encoder",) if compare else ()), "baseline")
     for col in columns:
         table.add_column(col, justify="left" if col == "metric" else "right")

@@ -91,8 +91,9 @@ def test_blip2_tiny_saves_one_random_vit_that_both_stages_load(tmp_path):
 
 
 def test_blip2_tiny_lora_variant_trains_adapters_on_the_frozen_lm(tmp_path, capsys, monkeypatch):
-    """``--lora-rank 2`` (on the saved random ViT): stage 2 trains peft LoRA adapters on the LM's attention — B moves
-    off its zero start — while the LM's own weights stay frozen: those of the text stage's export."""
+    """``--lora-rank 2`` (on the saved random ViT, with ``--text-lm text_lm_reading.yaml``): stage 2 trains peft LoRA
+    adapters on the LM's attention — B moves off its zero start — while the LM's own weights stay frozen: those of the
+    text stage's export."""
     import torch
 
     script = load_script("blip2_tiny")
@@ -100,11 +101,20 @@ def test_blip2_tiny_lora_variant_trains_adapters_on_the_frozen_lm(tmp_path, caps
     out = tmp_path / "out"
     code = script.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(out), "--train-images", "64",
                         "--val-images", "16", "--lm-steps", "3", "--stage1-steps", "3", "--stage2-steps", "3",
-                        "--val-batches", "1", "--itm-rerank-k", "0", "--workers", "0", "--lora-rank", "2"])
+                        "--val-batches", "1", "--itm-rerank-k", "0", "--workers", "0", "--lora-rank", "2",
+                        "--text-lm", "text_lm_reading.yaml"])
     assert code == 0
-    assert "stage-2 LM: LoRA rank 2" in capsys.readouterr().out
+    assert "stage-2 LM (text_lm_reading.yaml): LoRA rank 2" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert results["stage2_lm"] == "LoRA rank 2" and 0.0 <= results["vqa_acc"] <= 1.0
+    # the text LM trained from text_lm_reading.yaml: VQA lines after the caption too, re-rooted to the data dir
+    import yaml
+
+    lm_config = yaml.safe_load(next((out / "text_lm").rglob("config.yaml")).read_text())
+    train = lm_config["data"]["init_args"]["train"]
+    assert [(row["kind"], row.get("prompt")) for row in train] == [
+        ("vqa", None), ("vqa", "{caption} Question: {} Answer:"), ("caption", None)]
+    assert all(str(tmp_path / "data") in row["urls"] for row in train)
 
     ckpt = torch.load(next((out / "stage2").rglob("*.ckpt")), map_location="cpu", weights_only=True)
     state = ckpt["state_dict"]
@@ -123,6 +133,8 @@ def test_blip2_tiny_names_a_negative_lora_rank():
 
     with pytest.raises(ValueError, match="--lora-rank -1"):
         load_script("blip2_tiny").lora_args(-1)
+    with pytest.raises(ValueError, match="--text-lm text_lm_x.yaml: no such config"):
+        load_script("blip2_tiny").run_blip2_tiny(data_dir="/nonexistent/data", text_lm="text_lm_x.yaml")
     assert load_script("blip2_tiny").lora_args(0) == []
 
 

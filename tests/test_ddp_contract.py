@@ -51,6 +51,8 @@ JOBS = {
     # no real-size counterpart: the LM stage of the tiny Frozen recipe (a real Frozen starts from a pretrained LM);
     # plain ddp, as configs/strategies/ddp.yaml
     "text_lm": ("text_lm", None, []),
+    # the BLIP-2 tiny recipe's frozen LM: text_lm's model, also trained on VQA lines after the image's caption
+    "text_lm_reading": ("text_lm_reading", None, []),
     "frozen": ("frozen", "frozen/nfresnet50_opt.yaml", []),
     "blip2_stage1": ("blip2_stage1", "blip2/stage1_vitl.yaml", []),
     "blip2_stage2": ("blip2_stage2", "blip2/stage2_opt2.7b.yaml", []),
