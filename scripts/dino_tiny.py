@@ -1,8 +1,10 @@
-"""DINO on the synthetic shapes images, on CPU: k-NN accuracy of shape and colour before and after training.
+"""DINO on the synthetic shapes images, on CPU: k-NN and linear-probe accuracy of shape and colour before and after
+training.
 
 1. Render the shapes data (if missing).
 2. Build ``configs/tiny/dino.yaml`` through the ``mmlm`` CLI and validate the randomly initialised ViT (the teacher is
-   a copy of the student at step 0): weighted k-NN (k=20, T=0.07) of the class token, train images as the bank, held-out
+   a copy of the student at step 0): weighted k-NN (k=20, T=0.07) and a linear probe of the class token, train images
+   as the bank (the probe's training set), held-out
    images as queries, for the shape and the colour named in the caption (images whose caption names one shape / one
    colour only).
 3. Train DINO for ``--steps`` steps and validate the teacher again; print both beside the majority-class baseline,
@@ -32,10 +34,11 @@ from mmlm.app.lightning import lightning_cli  # noqa: E402
 from mmlm.app.quickstart import ensure_data  # noqa: E402
 
 
-def knn(trainer, model, datamodule) -> dict[str, float]:
-    """``val/knn_top1_*`` of one validation pass."""
+def evaluate(trainer, model, datamodule) -> dict[str, dict[str, float]]:
+    """One validation pass: ``{"knn": val/knn_top1_*, "linear": val/linear_top1_*}`` by label set."""
     metrics = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
-    return {k.removeprefix("val/knn_top1_"): round(float(v), 4) for k, v in metrics.items() if "top1" in k}
+    return {kind: {k.removeprefix(f"val/{kind}_top1_"): round(float(v), 4) for k, v in metrics.items()
+                   if k.startswith(f"val/{kind}_top1_")} for kind in ("knn", "linear")}
 
 
 def majority(datamodule) -> dict[str, float]:
@@ -70,21 +73,23 @@ def main(argv: list[str] | None = None) -> dict:
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     started = time.perf_counter()
     model.export_backbone(args.out / "random_backbone.safetensors")  # the same ViT untrained (blip2_tiny.py)
-    before = knn(trainer, model, data)
+    before = evaluate(trainer, model, data)
     baseline = majority(data)
     trainer.fit(model, datamodule=data)
     entropies = {name: round(float(trainer.callback_metrics[f"train/{name}"]), 3)
                  for name in ("teacher_entropy", "teacher_mean_entropy")}
-    after = knn(trainer, model, data)
-    results = {"steps": args.steps, "seconds": round(time.perf_counter() - started), "random_init": before,
-               "dino": after, "majority": baseline, "last_step": entropies,
+    after = evaluate(trainer, model, data)
+    results = {"steps": args.steps, "seconds": round(time.perf_counter() - started), "random_init": before["knn"],
+               "dino": after["knn"], "linear_random_init": before["linear"], "linear_dino": after["linear"],
+               "majority": baseline, "last_step": entropies,
                "ln_K": round(math.log(model.loss.center.shape[-1]), 3)}
     print(f"teacher targets at the last step: entropy {entropies['teacher_entropy']:.2f} per image, "
           f"{entropies['teacher_mean_entropy']:.2f} of the batch mean (ln K = {results['ln_K']:.2f}: both there is "
           "the uniform collapse)")
-    for name in after:
-        print(f"k-NN top-1 {name:>6}: DINO {after[name]:.3f} | same ViT at random init {before.get(name, 0):.3f} | "
-              f"majority class {baseline.get(name, 0):.3f}")
+    for kind, label in (("knn", "k-NN top-1"), ("linear", "linear probe top-1")):
+        for name, value in after[kind].items():
+            print(f"{label} {name:>6}: DINO {value:.3f} | same ViT at random init {before[kind].get(name, 0):.3f} | "
+                  f"majority class {baseline.get(name, 0):.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results))

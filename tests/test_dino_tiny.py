@@ -24,7 +24,8 @@ def test_dino_tiny_prints_knn_before_and_after_and_the_teacher_entropies(tmp_pat
     for name in ("teacher_entropy", "teacher_mean_entropy"):  # logged by Dino.training_loss, in nats
         assert 0.0 <= results["last_step"][name] <= results["ln_K"] + 1e-3
     assert results["last_step"]["teacher_entropy"] <= results["last_step"]["teacher_mean_entropy"] + 1e-3
-    for stage in ("random_init", "dino"):
+    assert "linear probe top-1  shape: DINO" in printed
+    for stage in ("random_init", "dino", "linear_random_init", "linear_dino"):
         assert set(results[stage]) == {"shape", "colour"} and all(0 <= v <= 1 for v in results[stage].values())
     random_init = load_file(str(out / "random_backbone.safetensors"))
     trained = load_file(str(out / "backbone.safetensors"))

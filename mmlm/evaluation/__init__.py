@@ -14,7 +14,7 @@ from mmlm.evaluation.generation import (
     VQAScorer,
     text_scorers,
 )
-from mmlm.evaluation.knn import KnnEvaluator, knn_classify
+from mmlm.evaluation.knn import KnnEvaluator, knn_classify, linear_probe
 from mmlm.evaluation.retrieval import RerankStore, RetrievalEvaluator, RetrievalStep
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "GQAScorer",
     "KnnEvaluator",
     "knn_classify",
+    "linear_probe",
     "LossEvaluator",
     "PlanScorer",
     "RerankStore",

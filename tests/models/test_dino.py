@@ -14,11 +14,12 @@ import pytest
 import timm
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from datamodules.multicrop import CaptionLabels, MultiCropTransform, unique_word
 from mmlm.encoders import TimmEncoder
-from mmlm.evaluation import KnnEvaluator, knn_classify
+from mmlm.evaluation import KnnEvaluator, knn_classify, linear_probe
 from mmlm.evaluation.base import ResultFiles
 from mmlm.models import Dino
 from mmlm.ssl import (
@@ -184,6 +185,31 @@ def test_knn_on_hand_made_features():
     # set a: query 0 → class 0 (wrong), query 1 → nearest (-1, 0) is class 2 (right); set b: bank rows 1-3 only
     assert metrics["knn_top1_a"] == 0.5 and metrics["knn_top5_a"] == 1.0
     assert metrics["knn_top1_b"] == 1.0 and evaluator.main_metric == "knn_top1_a"
+    assert set(metrics) == {f"{kind}_{name}" for kind in ("knn_top1", "knn_top5", "linear_top1") for name in "ab"}
+
+
+def test_linear_probe_reads_a_direction_that_cosine_neighbours_miss():
+    """The class is the sign of coordinate 0 (spread ±0.3) while 15 other coordinates carry noise of std 3: cosine
+    k-NN sees mostly the noise, a linear classifier finds the direction; shuffled bank labels leave it at chance."""
+    generator = torch.Generator().manual_seed(0)
+
+    def features(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(0, 2, (n,), generator=generator)
+        x = torch.randn(n, 16, generator=generator) * 3.0
+        x[:, 0] = (labels * 2 - 1) * (0.3 + 0.05 * torch.rand(n, generator=generator))
+        return x, labels
+
+    (bank, labels), (queries, targets) = features(400), features(200)
+    logits = linear_probe(bank, labels, queries, num_classes=2)
+    assert logits.shape == (200, 2)
+    linear = float((logits.argmax(1) == targets).float().mean())
+    votes = knn_classify(F.normalize(bank, dim=-1), labels, F.normalize(queries, dim=-1), k=20, num_classes=2)
+    knn = float((votes.argmax(1) == targets).float().mean())
+    assert linear > 0.95 and knn < 0.7, (linear, knn)
+    shuffled = labels[torch.randperm(400, generator=generator)]
+    chance = float((linear_probe(bank, shuffled, queries, num_classes=2).argmax(1) == targets).float().mean())
+    assert chance < 0.65, chance
+    assert torch.equal(logits, linear_probe(bank, labels, queries, num_classes=2))  # deterministic
 
 
 def test_exported_backbone_loads_strictly_into_timm_encoder_and_timm(tmp_path):
