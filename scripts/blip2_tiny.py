@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +103,10 @@ RETRIEVAL = ("i2t_r1", "t2i_r1", "i2t_r10", "t2i_r10", "r_mean", "rerank_i2t_r1"
 
 
 def run_stages(vit: list[str], lm_export: Path, lora: list[str], data_dir: Path, run_dir: Path, stage1_steps: int,
-               stage2_steps: int, val_batches: int, workers: int, itm_rerank_k: int) -> dict[str, Any]:
+               stage2_steps: int, val_batches: int, workers: int, itm_rerank_k: int) -> tuple[dict[str, Any], int]:
     """Stage 1 then stage 2 (from stage 1's Q-Former) on the frozen vision of ``vit``, under ``run_dir``; returns
-    stage 1's retrieval and stage 2's VQA (overall and per question type), CIDEr-D and BLEU-4, and the batch size."""
+    stage 1's retrieval and stage 2's VQA (overall and per question type), CIDEr-D and BLEU-4, and stage 1's batch
+    size."""
     from mmlm.app.lightning import lightning_cli
     from mmlm.models.blip2_stage1 import load_stage1_qformer
 
@@ -121,7 +123,7 @@ def run_stages(vit: list[str], lm_export: Path, lora: list[str], data_dir: Path,
     second = val_metrics(stage2)
     return {key: first.get(f"val/{key}", float("nan")) for key in RETRIEVAL} | {
         key: second.get(f"val/{key}", float("nan")) for key in ("vqa_acc", "cider", "bleu4")} | {
-        "vqa_acc_by_type": per_type(second), "batch_size": stage1.datamodule.batch_size}
+        "vqa_acc_by_type": per_type(second)}, stage1.datamodule.batch_size
 
 
 def run_blip2_tiny(data_dir: str | Path = "data/shapes", out_dir: str | Path = "runs/blip2_tiny",
@@ -157,14 +159,13 @@ def run_blip2_tiny(data_dir: str | Path = "data/shapes", out_dir: str | Path = "
     blind = val_metrics(lightning_cli(["fit", *stage_args(text_lm, data_dir, out_dir / "text_lm", lm_steps,
                                                           val_batches, workers),
                                        "--model.init_args.export_dir", str(lm_export)]))
-    stages = (lm_export, lora, data_dir)
-    steps = (stage1_steps, stage2_steps, val_batches, workers, itm_rerank_k)
-    results = run_stages(vit, *stages, out_dir, *steps)
-    images = min(val_images, val_batches * results.pop("batch_size"))
+    stages = partial(run_stages, lm_export=lm_export, lora=lora, data_dir=data_dir, stage1_steps=stage1_steps,
+                     stage2_steps=stage2_steps, val_batches=val_batches, workers=workers, itm_rerank_k=itm_rerank_k)
+    results, batch_size = stages(vit, run_dir=out_dir)
+    images = min(val_images, val_batches * batch_size)
     if compare_backbone:
-        results["compare"] = run_stages(timm_backbone(compare_backbone), *stages, out_dir / "compare", *steps)
-        results["compare"] |= {"vision": compare_backbone}
-        del results["compare"]["batch_size"]
+        results["compare"] = stages(timm_backbone(compare_backbone), run_dir=out_dir / "compare")[0]
+        results["compare"]["vision"] = compare_backbone
     results |= retrieval_ceilings(data_dir, images)
     results |= {"chance_r1": 100.0 / images, "val_images_retrieval": images, "itm_rerank_k": itm_rerank_k,
                 "majority_vqa_acc": majority_answer_baseline(*train_val_answers(data_dir)),

@@ -411,3 +411,20 @@ def test_the_reference_comparison_sees_each_setting(change, tmp_path):
     differs = [not torch.allclose(a, b, atol=1e-5) for a, b in zip(
         [*student_a.parameters(), *teacher_a.parameters()], [*student_b.parameters(), *teacher_b.parameters()])]
     assert any(differs)
+
+
+def test_linear_probe_equals_scikit_learns_logistic_regression():
+    """The reference: scikit-learn's multinomial ``LogisticRegression`` (lbfgs) on the same standardised features.
+    Its objective ``½‖W‖² + C Σ CE`` equals ours, ``mean CE + wd ‖W‖²``, at ``C = 1 / (2 wd N)``; the bias is not
+    penalised in either. Class probabilities agree to 1e-3."""
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    generator = torch.Generator().manual_seed(1)
+    bank, labels = torch.randn(300, 8, generator=generator), torch.randint(0, 3, (300,), generator=generator)
+    bank[:, 0] += labels.float()
+    queries, weight_decay = torch.randn(50, 8, generator=generator), 1e-2
+    mean, std = bank.mean(0), bank.std(0, unbiased=False)
+    reference = sklearn.LogisticRegression(C=1 / (2 * weight_decay * 300), max_iter=5000, tol=1e-10)
+    reference.fit(((bank - mean) / std).numpy(), labels.numpy())
+    expected = torch.from_numpy(reference.predict_proba(((queries - mean) / std).numpy())).float()
+    ours = linear_probe(bank, labels, queries, 3, weight_decay=weight_decay, max_iter=500).softmax(1)
+    assert torch.allclose(ours, expected, atol=1e-3), (ours - expected).abs().max()
